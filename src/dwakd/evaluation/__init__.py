@@ -1,0 +1,1 @@
+"""Evaluation: sampled generation, ROUGE-L, LLM judge, representation similarity, efficiency, reports."""

@@ -1,0 +1,1 @@
+"""Shared learnable pieces and loss building blocks: projectors, cross-model attention, divergences, token weights."""
