@@ -1,0 +1,107 @@
+"""The plain-PyTorch Soft-DTW reference, cosine cost and divergence against naive float64 loops and gradcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _soft_dtw_helpers import naive_batch, random_band, random_batch
+from dwakd.ops.soft_dtw import SoftBand, cosine_cost, soft_dtw, soft_dtw_divergence, soft_dtw_reference
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.1, 0.01])
+@pytest.mark.parametrize("banded", [False, True])
+def test_reference_matches_naive_loops(gamma: float, banded: bool) -> None:
+    cost, lx, ly = random_batch(4, 7, 9, seed=int(gamma * 100) + banded)
+    band = random_band(4, 7, 9, seed=3) if banded else None
+    cost.requires_grad_(True)
+    value = soft_dtw(cost, gamma, lx, ly, band=band, impl="reference")
+    (grad,) = torch.autograd.grad(value.sum(), cost)
+    want_value, want_grad = naive_batch(cost, gamma, lx, ly, band)
+    torch.testing.assert_close(value, want_value, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-8, atol=1e-10)
+
+
+def test_reference_gradcheck_float64() -> None:
+    cost, lx, ly = random_batch(3, 5, 6, seed=11)
+    band = random_band(3, 5, 6, seed=11, penalty=0.5)
+    cost.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda c: soft_dtw_reference(c, 0.3, lx, ly, band), (cost,))
+
+
+def test_padding_never_leaks() -> None:
+    cost, lx, ly = random_batch(3, 6, 8, seed=5)
+    lx[1], ly[1] = 3, 4
+    poisoned = cost.clone()
+    poisoned[1, 3:, :] = float("nan")
+    poisoned[1, :, 4:] = float("inf")
+    poisoned.requires_grad_(True)
+    value = soft_dtw(poisoned, 0.1, lx, ly, impl="reference")
+    value.sum().backward()
+    clean = soft_dtw(cost, 0.1, lx, ly, impl="reference")
+    torch.testing.assert_close(value, clean)
+    assert torch.isfinite(poisoned.grad).all()
+    assert poisoned.grad[1, 3:, :].abs().sum() == 0 and poisoned.grad[1, :, 4:].abs().sum() == 0
+
+
+def test_small_gamma_approaches_hard_dtw() -> None:
+    cost, _, _ = random_batch(1, 12, 10, seed=2, ragged=False)
+    hard, _ = naive_batch(cost, 1e-4)
+    soft = soft_dtw(cost, 0.01, impl="reference")
+    # soft-min is below the min by at most γ·log 3 per step and never above it
+    assert (soft <= hard + 1e-9).all() and (soft >= hard - 0.01 * 21 * 1.0987).all()
+
+
+def test_long_sequence_float32_is_finite() -> None:
+    cost, lx, ly = random_batch(2, 300, 260, seed=9, dtype=torch.float32)
+    cost.requires_grad_(True)
+    value = soft_dtw(cost, 0.01, lx, ly, impl="reference")
+    value.sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(cost.grad).all()
+
+
+def test_cosine_cost_matches_loop_and_handles_zero_vectors() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
+    x[0, 1] = 0.0
+    x.requires_grad_(True)
+    got = cosine_cost(x, y)
+    for b in range(2):
+        for i in range(4):
+            for j in range(3):
+                xi, yj = x[b, i].detach(), y[b, j]
+                nx, ny = xi.norm(), yj.norm()
+                want = 1.0 if nx == 0 else 1.0 - float(xi @ yj / (nx * ny))
+                assert abs(float(got[b, i, j]) - want) < 1e-12
+    got.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_divergence_composition_and_zero_on_identical() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 6, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
+    lx, ly = torch.tensor([6, 4, 2]), torch.tensor([5, 5, 3])
+    band = random_band(3, 6, 5, seed=4)
+    got = soft_dtw_divergence(x, y, 0.1, lx, ly, band=band, impl="reference")
+    cross, _ = naive_batch(cosine_cost(x, y), 0.1, lx, ly, band)
+    sx, _ = naive_batch(cosine_cost(x, x), 0.1, lx, lx)
+    sy, _ = naive_batch(cosine_cost(y, y), 0.1, ly, ly)
+    torch.testing.assert_close(got, cross - 0.5 * (sx + sy), rtol=1e-10, atol=1e-10)
+    same = soft_dtw_divergence(x, x, 0.1, lx, lx, impl="reference")
+    torch.testing.assert_close(same, torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_argument_errors_name_the_field() -> None:
+    cost = torch.rand(2, 4, 5)
+    with pytest.raises(ValueError, match="lengths_x"):
+        soft_dtw(cost, 0.1, lengths_x=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="lengths_y"):
+        soft_dtw(cost, 0.1, lengths_y=torch.tensor([6, 4]))
+    with pytest.raises(ValueError, match="gamma"):
+        soft_dtw(cost, 0.0)
+    with pytest.raises(ValueError, match="impl"):
+        soft_dtw(cost, 0.1, impl="gpu")
+    with pytest.raises(ValueError, match="SoftBand.center"):
+        soft_dtw(cost, 0.1, band=SoftBand(torch.zeros(2, 5), torch.zeros(2, 4), 1.0))
