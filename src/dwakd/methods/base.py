@@ -79,10 +79,15 @@ class DistillationInputs:
 
 @dataclass
 class LossOutput:
-    """The loss to back-propagate and named parts to log (already normalised like the loss)."""
+    """The loss to back-propagate, named loss parts and statistics to log.
+
+    `parts` are loss terms normalised like the loss (they add up over micro-batches of one step);
+    `stats` are per-micro-batch means (mean weights, accuracies) that are averaged, not added.
+    """
 
     loss: torch.Tensor
     parts: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 @dataclass

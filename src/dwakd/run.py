@@ -1,0 +1,174 @@
+"""`dwakd train`: wire a RunConfig into models, data, a method and the DistillationTrainer (torchtune-style recipe)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from dwakd.config import ConfigError, RunConfig, config_to_dict
+from dwakd.data import DistillationCollator, DualTokenizedDataset, encode_records, load_records, split_records
+from dwakd.data.records import LoadReport
+from dwakd.methods import MethodContext, build_method, get_method
+from dwakd.models import load_student, load_teacher
+from dwakd.tokenizers import cache_dir
+from dwakd.trainer import DistillationModel, DistillationTrainer
+
+logger = logging.getLogger(__name__)
+
+# SPEC §2 defaults; anything in `training:` overrides them.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/dwakd",
+    "learning_rate": 5e-4,
+    "weight_decay": 0.01,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0,
+    "max_grad_norm": 1.0,
+    "per_device_train_batch_size": 8,
+    "logging_steps": 10,
+    "save_strategy": "no",
+    "report_to": "none",
+    "remove_unused_columns": False,
+    "label_names": ["labels"],
+    "dataloader_num_workers": 0,
+    "prediction_loss_only": True,
+}
+
+
+@dataclass
+class TrainingRun:
+    """What `build_training` assembled, for `dwakd train`, `dwakd bench` and tests."""
+
+    config: RunConfig
+    trainer: DistillationTrainer
+    model: DistillationModel
+    student_tokenizer: Any
+    teacher_tokenizer: Any | None
+    train_dataset: DualTokenizedDataset
+    eval_dataset: DualTokenizedDataset | None
+
+
+def model_max_positions(model) -> int | None:
+    """Longest sequence the model's position embeddings support (None when unbounded/unknown)."""
+    config = model.config
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _check_lengths(config: RunConfig, model, role: str) -> None:
+    limit = model_max_positions(model)
+    if limit is not None and config.data.max_length > limit:
+        raise ConfigError(f"data.max_length={config.data.max_length} exceeds the {role}'s "
+                          f"{limit} positions; lower data.max_length")
+
+
+def training_arguments(config: RunConfig) -> TrainingArguments:
+    """TrainingArguments from SPEC defaults + the config's `training:` block (seed from `seed`)."""
+    kwargs = {**TRAINING_DEFAULTS, "seed": config.seed, **config.training}
+    kwargs.pop("resume_from_checkpoint", None)
+    return TrainingArguments(**kwargs)
+
+
+def load_datasets(config: RunConfig, student_tokenizer, teacher_tokenizer, show_progress: bool = True):
+    """Records -> (train, eval) dual-tokenized datasets; every record validated first."""
+    d = config.data
+    report = LoadReport()
+    records = load_records(d.train, split="train", skip_invalid=d.skip_invalid, report=report)
+    eval_records = None
+    if d.eval:
+        eval_records = load_records(d.eval, split="validation", skip_invalid=d.skip_invalid, report=report)
+    elif d.eval_size:
+        parts = split_records(records, {"eval": d.eval_size, "train": -1}, seed=d.split_seed)
+        records, eval_records = parts["train"], parts["eval"]
+    if report.skipped:
+        logger.warning("data: %s", report.summary())
+    if d.max_train_examples:
+        records = records[: d.max_train_examples]
+    kwargs = dict(max_prompt_length=d.max_prompt_length, max_length=d.max_length, show_progress=show_progress)
+    train_examples, stats = encode_records(records, student_tokenizer, teacher_tokenizer, **kwargs)
+    logger.info("train data: %s", stats.summary())
+    train = DualTokenizedDataset(train_examples, stats)
+    evaluation = None
+    if eval_records:
+        eval_examples, eval_stats = encode_records(eval_records, student_tokenizer, teacher_tokenizer, **kwargs)
+        evaluation = DualTokenizedDataset(eval_examples, eval_stats)
+    return train, evaluation
+
+
+def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun:
+    """Load everything a run needs and check it before any training step (fail early, name the fix)."""
+    set_seed(config.seed)
+    method_cls, _ = get_method(config.method.name)
+    args = training_arguments(config)
+    student, student_tokenizer = load_student(config.student)
+    _check_lengths(config, student, "student")
+    teacher = teacher_tokenizer = None
+    if method_cls.needs_teacher:
+        if config.teacher is None:
+            raise ConfigError(f"method {config.method.name!r} needs a teacher: add a `teacher:` section")
+        teacher, teacher_tokenizer = load_teacher(config.teacher)
+        _check_lengths(config, teacher, "teacher")
+    train, evaluation = load_datasets(config, student_tokenizer, teacher_tokenizer, show_progress)
+    if len(train) == 0:
+        raise ConfigError("no training examples left after tokenization; check data.max_length and the data")
+    context = MethodContext(student.config, teacher.config if teacher is not None else None, student_tokenizer,
+                            teacher_tokenizer, student, teacher, str(cache_dir()))
+    method = build_method(config.method.name, context, config.method.options)
+    model = DistillationModel(student, method, teacher, len(student_tokenizer),
+                              len(teacher_tokenizer) if teacher_tokenizer is not None else None)
+    collator = DistillationCollator(student_tokenizer.pad_token_id,
+                                    teacher_tokenizer.pad_token_id if teacher_tokenizer is not None else None)
+    trainer = DistillationTrainer(model, args=args, train_dataset=train, eval_dataset=evaluation,
+                                  data_collator=collator, processing_class=student_tokenizer,
+                                  projector_lr=config.method.projector_lr, on_nonfinite=config.method.on_nonfinite)
+    return TrainingRun(config, trainer, model, student_tokenizer, teacher_tokenizer, train, evaluation)
+
+
+def resolve_resume(config: RunConfig, output_dir: str) -> str | None:
+    """`training.resume_from_checkpoint`: a path, or true/'last' for the newest checkpoint in output_dir."""
+    value = config.training.get("resume_from_checkpoint")
+    if value in (None, False, ""):
+        return None
+    if value in (True, "last", "auto"):
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            logger.warning("no checkpoint in %s to resume from; starting fresh", output_dir)
+        return last
+    if not os.path.isdir(value):
+        raise ConfigError(f"training.resume_from_checkpoint: {value} is not a directory")
+    return str(value)
+
+
+def train(config: RunConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Run training; writes the final student, method state, config and logs to `training.output_dir`."""
+    run = build_training(config, show_progress)
+    out = Path(run.trainer.args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dwakd_config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    result = run.trainer.train(resume_from_checkpoint=resolve_resume(config, str(out)))
+    run.trainer.save_model(str(out))
+    if run.trainer.args.should_save:
+        run.trainer.state.save_to_json(str(out / "trainer_state.json"))
+        summary = {"method": config.method.name, "global_step": result.global_step,
+                   "train_loss": result.training_loss, "metrics": result.metrics,
+                   "train_examples": len(run.train_dataset),
+                   "tokenization": run.train_dataset.stats.summary() if run.train_dataset.stats else "",
+                   "skipped_micro_batches": run.trainer.skipped_micro_batches}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        if config.student.lora is not None:
+            merged = run.model.student.merge_and_unload() if hasattr(run.model.student, "merge_and_unload") else None
+            if merged is not None:
+                merged.save_pretrained(str(out / "merged"), safe_serialization=True)
+                run.student_tokenizer.save_pretrained(str(out / "merged"))
+    return {"output_dir": str(out), "global_step": result.global_step, "train_loss": result.training_loss,
+            "log_history": run.trainer.state.log_history}

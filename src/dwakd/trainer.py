@@ -1,0 +1,251 @@
+"""DistillationTrainer: a `transformers.Trainer` whose model is the student plus the method's trainable modules.
+
+The student and the method (projectors) live in one `DistillationModel`, so everything the Trainer does
+for a model — DDP/FSDP/DeepSpeed wrapping, gradient clipping, mixed precision, checkpoints, resume — also
+covers the projectors. The frozen teacher is held outside the module tree (not a parameter, not saved,
+never wrapped for gradients) and runs under `torch.no_grad()`.
+
+Checkpoints are Hugging Face-native: the student via `save_pretrained` (safetensors; a LoRA student saves
+its adapter), the method's state in `distill_method.safetensors`, plus the student tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer
+
+from dwakd.methods.base import DistillationInputs, DistillationMethod, ModelView, TokenView
+
+logger = logging.getLogger(__name__)
+
+METHOD_WEIGHTS_NAME = "distill_method.safetensors"
+_VIEW_KEYS = ("input_ids", "attention_mask", "labels", "input_offsets", "label_offsets")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss part became NaN/inf; the message names the part(s) and the step."""
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+class DistillationModel(nn.Module):
+    """Student + method as one trainable module; forward returns {"loss", "parts", "stats"}."""
+
+    accepts_loss_kwargs = True  # the Trainer passes num_items_in_batch (global token count, SPEC §2)
+
+    def __init__(self, student: nn.Module, method: DistillationMethod, teacher: nn.Module | None = None,
+                 student_vocab_size: int | None = None, teacher_vocab_size: int | None = None):
+        super().__init__()
+        self.student = student
+        self.method = method
+        object.__setattr__(self, "teacher", teacher)  # hidden from parameters(), state_dict() and DDP
+        self.student_vocab_size = student_vocab_size or student.get_input_embeddings().weight.shape[0]
+        self.teacher_vocab_size = teacher_vocab_size
+        self.progress = 0.0  # fraction of training done; the trainer updates it every step
+        if method.needs_teacher and teacher is None:
+            raise ValueError(f"method {method.name!r} needs a teacher; set `teacher:` in the config")
+
+    @property
+    def config(self):
+        return self.student.config
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        self.student.gradient_checkpointing_enable(**kwargs)
+
+    def forward(self, num_items_in_batch: torch.Tensor | int | None = None, **batch: torch.Tensor) -> dict:
+        student_view = TokenView(*(batch[k] for k in _VIEW_KEYS))
+        teacher_view = None
+        if "teacher_input_ids" in batch:
+            teacher_view = TokenView(*(batch[f"teacher_{k}"] for k in _VIEW_KEYS))
+        hidden = self.method.needs_hidden_states
+        teacher_hidden = self.method.needs_teacher_hidden_states
+        teacher_hidden = hidden if teacher_hidden is None else teacher_hidden
+        s_out = self.student(input_ids=student_view.input_ids, attention_mask=student_view.attention_mask,
+                             output_hidden_states=hidden, use_cache=False)
+        student_model = ModelView(s_out.logits, s_out.hidden_states if hidden else None, self.student,
+                                  self.student_vocab_size)
+        teacher_model = None
+        if self.method.needs_teacher:
+            if teacher_view is None:
+                raise ValueError("the batch has no teacher view; build the dataset with the teacher tokenizer")
+            with torch.no_grad():
+                t_out = self.teacher(input_ids=teacher_view.input_ids, attention_mask=teacher_view.attention_mask,
+                                     output_hidden_states=teacher_hidden, use_cache=False)
+            teacher_model = ModelView(t_out.logits, t_out.hidden_states if teacher_hidden else None, self.teacher,
+                                      self.teacher_vocab_size or t_out.logits.shape[-1])
+        if num_items_in_batch is None:
+            num_items_in_batch = student_view.label_mask.sum()
+        num_items = torch.as_tensor(num_items_in_batch, device=s_out.logits.device).clamp_min(1)
+        result = self.method(DistillationInputs(student_view, teacher_view, student_model, teacher_model,
+                                                num_items, self.progress))
+        return {"loss": result.loss, "parts": result.parts, "stats": result.stats}
+
+
+class DistillationTrainer(Trainer):
+    """`transformers.Trainer` for a `DistillationModel`: projector learning rate, named loss parts, HF checkpoints."""
+
+    def __init__(self, model: DistillationModel, *args: Any, projector_lr: float = 1e-3,
+                 on_nonfinite: str = "stop", **kwargs: Any):
+        super().__init__(model, *args, **kwargs)
+        self.projector_lr = projector_lr
+        self.on_nonfinite = on_nonfinite
+        if model.teacher is not None:
+            model.teacher.to(self.args.device)
+        self._part_sums: dict[str, float] = defaultdict(float)
+        self._stat_sums: dict[str, float] = defaultdict(float)
+        self._micro_batches = 0
+        self._last_logged_step = 0
+        self.skipped_micro_batches = 0
+
+    # ---- loss -------------------------------------------------------------------------------------
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        core = self.accelerator.unwrap_model(model)
+        if self.state.max_steps:
+            core.progress = min(1.0, self.state.global_step / self.state.max_steps)
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+        loss = outputs["loss"]
+        if not torch.isfinite(loss.detach()).all():
+            loss = self._handle_nonfinite(loss, outputs)
+        elif model.training:
+            self._accumulate(outputs)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and model.training:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the loss is a global-token sum
+        return (loss, outputs) if return_outputs else loss
+
+    def _handle_nonfinite(self, loss: torch.Tensor, outputs: dict) -> torch.Tensor:
+        bad = [name for name, value in {**outputs["parts"], "loss": loss}.items()
+               if not math.isfinite(float(torch.as_tensor(value).detach().float().sum()))]
+        message = (f"non-finite loss at step {self.state.global_step} (epoch {self.state.epoch or 0:.2f}): "
+                   f"part(s) {', '.join(bad)} became NaN/inf")
+        if self.on_nonfinite == "stop":
+            raise NonFiniteLossError(message + "; stopping (set method.on_nonfinite=skip to skip such batches)")
+        logger.warning("%s; skipping this micro-batch", message)
+        self.skipped_micro_batches += 1
+        # A zero loss attached to the graph: no gradient flows from this micro-batch.
+        return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+
+    def _accumulate(self, outputs: dict) -> None:
+        for name, value in outputs["parts"].items():
+            self._part_sums[name] += float(torch.as_tensor(value).detach().float())
+        for name, value in outputs["stats"].items():
+            self._stat_sums[name] += float(torch.as_tensor(value).detach().float())
+        self._micro_batches += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the named loss parts (mean per optimizer step) and stats (mean per micro-batch) to training logs."""
+        if "loss" in logs and self._micro_batches:
+            steps = max(1, self.state.global_step - self._last_logged_step)
+            for name, total in self._part_sums.items():
+                logs[name] = round(total / steps, 6)
+            for name, total in self._stat_sums.items():
+                logs[name] = round(total / self._micro_batches, 6)
+            self._part_sums.clear()
+            self._stat_sums.clear()
+            self._micro_batches = 0
+            self._last_logged_step = self.state.global_step
+        super().log(logs, start_time)
+
+    # ---- optimizer --------------------------------------------------------------------------------
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """AdamW groups: student (decay / no decay) at the learning rate, method projectors at `projector_lr`."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = defaultdict(list)
+        for name, param in opt_model.named_parameters():
+            if param.requires_grad:
+                groups[(name.startswith("method."), name in decay)].append(param)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        param_groups = []
+        for (is_method, has_decay), params in sorted(groups.items()):
+            group = {"params": params, "weight_decay": self.args.weight_decay if has_decay else 0.0}
+            if is_method:
+                group["lr"] = self.projector_lr
+            param_groups.append(group)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Student with `save_pretrained` (safetensors), method state, tokenizer, training args."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        core: DistillationModel = self.accelerator.unwrap_model(self.model)
+        student_state = method_state = None
+        if state_dict is not None:  # gathered by DeepSpeed/FSDP: split it between student and method
+            student_state = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
+            method_state = {k[len("method."):]: v for k, v in state_dict.items() if k.startswith("method.")}
+        core.student.save_pretrained(output_dir, state_dict=student_state, safe_serialization=True)
+        method_state = method_state if method_state is not None else core.method.state_to_save()
+        if method_state:
+            save_file({k: v.detach().contiguous().cpu() for k, v in method_state.items()},
+                      os.path.join(output_dir, METHOD_WEIGHTS_NAME), metadata={"method": core.method.name})
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Restore student (full weights or LoRA adapter) and method state from a dwakd checkpoint."""
+        core: DistillationModel = self.accelerator.unwrap_model(model if model is not None else self.model)
+        load_student_weights(core.student, resume_from_checkpoint)
+        load_method_state(core.method, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        logger.info("loading best model from %s", self.state.best_model_checkpoint)
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def load_student_weights(student: nn.Module, checkpoint: str) -> None:
+    """Load a checkpoint's student weights in place; tied weights may be absent from the file."""
+    if _is_peft(student):
+        from peft import load_peft_weights, set_peft_model_state_dict
+
+        set_peft_model_state_dict(student, load_peft_weights(checkpoint, device="cpu"))
+        return
+    single = os.path.join(checkpoint, "model.safetensors")
+    if os.path.isfile(single):
+        state = load_file(single)
+    elif os.path.isfile(os.path.join(checkpoint, "model.safetensors.index.json")):
+        import json
+
+        index = json.load(open(os.path.join(checkpoint, "model.safetensors.index.json")))
+        state = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            state.update(load_file(os.path.join(checkpoint, shard)))
+    else:
+        raise FileNotFoundError(f"{checkpoint}: no model.safetensors (or index) to resume the student from")
+    result = student.load_state_dict(state, strict=False)
+    loaded = {p.data_ptr() for n, p in student.state_dict().items() if n in state}
+    untied_missing = [k for k in result.missing_keys if student.state_dict()[k].data_ptr() not in loaded]
+    if untied_missing or result.unexpected_keys:
+        raise RuntimeError(f"{checkpoint}: student weights do not match the model "
+                           f"(missing {untied_missing[:5]}, unexpected {result.unexpected_keys[:5]})")
+
+
+def load_method_state(method: DistillationMethod, checkpoint: str) -> None:
+    """Load the method's projectors/state saved next to the student, if it has any."""
+    path = os.path.join(checkpoint, METHOD_WEIGHTS_NAME)
+    expected = method.state_to_save()
+    if not expected:
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{checkpoint}: missing {METHOD_WEIGHTS_NAME} for method {method.name!r}")
+    method.load_state_dict(load_file(path), strict=True)
