@@ -18,7 +18,9 @@ def pad_sequences(
     """Stack variable-length lists into one tensor, padding on `side`; items may be ints or (start, end) pairs."""
     if side not in ("right", "left"):
         raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
-    length = max((len(s) for s in sequences), default=0)
+    if not sequences:
+        return torch.empty((0, 0), dtype=torch.long)
+    length = max(len(s) for s in sequences)
     if multiple_of:
         length = -(-length // multiple_of) * multiple_of
     rows = []

@@ -1,0 +1,180 @@
+"""DistillationTrainer: checkpoints round-trip student + projectors + optimizer, global token normalisation,
+projector learning rate, logged parts, LoRA students, non-finite losses."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from dwakd.config import load_config
+from dwakd.methods import DistillationMethod, LossOutput, MethodOptions, register_method
+from dwakd.methods.sft import token_cross_entropy_sum
+from dwakd.models import hidden_size
+from dwakd.run import build_training, train
+from dwakd.trainer import METHOD_WEIGHTS_NAME, NonFiniteLossError
+
+
+@dataclass
+class ToyOptions(MethodOptions):
+    nan_at_call: int = -1  # return a NaN part on this call (for the non-finite tests)
+
+
+@register_method
+class ToyProjectorKD(DistillationMethod):
+    """Test-only method: CE + MSE between pooled student hidden states and projected pooled teacher states."""
+
+    name = "toy-projector-test"
+    Options = ToyOptions
+    needs_hidden_states = True
+
+    def __init__(self, options, context):
+        super().__init__(options, context)
+        self.proj = nn.Linear(hidden_size(context.teacher_config), hidden_size(context.student_config))
+        self.calls = 0
+
+    def compute_loss(self, inputs):
+        self.calls += 1
+        ce = token_cross_entropy_sum(inputs.student_out.logits, inputs.student) / inputs.num_items
+        s_mask = inputs.student.label_mask.unsqueeze(-1).float()
+        t_mask = inputs.teacher.label_mask.unsqueeze(-1).float()
+        s = (inputs.student_out.last_hidden * s_mask).sum(1) / s_mask.sum(1)
+        t = (inputs.teacher_out.last_hidden * t_mask).sum(1) / t_mask.sum(1)
+        mse = ((s - self.proj(t)) ** 2).sum() / inputs.num_items
+        if self.calls == self.options.nan_at_call:
+            mse = mse * float("nan")
+        return LossOutput(ce + mse, {"ce": ce.detach(), "mse": mse.detach()}, {"mean_norm": s.norm(dim=-1).mean()})
+
+
+NO_DROPOUT = "{arch: gpt2, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_positions: 128, resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}"
+
+
+def tiny_config(tiny_yaml, *overrides):
+    base = [
+        "method=toy-projector-test", f"student.tiny={NO_DROPOUT}", "data.max_length=48", "data.max_prompt_length=24",
+        "data.max_train_examples=24", "data.eval=null", "training.per_device_train_batch_size=4",
+        "training.logging_steps=1", "training.max_steps=3",
+        "teacher.tiny={arch: qwen2, hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 64, max_positions: 128}",
+    ]
+    return load_config(tiny_yaml, base + list(overrides))
+
+
+def params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_checkpoint_has_hf_student_and_method_state(tiny_yaml, tmp_path):
+    out = tmp_path / "ckpt-run"
+    config = tiny_config(tiny_yaml, f"output_dir={out}", "training.save_strategy=steps", "training.save_steps=3")
+    result = train(config, show_progress=False)
+    ckpt = out / "checkpoint-3"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / METHOD_WEIGHTS_NAME).is_file()
+    assert (ckpt / "optimizer.pt").is_file() and (ckpt / "tokenizer.json").is_file()
+    method_file = load_file(str(ckpt / METHOD_WEIGHTS_NAME))
+    assert set(method_file) == {"proj.weight", "proj.bias"}
+    # the checkpoint is a plain Hugging Face model dir
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(ckpt))
+    run = build_training(config, show_progress=False)
+    run.trainer._load_from_checkpoint(str(ckpt))
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, run.model.student.state_dict()[name]), name
+    assert torch.equal(run.model.method.proj.weight.detach(), method_file["proj.weight"])
+    logged = [entry for entry in result["log_history"] if "loss" in entry]
+    assert logged and all({"ce", "mse", "mean_norm"} <= set(entry) for entry in logged)
+    assert all(math.isclose(e["loss"], e["ce"] + e["mse"], rel_tol=1e-3, abs_tol=1e-3) for e in logged)
+
+
+def test_resume_continues_exactly(tiny_yaml, tmp_path):
+    full = tiny_config(tiny_yaml, f"output_dir={tmp_path / 'full'}", "training.max_steps=6")
+    full_run = build_training(full, show_progress=False)
+    full_run.trainer.train()
+    part = tiny_config(tiny_yaml, f"output_dir={tmp_path / 'part'}", "training.max_steps=6",
+                       "training.save_strategy=steps", "training.save_steps=3")
+    part_run = build_training(part, show_progress=False)
+    part_run.trainer.train()
+    resumed = build_training(part, show_progress=False)
+    resumed.trainer.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-3"))
+    for name, value in params(full_run.model).items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    full_losses = [e["loss"] for e in full_run.trainer.state.log_history if "loss" in e]
+    resumed_losses = [e["loss"] for e in resumed.trainer.state.log_history if "loss" in e]
+    assert resumed_losses[-3:] == pytest.approx(full_losses[-3:], rel=1e-5)
+    # optimizer state came back too (Adam moments of the projector are non-zero and equal)
+    a = full_run.trainer.optimizer.state[full_run.model.method.proj.weight]["exp_avg_sq"]
+    b = resumed.trainer.optimizer.state[resumed.model.method.proj.weight]["exp_avg_sq"]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_gradient_accumulation_equals_big_batch(tiny_yaml, tmp_path):
+    """Token-level normalisation over the global batch: 2 micro-batches of 2 == 1 batch of 4 (SPEC §2)."""
+    big = tiny_config(tiny_yaml, f"output_dir={tmp_path / 'a'}", "training.max_steps=1")
+    small = tiny_config(tiny_yaml, f"output_dir={tmp_path / 'b'}", "training.max_steps=1",
+                        "training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2")
+    runs = [build_training(c, show_progress=False) for c in (big, small)]
+    for run in runs:
+        run.trainer.train()
+    a, b = (params(run.model) for run in runs)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    la = [e["loss"] for e in runs[0].trainer.state.log_history if "loss" in e]
+    lb = [e["loss"] for e in runs[1].trainer.state.log_history if "loss" in e]
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_projector_group_learning_rate_and_no_teacher_params(tiny_yaml, tmp_path):
+    config = tiny_config(tiny_yaml, f"output_dir={tmp_path / 'o'}", "method.projector_lr=0.0123")
+    run = build_training(config, show_progress=False)
+    optimizer = run.trainer.create_optimizer()
+    proj = {id(p) for p in run.model.method.parameters()}
+    teacher = {id(p) for p in run.model.teacher.parameters()}
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert not ids & teacher
+        if ids & proj:
+            assert ids <= proj and group["lr"] == 0.0123
+        else:
+            assert group["lr"] == run.trainer.args.learning_rate
+    biases = [g for g in optimizer.param_groups if any(p is run.model.method.proj.bias for p in g["params"])]
+    assert biases[0]["weight_decay"] == 0.0
+    assert not any(p.requires_grad for p in run.model.teacher.parameters()) and not run.model.teacher.training
+    assert all(not name.startswith("teacher") for name in run.model.state_dict())
+
+
+def test_lora_student_round_trip(tiny_yaml, tmp_path):
+    out = tmp_path / "lora"
+    config = tiny_config(tiny_yaml, f"output_dir={out}", "student.lora={r: 4, alpha: 8, dropout: 0.0}",
+                         "training.save_strategy=steps", "training.save_steps=3")
+    train(config, show_progress=False)
+    ckpt = out / "checkpoint-3"
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    assert (out / "merged" / "model.safetensors").is_file()
+    trained = load_file(str(ckpt / "adapter_model.safetensors"))
+    run = build_training(config, show_progress=False)
+    run.trainer._load_from_checkpoint(str(ckpt))
+    state = run.model.student.state_dict()
+    for key, value in trained.items():
+        match = [k for k in state if k.replace(".default", "") == key]
+        assert match and torch.equal(state[match[0]], value), key
+
+
+def test_nonfinite_loss_stops_naming_the_part(tiny_yaml, tmp_path):
+    config = tiny_config(tiny_yaml, f"output_dir={tmp_path / 'n'}", "method.options={nan_at_call: 2}")
+    run = build_training(config, show_progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"step 1 .*part\(s\) mse, loss"):
+        run.trainer.train()
+
+
+def test_nonfinite_loss_skip_policy(tiny_yaml, tmp_path):
+    config = tiny_config(tiny_yaml, f"output_dir={tmp_path / 's'}", "method.options={nan_at_call: 2}",
+                         "method.on_nonfinite=skip")
+    run = build_training(config, show_progress=False)
+    run.trainer.train()
+    assert run.trainer.skipped_micro_batches == 1
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
