@@ -68,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from dwakd.config import ConfigError
     from dwakd.data import DataError
+    from dwakd.methods.registry import UnknownMethodError
 
     try:
         return args.func(args) or 0
-    except (ConfigError, DataError, KeyError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"dwakd {args.command}: error: {message}", file=sys.stderr)
+    except (ConfigError, DataError, UnknownMethodError) as exc:
+        print(f"dwakd {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,13 @@ from typing import Any
 
 from dwakd.methods.base import DistillationMethod, MethodContext, MethodOptions
 
+class UnknownMethodError(KeyError):
+    """An unknown method name or option; the message suggests the closest valid one."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 _REGISTRY: dict[str, tuple[type[DistillationMethod], dict[str, Any]]] = {}
 
 
@@ -43,7 +50,7 @@ def get_method(name: str) -> tuple[type[DistillationMethod], dict[str, Any]]:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown method {name!r}.{hint} Registered: {', '.join(sorted(_REGISTRY))}")
+        raise UnknownMethodError(f"unknown method {name!r}.{hint} Registered: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
@@ -56,7 +63,7 @@ def build_options(name: str, overrides: dict[str, Any] | None = None) -> MethodO
         if key not in valid:
             close = difflib.get_close_matches(key, list(valid), n=1)
             hint = f" Did you mean 'method_options.{close[0]}'?" if close else ""
-            raise KeyError(f"method {name!r} has no option {key!r}.{hint} Options: {', '.join(valid)}")
+            raise UnknownMethodError(f"method {name!r} has no option {key!r}.{hint} Options: {', '.join(valid)}")
     return cls.Options(**values)
 
 
