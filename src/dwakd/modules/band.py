@@ -1,0 +1,58 @@
+"""Attention-informed soft band for DWA-KD's Soft-DTW (SPEC §5, paper §3.3 Eq. 19–22, Table 5).
+
+From the cross-model student→teacher attention a (rows sum to 1 over the valid teacher positions), per student
+position i of a sequence with n student and m teacher response tokens (0-based indices):
+
+    soft centre    c̃_i = Σ_j a_ij · j
+    linear centre  ℓ_i = i · (m − 1)/(n − 1)          (ℓ_i = 0 when n = 1: SPEC is silent, the only point)
+    centre         c_i = β·c̃_i + (1 − β)·ℓ_i           β = 0.7
+    width          w_i = base + κ·H_i,  H_i = −Σ_j a_ij log a_ij  (natural log, 0·log 0 = 0)   base 5, κ 2
+    penalised cost C̃(i, j) = C(i, j) + ρ·[|j − c_i| > w_i]      ρ = 1 (applied by `dwakd.ops.soft_dtw.SoftBand`)
+
+The band is a constant: computed under no_grad from detached attention. Rows are renormalised over the valid
+teacher columns (they already sum to 1 up to rounding, since masked scores carry −1e5).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dwakd.ops.soft_dtw import SoftBand
+
+
+@torch.no_grad()
+def attention_band(
+    attn: torch.Tensor,
+    lengths_student: torch.Tensor,
+    lengths_teacher: torch.Tensor,
+    base: float = 5.0,
+    sensitivity: float = 2.0,
+    blend: float = 0.7,
+    penalty: float = 1.0,
+) -> SoftBand:
+    """Soft band (centre, width per student row) from compacted attention (batch, n, m) over valid positions.
+
+    `attn[b, i, j]` is the attention of the i-th valid student position to the j-th valid teacher position;
+    rows ≥ lengths_student[b] and columns ≥ lengths_teacher[b] are ignored (their centre is 0, width `base`).
+    """
+    batch, n, m = attn.shape
+    a = attn.detach().to(torch.promote_types(attn.dtype, torch.float32))
+    rows = torch.arange(n, device=a.device).view(1, n)  # (1, n)
+    cols = torch.arange(m, device=a.device).view(1, 1, m)  # (1, 1, m)
+    len_s = lengths_student.to(a.device).view(batch, 1)
+    len_t = lengths_teacher.to(a.device).view(batch, 1)
+    row_valid = rows < len_s  # (batch, n)
+    col_valid = cols < len_t.view(batch, 1, 1)  # (batch, 1, m)
+    cell_valid = row_valid.unsqueeze(-1) & col_valid  # (batch, n, m)
+
+    a = torch.where(cell_valid, a, torch.zeros_like(a))
+    a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)  # rows sum to 1 over valid columns
+    soft_center = (a * cols.to(a.dtype)).sum(-1)  # (batch, n)
+    entropy = -torch.where(a > 0, a * a.clamp_min(torch.finfo(a.dtype).tiny).log(), torch.zeros_like(a)).sum(-1)
+    slope = (len_t - 1).to(a.dtype) / (len_s - 1).clamp_min(1).to(a.dtype)  # (batch, 1); n = 1 gives ℓ = 0
+    linear_center = rows.to(a.dtype) * slope  # (batch, n)
+    center = blend * soft_center + (1.0 - blend) * linear_center
+    width = base + sensitivity * entropy
+    center = torch.where(row_valid, center, torch.zeros_like(center))
+    width = torch.where(row_valid, width, torch.full_like(width, base))
+    return SoftBand(center=center, width=width, penalty=float(penalty))

@@ -1,0 +1,114 @@
+"""Cross-model attention of DSKD-CMA (SPEC §4 steps 1–6): aligns student and teacher positions of one batch.
+
+Q = query([E_s(x_s); E_s(y_s)]), K = [E_t(x_t); E_t(y_t)] / std, V_t = t2s(h_t/std + E_t(y_t)/std), V_s = s2t(h_s).
+Scores A = QKᵀ/√(key width), −1e5 added to every pair where either side is not a response position; the student
+space reads softmax over teacher positions (a), the teacher space softmax over student positions of Aᵀ (a').
+Scores, both softmaxes and both attention products run in fp32 with autocast off.
+
+Choice (SPEC silent on the set): each "global std" is the unbiased standard deviation over all entries at the
+*valid response positions* of the micro-batch, so padding, the prompt and dynamic-padding length do not change it.
+(DSKD's code takes `tensor.std()` over the whole padded tensor, prompt and padding included.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from dwakd.modules.divergences import compute_dtype
+
+if TYPE_CHECKING:  # runtime import would be circular: dwakd.methods imports the methods that import this module
+    from dwakd.methods.base import ModelView, TokenView
+    from dwakd.modules.projectors import DualSpaceProjectors
+
+MASK_VALUE = -1e5  # added to scores of pairs with an invalid side (DSKD's constant)
+
+
+def masked_global_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased std (scalar, at least fp32) over every entry of x (batch, length, dim) where mask is True."""
+    values = x.detach().to(compute_dtype(x))[mask]  # (valid, dim)
+    if values.numel() < 2:
+        return torch.ones((), dtype=values.dtype, device=x.device)
+    return values.std().clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) with x cast to the projector's dtype (a bf16 model may feed an fp32 projector without autocast)."""
+    return linear(x.to(linear.weight.dtype))
+
+
+def masked_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ids with every position where mask is False replaced by 0 (SPEC §4 step 1); -100 never reaches a table."""
+    return torch.where(mask, ids, torch.zeros_like(ids))
+
+
+def lookup(table: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Embedding rows of `ids` (batch, length) -> (batch, length, dim), ids at invalid positions replaced by 0."""
+    return table(masked_ids(ids, mask))
+
+
+@dataclass
+class CrossModelAttention:
+    """Result of one cross-model attention pass; every tensor is laid out on the padded (batch, length) grid."""
+
+    scores: torch.Tensor  # (batch, n, m) fp32 (or float64), masked pairs carry −1e5
+    t2s_attn: torch.Tensor  # (batch, n, m) softmax over teacher positions (a), dtype of scores
+    s2t_attn: torch.Tensor  # (batch, m, n) softmax over student positions (a'), dtype of scores
+    t2s_hidden: torch.Tensor  # (batch, n, d_s) teacher information in student space (a·V_t)
+    s2t_hidden: torch.Tensor  # (batch, m, d_t) student information in teacher space (a'·V_s)
+    teacher_hidden_norm: torch.Tensor  # (batch, m, d_t) at least fp32: Ĥ_t = h_t / std(h_t), no grad
+    student_mask: torch.Tensor  # (batch, n) bool m_s
+    teacher_mask: torch.Tensor  # (batch, m) bool m_t
+
+
+def cross_model_attention(
+    projectors: DualSpaceProjectors,
+    student: TokenView,
+    teacher: TokenView,
+    student_out: ModelView,
+    teacher_out: ModelView,
+) -> CrossModelAttention:
+    """DSKD's cross-model attention between the response positions of both sides (SPEC §4 steps 1–4, 5a, 6a)."""
+    m_s = student.label_mask  # (batch, n)
+    m_t = teacher.label_mask  # (batch, m)
+    with torch.no_grad():
+        s_table, t_table = student_out.input_embeddings(), teacher_out.input_embeddings()
+        # (batch, n, 2·e_s) and (batch, m, 2·e_t): [embedding of the input token; embedding of its target]
+        student_index = torch.cat([lookup(s_table, student.input_ids, m_s), lookup(s_table, student.labels, m_s)], -1)
+        teacher_target = lookup(t_table, teacher.labels, m_t)  # (batch, m, e_t)
+        teacher_target = teacher_target.to(compute_dtype(teacher_target))
+        teacher_index = torch.cat([lookup(t_table, teacher.input_ids, m_t).to(teacher_target.dtype), teacher_target], -1)
+        keys = teacher_index / masked_global_std(teacher_index, m_t)  # (batch, m, 2·e_t)
+        teacher_hidden = teacher_out.last_hidden.detach()
+        teacher_hidden = teacher_hidden.to(compute_dtype(teacher_hidden))  # (batch, m, d_t)
+        teacher_hidden_norm = teacher_hidden / masked_global_std(teacher_hidden, m_t)
+        teacher_value_in = teacher_hidden_norm + teacher_target / masked_global_std(teacher_target, m_t)
+
+    student_hidden = student_out.last_hidden  # (batch, n, d_s)
+    queries = project(projectors.query, student_index.detach())  # (batch, n, 2·e_t)
+    teacher_values = project(projectors.t2s, teacher_value_in)  # (batch, m, d_s)
+    student_values = project(projectors.s2t, student_hidden)  # (batch, n, d_t)
+
+    with torch.autocast(device_type=student_hidden.device.type, enabled=False):
+        pair_valid = m_s.unsqueeze(-1) & m_t.unsqueeze(1)  # (batch, n, m)
+        dtype = torch.promote_types(compute_dtype(queries), keys.dtype)  # fp32 (float64 stays float64)
+        scores = queries.to(dtype) @ keys.to(dtype).transpose(-1, -2) / math.sqrt(keys.shape[-1])  # (batch, n, m)
+        scores = scores + (~pair_valid).to(dtype) * MASK_VALUE
+        t2s_attn = torch.softmax(scores, dim=-1)  # (batch, n, m)
+        s2t_attn = torch.softmax(scores.transpose(-1, -2), dim=-1)  # (batch, m, n)
+        t2s_hidden = t2s_attn @ teacher_values.to(dtype)  # (batch, n, d_s)
+        s2t_hidden = s2t_attn @ student_values.to(dtype)  # (batch, m, d_t)
+    return CrossModelAttention(
+        scores=scores,
+        t2s_attn=t2s_attn,
+        s2t_attn=s2t_attn,
+        t2s_hidden=t2s_hidden.to(student_hidden.dtype),
+        s2t_hidden=s2t_hidden.to(student_hidden.dtype),
+        teacher_hidden_norm=teacher_hidden_norm,
+        student_mask=m_s,
+        teacher_mask=m_t,
+    )

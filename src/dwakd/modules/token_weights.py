@@ -1,0 +1,101 @@
+"""Dual-space token weights of DWA-KD (SPEC §5, paper §3.2): where the student is unsure and the teacher is sure.
+
+- student space, position i:  w_i = Ĥ_s(i) · g_i with Ĥ_s(i) = H(softmax(z_s,i)) / log V_s and the gate
+  g_i = max_v softmax(t2s_logits_i)_v (the teacher's peak confidence projected into the student vocabulary);
+- teacher space, position j:  u_j = 1 − H(softmax(z_t,j)) / log V_t.
+
+Both are computed without gradient, at temperature 1 (SPEC writes them on the raw softmax), on the real vocabulary
+only (head padding rows sliced off), and rescaled per sequence so they sum to that sequence's valid-token count.
+Choice (SPEC silent): a sequence whose raw weights sum to 0 gets weight 1 on every valid token (plain average).
+Everything is chunked over positions, so no (tokens, vocab) temporary outlives one chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dwakd.modules.divergences import chunk_rows, compute_dtype, flat_rows, iter_row_chunks
+
+
+def valid_rows(mask: torch.Tensor) -> torch.Tensor:
+    """int64 (positions,) indices of the True entries of a (batch, length) mask in the flattened grid, in order."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+@torch.no_grad()
+def normalized_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None, vocab_size: int | None = None) -> torch.Tensor:
+    """H(softmax(z)) / log V per selected row (positions,), fp32, no grad; V = `vocab_size` or the last axis."""
+    vocab = logits.shape[-1] if vocab_size is None else vocab_size
+    if vocab < 2:
+        raise ValueError(f"normalised entropy needs a vocabulary of at least 2 tokens, got {vocab}")
+    flat = flat_rows(logits)[:, :vocab]
+    total = flat.shape[0] if rows is None else rows.numel()
+    out = torch.empty(total, dtype=compute_dtype(logits), device=logits.device)
+    for start, end, z in iter_row_chunks(flat, rows, chunk_rows(vocab)):
+        log_p = torch.log_softmax(z, -1)
+        p = log_p.exp()
+        out[start:end] = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1) / math.log(vocab)
+    return out
+
+
+@torch.no_grad()
+def peak_probability(logits: torch.Tensor, rows: torch.Tensor | None = None, vocab_size: int | None = None) -> torch.Tensor:
+    """max_v softmax(z)_v per selected row (positions,), fp32, no grad."""
+    vocab = logits.shape[-1] if vocab_size is None else vocab_size
+    flat = flat_rows(logits)[:, :vocab]
+    total = flat.shape[0] if rows is None else rows.numel()
+    out = torch.empty(total, dtype=compute_dtype(logits), device=logits.device)
+    for start, end, z in iter_row_chunks(flat, rows, chunk_rows(vocab)):
+        # max softmax = exp(max z − logsumexp z)
+        out[start:end] = torch.exp(z.max(-1).values - torch.logsumexp(z, -1))
+    return out
+
+
+def scatter_valid(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Place (positions,) values on the (batch, length) grid of `mask`, zeros elsewhere."""
+    dense = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)  # (batch, length)
+    dense[mask] = values
+    return dense
+
+
+@torch.no_grad()
+def rescale_per_sequence(raw: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, length) weights scaled per row so each row sums to its count of valid positions; 0 where invalid."""
+    raw = raw.to(compute_dtype(raw))
+    raw = torch.where(mask, raw, torch.zeros_like(raw))
+    count = mask.sum(-1, keepdim=True).to(raw.dtype)  # (batch, 1)
+    total = raw.sum(-1, keepdim=True)  # (batch, 1)
+    scaled = raw * (count / total.clamp_min(torch.finfo(raw.dtype).tiny))
+    uniform = mask.to(raw.dtype)
+    return torch.where(total > 0, scaled, uniform)
+
+
+@dataclass
+class TokenWeights:
+    """Weights on the (batch, length) grid of one side: rescaled (used by the loss) and raw (for logging)."""
+
+    weights: torch.Tensor  # (batch, length) fp32, rows sum to the valid count, 0 at invalid positions
+    raw: torch.Tensor  # (batch, length) fp32 before rescaling, 0 at invalid positions
+
+
+def student_token_weights(
+    student_logits: torch.Tensor,
+    mask: torch.Tensor,
+    vocab_size: int,
+    gate: torch.Tensor | None = None,
+) -> TokenWeights:
+    """w_i = Ĥ_s(i)·g_i rescaled per sequence; `gate` is (positions,) at the valid positions, None means g ≡ 1."""
+    entropy = normalized_entropy(student_logits, valid_rows(mask), vocab_size)  # (positions,)
+    raw_valid = entropy if gate is None else entropy * gate.detach().to(entropy.dtype)
+    raw = scatter_valid(raw_valid, mask)
+    return TokenWeights(weights=rescale_per_sequence(raw, mask), raw=raw)
+
+
+def teacher_token_weights(teacher_logits: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> TokenWeights:
+    """u_j = 1 − Ĥ_t(j) rescaled per sequence."""
+    confidence = 1.0 - normalized_entropy(teacher_logits, valid_rows(mask), vocab_size)  # (positions,)
+    raw = scatter_valid(confidence.clamp_min(0.0), mask)
+    return TokenWeights(weights=rescale_per_sequence(raw, mask), raw=raw)
