@@ -125,6 +125,7 @@ def run_evaluation(
         model = tokenizer = None
         if pending:
             model, tokenizer = _load(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            check_context_length(model, settings, name)
         started = time.perf_counter()
         for dataset in datasets:
             n = len(dataset.records)
@@ -150,6 +151,18 @@ def run_evaluation(
 
         write_report(table, out_dir)
     return table
+
+
+def check_context_length(model: Any, settings: GenerationSettings, name: str = "model") -> None:
+    """Fail early when prompt + new tokens exceed the model's position table (e.g. a tiny GPT-2 with 256)."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    need = settings.max_prompt_length + settings.new_tokens
+    if positions is not None and positions < need:
+        raise ValueError(
+            f"{name}: the model has {positions} positions, but prompts of up to {settings.max_prompt_length} tokens "
+            f"plus {settings.new_tokens} new tokens need {need}; lower --max-prompt-length / --max-length"
+        )
 
 
 def _load(source: ModelSource, *, dtype: str | None, device: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
