@@ -1,0 +1,170 @@
+"""KL family (SPEC §3): values against naive Python loops, gradients against dense float64 autograd, memory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dwakd.modules.divergences import ALIASES, DIVERGENCES, divergence, resolve_divergence
+
+LAM, ALPHA = 0.1, 0.5
+
+
+def loop_divergence(student: list[float], teacher: list[float], kind: str, tau: float) -> float:
+    """D(teacher → student) of one position by Python loops over the vocabulary (math module, float64)."""
+
+    def softmax(z: list[float]) -> list[float]:
+        top = max(z)
+        e = [math.exp((v - top) / tau) for v in z]
+        total = sum(e)
+        return [v / total for v in e]
+
+    q, p = softmax(student), softmax(teacher)
+    V = len(q)
+    kl = lambda a, b: sum(a[k] * (math.log(a[k]) - math.log(b[k])) for k in range(V) if a[k] > 0)  # noqa: E731
+    if kind == "fkl":
+        return kl(p, q)
+    if kind == "rkl":
+        return kl(q, p)
+    if kind == "sfkl":
+        return kl(p, [LAM * p[k] + (1 - LAM) * q[k] for k in range(V)])
+    if kind == "srkl":
+        return kl(q, [(1 - LAM) * p[k] + LAM * q[k] for k in range(V)])
+    if kind == "js":
+        mid = [(p[k] + q[k]) / 2 for k in range(V)]
+        return 0.5 * kl(p, mid) + 0.5 * kl(q, mid)
+    if kind == "akl":
+        order = sorted(range(V), key=lambda k: p[k])
+        cum = g_head = g_tail = 0.0
+        for k in order:
+            cum += p[k]
+            if cum <= ALPHA:
+                g_tail += abs(p[k] - q[k])
+            else:
+                g_head += abs(p[k] - q[k])
+        return (g_head * kl(p, q) + g_tail * kl(q, p)) / (g_head + g_tail)
+    raise ValueError(kind)
+
+
+def dense_reference(student: torch.Tensor, teacher: torch.Tensor, kind: str, tau: float) -> torch.Tensor:
+    """Straightforward dense float64 formulas (autograd follows them); AKL's gap weights detached as specified."""
+    log_q = torch.log_softmax(student / tau, -1)
+    log_p = torch.log_softmax(teacher / tau, -1)
+    q, p = log_q.exp(), log_p.exp()
+    fkl = (p * (log_p - log_q)).sum(-1)
+    rkl = (q * (log_q - log_p)).sum(-1)
+    if kind == "fkl":
+        return fkl
+    if kind == "rkl":
+        return rkl
+    if kind == "sfkl":
+        return (p * (log_p - torch.log(LAM * p + (1 - LAM) * q))).sum(-1)
+    if kind == "srkl":
+        return (q * (log_q - torch.log((1 - LAM) * p + LAM * q))).sum(-1)
+    if kind == "js":
+        m = (p + q) / 2
+        return 0.5 * (p * (log_p - m.log())).sum(-1) + 0.5 * (q * (log_q - m.log())).sum(-1)
+    sorted_p, idx = p.sort(-1)
+    gap = (sorted_p - q.gather(-1, idx)).abs().detach()
+    tail = sorted_p.cumsum(-1) <= ALPHA
+    g_tail, g_head = (gap * tail).sum(-1), (gap * ~tail).sum(-1)
+    return (g_head * fkl + g_tail * rkl) / (g_head + g_tail)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_values_match_python_loops(kind: str, tau: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64) * 2
+    teacher = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64) * 2
+    got = divergence(student, teacher, kind, tau, chunk_elements=10)  # chunks of 1 row: exercises the loop
+    assert got.shape == (2, 3)
+    for b in range(2):
+        for i in range(3):
+            want = loop_divergence(student[b, i].tolist(), teacher[b, i].tolist(), kind, tau)
+            assert got[b, i].item() == pytest.approx(want, rel=1e-12, abs=1e-14)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_gradients_match_dense_autograd(kind: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    student = (torch.randn(5, 9, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    teacher = torch.randn(5, 9, generator=gen, dtype=torch.float64) * 3
+    weights = torch.rand(5, generator=gen, dtype=torch.float64)  # a per-position weighting, as DWA-KD does
+    (grad,) = torch.autograd.grad((divergence(student, teacher, kind, 2.0, chunk_elements=20) * weights).sum(), student)
+    (want,) = torch.autograd.grad((dense_reference(student, teacher, kind, 2.0) * weights).sum(), student)
+    torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", [k for k in DIVERGENCES if k != "akl"])  # AKL's mixing weights carry no gradient
+def test_gradcheck(kind: str) -> None:
+    gen = torch.Generator().manual_seed(2)
+    student = torch.randn(3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda s: divergence(s, teacher, kind, 1.5, chunk_elements=6), (student,))
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_row_selection_equals_gathering_first(kind: str) -> None:
+    """Picking rows by index (no copy) equals gathering them first; unselected rows get zero gradient."""
+    gen = torch.Generator().manual_seed(3)
+    student = torch.randn(4, 5, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(4, 6, 11, generator=gen, dtype=torch.float64)
+    s_rows = torch.tensor([0, 3, 7, 19])
+    t_rows = torch.tensor([2, 5, 11, 23])
+    got = divergence(student, teacher, kind, 2.0, student_rows=s_rows, teacher_rows=t_rows, chunk_elements=22)
+    gathered = divergence(student.reshape(-1, 11)[s_rows], teacher.reshape(-1, 11)[t_rows], kind, 2.0)
+    torch.testing.assert_close(got, gathered, rtol=0, atol=1e-14)
+    (grad,) = torch.autograd.grad(got.sum(), student)
+    flat = grad.reshape(-1, 11)
+    untouched = torch.ones(20, dtype=torch.bool)
+    untouched[s_rows] = False
+    assert torch.all(flat[untouched] == 0) and torch.all(flat[s_rows].abs().sum(-1) > 0)
+
+
+def test_forward_saves_only_its_inputs() -> None:
+    """No (positions, vocab) intermediate is kept for backward: the only saved tensors are the inputs themselves."""
+    student = torch.randn(64, 500, requires_grad=True)
+    teacher = torch.randn(64, 500)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    for kind in DIVERGENCES:
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            divergence(student, teacher, kind, 2.0, chunk_elements=4000).sum().backward()
+        big = [t for t in saved if t.numel() >= 500]
+        assert {t.data_ptr() for t in big} == {student.data_ptr(), teacher.data_ptr()}, kind
+        assert len(big) == 2, kind
+    saved.clear()  # the check can fail: a plain autograd formula keeps several (positions, vocab) tensors
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        dense_reference(student, teacher, "fkl", 2.0).sum()
+    assert len([t for t in saved if t.numel() >= 500]) > 2
+
+
+def test_identical_distributions_give_zero_and_half_precision_runs_in_fp32() -> None:
+    z = torch.randn(4, 13)
+    for kind in DIVERGENCES:
+        assert divergence(z, z, kind, 2.0).abs().max().item() < 1e-6
+    s, t = torch.randn(6, 13).bfloat16().requires_grad_(), torch.randn(6, 13).bfloat16()
+    out = divergence(s, t, "fkl", 2.0)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, divergence(s.detach().float(), t.float(), "fkl", 2.0))
+    out.sum().backward()
+    assert s.grad.dtype == torch.bfloat16 and torch.isfinite(s.grad.float()).all()
+
+
+def test_names_and_errors() -> None:
+    for alias, short in ALIASES.items():
+        assert resolve_divergence(alias) == short
+    with pytest.raises(ValueError, match="unknown divergence"):
+        resolve_divergence("kl")
+    with pytest.raises(ValueError, match="detach"):
+        divergence(torch.randn(2, 3), torch.randn(2, 3, requires_grad=True))
+    with pytest.raises(ValueError, match="vocabulary axis"):
+        divergence(torch.randn(2, 3), torch.randn(2, 4))
