@@ -27,12 +27,34 @@ def _check_lengths(lengths: torch.Tensor | None, batch: int, size: int, name: st
 
 
 def _resolve_impl(impl: str, device: torch.device) -> str:
-    """Turn 'auto' into the fastest available path for `device`; check explicit choices."""
+    """Turn 'auto' into the fastest available path for `device` (CPU: numba kernels; else the reference)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "reference"
+        return "cpu" if device.type == "cpu" else "reference"
     return impl
+
+
+def _run_groups(
+    path: str,
+    costs: list[torch.Tensor],
+    lengths: list[tuple[torch.Tensor, torch.Tensor]],
+    gamma: float,
+    band: SoftBand | None,
+) -> tuple[torch.Tensor, ...]:
+    """Soft-DTW of several cost batches on one path; the band applies to the first batch only."""
+    if path == "reference":
+        return tuple(
+            soft_dtw_reference(c, gamma, lx, ly, band if g == 0 else None)
+            for g, (c, (lx, ly)) in enumerate(zip(costs, lengths))
+        )
+    if path == "cpu":
+        from dwakd.ops.soft_dtw.cpu import soft_dtw_cpu_groups
+
+        return soft_dtw_cpu_groups(costs, lengths, gamma, band)
+    from dwakd.ops.soft_dtw.cuda import soft_dtw_cuda_groups
+
+    return soft_dtw_cuda_groups(costs, lengths, gamma, band)
 
 
 def soft_dtw(
@@ -54,9 +76,7 @@ def soft_dtw(
     if band is not None:
         band.validate(batch, n_rows)
     path = _resolve_impl(impl, cost.device)
-    if path == "reference":
-        return soft_dtw_reference(cost, float(gamma), lengths_x, lengths_y, band)
-    raise NotImplementedError(f"soft_dtw impl={path!r} is not available yet; use impl='reference'")
+    return _run_groups(path, [cost], [(lengths_x, lengths_y)], float(gamma), band)[0]
 
 
 def soft_dtw_divergence(
@@ -69,12 +89,25 @@ def soft_dtw_divergence(
     impl: str = "auto",
 ) -> torch.Tensor:
     """D = sdtw(C̃_xy) − ½(sdtw(C_xx) + sdtw(C_yy)) with cosine costs, (batch,); the band only on the cross term."""
-    if x.dim() != 3 or y.dim() != 3:
-        raise ValueError(f"x and y must be (batch, len, dim), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must be (batch, len, dim) with one batch, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    batch, n_rows, n_cols = x.shape[0], x.shape[1], y.shape[1]
+    lengths_x = _check_lengths(lengths_x, batch, n_rows, "lengths_x", x.device)
+    lengths_y = _check_lengths(lengths_y, batch, n_cols, "lengths_y", x.device)
+    if band is not None:
+        band.validate(batch, n_rows)
     cost_xy = cosine_cost(x, y)  # (batch, N, M)
     cost_xx = cosine_cost(x, x)  # (batch, N, N)
     cost_yy = cosine_cost(y, y)  # (batch, M, M)
-    cross = soft_dtw(cost_xy, gamma, lengths_x, lengths_y, band=band, impl=impl)
-    self_x = soft_dtw(cost_xx, gamma, lengths_x, lengths_x, impl=impl)
-    self_y = soft_dtw(cost_yy, gamma, lengths_y, lengths_y, impl=impl)
+    path = _resolve_impl(impl, x.device)
+    # the three DPs run as one batch of 3·batch tasks on the fast paths
+    cross, self_x, self_y = _run_groups(
+        path,
+        [cost_xy, cost_xx, cost_yy],
+        [(lengths_x, lengths_y), (lengths_x, lengths_x), (lengths_y, lengths_y)],
+        float(gamma),
+        band,
+    )
     return cross - 0.5 * (self_x + self_y)

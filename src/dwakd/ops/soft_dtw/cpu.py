@@ -1,0 +1,172 @@
+"""Fast CPU Soft-DTW: numba kernels (see `_cpu_kernels`) behind a `torch.autograd.Function`, threads over sequences.
+
+Several cost batches ("groups", e.g. the cross and the two self terms of the divergence) run as one list of tasks,
+balanced over `torch.get_num_threads()` threads (longest first). Kernels release the GIL, so plain Python threads
+give true parallelism without a second OpenMP pool competing with torch's.
+
+Memory kept for backward: the three softmin weights per cell of each task's (n+2)·(m+2) grid, in the compute dtype
+(12 bytes per cell in float32); nothing else. Working memory: one float64 R grid and one E grid per running thread's
+task. float32 and float64 are computed natively; other dtypes (bf16, fp16) are computed in float32.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dwakd.ops.soft_dtw.band import SoftBand
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The process-wide worker pool (created on first use, one thread per CPU)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="soft_dtw")
+        return _POOL
+
+
+def _kernels():
+    """The numba kernel module, imported lazily (first import compiles or loads the on-disk cache)."""
+    from dwakd.ops.soft_dtw import _cpu_kernels
+
+    return _cpu_kernels
+
+
+@dataclass
+class _TaskPlan:
+    """Flat description of every (group, sample) DP: lengths, grid offsets and the thread partition."""
+
+    group: np.ndarray  # (tasks,) int64: which cost batch
+    sample: np.ndarray  # (tasks,) int64: index in that batch
+    lengths_n: np.ndarray  # (tasks,) int64
+    lengths_m: np.ndarray  # (tasks,) int64
+    grid_offset: np.ndarray  # (tasks,) int64: start of the task's (n+2)(m+2) grid in the weight buffers
+    grid_cells: int  # total cells over all tasks
+    partition: list[np.ndarray]  # task ids per worker, balanced by n·m (longest processing time first)
+
+
+def _plan(lengths: list[tuple[torch.Tensor, torch.Tensor]], workers: int) -> _TaskPlan:
+    """Build the task list for groups with per-sample (lengths_x, lengths_y)."""
+    groups, samples, ns, ms = [], [], [], []
+    for g, (lx, ly) in enumerate(lengths):
+        lx_np = lx.detach().to("cpu", torch.int64).numpy()
+        ly_np = ly.detach().to("cpu", torch.int64).numpy()
+        groups.append(np.full(lx_np.shape[0], g, dtype=np.int64))
+        samples.append(np.arange(lx_np.shape[0], dtype=np.int64))
+        ns.append(lx_np)
+        ms.append(ly_np)
+    group, sample = np.concatenate(groups), np.concatenate(samples)
+    lengths_n, lengths_m = np.concatenate(ns).astype(np.int64), np.concatenate(ms).astype(np.int64)
+    cells = (lengths_n + 2) * (lengths_m + 2)
+    grid_offset = np.zeros_like(cells)
+    np.cumsum(cells[:-1], out=grid_offset[1:])
+    workers = max(1, min(workers, len(cells)))
+    bins: list[list[int]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for t in np.argsort(-cells, kind="stable"):
+        w = load.index(min(load))
+        bins[w].append(int(t))
+        load[w] += int(cells[t])
+    partition = [np.asarray(b, dtype=np.int64) for b in bins if b]
+    return _TaskPlan(group, sample, lengths_n, lengths_m, grid_offset, int(cells.sum()), partition)
+
+
+def _run(kernel, partition: list[np.ndarray], *args) -> None:
+    """Call `kernel(task_ids, *args)` for each part, all but one on pool threads; re-raise the first error."""
+    if len(partition) == 1:
+        kernel(partition[0], *args)
+        return
+    futures = [_pool().submit(kernel, part, *args) for part in partition[1:]]
+    kernel(partition[0], *args)
+    for f in futures:
+        f.result()
+
+
+class _SoftDTWCPUFunction(torch.autograd.Function):
+    """Values R(n_b, m_b) of up to three cost batches in one threaded sweep; backward from stored softmin weights."""
+
+    @staticmethod
+    def forward(ctx, gamma: float, plan: _TaskPlan, band: SoftBand | None, *costs: torch.Tensor):  # type: ignore[override]
+        k = _kernels()
+        dtype = costs[0].dtype
+        arrays = [c.detach().contiguous().numpy() for c in costs]  # (batch_g, N_g, M_g) views, no copy if contiguous
+        while len(arrays) < 3:
+            arrays.append(arrays[0])
+        if band is not None:
+            center = band.center.detach().to("cpu", torch.float64).contiguous().numpy()  # (batch, N)
+            width = band.width.detach().to("cpu", torch.float64).contiguous().numpy()  # (batch, N)
+            band_group, penalty = 0, float(band.penalty)
+        else:
+            center = width = np.zeros((1, 1), dtype=np.float64)
+            band_group, penalty = -1, 0.0
+        np_dtype = arrays[0].dtype
+        w_diag = np.empty(plan.grid_cells, dtype=np_dtype)
+        w_up = np.empty(plan.grid_cells, dtype=np_dtype)
+        w_left = np.empty(plan.grid_cells, dtype=np_dtype)
+        values = np.empty(plan.group.shape[0], dtype=np.float64)
+        _run(k.soft_dtw_forward, plan.partition, arrays[0], arrays[1], arrays[2], plan.group, plan.sample,
+             plan.lengths_n, plan.lengths_m, plan.grid_offset, center, width, penalty, band_group, float(gamma),
+             np_dtype == np.float32, w_diag, w_up, w_left, values)  # fmt: skip
+        ctx.plan = plan
+        ctx.weights = (w_diag, w_up, w_left)
+        ctx.shapes = [tuple(c.shape) for c in costs]
+        ctx.dtype = dtype
+        out = torch.from_numpy(values).to(dtype)
+        return tuple(out[plan.group == g] for g in range(len(costs)))
+
+    @staticmethod
+    def backward(ctx, *grad_values: torch.Tensor):  # type: ignore[override]
+        k = _kernels()
+        plan: _TaskPlan = ctx.plan
+        scale = np.empty(plan.group.shape[0], dtype=np.float64)  # dL/dR(n_b, m_b) per task
+        for g, gv in enumerate(grad_values):
+            sel = plan.group == g
+            scale[sel] = 0.0 if gv is None else gv.detach().to("cpu", torch.float64).numpy()
+        grads = [torch.empty(shape, dtype=ctx.dtype) for shape in ctx.shapes]
+        arrays = [t.numpy() for t in grads]
+        while len(arrays) < 3:
+            arrays.append(arrays[0])
+        _run(k.soft_dtw_backward, plan.partition, plan.group, plan.sample, plan.lengths_n, plan.lengths_m,
+             plan.grid_offset, *ctx.weights, scale, arrays[0], arrays[1], arrays[2])  # fmt: skip
+        return (None, None, None, *grads)
+
+
+def soft_dtw_cpu_groups(
+    costs: list[torch.Tensor],
+    lengths: list[tuple[torch.Tensor, torch.Tensor]],
+    gamma: float,
+    band: SoftBand | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Soft-DTW of up to three (batch_g, N_g, M_g) cost batches in one call; `band` applies to the first only.
+
+    Inputs may live on any device (they are computed on the CPU and the results moved back). Lengths must already
+    be validated (1 ≤ n ≤ N). Returns one (batch_g,) tensor per group, differentiable w.r.t. each cost.
+    """
+    if not 1 <= len(costs) <= 3:
+        raise ValueError(f"soft_dtw_cpu_groups takes 1 to 3 cost batches, got {len(costs)}")
+    device, dtype = costs[0].device, costs[0].dtype
+    compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    cpu_costs = [c.to("cpu", compute) for c in costs]
+    plan = _plan(lengths, torch.get_num_threads())
+    values = _SoftDTWCPUFunction.apply(float(gamma), plan, band, *cpu_costs)
+    return tuple(v.to(device, dtype) for v in values)
+
+
+def soft_dtw_cpu(
+    cost: torch.Tensor,
+    gamma: float,
+    lengths_x: torch.Tensor,
+    lengths_y: torch.Tensor,
+    band: SoftBand | None = None,
+) -> torch.Tensor:
+    """Soft-DTW values (batch,) of one (batch, N, M) cost batch on the fast CPU path."""
+    return soft_dtw_cpu_groups([cost], [(lengths_x, lengths_y)], gamma, band)[0]
