@@ -1,0 +1,167 @@
+"""Shared helpers for the baseline tests (ULD, MinED, MultiLevelOT, DSKDv2, DWA-KDv2, alignment).
+
+Two small *real* tokenizers with different vocabularies and different conventions — byte-level BPE ("Ġ")
+for the teacher and Metaspace BPE ("▁") for the student — are trained in
+milliseconds on a fixed corpus, so token strings, offsets and the vocabulary map are all real. Models are
+1-layer random-init Qwen2 / Llama / GPT-2 whose heads have more rows than the tokenizer has tokens.
+The naive references used by the tests live in the test files and share no code with `dwakd`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from dwakd.data.collator import collate_side
+from dwakd.data.tokenization import encode_side
+from dwakd.methods.base import DistillationInputs, MethodContext, ModelView, TokenView
+from dwakd.models import build_tiny_model
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A café in Zürich serves crème brûlée and tea.",
+    "Distillation moves knowledge from a teacher to a student model.",
+    "Numbers like 12345 and 678 are split differently by each tokenizer.",
+    "Hello world, hello teacher, hello student! Good answers are short.",
+    "Below is an instruction that describes a task. Write a response.",
+] * 3
+
+# (prompt, response) pairs of different lengths; the second is the shortest, so the batch is padded.
+EXAMPLES = [
+    ("### Instruction:\nName a fast animal.\n\n### Response:\n", "The quick brown fox jumps over the lazy dog."),
+    ("### Instruction:\nSay hi.\n\n### Response:\n", "Hello world!"),
+    ("### Instruction:\nWhere is the café?\n\n### Response:\n", "A café in Zürich serves 12345 teas."),
+]
+HEAD_PADDING = 3  # extra rows in every head beyond the tokenizer's tokens (must never count)
+
+
+@lru_cache(maxsize=None)
+def teacher_tokenizer(vocab_size: int = 400):
+    """Byte-level BPE ("Ġ" for spaces), EOS "<|endoftext|>"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@lru_cache(maxsize=None)
+def student_tokenizer(vocab_size: int = 330):
+    """Metaspace BPE ("▁" for spaces, a prefix space on the first word), EOS "</s>"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>"], show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>")
+
+
+def encode(tokenizer, examples=EXAMPLES, max_prompt_length: int = 64, max_length: int = 96,
+           extra_pad: int = 0) -> TokenView:
+    """A right-padded `TokenView` built like the collator builds it (prompt and response tokenized separately)."""
+    sides = []
+    for prompt, response in examples:
+        p = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        r = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+        side, _ = encode_side(p["input_ids"], p["offset_mapping"], r["input_ids"], r["offset_mapping"],
+                              len(prompt), tokenizer.eos_token_id, max_prompt_length, max_length)
+        sides.append(side)
+    cols = collate_side(sides, tokenizer.pad_token_id)
+    view = TokenView(cols["input_ids"], cols["attention_mask"], cols["labels"], cols["input_offsets"],
+                     cols["label_offsets"])
+    if extra_pad:
+        view = pad_view(view, extra_pad, tokenizer.pad_token_id)
+    return view
+
+
+def pad_view(view: TokenView, extra: int, pad_id: int) -> TokenView:
+    """The same batch with `extra` more padding columns on the right."""
+    b = view.input_ids.shape[0]
+
+    def cat(x: torch.Tensor, value) -> torch.Tensor:
+        pad = torch.full((b, extra, *x.shape[2:]), value, dtype=x.dtype)
+        return torch.cat([x, pad], 1)
+
+    return TokenView(cat(view.input_ids, pad_id), cat(view.attention_mask, 0), cat(view.labels, -100),
+                     cat(view.input_offsets, -1), cat(view.label_offsets, -1))
+
+
+def tiny_model(arch: str, vocab: int, seed: int, hidden: int, dtype=torch.float64) -> torch.nn.Module:
+    """A 1-layer random-init causal LM with HEAD_PADDING more head rows than `vocab`, eval mode (no dropout)."""
+    model = build_tiny_model(arch, vocab + HEAD_PADDING, seed=seed, hidden_size=hidden, num_layers=1, num_heads=2,
+                             intermediate_size=2 * hidden, max_positions=128, bos_token_id=None, eos_token_id=None)
+    return model.to(dtype).eval()
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """Teacher: eval mode, no parameter requires grad."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class Setup:
+    """Tokenizers, views, a student (GPT-2 or Llama) and a frozen Qwen2 teacher, ready to build a method."""
+
+    def __init__(self, student_arch: str = "gpt2", seed: int = 0, extra_pad: int = 0, examples=EXAMPLES):
+        self.s_tok, self.t_tok = student_tokenizer(), teacher_tokenizer()
+        self.s_view = encode(self.s_tok, examples, extra_pad=extra_pad)
+        self.t_view = encode(self.t_tok, examples)
+        self.student = tiny_model(student_arch, len(self.s_tok), seed, hidden=16)
+        self.teacher = frozen(tiny_model("qwen2", len(self.t_tok), seed + 1, hidden=24))
+
+    def context(self, cache_dir) -> MethodContext:
+        return MethodContext(self.student.config, self.teacher.config, self.s_tok, self.t_tok, self.student,
+                             self.teacher, str(cache_dir))
+
+    def inputs(self, hidden: bool = False, progress: float = 0.0) -> DistillationInputs:
+        """Run both models (teacher without grad) and wrap their outputs like the trainer does."""
+        s_out = self.student(input_ids=self.s_view.input_ids, attention_mask=self.s_view.attention_mask,
+                             output_hidden_states=hidden)
+        with torch.no_grad():
+            t_out = self.teacher(input_ids=self.t_view.input_ids, attention_mask=self.t_view.attention_mask,
+                                 output_hidden_states=hidden)
+        student = ModelView(s_out.logits, s_out.hidden_states if hidden else None, self.student, len(self.s_tok))
+        teacher = ModelView(t_out.logits, t_out.hidden_states if hidden else None, self.teacher, len(self.t_tok))
+        num_items = self.s_view.label_mask.sum()
+        return DistillationInputs(self.s_view, self.t_view, student, teacher, num_items, progress)
+
+
+def params_with_grad(*modules: torch.nn.Module) -> set[str]:
+    """Names (prefixed by module index) of parameters whose .grad is set and non-zero."""
+    names = set()
+    for k, module in enumerate(modules):
+        for name, p in module.named_parameters():
+            if p.grad is not None and bool(p.grad.abs().sum() > 0):
+                names.add(f"{k}.{name}")
+    return names
+
+
+def trainable_names(*modules: torch.nn.Module) -> set[str]:
+    """Names (prefixed by module index) of parameters that require grad."""
+    return {f"{k}.{n}" for k, m in enumerate(modules) for n, p in m.named_parameters() if p.requires_grad}
+
+
+def optimise_steps(setup: Setup, method, steps: int = 8, lr: float = 1e-2, hidden: bool = False) -> list[float]:
+    """Adam steps on one fixed batch (student + method parameters); returns the loss before each step."""
+    params = [p for p in list(setup.student.parameters()) + list(method.parameters()) if p.requires_grad]
+    optimiser = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimiser.zero_grad()
+        out = method(setup.inputs(hidden=hidden))
+        assert torch.isfinite(out.loss)
+        losses.append(float(out.loss))
+        out.loss.backward()
+        optimiser.step()
+    return losses
