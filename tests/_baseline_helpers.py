@@ -161,7 +161,25 @@ def optimise_steps(setup: Setup, method, steps: int = 8, lr: float = 1e-2, hidde
         optimiser.zero_grad()
         out = method(setup.inputs(hidden=hidden))
         assert torch.isfinite(out.loss)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         out.loss.backward()
         optimiser.step()
     return losses
+
+
+def naive_ce_sum(logits: torch.Tensor, labels: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Σ over label positions of −log softmax(logits[:vocab])[label], by a loop over positions."""
+    total = logits.new_zeros(())
+    for b in range(labels.shape[0]):
+        for i in range(labels.shape[1]):
+            if labels[b, i] != -100:
+                total = total - torch.log_softmax(logits[b, i, :vocab], -1)[labels[b, i]]
+    return total
+
+
+def leaf_logits(inputs: DistillationInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace both logits by fresh leaves that require grad (teacher too, to catch a missing detach)."""
+    s = inputs.student_out.logits.detach().clone().requires_grad_(True)
+    t = inputs.teacher_out.logits.detach().clone().requires_grad_(True)
+    inputs.student_out.logits, inputs.teacher_out.logits = s, t
+    return s, t
