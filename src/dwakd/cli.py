@@ -16,6 +16,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     result = train(config, show_progress=not args.no_progress)
+    if result.get("interrupted"):
+        print(f"interrupted at step {result['global_step']}; checkpoint saved in {result['output_dir']}; "
+              "continue with training.resume_from_checkpoint=last")
+        return 130
     print(f"trained {result['global_step']} steps, mean train loss {result['train_loss']:.4f}; "
           f"student and method state in {result['output_dir']}")
     return 0
@@ -63,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dwakd` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (`train cfg.yaml --no-progress method=dwakd`)
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from dwakd.config import ConfigError

@@ -85,12 +85,19 @@ def _dtype(name: str):
     return DTYPES[name]
 
 
-def load_side(spec: ModelSpec, role: str):
-    """Load (model, tokenizer) for one side; `role` is 'student' or 'teacher' (used in messages)."""
+def load_side_tokenizer(spec: ModelSpec, role: str):
+    """The tokenizer of one side (cheap; loaded before any model so data errors surface first)."""
     tok_spec = spec.tokenizer or spec.name_or_path
     if tok_spec is None:
         raise ValueError(f"{role}: set {role}.tokenizer (or {role}.name_or_path)")
-    tokenizer = load_tokenizer(tok_spec, trust_remote_code=spec.trust_remote_code)
+    try:
+        return load_tokenizer(tok_spec, trust_remote_code=spec.trust_remote_code)
+    except ValueError as exc:
+        raise ValueError(f"{role}.tokenizer: {exc}") from exc
+
+
+def load_side_model(spec: ModelSpec, tokenizer, role: str) -> PreTrainedModel:
+    """The model of one side, checked against its tokenizer."""
     if spec.tiny is not None:
         tiny = dict(spec.tiny)
         arch = tiny.pop("arch", "gpt2")
@@ -105,7 +112,13 @@ def load_side(spec: ModelSpec, role: str):
     else:
         raise ValueError(f"{role}: set {role}.name_or_path or {role}.tiny")
     check_vocab(model, tokenizer, role)
-    return model, tokenizer
+    return model
+
+
+def load_side(spec: ModelSpec, role: str):
+    """Load (model, tokenizer) for one side; `role` is 'student' or 'teacher' (used in messages)."""
+    tokenizer = load_side_tokenizer(spec, role)
+    return load_side_model(spec, tokenizer, role), tokenizer
 
 
 def check_vocab(model: nn.Module, tokenizer, role: str) -> None:
@@ -135,22 +148,30 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def prepare_student(model: PreTrainedModel, spec: ModelSpec) -> nn.Module:
+    """Full fine-tuning as is, or LoRA adapters when `spec.lora` is set."""
+    return apply_lora(model, spec.lora) if spec.lora is not None else model
+
+
+def prepare_teacher(model: PreTrainedModel, spec: ModelSpec) -> nn.Module:
+    """Merge an optional LoRA adapter into the teacher, then freeze it."""
+    if spec.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+    return freeze(model)
+
+
 def load_student(spec: ModelSpec):
     """Student (model, tokenizer): full fine-tuning, or LoRA when `spec.lora` is set."""
     model, tokenizer = load_side(spec, "student")
-    if spec.lora is not None:
-        model = apply_lora(model, spec.lora)
-    return model, tokenizer
+    return prepare_student(model, spec), tokenizer
 
 
 def load_teacher(spec: ModelSpec):
     """Teacher (model, tokenizer), frozen; an optional LoRA adapter is merged into the base."""
     model, tokenizer = load_side(spec, "teacher")
-    if spec.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
-    return freeze(model), tokenizer
+    return prepare_teacher(model, spec), tokenizer
 
 
 def load_model_for_inference(path_or_name: str, *, dtype: str | None = None, device: str | None = None,

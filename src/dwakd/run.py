@@ -11,13 +11,13 @@ from typing import Any
 
 import yaml
 from transformers import TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
+from dwakd.checkpoints import checkpoint_problem, last_complete_checkpoint
 from dwakd.config import ConfigError, RunConfig, config_to_dict
 from dwakd.data import DistillationCollator, DualTokenizedDataset, encode_records, load_records, split_records
 from dwakd.data.records import LoadReport
-from dwakd.methods import MethodContext, build_method, get_method
-from dwakd.models import load_student, load_teacher
+from dwakd.methods import MethodContext, build_method, build_options, get_method
+from dwakd.models import load_side_model, load_side_tokenizer, prepare_student, prepare_teacher
 from dwakd.tokenizers import cache_dir
 from dwakd.trainer import DistillationModel, DistillationTrainer
 
@@ -106,21 +106,31 @@ def load_datasets(config: RunConfig, student_tokenizer, teacher_tokenizer, show_
 
 
 def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun:
-    """Load everything a run needs and check it before any training step (fail early, name the fix)."""
+    """Load everything a run needs, cheapest checks first, so a bad config or data file fails in seconds.
+
+    Order: method + options, training arguments, tokenizers (pad/EOS), data (every row validated and
+    tokenized), then the models (vocab vs embedding rows, max_length vs positions), then the method.
+    """
     set_seed(config.seed)
     method_cls, _ = get_method(config.method.name)
+    build_options(config.method.name, config.method.options)
     args = training_arguments(config)
-    student, student_tokenizer = load_student(config.student)
-    _check_lengths(config, student, "student")
-    teacher = teacher_tokenizer = None
-    if method_cls.needs_teacher:
-        if config.teacher is None:
-            raise ConfigError(f"method {config.method.name!r} needs a teacher: add a `teacher:` section")
-        teacher, teacher_tokenizer = load_teacher(config.teacher)
-        _check_lengths(config, teacher, "teacher")
+    needs_teacher = method_cls.needs_teacher
+    if needs_teacher and config.teacher is None:
+        raise ConfigError(f"method {config.method.name!r} needs a teacher: add a `teacher:` section")
+    student_tokenizer = _as_config_error(load_side_tokenizer, config.student, "student")
+    teacher_tokenizer = _as_config_error(load_side_tokenizer, config.teacher, "teacher") if needs_teacher else None
     train, evaluation = load_datasets(config, student_tokenizer, teacher_tokenizer, show_progress)
     if len(train) == 0:
         raise ConfigError("no training examples left after tokenization; check data.max_length and the data")
+    student = _as_config_error(load_side_model, config.student, student_tokenizer, "student")
+    _check_lengths(config, student, "student")
+    student = prepare_student(student, config.student)
+    teacher = None
+    if needs_teacher:
+        teacher = _as_config_error(load_side_model, config.teacher, teacher_tokenizer, "teacher")
+        _check_lengths(config, teacher, "teacher")
+        teacher = prepare_teacher(teacher, config.teacher)
     context = MethodContext(student.config, teacher.config if teacher is not None else None, student_tokenizer,
                             teacher_tokenizer, student, teacher, str(cache_dir()))
     method = build_method(config.method.name, context, config.method.options)
@@ -134,18 +144,28 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
     return TrainingRun(config, trainer, model, student_tokenizer, teacher_tokenizer, train, evaluation)
 
 
+def _as_config_error(function, *args):
+    """Model/tokenizer problems (missing EOS, vocab larger than the embedding, ...) as ConfigErrors."""
+    try:
+        return function(*args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def resolve_resume(config: RunConfig, output_dir: str) -> str | None:
-    """`training.resume_from_checkpoint`: a path, or true/'last' for the newest checkpoint in output_dir."""
+    """`training.resume_from_checkpoint`: a path, or true/'last' for the newest *complete* checkpoint."""
     value = config.training.get("resume_from_checkpoint")
+    need_optimizer = not config.training.get("save_only_model", False)
     if value in (None, False, ""):
         return None
     if value in (True, "last", "auto"):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        last = last_complete_checkpoint(output_dir, need_optimizer)
         if last is None:
-            logger.warning("no checkpoint in %s to resume from; starting fresh", output_dir)
-        return last
-    if not os.path.isdir(value):
-        raise ConfigError(f"training.resume_from_checkpoint: {value} is not a directory")
+            logger.warning("no complete checkpoint in %s to resume from; starting fresh", output_dir)
+        return str(last) if last else None
+    problem = checkpoint_problem(value, need_optimizer) if os.path.isdir(value) else "not a directory"
+    if problem:
+        raise ConfigError(f"training.resume_from_checkpoint: {value}: {problem}")
     return str(value)
 
 
@@ -156,6 +176,12 @@ def train(config: RunConfig, show_progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "dwakd_config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     result = run.trainer.train(resume_from_checkpoint=resolve_resume(config, str(out)))
+    if run.trainer.interrupt.stopped_at is not None:
+        step = run.trainer.interrupt.stopped_at
+        logger.warning("interrupted: checkpoint-%d saved in %s; continue with training.resume_from_checkpoint=last",
+                       step, out)
+        return {"output_dir": str(out), "global_step": step, "train_loss": result.training_loss,
+                "log_history": run.trainer.state.log_history, "interrupted": True}
     run.trainer.save_model(str(out))
     if run.trainer.args.should_save:
         run.trainer.state.save_to_json(str(out / "trainer_state.json"))

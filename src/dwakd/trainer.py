@@ -14,13 +14,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 from collections import defaultdict
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from dwakd.methods.base import DistillationInputs, DistillationMethod, ModelView, TokenView
 
@@ -95,6 +97,46 @@ class DistillationModel(nn.Module):
         return {"loss": result.loss, "parts": result.parts, "stats": result.stats}
 
 
+class SaveOnInterrupt(TrainerCallback):
+    """Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop. A second Ctrl-C aborts.
+
+    Under torch.distributed the flag is OR-reduced across ranks every step, so all ranks save the same step.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        logger.warning("interrupt received: saving a checkpoint after this step (press Ctrl-C again to abort)")
+        self.requested = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handler)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = self.requested
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1.0 if requested else 0.0], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(flag.item())
+        if requested:
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
 class DistillationTrainer(Trainer):
     """`transformers.Trainer` for a `DistillationModel`: projector learning rate, named loss parts, HF checkpoints."""
 
@@ -110,6 +152,8 @@ class DistillationTrainer(Trainer):
         self._micro_batches = 0
         self._last_logged_step = 0
         self.skipped_micro_batches = 0
+        self.interrupt = SaveOnInterrupt()
+        self.add_callback(self.interrupt)
 
     # ---- loss -------------------------------------------------------------------------------------
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
