@@ -183,3 +183,68 @@ def leaf_logits(inputs: DistillationInputs) -> tuple[torch.Tensor, torch.Tensor]
     t = inputs.teacher_out.logits.detach().clone().requires_grad_(True)
     inputs.student_out.logits, inputs.teacher_out.logits = s, t
     return s, t
+
+
+# ---------------------------------------------------------------- naive references shared by several tests
+
+
+def naive_levenshtein(a, b) -> int:
+    """Textbook O(len(a)·len(b)) edit distance."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def naive_lower(data: bytes) -> bytes:
+    return bytes(c + 32 if 65 <= c <= 90 else c for c in data)
+
+
+def naive_vocab_map(teacher: list[bytes], student: list[bytes], t_eos=None, s_eos=None):
+    """map(t) = lowest student id with the same bytes, else lowest id minimising the lower-cased edit distance."""
+    mapping, dist = [], []
+    for k, t in enumerate(teacher):
+        if t_eos is not None and k == t_eos:
+            mapping.append(s_eos), dist.append(0)
+            continue
+        same = [i for i, s in enumerate(student) if s and s == t]
+        if same:
+            mapping.append(same[0]), dist.append(0)
+            continue
+        scored = [(naive_levenshtein(naive_lower(t), naive_lower(s)), i) for i, s in enumerate(student) if s]
+        d, i = min(scored)
+        mapping.append(i), dist.append(d)
+    return mapping, dist
+
+
+def naive_dtw(cost: list[list[float]]) -> list[tuple[int, int]]:
+    """The reference DTW: accumulate, then walk back preferring diagonal, then (i−1, j), then (i, j−1)."""
+    n, m = len(cost), len(cost[0])
+    inf = float("inf")
+    acc = [[inf] * (m + 1) for _ in range(n + 1)]
+    acc[0][0] = 0.0
+    for i in range(n):
+        for j in range(m):
+            acc[i + 1][j + 1] = cost[i][j] + min(acc[i][j + 1], acc[i + 1][j], acc[i][j])
+    d = [row[1:] for row in acc[1:]]
+    i, j, path = n - 1, m - 1, []
+    while i > 0 or j > 0:
+        path.append((i, j))
+        options = [d[i - 1][j - 1] if i > 0 and j > 0 else inf, d[i - 1][j] if i > 0 else inf,
+                   d[i][j - 1] if j > 0 else inf]
+        move = options.index(min(options))
+        i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
+    path.append((0, 0))
+    return path[::-1]
+
+
+def naive_student_to_teacher(mapping: list[int], dist: list[int], student_size: int) -> list[int]:
+    """For each student id, the teacher id mapped onto it with the smallest distance, then the lowest id; −1 if none."""
+    best: dict[int, tuple[int, int]] = {}
+    for t, (s, d) in enumerate(zip(mapping, dist)):
+        if s >= 0 and (s not in best or (d, t) < best[s]):
+            best[s] = (d, t)
+    return [best[s][1] if s in best else -1 for s in range(student_size)]

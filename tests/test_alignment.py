@@ -7,7 +7,14 @@ import random
 import numpy as np
 import pytest
 import torch
-from _baseline_helpers import encode, student_tokenizer, teacher_tokenizer
+from _baseline_helpers import (
+    encode,
+    naive_dtw,
+    naive_levenshtein,
+    naive_vocab_map,
+    student_tokenizer,
+    teacher_tokenizer,
+)
 
 from dwakd.alignment.dtw import dtw_path, edit_distance_matrix, single_matches
 from dwakd.alignment.exact import exact_offset_alignment, exact_string_alignment
@@ -16,59 +23,6 @@ from dwakd.alignment.vocab_map import build_vocab_map, load_or_build_vocab_map
 from dwakd.methods.base import TokenView
 
 # ---------------------------------------------------------------- naive references (test-only, plain Python)
-
-
-def naive_levenshtein(a, b) -> int:
-    """Textbook O(len(a)·len(b)) edit distance."""
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
-def naive_lower(data: bytes) -> bytes:
-    return bytes(c + 32 if 65 <= c <= 90 else c for c in data)
-
-
-def naive_vocab_map(teacher: list[bytes], student: list[bytes], t_eos=None, s_eos=None):
-    """map(t) = lowest student id with the same bytes, else lowest id minimising the lower-cased edit distance."""
-    mapping, dist = [], []
-    for k, t in enumerate(teacher):
-        if t_eos is not None and k == t_eos:
-            mapping.append(s_eos), dist.append(0)
-            continue
-        same = [i for i, s in enumerate(student) if s and s == t]
-        if same:
-            mapping.append(same[0]), dist.append(0)
-            continue
-        scored = [(naive_levenshtein(naive_lower(t), naive_lower(s)), i) for i, s in enumerate(student) if s]
-        d, i = min(scored)
-        mapping.append(i), dist.append(d)
-    return mapping, dist
-
-
-def naive_dtw(cost: list[list[float]]) -> list[tuple[int, int]]:
-    """The reference DTW: accumulate, then walk back preferring diagonal, then (i−1, j), then (i, j−1)."""
-    n, m = len(cost), len(cost[0])
-    inf = float("inf")
-    acc = [[inf] * (m + 1) for _ in range(n + 1)]
-    acc[0][0] = 0.0
-    for i in range(n):
-        for j in range(m):
-            acc[i + 1][j + 1] = cost[i][j] + min(acc[i][j + 1], acc[i + 1][j], acc[i][j])
-    d = [row[1:] for row in acc[1:]]
-    i, j, path = n - 1, m - 1, []
-    while i > 0 or j > 0:
-        path.append((i, j))
-        options = [d[i - 1][j - 1] if i > 0 and j > 0 else inf, d[i - 1][j] if i > 0 else inf,
-                   d[i][j - 1] if j > 0 else inf]
-        move = options.index(min(options))
-        i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
-    path.append((0, 0))
-    return path[::-1]
 
 
 def naive_exact_pairs(student: TokenView, teacher: TokenView) -> set[tuple[int, int, int]]:

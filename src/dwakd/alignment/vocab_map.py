@@ -183,6 +183,13 @@ def load_or_build_vocab_map(
     """The teacher→student map for two tokenizers, read from `<cache_dir>/vocab_maps/` or built and stored there."""
     teacher = token_table(teacher_tokenizer, teacher_size)
     student = token_table(student_tokenizer, student_size)
+    return cached_vocab_map(teacher, student, cache_dir, workers=workers)
+
+
+def cached_vocab_map(
+    teacher: TokenTable, student: TokenTable, cache_dir: str | os.PathLike | None = None, *, workers: int = -1
+) -> VocabMap:
+    """`build_vocab_map` behind a disk cache keyed by both tables' fingerprints (`<cache_dir>/vocab_maps/<key>.npz`)."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = root / "vocab_maps" / f"{vocab_map_key(teacher, student)}.npz"
     if path.is_file():
@@ -203,3 +210,19 @@ def load_or_build_vocab_map(
              student_size=np.int64(vmap.student_size))
     tmp.replace(path)  # atomic: concurrent builders never read a half-written file
     return vmap
+
+
+def exact_text_map(teacher: TokenTable, student: TokenTable) -> np.ndarray:
+    """(V_t,) int64: the lowest student id whose text is byte-identical to the teacher token's, −1 if none.
+
+    The teacher's EOS maps to the student's EOS. This is DSKDv2's shared vocabulary (the reference matches
+    token strings after unifying "Ġ"/"▁"; decoding both to bytes does the same for every convention).
+    """
+    index: dict[bytes, int] = {}
+    for i, item in enumerate(student.data):
+        if item:
+            index.setdefault(item, i)
+    out = np.array([index.get(item, -1) if item else -1 for item in teacher.data], dtype=np.int64)
+    if teacher.eos_id is not None and student.eos_id is not None and 0 <= teacher.eos_id < len(out):
+        out[teacher.eos_id] = student.eos_id
+    return out
