@@ -8,12 +8,27 @@ sequences, positions and pairs, float64 arithmetic on small vectors, explicit fo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from dwakd.methods.base import DistillationInputs, MethodContext, ModelView, TokenView
 from dwakd.models import build_tiny_model
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, then restore: on a shared 2-core machine, tiny tensors on two spinning
+    threads run 10–50× slower than on one (measured), and they gain nothing from a second thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 # Tokenizer vocab smaller than the head: the last rows of each head are padding and must never count.
 STUDENT_VOCAB, STUDENT_ROWS = 37, 40
@@ -58,14 +73,14 @@ def make_view(prompt_lens: list[int], response_lens: list[int], vocab: int, seed
     nothing from the last position. `extra_pad` adds padding columns (dynamic vs fixed padding).
     """
     gen = torch.Generator().manual_seed(seed)
-    totals = [p + r for p, r in zip(prompt_lens, response_lens)]
+    totals = [p + r for p, r in zip(prompt_lens, response_lens, strict=True)]
     length = max(totals) + extra_pad
     batch = len(totals)
     ids = torch.zeros(batch, length, dtype=torch.long)
     attn = torch.zeros(batch, length, dtype=torch.long)
     labels = torch.full((batch, length), -100, dtype=torch.long)
     offsets = torch.full((batch, length, 2), -1, dtype=torch.long)
-    for b, (p, r) in enumerate(zip(prompt_lens, response_lens)):
+    for b, (p, r) in enumerate(zip(prompt_lens, response_lens, strict=True)):
         tokens = torch.randint(1, vocab, (p + r,), generator=gen)
         ids[b, : p + r] = tokens
         attn[b, : p + r] = 1
@@ -104,7 +119,9 @@ def run_models(
     out = student(input_ids=s.input_ids, attention_mask=s.attention_mask, output_hidden_states=True, use_cache=False)
     t = batch.teacher
     with torch.no_grad():
-        t_out = teacher(input_ids=t.input_ids, attention_mask=t.attention_mask, output_hidden_states=True, use_cache=False)
+        t_out = teacher(
+            input_ids=t.input_ids, attention_mask=t.attention_mask, output_hidden_states=True, use_cache=False
+        )
     if num_items is None:
         num_items = s.label_mask.sum()
     return DistillationInputs(
@@ -247,10 +264,14 @@ def naive_method_loss(method, inputs: DistillationInputs, o: RefOptions) -> dict
     T = [valid_positions(t, b) for b in range(batch)]
 
     # global stds over valid teacher positions of the whole micro-batch
-    keys_raw = {(b, j): torch.cat([E_t[t.input_ids[b, j]], E_t[t.labels[b, j]]]).detach() for b in range(batch) for j in T[b]}
+    keys_raw = {
+        (b, j): torch.cat([E_t[t.input_ids[b, j]], E_t[t.labels[b, j]]]).detach() for b in range(batch) for j in T[b]
+    }
     tgt_raw = {(b, j): E_t[t.labels[b, j]].detach() for b in range(batch) for j in T[b]}
     hid_raw = {(b, j): h_t_all[b, j].detach() for b in range(batch) for j in T[b]}
-    sd_k, sd_e, sd_h = naive_std(list(keys_raw.values())), naive_std(list(tgt_raw.values())), naive_std(list(hid_raw.values()))
+    sd_k = naive_std(list(keys_raw.values()))
+    sd_e = naive_std(list(tgt_raw.values()))
+    sd_h = naive_std(list(hid_raw.values()))
 
     zero = torch.zeros((), dtype=torch.float64)
     ce, t2s_ce, t2s_kd, s2t_kd, dtw_h, dtw_e = zero, zero, zero, zero, zero, zero
@@ -288,7 +309,7 @@ def naive_method_loss(method, inputs: DistillationInputs, o: RefOptions) -> dict
         if o.weights:
             total = sum(raw_w)
             raw_w = [w * len(S[b]) / total for w in raw_w]
-        for w, d in zip(raw_w, kd_vals):
+        for w, d in zip(raw_w, kd_vals, strict=True):
             t2s_kd = t2s_kd + w * d
 
         # teacher space
@@ -309,7 +330,7 @@ def naive_method_loss(method, inputs: DistillationInputs, o: RefOptions) -> dict
         if o.weights:
             total = sum(raw_u)
             raw_u = [u * len(T[b]) / total for u in raw_u]
-        for u, d in zip(raw_u, kl_vals):
+        for u, d in zip(raw_u, kl_vals, strict=True):
             s2t_kd = s2t_kd + u * d
 
         # sequence level
@@ -327,9 +348,9 @@ def naive_method_loss(method, inputs: DistillationInputs, o: RefOptions) -> dict
                 if o.dtw == "banded":
                     cross = [[cross[r][c] + (o.rho if abs(c - centres[r]) > widths[r] else 0.0)
                               for c in range(len(ys))] for r in range(len(xs))]
-                value = naive_soft_dtw(cross, o.gamma) - 0.5 * (
-                    naive_soft_dtw(naive_cosine_cost(xs, xs), o.gamma) + naive_soft_dtw(naive_cosine_cost(ys, ys), o.gamma)
-                )
+                self_x = naive_soft_dtw(naive_cosine_cost(xs, xs), o.gamma)
+                self_y = naive_soft_dtw(naive_cosine_cost(ys, ys), o.gamma)
+                value = naive_soft_dtw(cross, o.gamma) - 0.5 * (self_x + self_y)
                 if layer == "hidden":
                     dtw_h = dtw_h + value
                 else:
@@ -340,8 +361,9 @@ def naive_method_loss(method, inputs: DistillationInputs, o: RefOptions) -> dict
     kd = parts["t2s_ce"] + parts["t2s_kd"] + parts["s2t_kd"]
     loss = (1 - o.kd_rate) * parts["ce"] + o.kd_rate * kd
     if o.dtw != "off":
-        parts["dtw_hidden"] = dtw_h / n
-        parts["dtw_embedding"] = dtw_e / n
+        for layer, total in (("hidden", dtw_h), ("embedding", dtw_e)):
+            if layer in o.layers:
+                parts[f"dtw_{layer}"] = total / n
         loss = loss + o.lambda_dtw * sum(parts[f"dtw_{layer}"] for layer in o.layers)
     parts["loss"] = loss
     return parts
@@ -357,4 +379,4 @@ def trainable(method, student) -> list[tuple[str, torch.nn.Parameter]]:
 def grads_of(loss: torch.Tensor, params: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
     """d loss / d param for each named parameter (zeros where the loss does not depend on it)."""
     values = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
-    return {name: (torch.zeros_like(p) if g is None else g) for (name, p), g in zip(params, values)}
+    return {name: (torch.zeros_like(p) if g is None else g) for (name, p), g in zip(params, values, strict=True)}

@@ -6,10 +6,17 @@ import math
 
 import pytest
 import torch
+from _kd_helpers import naive_band, one_thread
 
-from _kd_helpers import naive_band
 from dwakd.modules.band import attention_band
 from dwakd.modules.dtw import compact, compact_pairs, response_dtw_divergence
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one torch thread (restored afterwards)."""
+    with one_thread():
+        yield
 
 
 def test_one_hot_attention_hand_worked() -> None:
@@ -30,7 +37,10 @@ def test_one_hot_attention_hand_worked() -> None:
 
 
 def test_uniform_attention_hand_worked() -> None:
-    """n = 2, m = 4, uniform rows: c̃ = 1.5, H = log 4, w = 5 + 2 log 4; ℓ = (0, 3); c = 0.7·1.5 + 0.3·ℓ = (1.05, 1.95)."""
+    """n = 2, m = 4, uniform rows: c̃ = 1.5, H = log 4, w = 5 + 2 log 4; ℓ = (0, 3).
+
+    c = 0.7·1.5 + 0.3·ℓ = (1.05, 1.95).
+    """
     attn = torch.full((1, 2, 4), 0.25)
     band = attention_band(attn, torch.tensor([2]), torch.tensor([4]))
     torch.testing.assert_close(band.center, torch.tensor([[1.05, 1.95]]))

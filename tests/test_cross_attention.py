@@ -6,19 +6,31 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, LlamaConfig, OPTConfig
-
 from _kd_helpers import (
     make_batch,
     naive_std,
+    one_thread,
     run_models,
     tiny_opt_student,
     tiny_student,
     tiny_teacher,
     valid_positions,
 )
-from dwakd.modules.cross_attention import MASK_VALUE, cross_model_attention, masked_global_std
+from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+from dwakd.modules.cross_attention import (
+    MASK_VALUE,
+    cross_model_attention,
+    masked_global_std,
+)
 from dwakd.modules.projectors import DualSpaceProjectors, ModelDims, model_dims
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one torch thread (restored afterwards)."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +62,8 @@ def test_scores_masks_and_both_softmax_directions(setup) -> None:
     for b in range(B):
         raw = {}
         for i in range(n):
-            q = W(proj.query, torch.cat([E_s[s.input_ids[b, i] if i in S[b] else 0], E_s[s.labels[b, i] if i in S[b] else 0]]))
+            x_id, y_id = (s.input_ids[b, i], s.labels[b, i]) if i in S[b] else (0, 0)
+            q = W(proj.query, torch.cat([E_s[x_id], E_s[y_id]]))
             for j in range(m):
                 if i in S[b] and j in T[b]:
                     raw[(i, j)] = float(q @ keys[(b, j)]) / sd_k / math.sqrt(2 * 24)
@@ -89,7 +102,7 @@ def test_gradients_reach_query_and_value_projectors_only_through_their_paths(set
     _, _, proj, inputs, cma = setup
     t2s_grads = torch.autograd.grad(cma.t2s_hidden[cma.student_mask].sum(), list(proj.parameters()), allow_unused=True)
     names = [n for n, _ in proj.named_parameters()]
-    got = {n for n, g in zip(names, t2s_grads) if g is not None and g.abs().sum() > 0}
+    got = {n for n, g in zip(names, t2s_grads, strict=True) if g is not None and g.abs().sum() > 0}
     assert got == {"t2s.weight", "t2s.bias", "query.weight", "query.bias"}
 
 

@@ -6,10 +6,23 @@ import math
 
 import pytest
 import torch
+from _kd_helpers import one_thread
 
-from dwakd.modules.divergences import ALIASES, DIVERGENCES, divergence, resolve_divergence
+from dwakd.modules.divergences import (
+    ALIASES,
+    DIVERGENCES,
+    divergence,
+    resolve_divergence,
+)
 
 LAM, ALPHA = 0.1, 0.5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one torch thread (restored afterwards)."""
+    with one_thread():
+        yield
 
 
 def loop_divergence(student: list[float], teacher: list[float], kind: str, tau: float) -> float:

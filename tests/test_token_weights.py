@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _kd_helpers import one_thread
 
 from dwakd.modules.token_weights import (
     normalized_entropy,
@@ -17,6 +18,13 @@ from dwakd.modules.token_weights import (
 )
 
 VOCAB, ROWS = 7, 9  # the head has two padding rows beyond the vocabulary
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one torch thread (restored afterwards)."""
+    with one_thread():
+        yield
 
 
 def loop_entropy(z: list[float]) -> float:

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodContext, MethodOptions
+from dwakd.methods.base import (
+    DistillationInputs,
+    DistillationMethod,
+    LossOutput,
+    MethodContext,
+    MethodOptions,
+)
 from dwakd.methods.registry import register_method
 from dwakd.methods.sft import token_cross_entropy_sum
 from dwakd.modules.cross_attention import CrossModelAttention, cross_model_attention
@@ -137,7 +143,9 @@ class DSKD(DistillationMethod):
         """(weight of CE, weight of KD) in the total loss: (1 − kd_rate, kd_rate)."""
         return 1.0 - self.options.kd_rate, self.options.kd_rate
 
-    def dual_space_loss(self, terms: DualSpaceTerms, num_items: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def dual_space_loss(
+        self, terms: DualSpaceTerms, num_items: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """w_ce·CE + w_kd·(t2s_ce + t2s_kd + s2t_kd) with every sum divided by num_items, and those parts."""
         n = num_items
         ce, t2s_ce, t2s_kd, s2t_kd = terms.ce / n, terms.t2s_ce / n, terms.t2s_kd / n, terms.s2t_kd / n

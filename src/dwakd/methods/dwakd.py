@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
 import torch
 
 from dwakd.methods.base import DistillationInputs, LossOutput, MethodContext
@@ -31,7 +32,11 @@ from dwakd.methods.dskd import DSKD, DSKDOptions, DualSpaceTerms
 from dwakd.methods.registry import register_method, register_preset
 from dwakd.modules.cross_attention import lookup, project
 from dwakd.modules.dtw import response_dtw_divergence
-from dwakd.modules.token_weights import peak_probability, student_token_weights, teacher_token_weights
+from dwakd.modules.token_weights import (
+    peak_probability,
+    student_token_weights,
+    teacher_token_weights,
+)
 
 DTW_MODES = ("off", "plain", "banded")
 DTW_LAYERS = ("hidden", "embedding")
@@ -76,7 +81,9 @@ class DWAKD(DSKD):
         if unknown:
             raise ValueError(f"method_options.dtw_layers: unknown {unknown}; choose from {DTW_LAYERS}")
         if options.gamma_schedule not in GAMMA_SCHEDULES:
-            raise ValueError(f"method_options.gamma_schedule must be one of {GAMMA_SCHEDULES}, got {options.gamma_schedule!r}")
+            raise ValueError(
+                f"method_options.gamma_schedule must be one of {GAMMA_SCHEDULES}, got {options.gamma_schedule!r}"
+            )
         if options.dtw != "off" and not (options.gamma > 0 and options.gamma_end > 0):
             raise ValueError(f"Soft-DTW needs gamma > 0 and gamma_end > 0, got {options.gamma} and {options.gamma_end}")
         super().__init__(options, context)
@@ -101,7 +108,9 @@ class DWAKD(DSKD):
         """(λ_ce, λ_kd); unset ones follow kd_rate like DSKD."""
         opts: DWAKDOptions = self.options
         w_ce, w_kd = super().loss_weights()
-        return (w_ce if opts.ce_weight is None else opts.ce_weight), (w_kd if opts.kd_weight is None else opts.kd_weight)
+        w_ce = w_ce if opts.ce_weight is None else opts.ce_weight
+        w_kd = w_kd if opts.kd_weight is None else opts.kd_weight
+        return w_ce, w_kd
 
     def kd_scales(
         self, inputs: DistillationInputs, terms: DualSpaceTerms, student_rows: torch.Tensor, teacher_rows: torch.Tensor
@@ -124,7 +133,7 @@ class DWAKD(DSKD):
         return student_scale, teacher_scale
 
     def dtw_terms(self, inputs: DistillationInputs, terms: DualSpaceTerms, gamma: float) -> dict[str, torch.Tensor]:
-        """Soft-DTW divergence sums (over the batch) for each enabled layer: {"dtw_hidden": ..., "dtw_embedding": ...}."""
+        """Soft-DTW divergence summed over the batch for each enabled layer: {"dtw_hidden": …, "dtw_embedding": …}."""
         opts: DWAKDOptions = self.options
         cma = terms.cma
         attention = cma.t2s_attn if opts.dtw == "banded" else None

@@ -43,7 +43,8 @@ def resolve_divergence(name: str) -> str:
     """Canonical short name for `name` (accepts DSKD's long names); raises with the valid choices otherwise."""
     key = ALIASES.get(name, name)
     if key not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {name!r}; choose one of {', '.join(DIVERGENCES)} (or {', '.join(ALIASES)})")
+        choices = f"{', '.join(DIVERGENCES)} (or {', '.join(ALIASES)})"
+        raise ValueError(f"unknown divergence {name!r}; choose one of {choices}")
     return key
 
 
@@ -162,7 +163,8 @@ class _KLFamily(torch.autograd.Function):
         out = torch.empty(total, dtype=compute_dtype(student), device=student.device)  # (positions,)
         tau = spec.temperature
         t_chunks = iter_row_chunks(teacher, teacher_rows, spec.chunk)
-        for (start, end, s), (_, _, t) in zip(iter_row_chunks(student, student_rows, spec.chunk), t_chunks):
+        s_chunks = iter_row_chunks(student, student_rows, spec.chunk)
+        for (start, end, s), (_, _, t) in zip(s_chunks, t_chunks, strict=True):
             out[start:end] = _value_and_grad(s / tau, t / tau, spec, want_grad=False)[0]
         ctx.save_for_backward(student, teacher, student_rows, teacher_rows)
         ctx.spec = spec
@@ -178,7 +180,8 @@ class _KLFamily(torch.autograd.Function):
         grad = torch.zeros_like(student) if student_rows is not None else torch.empty_like(student)
         tau = spec.temperature
         t_chunks = iter_row_chunks(teacher, teacher_rows, spec.chunk)
-        for (start, end, s), (_, _, t) in zip(iter_row_chunks(student, student_rows, spec.chunk), t_chunks):
+        s_chunks = iter_row_chunks(student, student_rows, spec.chunk)
+        for (start, end, s), (_, _, t) in zip(s_chunks, t_chunks, strict=True):
             g = _value_and_grad(s / tau, t / tau, spec, want_grad=True)[1]
             g = g * (grad_out[start:end].to(g.dtype).unsqueeze(-1) / tau)
             if student_rows is None:
@@ -200,7 +203,9 @@ def divergence(
     akl_alpha: float = 0.5,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """Per-position divergence D(teacher → student) in fp32 (float64 for float64 input), differentiable w.r.t. `student_logits` only.
+    """Per-position divergence D(teacher → student), differentiable w.r.t. `student_logits` only.
+
+    Computed in fp32 (float64 inputs stay float64).
 
     Without row indices both inputs are (..., vocab) of the same shape and the result has their leading shape.
     With `student_rows` / `teacher_rows` (int64, one entry per position, same count on both sides) rows are
@@ -225,7 +230,8 @@ def divergence(
     n_teacher = teacher.shape[0] if teacher_rows is None else teacher_rows.numel()
     if n_student != n_teacher:
         raise ValueError(f"student and teacher select different numbers of positions: {n_student} vs {n_teacher}")
-    spec = _Spec(kind, float(temperature), float(skew_lambda), float(akl_alpha), chunk_rows(student.shape[-1], chunk_elements))
+    chunk = chunk_rows(student.shape[-1], chunk_elements)
+    spec = _Spec(kind, float(temperature), float(skew_lambda), float(akl_alpha), chunk)
     values = _KLFamily.apply(student, teacher, student_rows, teacher_rows, spec)
     if student_rows is None and teacher_rows is None and teacher_logits.shape[:-1] == lead_shape:
         return values.view(lead_shape)

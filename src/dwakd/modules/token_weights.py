@@ -17,7 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dwakd.modules.divergences import chunk_rows, compute_dtype, flat_rows, iter_row_chunks
+from dwakd.modules.divergences import (
+    chunk_rows,
+    compute_dtype,
+    flat_rows,
+    iter_row_chunks,
+)
 
 
 def valid_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -26,7 +31,9 @@ def valid_rows(mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def normalized_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None, vocab_size: int | None = None) -> torch.Tensor:
+def normalized_entropy(
+    logits: torch.Tensor, rows: torch.Tensor | None = None, vocab_size: int | None = None
+) -> torch.Tensor:
     """H(softmax(z)) / log V per selected row (positions,), fp32, no grad; V = `vocab_size` or the last axis."""
     vocab = logits.shape[-1] if vocab_size is None else vocab_size
     if vocab < 2:
@@ -42,7 +49,9 @@ def normalized_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None, v
 
 
 @torch.no_grad()
-def peak_probability(logits: torch.Tensor, rows: torch.Tensor | None = None, vocab_size: int | None = None) -> torch.Tensor:
+def peak_probability(
+    logits: torch.Tensor, rows: torch.Tensor | None = None, vocab_size: int | None = None
+) -> torch.Tensor:
     """max_v softmax(z)_v per selected row (positions,), fp32, no grad."""
     vocab = logits.shape[-1] if vocab_size is None else vocab_size
     flat = flat_rows(logits)[:, :vocab]
