@@ -1,0 +1,207 @@
+"""The fast CPU Soft-DTW path against the float64 PyTorch reference, naive loops and gradcheck.
+
+Tolerances: float64 path 1e-9 (same maths, libm exp/log); float32 path ≤ 2e-5 relative on values and 2e-5
+absolute on gradients (gradients are alignment probabilities in [0, 1]); R is accumulated in float64 in both.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _soft_dtw_helpers import naive_batch, random_band, random_batch
+from dwakd.ops.soft_dtw import SoftBand, cosine_cost, soft_dtw, soft_dtw_divergence
+
+F32_VALUE_RTOL = 2e-5
+F32_GRAD_ATOL = 2e-5
+
+
+def _value_and_grad(cost: torch.Tensor, gamma: float, lx, ly, band, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """soft_dtw value (batch,) and d(sum)/d cost (batch, N, M) on one path."""
+    leaf = cost.detach().clone().requires_grad_(True)
+    value = soft_dtw(leaf, gamma, lx, ly, band=band, impl=impl)
+    (grad,) = torch.autograd.grad(value.sum(), leaf)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.1, 0.01])
+@pytest.mark.parametrize("banded", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_matches_reference_ragged(gamma: float, banded: bool, dtype: torch.dtype) -> None:
+    cost, lx, ly = random_batch(6, 23, 17, seed=int(1000 * gamma) + 7 * banded, dtype=dtype)
+    band = random_band(6, 23, 17, seed=5, penalty=1.0) if banded else None
+    got_v, got_g = _value_and_grad(cost, gamma, lx, ly, band, "cpu")
+    want_v, want_g = _value_and_grad(cost.double(), gamma, lx, ly, band, "reference")
+    assert got_v.dtype == dtype and got_g.dtype == dtype
+    if dtype == torch.float64:
+        torch.testing.assert_close(got_v, want_v, rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(got_g, want_g, rtol=1e-9, atol=1e-10)
+    else:
+        torch.testing.assert_close(got_v.double(), want_v, rtol=F32_VALUE_RTOL, atol=1e-5)
+        torch.testing.assert_close(got_g.double(), want_g, rtol=0, atol=F32_GRAD_ATOL)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.01])
+def test_cpu_matches_naive_loops(gamma: float) -> None:
+    cost, lx, ly = random_batch(3, 8, 11, seed=3)
+    band = random_band(3, 8, 11, seed=3, penalty=0.7)
+    got_v, got_g = _value_and_grad(cost, gamma, lx, ly, band, "cpu")
+    want_v, want_g = naive_batch(cost, gamma, lx, ly, band)
+    torch.testing.assert_close(got_v, want_v, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_g, want_g, rtol=1e-8, atol=1e-10)
+
+
+def test_cpu_gradcheck_float64() -> None:
+    cost, lx, ly = random_batch(3, 6, 5, seed=21)
+    band = random_band(3, 6, 5, seed=21, penalty=0.4)
+    cost.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda c: soft_dtw(c, 0.2, lx, ly, band=band, impl="cpu"), (cost,))
+    assert torch.autograd.gradcheck(lambda c: soft_dtw(c, 0.05, lx, ly, impl="cpu"), (cost,))
+
+
+def test_cpu_padding_never_leaks() -> None:
+    cost, lx, ly = random_batch(3, 9, 7, seed=8, dtype=torch.float32)
+    lx[1], ly[1] = 4, 2
+    poisoned = cost.clone()
+    poisoned[1, 4:, :] = float("nan")
+    poisoned[1, :, 2:] = float("inf")
+    value, grad = _value_and_grad(poisoned, 0.1, lx, ly, None, "cpu")
+    clean, _ = _value_and_grad(cost, 0.1, lx, ly, None, "cpu")
+    torch.testing.assert_close(value, clean, rtol=0, atol=0)
+    assert torch.isfinite(grad).all()
+    assert grad[1, 4:, :].abs().sum() == 0 and grad[1, :, 2:].abs().sum() == 0
+
+
+def test_cpu_single_cells_and_thin_grids() -> None:
+    cost, _, _ = random_batch(4, 5, 6, seed=13)
+    lx, ly = torch.tensor([1, 1, 5, 2]), torch.tensor([1, 6, 1, 2])
+    got_v, got_g = _value_and_grad(cost, 0.3, lx, ly, None, "cpu")
+    want_v, want_g = naive_batch(cost, 0.3, lx, ly)
+    torch.testing.assert_close(got_v, want_v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_g, want_g, rtol=1e-10, atol=1e-12)
+
+
+def test_cpu_unequal_lengths_larger_batch_float32() -> None:
+    cost, lx, ly = random_batch(5, 96, 130, seed=17, dtype=torch.float32)
+    band = random_band(5, 96, 130, seed=17)
+    got_v, got_g = _value_and_grad(cost, 0.01, lx, ly, band, "cpu")
+    want_v, want_g = _value_and_grad(cost.double(), 0.01, lx, ly, band, "reference")
+    torch.testing.assert_close(got_v.double(), want_v, rtol=F32_VALUE_RTOL, atol=1e-4)
+    torch.testing.assert_close(got_g.double(), want_g, rtol=0, atol=F32_GRAD_ATOL)
+
+
+def test_cpu_length_2048_float32_is_finite_and_matches_float64() -> None:
+    # float64 path is exact (checked against the reference above); float32 must track it at the longest length
+    cost, lx, ly = random_batch(1, 2048, 2048, seed=4, dtype=torch.float32, ragged=False)
+    v32, g32 = _value_and_grad(cost, 0.01, lx, ly, None, "cpu")
+    v64, g64 = _value_and_grad(cost.double(), 0.01, lx, ly, None, "cpu")
+    assert torch.isfinite(v32).all() and torch.isfinite(g32).all()
+    torch.testing.assert_close(v32.double(), v64, rtol=F32_VALUE_RTOL, atol=0)
+    torch.testing.assert_close(g32.double(), g64, rtol=0, atol=F32_GRAD_ATOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gamma", [1.0, 0.01])
+def test_cpu_matches_reference_long_ragged_banded(gamma: float) -> None:
+    cost, lx, ly = random_batch(2, 2048, 1536, seed=31, dtype=torch.float32)
+    band = random_band(2, 2048, 1536, seed=31)
+    got_v, got_g = _value_and_grad(cost, gamma, lx, ly, band, "cpu")
+    want_v, want_g = _value_and_grad(cost.double(), gamma, lx, ly, band, "reference")
+    assert torch.isfinite(got_g).all()
+    torch.testing.assert_close(got_v.double(), want_v, rtol=F32_VALUE_RTOL, atol=1e-3)
+    torch.testing.assert_close(got_g.double(), want_g, rtol=0, atol=F32_GRAD_ATOL)
+
+
+def test_cpu_double_backward_pass_and_grad_scale() -> None:
+    cost, lx, ly = random_batch(3, 12, 10, seed=2, dtype=torch.float32)
+    leaf = cost.clone().requires_grad_(True)
+    value = soft_dtw(leaf, 0.1, lx, ly, impl="cpu")
+    weights = torch.tensor([2.0, -1.0, 0.5])
+    (g1,) = torch.autograd.grad((value * weights).sum(), leaf, retain_graph=True)
+    (g2,) = torch.autograd.grad((value * weights).sum(), leaf)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    _, plain = _value_and_grad(cost, 0.1, lx, ly, None, "cpu")
+    torch.testing.assert_close(g1, plain * weights.view(-1, 1, 1), rtol=1e-6, atol=1e-7)
+
+
+def test_cpu_result_independent_of_thread_count() -> None:
+    cost, lx, ly = random_batch(7, 40, 33, seed=12, dtype=torch.float32)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        v1, g1 = _value_and_grad(cost, 0.1, lx, ly, None, "cpu")
+        torch.set_num_threads(2)
+        v2, g2 = _value_and_grad(cost, 0.1, lx, ly, None, "cpu")
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(v1, v2, rtol=0, atol=0)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+def test_cpu_bfloat16_costs_computed_in_float32() -> None:
+    cost, lx, ly = random_batch(2, 20, 16, seed=6, dtype=torch.float32)
+    low = cost.to(torch.bfloat16)
+    value, grad = _value_and_grad(low, 0.1, lx, ly, None, "cpu")
+    want_v, want_g = _value_and_grad(low.double(), 0.1, lx, ly, None, "reference")
+    assert value.dtype == torch.bfloat16 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(value.double(), want_v, rtol=1e-2, atol=0)
+    torch.testing.assert_close(grad.double(), want_g, rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("banded", [False, True])
+def test_cpu_divergence_matches_reference(banded: bool) -> None:
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 14, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(4, 11, 6, generator=gen, dtype=torch.float64)
+    lx, ly = torch.tensor([14, 9, 3, 14]), torch.tensor([11, 11, 5, 1])
+    band = random_band(4, 14, 11, seed=9) if banded else None
+    grads = []
+    for impl in ("cpu", "reference"):
+        xl, yl = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        value = soft_dtw_divergence(xl, yl, 0.1, lx, ly, band=band, impl=impl)
+        gx, gy = torch.autograd.grad(value.sum(), (xl, yl))
+        grads.append((value.detach(), gx, gy))
+    for got, want in zip(grads[0], grads[1]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_divergence_float32_batched_equals_three_calls() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(3, 20, 8, generator=gen), torch.randn(3, 17, 8, generator=gen)
+    lx, ly = torch.tensor([20, 12, 5]), torch.tensor([9, 17, 17])
+    band = random_band(3, 20, 17, seed=4)
+    got = soft_dtw_divergence(x, y, 0.05, lx, ly, band=band, impl="cpu")
+    cross = soft_dtw(cosine_cost(x, y), 0.05, lx, ly, band=band, impl="cpu")
+    sx = soft_dtw(cosine_cost(x, x), 0.05, lx, lx, impl="cpu")
+    sy = soft_dtw(cosine_cost(y, y), 0.05, ly, ly, impl="cpu")
+    torch.testing.assert_close(got, cross - 0.5 * (sx + sy), rtol=0, atol=0)
+
+
+def test_auto_picks_cpu_and_cuda_hook_raises() -> None:
+    cost, lx, ly = random_batch(2, 6, 6, seed=1)
+    auto, _ = _value_and_grad(cost, 0.1, lx, ly, None, "auto")
+    cpu, _ = _value_and_grad(cost, 0.1, lx, ly, None, "cpu")
+    torch.testing.assert_close(auto, cpu, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="impl='cpu'"):
+        soft_dtw(cost, 0.1, impl="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_path_accepts_cuda_tensors() -> None:
+    cost, lx, ly = random_batch(3, 30, 25, seed=5, dtype=torch.float32)
+    got_v, got_g = _value_and_grad(cost.cuda(), 0.1, lx.cuda(), ly.cuda(), None, "cpu")
+    want_v, want_g = _value_and_grad(cost, 0.1, lx, ly, None, "cpu")
+    assert got_v.is_cuda and got_g.is_cuda
+    torch.testing.assert_close(got_v.cpu(), want_v)
+    torch.testing.assert_close(got_g.cpu(), want_g)
+
+
+def test_soft_band_is_applied_inside_kernel_like_dense_penalty() -> None:
+    cost, lx, ly = random_batch(2, 15, 12, seed=40, dtype=torch.float32)
+    center = torch.tensor([[3.5] * 15, [0.0] * 15], dtype=torch.float32)
+    width = torch.tensor([[2.0] * 15, [0.5] * 15], dtype=torch.float32)
+    band = SoftBand(center, width, penalty=2.5)
+    got, _ = _value_and_grad(cost, 0.1, lx, ly, band, "cpu")
+    dense, _ = _value_and_grad(band.apply(cost), 0.1, lx, ly, None, "cpu")
+    torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-6)
