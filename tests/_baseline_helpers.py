@@ -13,6 +13,7 @@ from functools import lru_cache
 
 import torch
 
+from dwakd.alignment.token_strings import token_table
 from dwakd.data.collator import collate_side
 from dwakd.data.tokenization import encode_side
 from dwakd.methods.base import DistillationInputs, MethodContext, ModelView, TokenView
@@ -248,3 +249,70 @@ def naive_student_to_teacher(mapping: list[int], dist: list[int], student_size: 
         if s >= 0 and (s not in best or (d, t) < best[s]):
             best[s] = (d, t)
     return [best[s][1] if s in best else -1 for s in range(student_size)]
+
+
+def naive_exact_pairs(student: TokenView, teacher: TokenView) -> set[tuple[int, int, int]]:
+    """(batch, student pos, teacher pos) covering the same text piece, by loops over positions."""
+
+    def pieces(view: TokenView, b: int) -> dict[tuple[int, int], int]:
+        positions = [p for p in range(view.labels.shape[1]) if view.labels[b, p] != -100]
+        spans = {p: tuple(view.label_offsets[b, p].tolist()) for p in positions}
+        prev_end = {p: int(view.input_offsets[b, p, 1]) for p in positions}
+        found: dict[tuple[int, int], list[int]] = {}
+        for k, p in enumerate(positions):
+            start, end = spans[p]
+            bad = start < prev_end[p] and k > 0
+            if k + 1 < len(positions):
+                q = positions[k + 1]
+                bad = bad or spans[q][0] < prev_end[q]
+            if bad:
+                continue
+            piece = (start if k == 0 else prev_end[p], end)
+            found.setdefault(piece, []).append(p)
+        return {piece: ps[0] for piece, ps in found.items() if len(ps) == 1}
+
+    out = set()
+    for b in range(student.labels.shape[0]):
+        s_pieces, t_pieces = pieces(student, b), pieces(teacher, b)
+        out |= {(b, s_pieces[k], t_pieces[k]) for k in s_pieces.keys() & t_pieces.keys()}
+    return out
+
+
+def naive_shared(setup: Setup) -> tuple[list[int], list[int]]:
+    """(teacher ids, student ids) with byte-identical decoded text (lowest student id), EOS ↔ EOS."""
+    s_table, t_table = token_table(setup.s_tok), token_table(setup.t_tok)
+    t_ids, s_ids = [], []
+    for t, text in enumerate(t_table.data):
+        if t == setup.t_tok.eos_token_id:
+            t_ids.append(t), s_ids.append(setup.s_tok.eos_token_id)
+            continue
+        same = [s for s, other in enumerate(s_table.data) if other and other == text]
+        if text and same:
+            t_ids.append(t), s_ids.append(same[0])
+    return t_ids, s_ids
+
+
+MORE_EXAMPLES = [
+    ("### Instruction:\nDescribe the student.\n\n### Response:\n",
+     "Hello student! Distillation moves knowledge from a teacher to a student model. Good answers are short."),
+    ("### Instruction:\nCount.\n\n### Response:\n", "Numbers like 678 and 12345 are split differently."),
+]
+
+
+def linked_setup(seed: int = 0, extra_pad: int = 0, student_arch: str = "gpt2") -> Setup:
+    """A `Setup` with more text whose teacher head, on the shared vocabulary, is a linear image of the student's.
+
+    W_t[shared] = W_s[shared]·M (+ small noise) makes the projected teacher reproduce the teacher's logits on shared tokens, so
+    the dual-space methods see a realistic mix of agreeing and disagreeing positions (random heads never agree).
+    """
+    setup = Setup(student_arch=student_arch, seed=seed, extra_pad=extra_pad, examples=EXAMPLES + MORE_EXAMPLES)
+    t_ids, s_ids = naive_shared(setup)
+    generator = torch.Generator().manual_seed(seed)
+    d_s = setup.student.get_output_embeddings().weight.shape[1]
+    d_t = setup.teacher.get_output_embeddings().weight.shape[1]
+    mix = torch.randn(d_s, d_t, generator=generator, dtype=torch.float64)
+    noise = 0.05 * torch.randn(len(t_ids), d_t, generator=generator, dtype=torch.float64)  # keeps full rank d_t
+    with torch.no_grad():
+        linked = setup.student.get_output_embeddings().weight[s_ids] @ mix + noise
+        setup.teacher.get_output_embeddings().weight[t_ids] = linked
+    return setup

@@ -10,6 +10,7 @@ import torch
 from _baseline_helpers import (
     encode,
     naive_dtw,
+    naive_exact_pairs,
     naive_levenshtein,
     naive_vocab_map,
     student_tokenizer,
@@ -23,33 +24,6 @@ from dwakd.alignment.vocab_map import build_vocab_map, load_or_build_vocab_map
 from dwakd.methods.base import TokenView
 
 # ---------------------------------------------------------------- naive references (test-only, plain Python)
-
-
-def naive_exact_pairs(student: TokenView, teacher: TokenView) -> set[tuple[int, int, int]]:
-    """(batch, student pos, teacher pos) covering the same text piece, by loops over positions."""
-
-    def pieces(view: TokenView, b: int) -> dict[tuple[int, int], int]:
-        positions = [p for p in range(view.labels.shape[1]) if view.labels[b, p] != -100]
-        spans = {p: tuple(view.label_offsets[b, p].tolist()) for p in positions}
-        prev_end = {p: int(view.input_offsets[b, p, 1]) for p in positions}
-        found: dict[tuple[int, int], list[int]] = {}
-        for k, p in enumerate(positions):
-            start, end = spans[p]
-            bad = start < prev_end[p] and k > 0
-            if k + 1 < len(positions):
-                q = positions[k + 1]
-                bad = bad or spans[q][0] < prev_end[q]
-            if bad:
-                continue
-            piece = (start if k == 0 else prev_end[p], end)
-            found.setdefault(piece, []).append(p)
-        return {piece: ps[0] for piece, ps in found.items() if len(ps) == 1}
-
-    out = set()
-    for b in range(student.labels.shape[0]):
-        s_pieces, t_pieces = pieces(student, b), pieces(teacher, b)
-        out |= {(b, s_pieces[k], t_pieces[k]) for k in s_pieces.keys() & t_pieces.keys()}
-    return out
 
 
 def naive_string_pairs(teacher: list[str], student: list[str]) -> list[tuple[int, int]]:

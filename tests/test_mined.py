@@ -97,7 +97,7 @@ def test_gradients_reach_student_only_and_padding_invariant(tmp_path):
     assert params_with_grad(setup.student) == trainable_names(setup.student)
     assert all(p.grad is None for p in setup.teacher.parameters()) and list(method.parameters()) == []
     again = build_method("mined", padded.context(tmp_path))(padded.inputs())
-    torch.testing.assert_close(again.loss.detach(), out.loss.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(again.loss.detach(), out.loss.detach(), rtol=1e-6, atol=1e-9)  # fp32 CE sums
 
 
 def test_optimisation_reduces_loss(tmp_path):

@@ -81,7 +81,7 @@ def test_gradients_reach_student_only_and_padding_invariant(tmp_path):
     assert all(p.grad is None for p in setup.teacher.parameters())
     assert list(method.parameters()) == []
     torch.testing.assert_close(build_method("uld", padded.context(tmp_path))(padded.inputs()).loss.detach(),
-                               out.loss.detach(), rtol=1e-9, atol=1e-12)
+                               out.loss.detach(), rtol=1e-6, atol=1e-9)  # fp32 CE sums
 
 
 def test_optimisation_reduces_loss(tmp_path):

@@ -1,0 +1,286 @@
+"""DSKDv2 — dual-space KD with projector initialisation and exact token alignment (Zhang et al., arXiv 2504.11426).
+
+Built once from `MethodContext` (both tokenizers and both LM heads):
+- the shared vocabulary: every teacher token whose decoded text is byte-identical to a student token
+  (`dwakd.alignment.vocab_map.exact_text_map`; EOS ↔ EOS). With identical tokenizers: the whole vocabulary;
+- t2s = Linear(d_t → d_s, no bias) initialised by pseudo-inverse so that t2s(h_t)·W_sᵀ ≈ h_t·W_tᵀ on the shared
+  vocabulary: W_t2s = (W_t,shared · pinv(W_s,shared))ᵀ (heads as (d, K) column blocks);
+- pinv(W_t,shared) (K, d_t), kept as a non-persistent buffer: every step the teacher-space projector is
+  recomputed from the *current* student head, s2t = W_s,sharedᵀ-block · pinv(W_t,shared), and is not trained.
+
+Per micro-batch (every sum divided by `inputs.num_items`, SPEC §2):
+- exact token alignment of the label tokens (`dwakd.alignment.exact`): pairs (i, j) covering the same text;
+  a pair is kept when the teacher's argmax at j maps to a student token by exact text (EOS ↔ EOS);
+- student space at kept pairs: t2s_logits_i = t2s(h_t,j)·W_sᵀ (W_s detached), target ŷ_i = mapped teacher argmax;
+  t2s_ce = Σ CE(t2s_logits_i, ŷ_i) (trains t2s only); t2s_kd = Σ_i [argmax t2s_logits_i = ŷ_i]·D(t2s_i → z_s,i)
+  (the agreement mask), D = `kd_objective` at τ;
+- teacher space at kept pairs: s2t_logits_j = (h_s,i · s2t)·W_tᵀ; s2t_kd = Σ_j D(z_t,j → s2t_logits_j) at τ;
+- loss = (1 − kd_rate)·CE + kd_rate·(t2s_ce + t2s_kd + s2t_kd).
+
+Choices and differences from the reference (songmzhang/DSKDv2, `dual_space_kd_v2_with_exact_token_alignment.py`):
+- alignment by character offsets (SPEC §1), not by the greedy two-pointer over token strings; `alignment:
+  strings` selects the two-pointer (`exact_string_alignment`), `identity` the same-tokenizer path, `auto` (default)
+  identity when both tokenizers decode every id identically, offsets otherwise;
+- normalisation: all terms by the global student token count (the reference divides t2s_ce and s2t_kd by the
+  number of aligned tokens and t2s_kd by the number of agreeing ones);
+- the shared vocabulary compares decoded bytes (the reference compares token strings after "Ġ" → "▁");
+- the reference's `--t2s-agreement` threshold defaults to 1.0, i.e. the agreement mask always applies; so here.
+- the reference scatters projected states into zero tensors and relies on equal padded lengths on both sides; we
+  gather the aligned rows instead, so lengths may differ.
+`shared_vocab_limit` keeps only the first k shared tokens for the pseudo-inverse (the reference's `--topk-vocab`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dwakd.alignment.exact import exact_offset_alignment, exact_string_alignment
+from dwakd.alignment.token_strings import token_table
+from dwakd.alignment.vocab_map import exact_text_map
+from dwakd.methods.base import (
+    DistillationInputs,
+    DistillationMethod,
+    LossOutput,
+    MethodContext,
+    TokenView,
+)
+from dwakd.methods.dskd import DSKDOptions
+from dwakd.methods.registry import register_method
+from dwakd.methods.sft import token_cross_entropy_sum
+from dwakd.modules.divergences import compute_dtype, divergence, resolve_divergence
+from dwakd.modules.projectors import model_dims
+
+ALIGNMENTS = ("auto", "offsets", "strings", "identity")
+
+
+@dataclass
+class DSKDv2Options(DSKDOptions):
+    """DSKDv2 knobs on top of DSKD's (kd_rate, τ, kd_objective, skew_lambda, akl_alpha)."""
+
+    alignment: str = "auto"  # auto | offsets | strings | identity
+    init_t2s: bool = True  # pseudo-inverse initialisation of t2s (the reference's --init-t2s-projector)
+    shared_vocab_limit: int = -1  # use only the first k shared tokens for the pseudo-inverses (−1: all)
+
+
+@dataclass
+class AlignedPairs:
+    """Kept (student, teacher) pairs as flat row indices into the padded grids, in student order."""
+
+    student_rows: torch.Tensor  # (P,) int64, increasing
+    teacher_rows: torch.Tensor  # (P,) int64
+    targets: torch.Tensor  # (P,) int64 student ids: the teacher's argmax mapped to the student vocabulary
+    student_mask: torch.Tensor  # (batch, n) bool: kept student positions
+    teacher_mask: torch.Tensor  # (batch, m) bool: kept teacher positions
+    aligned: int  # pairs found by the alignment before the argmax-mapping filter
+
+
+@dataclass
+class DualSpaceV2Terms:
+    """Unnormalised sums and intermediates of one DSKDv2 pass."""
+
+    ce: torch.Tensor
+    t2s_ce: torch.Tensor
+    t2s_kd: torch.Tensor
+    s2t_kd: torch.Tensor
+    pairs: AlignedPairs
+    t2s_logits: torch.Tensor  # (P, V_s), grad to t2s
+    agreement: torch.Tensor  # (P,) bool: argmax t2s_logits == target
+    stats: dict[str, torch.Tensor]
+
+
+def _head(model: nn.Module, vocab: int) -> torch.Tensor:
+    """(vocab, d) detached LM-head rows of the real tokens."""
+    return model.get_output_embeddings().weight[:vocab].detach()
+
+
+@register_method
+class DSKDv2(DistillationMethod):
+    """DSKDv2 with exact token alignment: pinv-initialised t2s, head-derived frozen s2t, agreement-masked KD."""
+
+    name = "dskdv2"
+    Options = DSKDv2Options
+    needs_teacher = True
+    needs_hidden_states = True
+
+    def __init__(self, options: DSKDv2Options, context: MethodContext):
+        super().__init__(options, context)
+        if options.alignment not in ALIGNMENTS:
+            raise ValueError(f"method_options.alignment must be one of {ALIGNMENTS}, got {options.alignment!r}")
+        if context.teacher_tokenizer is None or context.teacher_config is None:
+            raise ValueError(f"method {self.name!r} needs a teacher: set `teacher:` in the config")
+        if context.student_model is None or context.teacher_model is None:
+            raise ValueError(f"method {self.name!r} initialises its projectors from both LM heads: "
+                             "MethodContext.student_model and teacher_model are required")
+        self.kd_objective = resolve_divergence(options.kd_objective)
+        s_table = token_table(context.student_tokenizer)
+        t_table = token_table(context.teacher_tokenizer)
+        self.same_tokenizer = s_table.fingerprint() == t_table.fingerprint()
+        self.alignment = options.alignment
+        if self.alignment == "auto":
+            self.alignment = "identity" if self.same_tokenizer else "offsets"
+        if self.alignment == "identity" and not self.same_tokenizer:
+            raise ValueError("method_options.alignment=identity needs identical student and teacher tokenizers")
+        self._tables = (s_table, t_table)
+
+        exact = exact_text_map(t_table, s_table)  # (V_t,) teacher id -> student id or −1
+        self.register_buffer("teacher_to_student", torch.from_numpy(exact), persistent=False)
+        t_shared = np.nonzero(exact >= 0)[0]
+        if options.shared_vocab_limit > 0:
+            t_shared = t_shared[: options.shared_vocab_limit]
+        if len(t_shared) == 0:
+            raise ValueError("dskdv2: the two vocabularies share no token text; the projector cannot be initialised")
+        self.register_buffer("shared_student_ids", torch.from_numpy(exact[t_shared]), persistent=False)
+        self.register_buffer("shared_teacher_ids", torch.from_numpy(t_shared), persistent=False)
+
+        s_dims, t_dims = model_dims(context.student_config), model_dims(context.teacher_config)
+        self.t2s = nn.Linear(t_dims.hidden, s_dims.hidden, bias=False)
+        student_head = _head(context.student_model, len(s_table))  # (V_s, d_s)
+        teacher_head = _head(context.teacher_model, len(t_table))  # (V_t, d_t)
+        dtype = torch.promote_types(torch.promote_types(student_head.dtype, teacher_head.dtype), torch.float32)
+        student_head, teacher_head = student_head.to(dtype), teacher_head.to(dtype)  # pinv in ≥ fp32
+        part_s = student_head[self.shared_student_ids].T  # (d_s, K)
+        part_t = teacher_head[self.shared_teacher_ids].T  # (d_t, K)
+        if options.init_t2s:
+            with torch.no_grad():
+                self.t2s.weight.copy_((part_t @ torch.linalg.pinv(part_s)).T)  # (d_s, d_t)
+        # pinv of the teacher's shared head block: s2t = W_s,shared-block · pinv(W_t,shared) each step
+        self.register_buffer("teacher_head_pinv", torch.linalg.pinv(part_t), persistent=False)  # (K, d_t)
+
+    # ---- alignment -------------------------------------------------------------------------------------------
+    def align(self, student: TokenView, teacher: TokenView) -> tuple[torch.Tensor, int]:
+        """(batch, n) int64 teacher position aligned to each student position (−1: none), and the pair count."""
+        if self.alignment == "identity":  # same tokenizer: position i of one side is position i of the other
+            width = min(student.labels.shape[1], teacher.labels.shape[1])
+            both = torch.zeros_like(student.label_mask)
+            both[:, :width] = student.label_mask[:, :width] & teacher.label_mask[:, :width]
+            positions = torch.arange(student.labels.shape[1], device=student.labels.device).expand_as(both)
+            s2t = torch.where(both, positions, torch.full_like(positions, -1))
+        elif self.alignment == "offsets":
+            s2t, _ = exact_offset_alignment(student.labels, student.label_offsets, student.input_offsets,
+                                            teacher.labels, teacher.label_offsets, teacher.input_offsets)
+        else:
+            s2t = self._string_alignment(student, teacher)
+        return s2t, int((s2t >= 0).sum())
+
+    def _string_alignment(self, student: TokenView, teacher: TokenView) -> torch.Tensor:
+        """The reference's greedy two-pointer over marker-stripped token strings, per sequence (CPU)."""
+        s_table, t_table = self._tables
+        s_str, t_str = self._stripped()
+        s_labels, t_labels = student.labels.cpu(), teacher.labels.cpu()
+        out = torch.full(s_labels.shape, -1, dtype=torch.long)
+        for b in range(s_labels.shape[0]):
+            s_pos = s_labels[b].ne(-100).nonzero().squeeze(1).tolist()
+            t_pos = t_labels[b].ne(-100).nonzero().squeeze(1).tolist()
+            s_ids, t_ids = s_labels[b, s_pos].tolist(), t_labels[b, t_pos].tolist()
+            pairs = exact_string_alignment(
+                [t_str[i] if i < len(t_str) else "" for i in t_ids], [s_str[i] if i < len(s_str) else "" for i in s_ids],
+                [i == t_table.eos_id for i in t_ids], [i == s_table.eos_id for i in s_ids],
+            )
+            for ti, si in pairs:
+                out[b, s_pos[si]] = t_pos[ti]
+        return out.to(student.labels.device)
+
+    def _stripped(self) -> tuple[list[str], list[str]]:
+        if not hasattr(self, "_stripped_cache"):
+            self._stripped_cache = (self._tables[0].stripped_strings(), self._tables[1].stripped_strings())
+        return self._stripped_cache
+
+    def aligned_pairs(self, inputs: DistillationInputs) -> AlignedPairs:
+        """Aligned pairs whose teacher argmax has an exact student counterpart, and the mapped targets."""
+        student, teacher = inputs.student, inputs.teacher
+        v_t = inputs.teacher_out.vocab_size
+        s2t, aligned = self.align(student, teacher)  # (batch, n)
+        with torch.no_grad():
+            t_pred = inputs.teacher_out.logits[..., :v_t].argmax(-1)  # (batch, m)
+            vocab_map = self.teacher_to_student
+            t_pred = torch.where(t_pred < vocab_map.numel(), t_pred, torch.zeros_like(t_pred))
+            mapped = vocab_map[t_pred]  # (batch, m) student id or −1
+            partner = s2t.clamp_min(0)
+            target = mapped.gather(1, partner)  # (batch, n): mapped teacher argmax at the partner
+            keep = (s2t >= 0) & (target >= 0)
+        n, m = s2t.shape[1], teacher.labels.shape[1]
+        s_rows = keep.reshape(-1).nonzero().squeeze(1)  # (P,) row-major: increasing
+        batch_index = s_rows // n
+        t_rows = batch_index * m + s2t.reshape(-1).index_select(0, s_rows)
+        t_mask = torch.zeros(teacher.labels.shape, dtype=torch.bool, device=keep.device)
+        t_mask.view(-1)[t_rows] = True
+        return AlignedPairs(s_rows, t_rows, target.reshape(-1).index_select(0, s_rows), keep, t_mask, aligned)
+
+    # ---- the dual-space computation ---------------------------------------------------------------------------
+    def kd_scales(self, inputs: DistillationInputs, terms: DualSpaceV2Terms) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-pair scale of t2s_kd and s2t_kd (None = 1). DSKDv2: the agreement mask on t2s_kd only."""
+        return terms.agreement.float(), None
+
+    def s2t_projection(self, student_head: torch.Tensor) -> torch.Tensor:
+        """(d_s, d_t) teacher-space projector from the current (detached) student head; never trained."""
+        part_s = student_head.index_select(0, self.shared_student_ids).T  # (d_s, K)
+        return part_s.to(self.teacher_head_pinv.dtype) @ self.teacher_head_pinv
+
+    def dual_space_terms(self, inputs: DistillationInputs) -> DualSpaceV2Terms:
+        """CE, t2s_ce, t2s_kd and s2t_kd sums (not yet divided by num_items) plus what DWA-KDv2 reuses."""
+        opts: DSKDv2Options = self.options
+        s_out, t_out = inputs.student_out, inputs.teacher_out
+        if inputs.teacher is None or t_out is None:
+            raise ValueError(f"method {self.name!r} needs the teacher's view and outputs in the batch")
+        v_s, v_t = s_out.vocab_size, t_out.vocab_size
+        ce = token_cross_entropy_sum(s_out.logits, inputs.student, v_s)
+        pairs = self.aligned_pairs(inputs)
+        s_rows, t_rows = pairs.student_rows, pairs.teacher_rows
+
+        # student space: projected teacher states at the kept pairs
+        t_hidden = t_out.last_hidden.detach()
+        t_hidden = t_hidden.reshape(-1, t_hidden.shape[-1]).index_select(0, t_rows)  # (P, d_t)
+        head_s = s_out.output_head_weight()[:v_s].detach()  # (V_s, d_s)
+        t2s_hidden = self.t2s(t_hidden.to(self.t2s.weight.dtype))  # (P, d_s)
+        t2s_logits = F.linear(t2s_hidden.to(head_s.dtype), head_s)  # (P, V_s)
+        t2s_ce = F.cross_entropy(t2s_logits.to(compute_dtype(t2s_logits)), pairs.targets, reduction="sum")
+        with torch.no_grad():
+            agreement = t2s_logits.argmax(-1).eq(pairs.targets)  # (P,)
+        t2s_div = divergence(s_out.logits[..., :v_s], t2s_logits.detach(), self.kd_objective, opts.kd_temperature,
+                             student_rows=s_rows, skew_lambda=opts.skew_lambda, akl_alpha=opts.akl_alpha)  # (P,)
+
+        # teacher space: student states through the head-derived projector
+        s_hidden = s_out.last_hidden
+        s_hidden = s_hidden.reshape(-1, s_hidden.shape[-1]).index_select(0, s_rows)  # (P, d_s)
+        s2t = self.s2t_projection(head_s)  # (d_s, d_t)
+        head_t = t_out.output_head_weight()[:v_t].detach()  # (V_t, d_t)
+        s2t_logits = F.linear((s_hidden.to(s2t.dtype) @ s2t).to(head_t.dtype), head_t)  # (P, V_t)
+        s2t_div = divergence(s2t_logits, t_out.logits[..., :v_t].detach(), self.kd_objective, opts.kd_temperature,
+                             teacher_rows=t_rows, skew_lambda=opts.skew_lambda, akl_alpha=opts.akl_alpha)  # (P,)
+
+        zero = t2s_div.new_zeros(())
+        terms = DualSpaceV2Terms(ce, t2s_ce, zero, zero, pairs, t2s_logits, agreement, {})
+        t2s_scale, s2t_scale = self.kd_scales(inputs, terms)
+        terms.t2s_kd = (t2s_div * t2s_scale).sum()
+        terms.s2t_kd = s2t_div.sum() if s2t_scale is None else (s2t_div * s2t_scale).sum()
+        with torch.no_grad():
+            valid = max(1, int(inputs.student.label_mask.sum()))
+            count = max(1, s_rows.numel())
+            terms.stats["aligned_fraction"] = torch.tensor(pairs.aligned / valid)
+            terms.stats["kept_fraction"] = torch.tensor(s_rows.numel() / valid)
+            terms.stats["t2s_agreement"] = agreement.float().sum() / count
+        return terms
+
+    def loss_weights(self) -> tuple[float, float]:
+        """(weight of CE, weight of KD): (1 − kd_rate, kd_rate)."""
+        return 1.0 - self.options.kd_rate, self.options.kd_rate
+
+    def dual_space_loss(self, terms: DualSpaceV2Terms, num_items: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """w_ce·CE + w_kd·(t2s_ce + t2s_kd + s2t_kd), every sum divided by num_items, and the parts."""
+        n = num_items
+        ce, t2s_ce, t2s_kd, s2t_kd = terms.ce / n, terms.t2s_ce / n, terms.t2s_kd / n, terms.s2t_kd / n
+        kd = t2s_ce + t2s_kd + s2t_kd
+        w_ce, w_kd = self.loss_weights()
+        return w_ce * ce + w_kd * kd, {"ce": ce, "t2s_ce": t2s_ce, "t2s_kd": t2s_kd, "s2t_kd": s2t_kd, "kd": kd}
+
+    def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
+        """(1 − kd_rate)·CE + kd_rate·(t2s_ce + t2s_kd + s2t_kd), every sum divided by num_items."""
+        terms = self.dual_space_terms(inputs)
+        loss, parts = self.dual_space_loss(terms, inputs.num_items)
+        return LossOutput(loss, {k: v.detach() for k, v in parts.items()}, terms.stats)
+
