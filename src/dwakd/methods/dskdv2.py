@@ -76,6 +76,7 @@ class AlignedPairs:
     targets: torch.Tensor  # (P,) int64 student ids: the teacher's argmax mapped to the student vocabulary
     student_mask: torch.Tensor  # (batch, n) bool: kept student positions
     teacher_mask: torch.Tensor  # (batch, m) bool: kept teacher positions
+    partner: torch.Tensor  # (batch, n) int64: teacher position aligned to each student position (−1: none), unfiltered
     aligned: int  # pairs found by the alignment before the argmax-mapping filter
 
 
@@ -209,7 +210,7 @@ class DSKDv2(DistillationMethod):
         t_rows = batch_index * m + s2t.reshape(-1).index_select(0, s_rows)
         t_mask = torch.zeros(teacher.labels.shape, dtype=torch.bool, device=keep.device)
         t_mask.view(-1)[t_rows] = True
-        return AlignedPairs(s_rows, t_rows, target.reshape(-1).index_select(0, s_rows), keep, t_mask, aligned)
+        return AlignedPairs(s_rows, t_rows, target.reshape(-1).index_select(0, s_rows), keep, t_mask, s2t, aligned)
 
     # ---- the dual-space computation ---------------------------------------------------------------------------
     def kd_scales(self, inputs: DistillationInputs, terms: DualSpaceV2Terms) -> tuple[torch.Tensor, torch.Tensor | None]:
