@@ -196,3 +196,24 @@ def test_missing_key_and_non_retryable_error(tmp_path, monkeypatch):
         with pytest.raises(JudgeError, match=re.escape("HTTP 401")):
             client.complete("hello")
         assert len(server.requests) == 1  # not retried
+
+
+def test_judge_command(tmp_path, monkeypatch, capsys, caplog):
+    from dwakd.cli import main
+
+    monkeypatch.setenv("DWAKD_TEST_JUDGE_KEY", SECRET)
+    caplog.set_level(logging.DEBUG)
+    _responses(tmp_path)
+    out = tmp_path / "verdicts.jsonl"
+    with FakeJudge([(500, "oops")]) as server:
+        code = main(["judge", "--first", f"good={tmp_path / 'good.jsonl'}", "--second", f"bad={tmp_path / 'bad.jsonl'}",
+                     "--base-url", server.url, "--judge-model", "fake-judge", "--api-key-env", "DWAKD_TEST_JUDGE_KEY",
+                     "--n-items", "5", "--backoff", "0.001", "--out", str(out), "--no-progress"])
+        assert code == 0 and len(server.requests) == 6
+    captured = capsys.readouterr()
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    wins = sum(r["winner"] == "good" for r in rows)
+    assert (summary["wins"], summary["ties"], summary["losses"]) == (wins, 5 - wins, 0)
+    assert f"win {100 * wins / 5:.1f}% ({wins})" in captured.out
+    _assert_secret_nowhere(tmp_path, caplog.text, captured.out, captured.err)

@@ -107,17 +107,15 @@ class PerItemSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if scores.size(0) != len(self.generators):
             raise RuntimeError(f"sampler built for {len(self.generators)} rows, got {scores.size(0)}")
-        scores = scores.float().clone()  # (batch, rows)
-        if scores.size(-1) > self.vocab_size:
-            scores[:, self.vocab_size :] = float("-inf")
-        for warper in self.warpers:
-            scores = warper(input_ids, scores)
-        cdf = torch.softmax(scores, dim=-1).double().cumsum(-1)  # (batch, rows)
+        real = scores[:, : self.vocab_size].float()  # (batch, vocab): padding rows of the head dropped
+        for warper in self.warpers:  # HF warpers return new tensors; `scores` itself is left untouched
+            real = warper(input_ids, real)
+        cdf = torch.softmax(real, dim=-1).cumsum(-1, dtype=torch.float64)  # (batch, vocab)
         draws = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
         targets = (draws.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)  # (batch, 1), in [0, total mass)
         # right=True: first index whose cumulative mass exceeds the draw, so zero-probability tokens never win.
-        chosen = torch.searchsorted(cdf, targets, right=True).clamp_max(scores.size(-1) - 1)
-        out = torch.full_like(scores, float("-inf"))
+        chosen = torch.searchsorted(cdf, targets, right=True).clamp_max(real.size(-1) - 1)
+        out = torch.full(scores.shape, float("-inf"), dtype=scores.dtype, device=scores.device)
         return out.scatter_(1, chosen, 0.0)
 
 
