@@ -49,6 +49,8 @@ def test_dataset_specs(tmp_path):
     spec = parse_dataset_spec("mine=some/dir/test.jsonl:12")
     assert (spec.name, spec.source, spec.limit, spec.display) == ("mine", "some/dir/test.jsonl", 12, "mine")
     assert parse_dataset_spec("x=/a/b.jsonl").limit is None
+    spec = parse_dataset_spec("hub=org/set@test:5")
+    assert (spec.source, spec.split, spec.limit) == ("org/set", "test", 5)
     for bad in ["dolly", "unknown", "bad name=x.jsonl", "x=", "x=a.jsonl:0"]:
         with pytest.raises(ValueError):
             parse_dataset_spec(bad)

@@ -49,7 +49,10 @@ class EvalDataset:
 
 
 def parse_dataset_spec(text: str, data_root: str | Path | None = None) -> DatasetSpec:
-    """Parse `alias[:limit]` (dolly, selfinst, vicuna, sni under `data_root`) or `name=path[:limit]`."""
+    """Parse `alias[:limit]` (dolly, selfinst, vicuna, sni under `data_root`) or `name=source[@split][:limit]`.
+
+    A source is a JSONL file, a directory holding `<split>.jsonl`, or a `datasets` name; split defaults to "valid".
+    """
     text = text.strip()
     limit: int | None = None
     match = re.match(r"^(.*):(\d+)$", text)
@@ -64,7 +67,10 @@ def parse_dataset_spec(text: str, data_root: str | Path | None = None) -> Datase
         if not source:
             raise ValueError(f"dataset spec {text!r}: empty path after '='")
         title = BUILTIN_DATASETS[name][1] if name in BUILTIN_DATASETS else None
-        return DatasetSpec(name, source, limit, title)
+        split = "valid"
+        if "@" in source and not Path(source).exists():  # hub/datasets name with a split: org/set@test
+            source, split = source.rsplit("@", 1)
+        return DatasetSpec(name, source, limit, title, split)
     if text in BUILTIN_DATASETS:
         if data_root is None:
             raise ValueError(
