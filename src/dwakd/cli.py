@@ -14,7 +14,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dwakd.config import load_config
     from dwakd.run import train
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.no_progress:
+        overrides.append("training.disable_tqdm=true")
+    config = load_config(args.config, overrides)
     result = train(config, show_progress=not args.no_progress)
     if result.get("interrupted"):
         print(f"interrupted at step {result['global_step']}; checkpoint saved in {result['output_dir']}; "
