@@ -181,3 +181,19 @@ def test_names_and_errors() -> None:
         divergence(torch.randn(2, 3), torch.randn(2, 3, requires_grad=True))
     with pytest.raises(ValueError, match="vocabulary axis"):
         divergence(torch.randn(2, 3), torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_tokens_ruled_out_with_minus_inf(kind: str) -> None:
+    """Tokens both sides rule out (−inf logits, e.g. a masked vocabulary) contribute 0·log 0 = 0, not NaN."""
+    gen = torch.Generator().manual_seed(4)
+    student = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    student[:, [2, 5]] = teacher[:, [2, 5]] = -math.inf
+    student.requires_grad_()
+    got = divergence(student, teacher, kind, 2.0)
+    for i in range(3):
+        want = loop_divergence(student[i].tolist(), teacher[i].tolist(), kind, 2.0)
+        assert got[i].item() == pytest.approx(want, rel=1e-12)
+    (grad,) = torch.autograd.grad(got.sum(), student)
+    assert torch.isfinite(grad).all() and torch.all(grad[:, [2, 5]] == 0)

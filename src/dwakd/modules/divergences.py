@@ -86,72 +86,90 @@ class _Spec:
     chunk: int
 
 
-def _plogdiff(w: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
-    """Σ_v w·diff with the convention 0·(anything) = 0, per row."""
-    return torch.where(w > 0, w * diff, torch.zeros_like(w)).sum(-1)
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a·b per row (rows,), without a (rows, vocab) product temporary."""
+    return torch.einsum("rv,rv->r", a, b)
 
 
-def _softmax_vjp(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """∂/∂s of a function of q = softmax(s) whose gradient w.r.t. q is `a`: q ⊙ (a − ⟨q, a⟩), 0 where q = 0."""
-    qa = torch.where(q > 0, q * a, torch.zeros_like(q))
-    return qa - q * qa.sum(-1, keepdim=True)
+def log_probs(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """log softmax(x / τ) as a new tensor, −inf clamped to the dtype's lowest finite value.
+
+    The clamp keeps 0·log 0 terms at 0 (instead of NaN) for tokens a distribution rules out with −inf logits,
+    without a masked select per term.
+    """
+    scaled = x * (1.0 / tau) if tau != 1.0 else x
+    out = torch.log_softmax(scaled, -1)
+    return out.clamp_(min=torch.finfo(out.dtype).min)
+
+
+def _softmax_vjp_(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """∂/∂s of f(q = softmax(s)) given a = ∂f/∂q: q ⊙ (a − ⟨q, a⟩), computed in place in `a`."""
+    return a.sub_(row_dot(q, a).unsqueeze(-1)).mul_(q)
 
 
 def _akl_mix(p: torch.Tensor, q: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Head and tail mixing weights (rows,) of adaptive KL; ½/½ where p and q coincide (no gap at all)."""
     sorted_p, order = p.sort(-1)  # ascending teacher probabilities
-    gap = (sorted_p - q.gather(-1, order)).abs()
-    tail = sorted_p.cumsum(-1).le(alpha)
-    g_tail = (gap * tail).sum(-1)
-    g_head = (gap * ~tail).sum(-1)
+    gap = (sorted_p - q.gather(-1, order)).abs_()
+    tail = sorted_p.cumsum_(-1).le_(alpha)
+    g_tail = row_dot(gap, tail.to(gap.dtype))
+    g_head = gap.sum(-1) - g_tail
     total = g_head + g_tail
     safe = total.clamp_min(torch.finfo(total.dtype).tiny)
     half = torch.full_like(total, 0.5)
     return torch.where(total > 0, g_head / safe, half), torch.where(total > 0, g_tail / safe, half)
 
 
-def _value_and_grad(
-    s: torch.Tensor, t: torch.Tensor, spec: _Spec, want_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row divergence (rows,) and its gradient w.r.t. the *scaled* student logits s (or None)."""
-    log_q = torch.log_softmax(s, -1)
-    log_p = torch.log_softmax(t, -1)
-    q, p = log_q.exp(), log_p.exp()
-    kind, lam = spec.kind, spec.skew_lambda
-    grad = None
+def _value(s: torch.Tensor, t: torch.Tensor, spec: _Spec) -> torch.Tensor:
+    """Per-row divergence (rows,) of teacher logits t → student logits s (both unscaled, at least fp32)."""
+    kind, lam, tau = spec.kind, spec.skew_lambda, spec.temperature
+    log_q, log_p = log_probs(s, tau), log_probs(t, tau)
     if kind == "fkl":
-        value = _plogdiff(p, log_p - log_q)
-        if want_grad:
-            grad = q - p
-    elif kind == "rkl":
-        value = _plogdiff(q, log_q - log_p)
-        if want_grad:
-            grad = _softmax_vjp(q, log_q - log_p)  # the "+1" of ∂(q log q)/∂q cancels in the softmax Jacobian
-    elif kind == "sfkl":
-        log_m = torch.logaddexp(math.log(lam) + log_p, math.log1p(-lam) + log_q) if lam > 0 else log_q
-        value = _plogdiff(p, log_p - log_m)
-        if want_grad:
-            grad = _softmax_vjp(q, -(1.0 - lam) * torch.exp(log_p - log_m))
-    elif kind == "srkl":
-        log_m = torch.logaddexp(math.log1p(-lam) + log_p, math.log(lam) + log_q) if lam > 0 else log_p
-        value = _plogdiff(q, log_q - log_m)
-        if want_grad:
-            grad = _softmax_vjp(q, log_q - log_m - lam * torch.exp(log_q - log_m))
-    elif kind == "js":
-        log_mid = torch.logaddexp(log_p, log_q) - math.log(2.0)
-        value = 0.5 * _plogdiff(p, log_p - log_mid) + 0.5 * _plogdiff(q, log_q - log_mid)
-        if want_grad:
-            grad = _softmax_vjp(q, 0.5 * (log_q - log_mid))  # the p/M and q/M terms cancel: (p + q)/(2M) = 1
-    elif kind == "akl":
+        return row_dot(log_p.exp(), log_p.sub_(log_q))
+    if kind == "rkl":
+        return row_dot(log_q.exp(), log_q.sub_(log_p))
+    if kind == "sfkl":
+        log_m = torch.logaddexp(log_p + math.log(lam), log_q + math.log1p(-lam)) if lam > 0 else log_q
+        return row_dot(log_p.exp(), log_p - log_m)
+    if kind == "srkl":
+        log_m = torch.logaddexp(log_p + math.log1p(-lam), log_q + math.log(lam)) if lam > 0 else log_p
+        return row_dot(log_q.exp(), log_q - log_m)
+    if kind == "js":
+        log_mid = torch.logaddexp(log_p, log_q).sub_(math.log(2.0))
+        return 0.5 * row_dot(log_p.exp(), log_p - log_mid) + 0.5 * row_dot(log_q.exp(), log_q - log_mid)
+    if kind == "akl":
+        p, q = log_p.exp(), log_q.exp()
         w_head, w_tail = _akl_mix(p, q, spec.akl_alpha)
-        fkl = _plogdiff(p, log_p - log_q)
-        rkl = _plogdiff(q, log_q - log_p)
-        value = w_head * fkl + w_tail * rkl
-        if want_grad:
-            grad = w_head.unsqueeze(-1) * (q - p) + w_tail.unsqueeze(-1) * _softmax_vjp(q, log_q - log_p)
-    else:  # pragma: no cover - resolve_divergence guards this
-        raise ValueError(kind)
-    return value, grad
+        diff = log_p.sub_(log_q)  # log p − log q
+        return w_head * row_dot(p, diff) - w_tail * row_dot(q, diff)
+    raise ValueError(kind)  # pragma: no cover - resolve_divergence guards this
+
+
+def _grad(s: torch.Tensor, t: torch.Tensor, spec: _Spec) -> torch.Tensor:
+    """Gradient (rows, vocab) of the per-row divergence w.r.t. the *scaled* student logits s / τ."""
+    kind, lam, tau = spec.kind, spec.skew_lambda, spec.temperature
+    log_q, log_p = log_probs(s, tau), log_probs(t, tau)
+    q = log_q.exp()
+    if kind == "fkl":
+        return q.sub_(log_p.exp_())  # q − p
+    if kind == "rkl":
+        return _softmax_vjp_(q, log_q.sub_(log_p))  # the "+1" of ∂(q log q)/∂q cancels in the softmax Jacobian
+    if kind == "sfkl":
+        log_m = torch.logaddexp(log_p + math.log(lam), log_q + math.log1p(-lam)) if lam > 0 else log_q
+        return _softmax_vjp_(q, log_p.sub_(log_m).exp_().mul_(-(1.0 - lam)))  # ∂/∂q = −(1−λ) p/m
+    if kind == "srkl":
+        log_m = torch.logaddexp(log_p + math.log1p(-lam), log_q + math.log(lam)) if lam > 0 else log_p
+        ratio = (log_q - log_m).exp_().mul_(lam)  # λ q/m
+        return _softmax_vjp_(q, log_q.sub_(log_m).sub_(ratio))  # ∂/∂q = log q − log m + 1 − λ q/m
+    if kind == "js":
+        log_mid = torch.logaddexp(log_p, log_q).sub_(math.log(2.0))
+        return _softmax_vjp_(q, log_q.sub_(log_mid).mul_(0.5))  # p/M and q/M terms cancel: (p + q)/(2M) = 1
+    if kind == "akl":
+        p = log_p.exp()
+        w_head, w_tail = _akl_mix(p, q, spec.akl_alpha)
+        rkl_grad = _softmax_vjp_(q, log_q.sub_(log_p))
+        return rkl_grad.mul_(w_tail.unsqueeze(-1)).add_((q - p).mul_(w_head.unsqueeze(-1)))
+    raise ValueError(kind)  # pragma: no cover
 
 
 class _KLFamily(torch.autograd.Function):
@@ -161,11 +179,10 @@ class _KLFamily(torch.autograd.Function):
     def forward(ctx, student, teacher, student_rows, teacher_rows, spec):  # type: ignore[override]
         total = student.shape[0] if student_rows is None else student_rows.numel()
         out = torch.empty(total, dtype=compute_dtype(student), device=student.device)  # (positions,)
-        tau = spec.temperature
         t_chunks = iter_row_chunks(teacher, teacher_rows, spec.chunk)
         s_chunks = iter_row_chunks(student, student_rows, spec.chunk)
         for (start, end, s), (_, _, t) in zip(s_chunks, t_chunks, strict=True):
-            out[start:end] = _value_and_grad(s / tau, t / tau, spec, want_grad=False)[0]
+            out[start:end] = _value(s, t, spec)
         ctx.save_for_backward(student, teacher, student_rows, teacher_rows)
         ctx.spec = spec
         return out
@@ -182,8 +199,7 @@ class _KLFamily(torch.autograd.Function):
         t_chunks = iter_row_chunks(teacher, teacher_rows, spec.chunk)
         s_chunks = iter_row_chunks(student, student_rows, spec.chunk)
         for (start, end, s), (_, _, t) in zip(s_chunks, t_chunks, strict=True):
-            g = _value_and_grad(s / tau, t / tau, spec, want_grad=True)[1]
-            g = g * (grad_out[start:end].to(g.dtype).unsqueeze(-1) / tau)
+            g = _grad(s, t, spec).mul_(grad_out[start:end].to(s.dtype).unsqueeze(-1) / tau)
             if student_rows is None:
                 grad[start:end] = g.to(grad.dtype)
             else:

@@ -22,6 +22,8 @@ from dwakd.modules.divergences import (
     compute_dtype,
     flat_rows,
     iter_row_chunks,
+    log_probs,
+    row_dot,
 )
 
 
@@ -42,9 +44,8 @@ def normalized_entropy(
     total = flat.shape[0] if rows is None else rows.numel()
     out = torch.empty(total, dtype=compute_dtype(logits), device=logits.device)
     for start, end, z in iter_row_chunks(flat, rows, chunk_rows(vocab)):
-        log_p = torch.log_softmax(z, -1)
-        p = log_p.exp()
-        out[start:end] = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1) / math.log(vocab)
+        log_p = log_probs(z, 1.0)  # −inf clamped: 0·log 0 stays 0
+        out[start:end] = -row_dot(log_p.exp(), log_p) / math.log(vocab)
     return out
 
 
