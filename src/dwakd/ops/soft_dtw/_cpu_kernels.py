@@ -23,6 +23,10 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+# Only contraction of a·b + c into one fused multiply-add (more accurate, not less); no reassociation, no
+# finite-math assumptions, so results do not depend on vector width.
+_FMA = {"contract"}
+
 # Stand-in for +inf on the DP boundary: exp((min − BIG)/γ) is exactly 0 for any γ ≥ 1e-8, and it stays finite.
 BIG = 1e10
 
@@ -54,7 +58,7 @@ def _i32_as_f32(typingctx, bits):  # noqa: ARG001
     return sig, codegen
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=_FMA, inline="always")
 def _exp_nonpos_f32(x: float) -> float:
     """exp(x) for float32 x ≤ 0 without libm: Cephes range reduction + degree-6 polynomial; 0 below −87."""
     xc = max(x, _X_MIN)
@@ -66,7 +70,7 @@ def _exp_nonpos_f32(x: float) -> float:
     return y if x >= _X_MIN else _ZERO
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=_FMA, inline="always")
 def _log_1to3_f32(s: float) -> float:
     """log(s) for float32 s ∈ [1, 3] (a sum of three softmin exponentials, one of them 1) without libm."""
     high = s > _SQRT2
@@ -83,7 +87,7 @@ def _log_1to3_f32(s: float) -> float:
     return x + y + e * _LN2_HI
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=_FMA, inline="always")
 def _sweep_poly32(r_diag, r_up, r_left, r_out, w_diag, w_up, w_left, gamma, inv_gamma):
     """One anti-diagonal of the forward with float32 polynomial exp/log (vectorised): R += softmin, store weights."""
     for t in range(r_out.shape[0]):
@@ -103,7 +107,7 @@ def _sweep_poly32(r_diag, r_up, r_left, r_out, w_diag, w_up, w_left, gamma, inv_
         w_left[t] = el * inv_s
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=_FMA, inline="always")
 def _sweep_libm(r_diag, r_up, r_left, r_out, w_diag, w_up, w_left, gamma, inv_gamma):
     """One anti-diagonal of the forward with libm exp/log in float64 (the float64 path, exact to double)."""
     for t in range(r_out.shape[0]):
@@ -123,7 +127,7 @@ def _sweep_libm(r_diag, r_up, r_left, r_out, w_diag, w_up, w_left, gamma, inv_ga
         w_left[t] = el * inv_s
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=_FMA)
 def _diagonal_bases(n: int, m: int) -> np.ndarray:
     """(n+m+3,) int64: base[d] such that cell (i, j) of the padded (n+2)×(m+2) grid is stored at base[i+j] + i."""
     base = np.empty(n + m + 3, dtype=np.int64)
@@ -136,7 +140,7 @@ def _diagonal_bases(n: int, m: int) -> np.ndarray:
     return base
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=_FMA)
 def _forward_task(cost, n, m, band_center, band_width, penalty, banded, gamma, poly32, w_diag, w_up, w_left):
     """DP of one sequence pair; fills its weights (grid-sized views) and returns R(n, m) as float64."""
     base = _diagonal_bases(n, m)
@@ -193,7 +197,7 @@ def _forward_task(cost, n, m, band_center, band_width, penalty, banded, gamma, p
     return r[base[n + m] + n]
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
+@njit(nogil=True, cache=True, error_model="numpy", fastmath=_FMA)
 def soft_dtw_forward(task_ids, costs0, costs1, costs2, group, sample, lengths_n, lengths_m, grid_offset,
                      band_center, band_width, penalty, band_group, gamma, poly32, w_diag, w_up, w_left, values):  # fmt: skip
     """Forward of the tasks in `task_ids`, in order, without the GIL (callers run disjoint lists on threads).
@@ -215,14 +219,14 @@ def soft_dtw_forward(task_ids, costs0, costs1, costs2, group, sample, lengths_n,
                                   w_diag[lo:hi], w_up[lo:hi], w_left[lo:hi])  # fmt: skip
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=_FMA, inline="always")
 def _sweep_backward(e_out, e_down, w_down, e_right, w_right, e_diag, w_diag):
     """One anti-diagonal of the E-recursion: E(i,j) = E(i+1,j)·w↑ + E(i,j+1)·w← + E(i+1,j+1)·w↖ (multiply-adds)."""
     for t in range(e_out.shape[0]):
         e_out[t] = e_down[t] * w_down[t] + e_right[t] * w_right[t] + e_diag[t] * w_diag[t]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=_FMA)
 def _backward_task(n, m, w_diag, w_up, w_left, scale, grad):
     """E-recursion of one task from its weights; writes scale·E into grad (N, M), zero on padding."""
     base = _diagonal_bases(n, m)
@@ -254,7 +258,7 @@ def _backward_task(n, m, w_diag, w_up, w_left, scale, grad):
         grad[i, :] = zero
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
+@njit(nogil=True, cache=True, error_model="numpy", fastmath=_FMA)
 def soft_dtw_backward(task_ids, group, sample, lengths_n, lengths_m, grid_offset, w_diag, w_up, w_left, scale,
                       grads0, grads1, grads2):  # fmt: skip
     """Backward of the tasks in `task_ids` without the GIL: grads{group[t]}[sample[t]] = scale[t]·dR(n, m)/dC."""

@@ -21,6 +21,7 @@ import torch
 
 from dwakd.ops.soft_dtw.band import SoftBand
 
+_MIN_CELLS_PER_WORKER = 1 << 15
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -69,7 +70,8 @@ def _plan(lengths: list[tuple[torch.Tensor, torch.Tensor]], workers: int) -> _Ta
     cells = (lengths_n + 2) * (lengths_m + 2)
     grid_offset = np.zeros_like(cells)
     np.cumsum(cells[:-1], out=grid_offset[1:])
-    workers = max(1, min(workers, len(cells)))
+    # a thread is worth its hand-off latency only with enough cells to sweep (~0.1 ms of work each)
+    workers = max(1, min(workers, len(cells), int(cells.sum()) // _MIN_CELLS_PER_WORKER))
     bins: list[list[int]] = [[] for _ in range(workers)]
     load = [0] * workers
     for t in np.argsort(-cells, kind="stable"):
