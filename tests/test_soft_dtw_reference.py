@@ -66,14 +66,15 @@ def test_cosine_cost_matches_loop_and_handles_zero_vectors() -> None:
     y = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
     x[0, 1] = 0.0
     x.requires_grad_(True)
-    got = cosine_cost(x, y).detach()
+    got = cosine_cost(x, y)
+    values = got.detach()
     for b in range(2):
         for i in range(4):
             for j in range(3):
                 xi, yj = x[b, i].detach(), y[b, j]
                 nx, ny = xi.norm(), yj.norm()
                 want = 1.0 if nx == 0 else 1.0 - float(xi @ yj / (nx * ny))
-                assert abs(float(got[b, i, j]) - want) < 1e-12
+                assert abs(float(values[b, i, j]) - want) < 1e-12
     got.sum().backward()
     assert torch.isfinite(x.grad).all()
 
