@@ -1,0 +1,1 @@
+"""Embedded `dwakd demo`: build a suite and two tokenizers, train a teacher and students, evaluate, report."""
