@@ -188,3 +188,20 @@ def test_a_few_steps_reduce_the_loss(models, name: str) -> None:
         loss.backward()
         opt.step()
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_paper_recipes_load_and_name_valid_options() -> None:
+    """configs/paper/*.yaml parse with the run-config schema and the method options they set (nothing downloads)."""
+    from pathlib import Path
+
+    from dwakd.config import load_config
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs" / "paper").glob("*.yaml"))
+    assert len(recipes) >= 10
+    for path in recipes:
+        config = load_config(path)
+        options = build_options(config.method.name, config.method.options)
+        assert options.kd_temperature == 2.0 and options.kd_rate == 0.5, path.name
+        assert config.data.max_prompt_length == 256 and config.data.max_length == 512, path.name
+        lora = config.student.lora is not None
+        assert config.training["learning_rate"] == (1e-3 if lora else 5e-4), path.name
