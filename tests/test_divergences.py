@@ -197,3 +197,13 @@ def test_tokens_ruled_out_with_minus_inf(kind: str) -> None:
         assert got[i].item() == pytest.approx(want, rel=1e-12)
     (grad,) = torch.autograd.grad(got.sum(), student)
     assert torch.isfinite(grad).all() and torch.all(grad[:, [2, 5]] == 0)
+
+
+def test_bf16_autocast_does_not_lower_the_precision_of_fp32_inputs() -> None:
+    s, t = torch.randn(6, 300, requires_grad=True), torch.randn(6, 300)
+    plain = divergence(s, t, "js", 2.0)
+    (plain_grad,) = torch.autograd.grad(plain.sum(), s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = divergence(s, t, "js", 2.0)
+        (autocast_grad,) = torch.autograd.grad(autocast.sum(), s)
+    assert torch.equal(plain, autocast) and torch.equal(plain_grad, autocast_grad)

@@ -131,3 +131,11 @@ def test_rescale_zero_sum_falls_back_to_uniform() -> None:
     raw = torch.tensor([[0.0, 0.0, 5.0], [1.0, 2.0, 3.0]])
     out = rescale_per_sequence(raw, mask)
     torch.testing.assert_close(out, torch.tensor([[1.0, 1.0, 0.0], [0.5, 1.0, 1.5]]))
+
+
+def test_bf16_autocast_does_not_lower_the_precision(batch) -> None:
+    logits, mask, gate = batch
+    logits = logits.detach().float()
+    plain = student_token_weights(logits, mask, VOCAB, gate.float()).weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(student_token_weights(logits, mask, VOCAB, gate.float()).weights, plain)

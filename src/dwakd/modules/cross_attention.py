@@ -5,9 +5,13 @@ Scores A = QKᵀ/√(key width), −1e5 added to every pair where either side is
 space reads softmax over teacher positions (a), the teacher space softmax over student positions of Aᵀ (a').
 Scores, both softmaxes and both attention products run in fp32 with autocast off.
 
-Choice (SPEC silent on the set): each "global std" is the unbiased standard deviation over all entries at the
-*valid response positions* of the micro-batch, so padding, the prompt and dynamic-padding length do not change it.
-(DSKD's code takes `tensor.std()` over the whole padded tensor, prompt and padding included.)
+Choices where SPEC is silent:
+- each "global std" is the unbiased standard deviation over all entries at the *valid response positions* of the
+  micro-batch, so padding, the prompt and dynamic-padding length do not change it (DSKD's code takes
+  `tensor.std()` over the whole padded tensor, prompt and padding included);
+- the score scale is √(key width) = √(2·e_t), the teacher's embedding width; SPEC's √(2·d_t) is the same number
+  whenever e_t = d_t, which `DualSpaceProjectors` requires of the teacher anyway;
+- inputs of the projectors are cast to the projector's dtype (a bf16 model without autocast feeding fp32 projectors).
 """
 
 from __future__ import annotations

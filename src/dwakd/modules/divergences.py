@@ -58,6 +58,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def no_autocast(x: torch.Tensor) -> torch.autocast:
+    """Context that turns autocast off on x's device: these reductions must not drop to bf16 (einsum would)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def flat_rows(x: torch.Tensor) -> torch.Tensor:
     """(..., vocab) -> (rows, vocab) view (a copy only if `x` is not viewable)."""
     return x.reshape(-1, x.shape[-1])
@@ -181,8 +186,9 @@ class _KLFamily(torch.autograd.Function):
         out = torch.empty(total, dtype=compute_dtype(student), device=student.device)  # (positions,)
         t_chunks = iter_row_chunks(teacher, teacher_rows, spec.chunk)
         s_chunks = iter_row_chunks(student, student_rows, spec.chunk)
-        for (start, end, s), (_, _, t) in zip(s_chunks, t_chunks, strict=True):
-            out[start:end] = _value(s, t, spec)
+        with no_autocast(student):
+            for (start, end, s), (_, _, t) in zip(s_chunks, t_chunks, strict=True):
+                out[start:end] = _value(s, t, spec)
         ctx.save_for_backward(student, teacher, student_rows, teacher_rows)
         ctx.spec = spec
         return out
@@ -198,12 +204,13 @@ class _KLFamily(torch.autograd.Function):
         tau = spec.temperature
         t_chunks = iter_row_chunks(teacher, teacher_rows, spec.chunk)
         s_chunks = iter_row_chunks(student, student_rows, spec.chunk)
-        for (start, end, s), (_, _, t) in zip(s_chunks, t_chunks, strict=True):
-            g = _grad(s, t, spec).mul_(grad_out[start:end].to(s.dtype).unsqueeze(-1) / tau)
-            if student_rows is None:
-                grad[start:end] = g.to(grad.dtype)
-            else:
-                grad.index_copy_(0, student_rows[start:end], g.to(grad.dtype))
+        with no_autocast(student):
+            for (start, end, s), (_, _, t) in zip(s_chunks, t_chunks, strict=True):
+                g = _grad(s, t, spec).mul_(grad_out[start:end].to(s.dtype).unsqueeze(-1) / tau)
+                if student_rows is None:
+                    grad[start:end] = g.to(grad.dtype)
+                else:
+                    grad.index_copy_(0, student_rows[start:end], g.to(grad.dtype))
         return grad, None, None, None, None
 
 

@@ -23,6 +23,7 @@ from dwakd.modules.divergences import (
     flat_rows,
     iter_row_chunks,
     log_probs,
+    no_autocast,
     row_dot,
 )
 
@@ -43,9 +44,10 @@ def normalized_entropy(
     flat = flat_rows(logits)[:, :vocab]
     total = flat.shape[0] if rows is None else rows.numel()
     out = torch.empty(total, dtype=compute_dtype(logits), device=logits.device)
-    for start, end, z in iter_row_chunks(flat, rows, chunk_rows(vocab)):
-        log_p = log_probs(z, 1.0)  # −inf clamped: 0·log 0 stays 0
-        out[start:end] = -row_dot(log_p.exp(), log_p) / math.log(vocab)
+    with no_autocast(logits):
+        for start, end, z in iter_row_chunks(flat, rows, chunk_rows(vocab)):
+            log_p = log_probs(z, 1.0)  # −inf clamped: 0·log 0 stays 0
+            out[start:end] = -row_dot(log_p.exp(), log_p) / math.log(vocab)
     return out
 
 
@@ -58,9 +60,10 @@ def peak_probability(
     flat = flat_rows(logits)[:, :vocab]
     total = flat.shape[0] if rows is None else rows.numel()
     out = torch.empty(total, dtype=compute_dtype(logits), device=logits.device)
-    for start, end, z in iter_row_chunks(flat, rows, chunk_rows(vocab)):
-        # max softmax = exp(max z − logsumexp z)
-        out[start:end] = torch.exp(z.max(-1).values - torch.logsumexp(z, -1))
+    with no_autocast(logits):
+        for start, end, z in iter_row_chunks(flat, rows, chunk_rows(vocab)):
+            # max softmax = exp(max z − logsumexp z)
+            out[start:end] = torch.exp(z.max(-1).values - torch.logsumexp(z, -1))
     return out
 
 
