@@ -1,8 +1,10 @@
 """Fast CPU Soft-DTW: numba kernels (see `_cpu_kernels`) behind a `torch.autograd.Function`, threads over sequences.
 
 Several cost batches ("groups", e.g. the cross and the two self terms of the divergence) run as one list of tasks,
-balanced over `torch.get_num_threads()` threads (longest first). Kernels release the GIL, so plain Python threads
-give true parallelism without a second OpenMP pool competing with torch's.
+cut into chunks (longest first) that up to `torch.get_num_threads()` threads pull from a shared counter. Kernels
+release the GIL, so plain Python threads give true parallelism without a second OpenMP pool competing with torch's,
+and pulling work (rather than a static split) keeps a descheduled thread on a busy machine from stalling the call:
+the calling thread simply takes the remaining chunks.
 
 Memory kept for backward: the three softmin weights per cell of each task's (n+2)·(m+2) grid, in the compute dtype
 (12 bytes per cell in float32); nothing else. Working memory: one float64 R grid and one E grid per running thread's
@@ -11,6 +13,7 @@ task. float32 and float64 are computed natively; other dtypes (bf16, fp16) are c
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +47,7 @@ def _kernels():
 
 @dataclass
 class _TaskPlan:
-    """Flat description of every (group, sample) DP: lengths, grid offsets and the thread partition."""
+    """Flat description of every (group, sample) DP: lengths, grid offsets and the chunks threads pull."""
 
     group: np.ndarray  # (tasks,) int64: which cost batch
     sample: np.ndarray  # (tasks,) int64: index in that batch
@@ -52,7 +55,8 @@ class _TaskPlan:
     lengths_m: np.ndarray  # (tasks,) int64
     grid_offset: np.ndarray  # (tasks,) int64: start of the task's (n+2)(m+2) grid in the weight buffers
     grid_cells: int  # total cells over all tasks
-    partition: list[np.ndarray]  # task ids per worker, balanced by n·m (longest processing time first)
+    chunks: list[np.ndarray]  # task ids per chunk of work, largest first; threads pull chunks in order
+    workers: int  # threads to use (1: run in the calling thread)
 
 
 def _plan(lengths: list[tuple[torch.Tensor, torch.Tensor]], workers: int) -> _TaskPlan:
@@ -72,23 +76,36 @@ def _plan(lengths: list[tuple[torch.Tensor, torch.Tensor]], workers: int) -> _Ta
     np.cumsum(cells[:-1], out=grid_offset[1:])
     # a thread is worth its hand-off latency only with enough cells to sweep (~0.1 ms of work each)
     workers = max(1, min(workers, len(cells), int(cells.sum()) // _MIN_CELLS_PER_WORKER))
-    bins: list[list[int]] = [[] for _ in range(workers)]
-    load = [0] * workers
-    for t in np.argsort(-cells, kind="stable"):
-        w = load.index(min(load))
-        bins[w].append(int(t))
-        load[w] += int(cells[t])
-    partition = [np.asarray(b, dtype=np.int64) for b in bins if b]
-    return _TaskPlan(group, sample, lengths_n, lengths_m, grid_offset, int(cells.sum()), partition)
+    chunks: list[np.ndarray] = []
+    pending: list[int] = []
+    pending_cells = 0
+    for t in np.argsort(-cells, kind="stable"):  # small tasks are merged so each chunk has enough work
+        pending.append(int(t))
+        pending_cells += int(cells[t])
+        if pending_cells >= _MIN_CELLS_PER_WORKER:
+            chunks.append(np.asarray(pending, dtype=np.int64))
+            pending, pending_cells = [], 0
+    if pending:
+        chunks.append(np.asarray(pending, dtype=np.int64))
+    workers = min(workers, len(chunks))
+    if workers == 1:
+        chunks = [np.concatenate(chunks)]
+    return _TaskPlan(group, sample, lengths_n, lengths_m, grid_offset, int(cells.sum()), chunks, workers)
 
 
-def _run(kernel, partition: list[np.ndarray], *args) -> None:
-    """Call `kernel(task_ids, *args)` for each part, all but one on pool threads; re-raise the first error."""
-    if len(partition) == 1:
-        kernel(partition[0], *args)
+def _run(kernel, plan: _TaskPlan, *args) -> None:
+    """Call `kernel(task_ids, *args)` on every chunk, pulled by up to `plan.workers` threads; re-raise errors."""
+    if plan.workers == 1:
+        kernel(plan.chunks[0], *args)
         return
-    futures = [_pool().submit(kernel, part, *args) for part in partition[1:]]
-    kernel(partition[0], *args)
+    counter = itertools.count()  # next() on a count is atomic under the GIL
+
+    def work() -> None:
+        while (k := next(counter)) < len(plan.chunks):
+            kernel(plan.chunks[k], *args)
+
+    futures = [_pool().submit(work) for _ in range(plan.workers - 1)]
+    work()
     for f in futures:
         f.result()
 
@@ -115,7 +132,7 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
         w_up = np.empty(plan.grid_cells, dtype=np_dtype)
         w_left = np.empty(plan.grid_cells, dtype=np_dtype)
         values = np.empty(plan.group.shape[0], dtype=np.float64)
-        _run(k.soft_dtw_forward, plan.partition, arrays[0], arrays[1], arrays[2], plan.group, plan.sample,
+        _run(k.soft_dtw_forward, plan, arrays[0], arrays[1], arrays[2], plan.group, plan.sample,
              plan.lengths_n, plan.lengths_m, plan.grid_offset, center, width, penalty, band_group, float(gamma),
              np_dtype == np.float32, w_diag, w_up, w_left, values)  # fmt: skip
         ctx.plan = plan
@@ -137,7 +154,7 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
         arrays = [t.numpy() for t in grads]
         while len(arrays) < 3:
             arrays.append(arrays[0])
-        _run(k.soft_dtw_backward, plan.partition, plan.group, plan.sample, plan.lengths_n, plan.lengths_m,
+        _run(k.soft_dtw_backward, plan, plan.group, plan.sample, plan.lengths_n, plan.lengths_m,
              plan.grid_offset, *ctx.weights, scale, arrays[0], arrays[1], arrays[2])  # fmt: skip
         return (None, None, None, *grads)
 
