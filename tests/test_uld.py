@@ -71,6 +71,24 @@ def test_chunking_does_not_change_value_or_gradient(setup):
     torch.testing.assert_close(g_chunked, g_whole, rtol=1e-12, atol=1e-12)
 
 
+def test_torch_sort_path_matches_numpy_path(setup, monkeypatch):
+    """CUDA tensors sort with torch, CPU tensors with NumPy: both give the same value and gradient."""
+    import dwakd.methods.uld as uld
+    from dwakd.methods.uld import paired_rows
+
+    inputs = setup.inputs()
+    t = inputs.teacher_out.logits.detach()
+    s_rows, t_rows = paired_rows(setup.s_view.label_mask, setup.t_view.label_mask)
+    results = []
+    for use_numpy in (True, False):
+        monkeypatch.setattr(uld, "NUMPY_SORT_ON_CPU", use_numpy)
+        s = inputs.student_out.logits.detach().clone().requires_grad_(True)
+        value = uld_distance_sum(s, t, s_rows, t_rows, inputs.student_out.vocab_size, inputs.teacher_out.vocab_size)
+        results.append((value, torch.autograd.grad(value, s)[0]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
+
+
 def test_gradients_reach_student_only_and_padding_invariant(tmp_path):
     setup = Setup(extra_pad=0)
     padded = Setup(extra_pad=4)

@@ -127,7 +127,7 @@ class MinED(DistillationMethod):
 
     def mapped_teacher_logits(self, teacher_logits: torch.Tensor, rows: torch.Tensor, student_vocab: int) -> torch.Tensor:
         """(rows, V_s) fp32 teacher logits in the student vocabulary: mapped columns copied, the rest −1e5."""
-        picked = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).index_select(0, rows)  # (k, R_t)
+        picked = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])[rows]  # (k, R_t)
         dtype = torch.promote_types(picked.dtype, torch.float32)
         out = torch.full((rows.numel(), student_vocab), UNMAPPED_LOGIT, dtype=dtype, device=picked.device)
         keep = self.mapped_student_ids < student_vocab
@@ -150,7 +150,7 @@ class MinED(DistillationMethod):
             flat = student_logits.reshape(-1, vocab)
             rows = alignment.one_hot_rows
             gold = inputs.student.labels.reshape(-1).index_select(0, rows)
-            kd_sum = kd_sum + F.cross_entropy(flat.index_select(0, rows).to(kd_sum.dtype) / tau, gold, reduction="sum")
+            kd_sum = kd_sum + F.cross_entropy(flat[rows].to(kd_sum.dtype) / tau, gold, reduction="sum")
         kd = kd_sum / inputs.num_items
         rate = self.options.kd_rate
         loss = (1.0 - rate) * ce + rate * kd

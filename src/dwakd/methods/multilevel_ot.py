@@ -57,7 +57,7 @@ class MultiLevelOTOptions(MethodOptions):
 def std_normalised_probs(logits: torch.Tensor, rows: torch.Tensor, vocab: int, temperature: float) -> torch.Tensor:
     """(rows, vocab) softmax((z / (std_v(z) + 1e-4)) / T) at the selected flat rows, in at least fp32."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    z = logits.reshape(-1, logits.shape[-1]).index_select(0, rows)[:, :vocab].to(dtype)
+    z = logits.reshape(-1, logits.shape[-1])[rows, :vocab].to(dtype)  # (rows, vocab)
     z = z / (z.std(dim=-1, keepdim=True) + 1e-4)
     return torch.softmax(z / temperature, dim=-1)
 

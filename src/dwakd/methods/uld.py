@@ -9,20 +9,22 @@ Differences from the reference code (DSKD's `universal_logit_distillation.py`), 
 - the sum over positions is divided by the global student token count (SPEC §2), like every term here;
 - head rows beyond the tokenizer's vocabulary are dropped before the softmax (the reference keeps them);
 - `kd_temperature` is not used (the reference has no temperature in ULD either).
-Memory: rows are processed in chunks under activation checkpointing, so the sorted (positions, vocab)
-tensors and sort indices exist for one chunk at a time, in forward and in backward.
+Speed and memory: the gradient is formed during forward, chunk by chunk (`_SortedL1`), so sorted copies and
+sort indices exist for one chunk at a time and only the (positions, V_s) gradient is kept for backward. On CPU
+the sorts run in NumPy, several times faster than torch.sort on 50k–150k-wide rows.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodOptions
 from dwakd.methods.registry import register_method
 from dwakd.methods.sft import token_cross_entropy_sum
 
 CHUNK_ELEMENTS = 1 << 24  # (rows × vocab) elements per chunk
+NUMPY_SORT_ON_CPU = True  # sort CPU tensors with NumPy (the torch path is what CUDA tensors use)
 
 
 def paired_rows(student_mask: torch.Tensor, teacher_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,19 +38,63 @@ def paired_rows(student_mask: torch.Tensor, teacher_mask: torch.Tensor) -> tuple
     return s_keep.reshape(-1).nonzero().squeeze(1), t_keep.reshape(-1).nonzero().squeeze(1)
 
 
-def _sorted_l1_sum(student: torch.Tensor, teacher: torch.Tensor, s_rows: torch.Tensor, t_rows: torch.Tensor,
-                   student_vocab: int, teacher_vocab: int) -> torch.Tensor:
-    """Σ over the given rows of ‖sort↓(softmax z_s) − sort↓(softmax z_t)‖₁ with the shorter vector zero-padded."""
-    dtype = torch.promote_types(student.dtype, torch.float32)
-    p_s = torch.softmax(student.index_select(0, s_rows)[:, :student_vocab].to(dtype), -1)
-    p_s = p_s.sort(-1, descending=True).values  # (rows, V_s)
-    with torch.no_grad():
-        p_t = torch.softmax(teacher.index_select(0, t_rows)[:, :teacher_vocab].to(dtype), -1)
-        p_t = p_t.sort(-1, descending=True).values  # (rows, V_t)
-    k = min(student_vocab, teacher_vocab)
-    # zero padding of the shorter side: its tail contributes |x − 0| = x
-    l1 = (p_s[:, :k] - p_t[:, :k]).abs().sum(-1) + p_s[:, k:].sum(-1) + p_t[:, k:].sum(-1)
-    return l1.sum()
+def _descending(p: torch.Tensor, with_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of p (rows, V) sorted in decreasing order, and the permutation when asked.
+
+    On CPU, NumPy's sort is several times faster than torch.sort for 50k–150k-wide rows, so it is used there.
+    """
+    if p.device.type != "cpu" or not NUMPY_SORT_ON_CPU:
+        values, order = p.sort(-1, descending=True)
+        return values, (order if with_order else None)
+    array = p.detach().numpy()
+    if with_order:
+        order = np.argsort(-array, axis=-1)
+        return torch.from_numpy(np.take_along_axis(array, order, axis=-1)), torch.from_numpy(order)
+    return torch.from_numpy(np.ascontiguousarray(np.sort(array, axis=-1)[:, ::-1])), None
+
+
+class _SortedL1(torch.autograd.Function):
+    """Per-row ‖sort↓(softmax z_s) − sort↓(softmax z_t)‖₁ (zero-padded); its gradient is formed in forward, by chunk.
+
+    d/dp_s of the distance is sign(s_(k) − t_(k)) at the rank k of each entry (+1 on a student tail that meets
+    the teacher's zero padding), scattered back through the sort, then through the softmax: p ⊙ (g − ⟨p, g⟩).
+    Only that gradient, (pairs, V_s), is kept for backward; sorted copies and indices live for one chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, s_rows, t_rows, student_vocab, teacher_vocab, chunk):  # type: ignore[override]
+        dtype = torch.promote_types(student.dtype, torch.float32)
+        total = s_rows.numel()
+        values = torch.empty(total, dtype=dtype, device=student.device)  # (pairs,)
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty(total, student_vocab, dtype=dtype, device=student.device) if want_grad else None
+        k = min(student_vocab, teacher_vocab)
+        for lo in range(0, total, chunk):
+            hi = min(total, lo + chunk)
+            p_s = torch.softmax(student[s_rows[lo:hi], :student_vocab].to(dtype), -1)  # (rows, V_s)
+            p_t = torch.softmax(teacher[t_rows[lo:hi], :teacher_vocab].to(dtype), -1)  # (rows, V_t)
+            t_sorted, _ = _descending(p_t, with_order=False)  # (rows, V_t)
+            s_sorted, order = _descending(p_s, with_order=want_grad)  # (rows, V_s)
+            diff = s_sorted[:, :k] - t_sorted[:, :k]
+            values[lo:hi] = diff.abs().sum(-1) + s_sorted[:, k:].sum(-1) + t_sorted[:, k:].sum(-1)
+            if want_grad:
+                g_sorted = torch.ones_like(s_sorted)  # a student tail beyond V_t meets zero padding: +1
+                g_sorted[:, :k] = torch.sign(diff)
+                g_p = torch.empty_like(g_sorted).scatter_(1, order.to(g_sorted.device), g_sorted)  # vocab order
+                grad[lo:hi] = p_s * (g_p - (p_s * g_p).sum(-1, keepdim=True))  # through the softmax
+        ctx.save_for_backward(grad, s_rows)
+        ctx.grid_shape = student.shape
+        ctx.student_vocab = student_vocab
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad, s_rows = ctx.saved_tensors
+        if grad is None:
+            return (None,) * 7
+        full = torch.zeros(ctx.grid_shape, dtype=grad.dtype, device=grad.device)  # (grid rows, head rows)
+        full[:, : ctx.student_vocab].index_add_(0, s_rows, grad * grad_out.unsqueeze(-1).to(grad.dtype))
+        return full, None, None, None, None, None, None
 
 
 def uld_distance_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, s_rows: torch.Tensor,
@@ -58,14 +104,7 @@ def uld_distance_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     student = student_logits.reshape(-1, student_logits.shape[-1])
     teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     chunk = max(1, chunk_elements // max(student_vocab, teacher_vocab))
-    total = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
-    for lo in range(0, s_rows.numel(), chunk):
-        args = (student, teacher, s_rows[lo : lo + chunk], t_rows[lo : lo + chunk], student_vocab, teacher_vocab)
-        if torch.is_grad_enabled() and student.requires_grad:
-            total = total + checkpoint(_sorted_l1_sum, *args, use_reentrant=False)
-        else:
-            total = total + _sorted_l1_sum(*args)
-    return total
+    return _SortedL1.apply(student, teacher, s_rows, t_rows, student_vocab, teacher_vocab, chunk).sum()
 
 
 @register_method
