@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _soft_dtw_helpers import naive_batch, random_band, random_batch
+from _soft_dtw_helpers import naive_batch, random_band, random_batch, torch_threads
 from dwakd.ops.soft_dtw import SoftBand, cosine_cost, soft_dtw, soft_dtw_divergence, soft_dtw_reference
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread for the reference's many small ops (tests that need more set it themselves)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.1, 0.01])

@@ -47,6 +47,8 @@ def soft_dtw_reference(
     on_grid = (i_idx >= 1) & (j_idx >= 1) & (j_idx <= n_cols)  # (diags, N + 1)
     flat = ((i_idx - 1).clamp(0, n_rows - 1) * n_cols + (j_idx - 1).clamp(0, n_cols - 1)).view(1, -1)
     skewed = cost.reshape(batch, -1).gather(1, flat.expand(batch, -1)).view(batch, n_diags, n_rows + 1)
+    # one unbind (its backward stacks once) instead of indexing per step (each would back-propagate a full-size zero)
+    diagonals = skewed.unbind(1)
     big = torch.full((), _BIG, dtype=dtype, device=device)
 
     # Diagonal 0 holds R(0, 0) = 0; diagonal 1 holds only boundary cells (+inf).
@@ -62,7 +64,7 @@ def soft_dtw_reference(
         up_prev = torch.cat([pad, prev1[:, :-1]], dim=1)
         stacked = torch.stack([diag_prev, up_prev, prev1], dim=-1)  # (batch, N + 1, 3)
         softmin = -gamma * torch.logsumexp(-stacked / gamma, dim=-1)
-        cur = torch.where(on_grid[d], skewed[:, d] + softmin, big)  # (batch, N + 1)
+        cur = torch.where(on_grid[d], diagonals[d] + softmin, big)  # (batch, N + 1)
         value = torch.where(end_diag == d, cur.gather(1, lengths_x.view(-1, 1)).squeeze(1), value)
         prev2, prev1 = prev1, cur
     return value
