@@ -109,7 +109,19 @@ def test_argument_errors_name_the_field() -> None:
         soft_dtw(cost, 0.1, lengths_y=torch.tensor([6, 4]))
     with pytest.raises(ValueError, match="gamma"):
         soft_dtw(cost, 0.0)
+    with pytest.raises(ValueError, match="gamma"):
+        soft_dtw_divergence(torch.rand(2, 3, 4), torch.rand(2, 5, 4), 1e7)
     with pytest.raises(ValueError, match="impl"):
         soft_dtw(cost, 0.1, impl="gpu")
     with pytest.raises(ValueError, match="SoftBand.center"):
         soft_dtw(cost, 0.1, band=SoftBand(torch.zeros(2, 5), torch.zeros(2, 4), 1.0))
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_empty_batch(impl: str) -> None:
+    cost = torch.rand(0, 4, 5, requires_grad=True)
+    assert soft_dtw(cost, 0.1, impl=impl).shape == (0,)
+    x, y = torch.rand(0, 4, 3, requires_grad=True), torch.rand(0, 6, 3)
+    out = soft_dtw_divergence(x, y, 0.1, impl=impl)
+    out.sum().backward()
+    assert out.shape == (0,) and x.grad.shape == x.shape

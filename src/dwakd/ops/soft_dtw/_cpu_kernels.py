@@ -1,11 +1,12 @@
-"""Numba kernels of the CPU Soft-DTW path: anti-diagonal sweeps over a skewed grid, parallel over sequences.
+"""Numba kernels of the CPU Soft-DTW path: anti-diagonal sweeps over a skewed grid, one sequence pair at a time.
 
 Layout. Each sequence pair (a "task") of lengths (n, m) owns a padded grid of (n+2)·(m+2) cells, 1-based interior
 i ∈ [1, n], j ∈ [1, m], row/column 0 the DP boundary and row n+1 / column m+1 the zero boundary of the backward
 pass. Cells are stored anti-diagonal by anti-diagonal (d = i + j), so every cell of a diagonal is independent of
 the others and its three predecessors sit at constant offsets in the two previous diagonals: the inner loops are
-contiguous and branch-free and LLVM vectorises them (16 float32 lanes on AVX-512). Cell (i, j) lives at
-`base[i + j] + i` with `base[d] = offset of diagonal d − first i on d`.
+contiguous and branch-free and LLVM vectorises them (AVX2/AVX-512). Cell (i, j) lives at `base[i + j] + i` with
+`base[d] = offset of diagonal d − first i on d`. Kernels take a list of task ids and release the GIL; `cpu.py`
+spreads the tasks over threads.
 
 Forward: R is accumulated in float64 (so rounding in R never scales with 1/γ), the three exponentials and the log
 of the softmin run in the input dtype with vectorisable polynomial kernels for float32 (libm for float64); it stores
@@ -23,11 +24,12 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-# Only contraction of a·b + c into one fused multiply-add (more accurate, not less); no reassociation, no
-# finite-math assumptions, so results do not depend on vector width.
+# Only contraction of a·b + c into one fused multiply-add (more accurate, not less); no reassociation and no
+# finite-math assumptions.
 _FMA = {"contract"}
 
-# Stand-in for +inf on the DP boundary: exp((min − BIG)/γ) is exactly 0 for any γ ≥ 1e-8, and it stays finite.
+# Stand-in for +inf on the DP boundary: exp((min − BIG)/γ) is exactly 0 for any γ ≤ 1e6 (checked by the caller),
+# and BIG stays finite, so no inf − inf can appear.
 BIG = 1e10
 
 _F = np.float32

@@ -9,6 +9,7 @@ from dwakd.ops.soft_dtw.cost import cosine_cost
 from dwakd.ops.soft_dtw.reference import soft_dtw_reference
 
 IMPLS = ("auto", "reference", "cpu", "cuda")
+MAX_GAMMA = 1e6  # the DP boundary is a finite 1e10 that must stay "infinitely" far in units of γ
 
 
 def _check_lengths(lengths: torch.Tensor | None, batch: int, size: int, name: str, device: torch.device) -> torch.Tensor:
@@ -20,10 +21,16 @@ def _check_lengths(lengths: torch.Tensor | None, batch: int, size: int, name: st
         raise ValueError(f"{name} must have shape ({batch},), got {tuple(lengths.shape)}")
     if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {lengths.dtype}")
-    lo, hi = int(lengths.min()), int(lengths.max())
+    lo, hi = (int(lengths.min()), int(lengths.max())) if lengths.numel() else (1, size)
     if lo < 1 or hi > size:
         raise ValueError(f"{name} must lie in [1, {size}], got values in [{lo}, {hi}]")
     return lengths.to(device=device, dtype=torch.long)
+
+
+def _check_gamma(gamma: float) -> None:
+    """γ must lie in (0, MAX_GAMMA]."""
+    if not 0 < gamma <= MAX_GAMMA:
+        raise ValueError(f"gamma must be in (0, {MAX_GAMMA:g}], got {gamma}")
 
 
 def _resolve_impl(impl: str, device: torch.device) -> str:
@@ -68,14 +75,15 @@ def soft_dtw(
     """Soft-DTW R(n_b, m_b) of each (batch, N, M) cost matrix, (batch,), differentiable w.r.t. `cost`."""
     if cost.dim() != 3:
         raise ValueError(f"cost must be (batch, N, M), got shape {tuple(cost.shape)}")
-    if not gamma > 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
+    _check_gamma(gamma)
     batch, n_rows, n_cols = cost.shape
     lengths_x = _check_lengths(lengths_x, batch, n_rows, "lengths_x", cost.device)
     lengths_y = _check_lengths(lengths_y, batch, n_cols, "lengths_y", cost.device)
     if band is not None:
         band.validate(batch, n_rows)
     path = _resolve_impl(impl, cost.device)
+    if batch == 0:
+        return cost.sum(dim=(1, 2))  # (0,), still attached to the graph
     return _run_groups(path, [cost], [(lengths_x, lengths_y)], float(gamma), band)[0]
 
 
@@ -91,13 +99,14 @@ def soft_dtw_divergence(
     """D = sdtw(C̃_xy) − ½(sdtw(C_xx) + sdtw(C_yy)) with cosine costs, (batch,); the band only on the cross term."""
     if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must be (batch, len, dim) with one batch, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if not gamma > 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
+    _check_gamma(gamma)
     batch, n_rows, n_cols = x.shape[0], x.shape[1], y.shape[1]
     lengths_x = _check_lengths(lengths_x, batch, n_rows, "lengths_x", x.device)
     lengths_y = _check_lengths(lengths_y, batch, n_cols, "lengths_y", x.device)
     if band is not None:
         band.validate(batch, n_rows)
+    if batch == 0:
+        return x.sum(dim=(1, 2)) + y.sum(dim=(1, 2))  # (0,), still attached to the graph
     cost_xy = cosine_cost(x, y)  # (batch, N, M)
     cost_xx = cosine_cost(x, x)  # (batch, N, N)
     cost_yy = cosine_cost(y, y)  # (batch, M, M)
