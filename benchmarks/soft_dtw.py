@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -63,10 +64,17 @@ class Impl:
 
 
 def _version(package: str) -> str | None:
-    """Installed version of a distribution, or None."""
+    """Installed version of a distribution (for dwakd run from a checkout: the git commit), or None."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
+        if package != "dwakd":
+            return None
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent)  # fmt: skip
+        return f"git {head.stdout.strip()}"
+    except (OSError, subprocess.CalledProcessError):
         return None
 
 
@@ -425,7 +433,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or RESULTS / f"soft_dtw_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    plot(results, out.with_suffix(".png"), args.ours)
+    if len(grid) > 1:
+        plot(results, out.with_suffix(".png"), args.ours)
     print_table(results, args.ours)
     print(f"first call (compile or cache load + run), s: { {k: round(v, 2) for k, v in first_call.items()} }")
     print(f"wrote {out} and {out.with_suffix('.png')}")
