@@ -9,10 +9,11 @@ Two tokens, one per side, are aligned when they cover exactly the same piece of 
   Tokens that share characters with a neighbour (a multibyte character split over byte-level tokens, which
   all report the whole character's span) are never aligned, nor are tokens whose piece occurs twice on one
   side (several zero-width specials at one place). EOS has the empty piece at the end of the text on both
-  sides, so the two EOS tokens align. Vectorised over the batch in torch: O(B·L log L), no Python loop.
+  sides, so the two EOS tokens align. Vectorised over the batch in torch: O(B·L log L), no Python loop
+  (≈2.5 ms for a batch of 4 Dolly examples on a busy 2-core CPU, benchmarks/vocab_map.py).
 - `exact_string_alignment`: the reference's greedy two-pointer over token strings (markers stripped), kept
   for inputs without offsets; on ordinary text both give the same pairs (tested on real Qwen/GPT-2 text).
-  Per-sequence Python loop, O(n + m).
+  Per-sequence Python loop, O(n + m) (≈0.7 ms for the same batch).
 """
 
 from __future__ import annotations
