@@ -133,14 +133,16 @@ def cpu_impls() -> tuple[list[Impl], dict[str, str]]:
         from dtw_loss_functions.soft_dtw_implementations.soft_dtw_cuda_mag import _SoftDTW as MagCPU
 
         impls.append(Impl("dtw-loss-functions:mag", "dtw-loss-functions",
-                          lambda g: _per_sample(lambda c: MagCPU.apply(c, g, 0)), note="Maghoumi numba CPU"))  # fmt: skip
+                          lambda g: _per_sample(lambda c: MagCPU.apply(c, g, 0)),
+                          note="Maghoumi numba CPU"))  # fmt: skip
     except Exception as exc:  # noqa: BLE001
         missing["dtw-loss-functions:mag"] = repr(exc)
     try:
         from dtw_loss_functions.soft_dtw_implementations.soft_dtw_cuda_ron.autograd import SoftDTWAutograd
 
         impls.append(Impl("dtw-loss-functions:ron", "dtw-loss-functions",
-                          lambda g: _per_sample(lambda c: SoftDTWAutograd.apply(c, g, None)), note="BGU numba CPU"))  # fmt: skip
+                          lambda g: _per_sample(lambda c: SoftDTWAutograd.apply(c, g, None)),
+                          note="BGU numba CPU"))  # fmt: skip
     except Exception as exc:  # noqa: BLE001
         missing["dtw-loss-functions:ron"] = repr(exc)
     return impls, missing
@@ -180,7 +182,8 @@ def cuda_impls() -> tuple[list[Impl], dict[str, str]]:
         from dtw_loss_functions.soft_dtw_implementations.soft_dtw_cuda_ron.autograd import SoftDTWAutograd
 
         impls.append(Impl("dtw-loss-functions:ron", "dtw-loss-functions",
-                          lambda g: _per_sample(lambda c: SoftDTWAutograd.apply(c, g, None)), note="BGU numba CUDA"))  # fmt: skip
+                          lambda g: _per_sample(lambda c: SoftDTWAutograd.apply(c, g, None)),
+                          note="BGU numba CUDA"))  # fmt: skip
     except Exception as exc:  # noqa: BLE001
         missing["dtw-loss-functions:ron"] = repr(exc)
     try:
@@ -226,7 +229,9 @@ def run_once(runner: Runner, cost: torch.Tensor, device: str) -> tuple[float, to
     return time.perf_counter() - start, values.detach(), leaf.grad
 
 
-def float64_reference(cost: torch.Tensor, gamma: float, torch_ref_max_len: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def float64_reference(
+    cost: torch.Tensor, gamma: float, torch_ref_max_len: int
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Values and gradient in float64 (dwakd CPU float64 path), cross-checked against the PyTorch reference."""
     leaf = cost.detach().double().cpu().requires_grad_(True)
     values = soft_dtw(leaf, gamma, impl="cpu")
@@ -372,7 +377,8 @@ def machine_info(device: str) -> dict:
     }
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+            models = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            info["cpu_model"] = next(models, None)
     except OSError:
         pass
     if device == "cuda":

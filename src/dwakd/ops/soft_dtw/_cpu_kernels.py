@@ -201,7 +201,8 @@ def _forward_task(cost, n, m, band_center, band_width, penalty, banded, gamma, p
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath=_FMA)
 def soft_dtw_forward(task_ids, costs0, costs1, costs2, group, sample, lengths_n, lengths_m, grid_offset,
-                     band_center, band_width, penalty, band_group, gamma, poly32, w_diag, w_up, w_left, values):  # fmt: skip
+                     band_center, band_width, penalty, band_group, gamma, poly32,
+                     w_diag, w_up, w_left, values):  # fmt: skip
     """Forward of the tasks in `task_ids`, in order, without the GIL (callers run disjoint lists on threads).
 
     Task t reads costs{group[t]}[sample[t]] (its top-left (n, m) block), writes values[t] (float64) and its weights
@@ -246,8 +247,10 @@ def _backward_task(n, m, w_diag, w_up, w_left, scale, grad):
         k1 = base[d + 1] + lo  # (lo, d − lo + 1): right successor; k1 + 1 is the lower one
         k2 = base[d + 2] + lo + 1  # (lo + 1, d − lo + 1): diagonal successor
         count = hi - lo
-        _sweep_backward(e[k0 : k0 + count], e[k1 + 1 : k1 + 1 + count], w_up[k1 + 1 : k1 + 1 + count],
-                        e[k1 : k1 + count], w_left[k1 : k1 + count], e[k2 : k2 + count], w_diag[k2 : k2 + count])  # fmt: skip
+        _sweep_backward(e[k0 : k0 + count],
+                        e[k1 + 1 : k1 + 1 + count], w_up[k1 + 1 : k1 + 1 + count],
+                        e[k1 : k1 + count], w_left[k1 : k1 + count],
+                        e[k2 : k2 + count], w_diag[k2 : k2 + count])  # fmt: skip
     s = grad.dtype.type(scale)
     n_rows, n_cols = grad.shape
     for i in range(1, n + 1):

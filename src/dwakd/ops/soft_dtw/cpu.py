@@ -114,7 +114,9 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
     """Values R(n_b, m_b) of up to three cost batches in one threaded sweep; backward from stored softmin weights."""
 
     @staticmethod
-    def forward(ctx, gamma: float, plan: _TaskPlan, band: SoftBand | None, *costs: torch.Tensor):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, gamma: float, plan: _TaskPlan, band: SoftBand | None, *costs: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         k = _kernels()
         dtype = costs[0].dtype
         arrays = [c.detach().contiguous().numpy() for c in costs]  # (batch_g, N_g, M_g) views, no copy if contiguous

@@ -12,7 +12,9 @@ IMPLS = ("auto", "reference", "cpu", "cuda")
 MAX_GAMMA = 1e6  # the DP boundary is a finite 1e10 that must stay "infinitely" far in units of γ
 
 
-def _check_lengths(lengths: torch.Tensor | None, batch: int, size: int, name: str, device: torch.device) -> torch.Tensor:
+def _check_lengths(
+    lengths: torch.Tensor | None, batch: int, size: int, name: str, device: torch.device
+) -> torch.Tensor:
     """Validated (batch,) int64 lengths on `device`, each in [1, size]; None means every sample is full."""
     if lengths is None:
         return torch.full((batch,), size, dtype=torch.long, device=device)
