@@ -149,10 +149,10 @@ class MinED(DistillationMethod):
             kd_sum = kd_sum + divergence(student_logits, target, self.options.divergence, tau,
                                          student_rows=alignment.student_rows).sum()
         if alignment.one_hot_rows.numel():
-            flat = student_logits.reshape(-1, vocab)
             rows = alignment.one_hot_rows
+            picked = s_out.logits.reshape(-1, s_out.logits.shape[-1])[rows, :vocab]  # (rest, V_s), rows only
             gold = inputs.student.labels.reshape(-1).index_select(0, rows)
-            kd_sum = kd_sum + F.cross_entropy(flat[rows].to(kd_sum.dtype) / tau, gold, reduction="sum")
+            kd_sum = kd_sum + F.cross_entropy(picked.to(kd_sum.dtype) / tau, gold, reduction="sum")
         kd = kd_sum / inputs.num_items
         rate = self.options.kd_rate
         loss = (1.0 - rate) * ce + rate * kd
