@@ -302,8 +302,8 @@ MORE_EXAMPLES = [
 def linked_setup(seed: int = 0, extra_pad: int = 0, student_arch: str = "gpt2") -> Setup:
     """A `Setup` with more text whose teacher head, on the shared vocabulary, is a linear image of the student's.
 
-    W_t[shared] = W_s[shared]·M (+ small noise) makes the projected teacher reproduce the teacher's logits on shared tokens, so
-    the dual-space methods see a realistic mix of agreeing and disagreeing positions (random heads never agree).
+    W_t[shared] = W_s[shared]·M (+ small noise) makes the projected teacher reproduce the teacher's logits on shared
+    tokens, so the dual-space methods see a mix of agreeing and disagreeing positions (random heads never agree).
     """
     setup = Setup(student_arch=student_arch, seed=seed, extra_pad=extra_pad, examples=EXAMPLES + MORE_EXAMPLES)
     t_ids, s_ids = naive_shared(setup)

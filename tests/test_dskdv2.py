@@ -55,7 +55,8 @@ def naive_dskdv2_terms(setup: Setup, method, s_out, t_out, tau: float, use_agree
             t2s_kd = t2s_kd + kl(torch.log_softmax(t2s_logits.detach() / tau, -1),
                                  torch.log_softmax(s_out.logits[b, i, :vs] / tau, -1))
         s2t_logits = (h_s[b, i] @ s2t) @ w_t.T  # (V_t,)
-        s2t_kd = s2t_kd + kl(torch.log_softmax(t_out.logits[b, j, :vt] / tau, -1), torch.log_softmax(s2t_logits / tau, -1))
+        s2t_kd = s2t_kd + kl(torch.log_softmax(t_out.logits[b, j, :vt] / tau, -1),
+                             torch.log_softmax(s2t_logits / tau, -1))
     return t2s_ce, t2s_kd, s2t_kd, agreement
 
 

@@ -205,7 +205,8 @@ def test_dtw_terms_match_naive(setup, tmp_path, dtw):
     assert float(out.parts["dtw_hidden"]) == pytest.approx(hidden / n, rel=1e-5, abs=1e-8)
     assert float(out.parts["dtw_embedding"]) == pytest.approx(embedding / n, rel=1e-5, abs=1e-8)
     weighted = out.parts["ce"] * 0.5 + out.parts["kd"] * 0.5
-    torch.testing.assert_close(out.loss.detach(), weighted + 0.2 * (out.parts["dtw_hidden"] + out.parts["dtw_embedding"]))
+    dtw = out.parts["dtw_hidden"] + out.parts["dtw_embedding"]
+    torch.testing.assert_close(out.loss.detach(), weighted + 0.2 * dtw)
 
 
 def test_weights_and_dtw_off_is_dskdv2(setup, tmp_path):

@@ -76,7 +76,7 @@ def dtw_path(cost: np.ndarray) -> np.ndarray:
 
 
 def single_matches(path: np.ndarray, size: int, axis: int = 1) -> np.ndarray:
-    """(size,) int64: for each index on `axis` of the path, its only partner on the other axis, or −1 if it has several.
+    """(size,) int64: each index on `axis` of the path → its only partner on the other axis, −1 if it has several.
 
     With rows = teacher tokens and columns = student tokens, `single_matches(path, n_student, axis=1)` is the
     reference's "one base token maps to exactly one blending token" test.

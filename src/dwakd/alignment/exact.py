@@ -57,7 +57,7 @@ def exact_offset_alignment(
     teacher_label_offsets: torch.Tensor,
     teacher_input_offsets: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Aligned partners on the padded grids: (student_to_teacher (batch, n), teacher_to_student (batch, m)), −1 = none.
+    """Aligned partners on the padded grids: (student_to_teacher (batch, n), teacher_to_student (batch, m)), −1: none.
 
     Inputs are the `TokenView` fields of both sides: labels (batch, len) with −100 for ignored positions and
     offsets (batch, len, 2) of the label tokens and of the input tokens (character spans into prompt + response).

@@ -64,7 +64,7 @@ class VocabMap:
         return int(self.teacher_to_student.shape[0])
 
     def student_to_teacher(self) -> np.ndarray:
-        """(V_s,) int64: for each student id, the teacher id mapped onto it with the smallest distance (then lowest id); −1 if none."""
+        """(V_s,) int64: per student id, the teacher id mapped onto it at the least distance (then lowest id), or −1."""
         order = np.lexsort((np.arange(self.teacher_size), self.distance))  # by distance, then teacher id
         out = np.full(self.student_size, -1, dtype=np.int64)
         targets = self.teacher_to_student[order]

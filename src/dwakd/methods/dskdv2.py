@@ -143,14 +143,17 @@ class DSKDv2(DistillationMethod):
         student_head = _head(context.student_model, len(s_table))  # (V_s, d_s)
         teacher_head = _head(context.teacher_model, len(t_table))  # (V_t, d_t)
         dtype = torch.promote_types(torch.promote_types(student_head.dtype, teacher_head.dtype), torch.float32)
-        student_head, teacher_head = student_head.to(dtype), teacher_head.to(dtype)  # pinv in ≥ fp32
-        part_s = student_head[self.shared_student_ids].T  # (d_s, K)
-        part_t = teacher_head[self.shared_teacher_ids].T  # (d_t, K)
+        shared_s = self.shared_student_ids.to(student_head.device)
+        shared_t = self.shared_teacher_ids.to(teacher_head.device)
+        # the SVDs behind the pseudo-inverses run on a GPU when there is one (2048 × 42k for Qwen1.5-1.8B)
+        device = torch.device("cuda") if torch.cuda.is_available() else student_head.device
+        part_s = student_head[shared_s].to(device, dtype).T  # (d_s, K), pinv in ≥ fp32
+        part_t = teacher_head[shared_t].to(device, dtype).T  # (d_t, K)
         if options.init_t2s:
             with torch.no_grad():
-                self.t2s.weight.copy_((part_t @ torch.linalg.pinv(part_s)).T)  # (d_s, d_t)
+                self.t2s.weight.copy_((part_t @ torch.linalg.pinv(part_s)).T.cpu())  # (d_s, d_t)
         # pinv of the teacher's shared head block: s2t = W_s,shared-block · pinv(W_t,shared) each step
-        self.register_buffer("teacher_head_pinv", torch.linalg.pinv(part_t), persistent=False)  # (K, d_t)
+        self.register_buffer("teacher_head_pinv", torch.linalg.pinv(part_t).cpu(), persistent=False)  # (K, d_t)
 
     # ---- alignment -------------------------------------------------------------------------------------------
     def align(self, student: TokenView, teacher: TokenView) -> tuple[torch.Tensor, int]:
@@ -179,7 +182,8 @@ class DSKDv2(DistillationMethod):
             t_pos = t_labels[b].ne(-100).nonzero().squeeze(1).tolist()
             s_ids, t_ids = s_labels[b, s_pos].tolist(), t_labels[b, t_pos].tolist()
             pairs = exact_string_alignment(
-                [t_str[i] if i < len(t_str) else "" for i in t_ids], [s_str[i] if i < len(s_str) else "" for i in s_ids],
+                [t_str[i] if i < len(t_str) else "" for i in t_ids],
+                [s_str[i] if i < len(s_str) else "" for i in s_ids],
                 [i == t_table.eos_id for i in t_ids], [i == s_table.eos_id for i in s_ids],
             )
             for ti, si in pairs:
@@ -213,7 +217,9 @@ class DSKDv2(DistillationMethod):
         return AlignedPairs(s_rows, t_rows, target.reshape(-1).index_select(0, s_rows), keep, t_mask, s2t, aligned)
 
     # ---- the dual-space computation ---------------------------------------------------------------------------
-    def kd_scales(self, inputs: DistillationInputs, terms: DualSpaceV2Terms) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def kd_scales(
+        self, inputs: DistillationInputs, terms: DualSpaceV2Terms
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-pair scale of t2s_kd and s2t_kd (None = 1). DSKDv2: the agreement mask on t2s_kd only."""
         return terms.agreement.float(), None
 

@@ -113,7 +113,9 @@ class DWAKDv2(DSKDv2):
         w_kd = opts.kd_rate if opts.kd_weight is None else opts.kd_weight
         return w_ce, w_kd
 
-    def kd_scales(self, inputs: DistillationInputs, terms: DualSpaceV2Terms) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def kd_scales(
+        self, inputs: DistillationInputs, terms: DualSpaceV2Terms
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """w_i per kept pair for t2s_kd and u_j for s2t_kd; DSKDv2's agreement mask when weights are off."""
         opts: DWAKDv2Options = self.options
         if not opts.token_weights:

@@ -39,7 +39,14 @@ import torch.nn.functional as F
 from dwakd.alignment.dtw import dtw_path, edit_distance_matrix, single_matches
 from dwakd.alignment.token_strings import token_table
 from dwakd.alignment.vocab_map import cached_vocab_map
-from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodContext, MethodOptions, TokenView
+from dwakd.methods.base import (
+    DistillationInputs,
+    DistillationMethod,
+    LossOutput,
+    MethodContext,
+    MethodOptions,
+    TokenView,
+)
 from dwakd.methods.registry import register_method
 from dwakd.methods.sft import token_cross_entropy_sum
 from dwakd.modules.divergences import divergence, resolve_divergence
@@ -127,7 +134,9 @@ class MinED(DistillationMethod):
     def _string(strings: list[str], token_id: int) -> str:
         return strings[token_id] if 0 <= token_id < len(strings) else ""
 
-    def mapped_teacher_logits(self, teacher_logits: torch.Tensor, rows: torch.Tensor, student_vocab: int) -> torch.Tensor:
+    def mapped_teacher_logits(
+        self, teacher_logits: torch.Tensor, rows: torch.Tensor, student_vocab: int
+    ) -> torch.Tensor:
         """(rows, V_s) fp32 teacher logits in the student vocabulary: mapped columns copied, the rest −1e5."""
         picked = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])[rows]  # (k, R_t)
         dtype = torch.promote_types(picked.dtype, torch.float32)

@@ -54,7 +54,7 @@ def _descending(p: torch.Tensor, with_order: bool) -> tuple[torch.Tensor, torch.
 
 
 class _SortedL1(torch.autograd.Function):
-    """Per-row ‖sort↓(softmax z_s) − sort↓(softmax z_t)‖₁ (zero-padded); its gradient is formed in forward, by chunk.
+    """Per-row ‖sort↓(softmax z_s) − sort↓(softmax z_t)‖₁ (zero-padded); the gradient is formed in forward, by chunk.
 
     d/dp_s of the distance is sign(s_(k) − t_(k)) at the rank k of each entry (+1 on a student tail that meets
     the teacher's zero padding), scattered back through the sort, then through the softmax: p ⊙ (g − ⟨p, g⟩).
