@@ -121,7 +121,8 @@ class ScoreTable:
             summaries = [self.cell(model, n) if n is not None else self.average(model) for n, _ in columns]
             xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(columns))]
             means = [s.mean if s else 0.0 for s in summaries]
-            errs = [s.std if s else 0.0 for s in summaries]
+            # Error bars: ± std, the lower one clipped at 0 (ROUGE-L is never negative).
+            errs = [[min(s.std, s.mean) if s else 0.0 for s in summaries], [s.std if s else 0.0 for s in summaries]]
             ax.bar(xs, means, width, yerr=errs, capsize=3, label=model)
         ax.set_xticks(range(len(columns)))
         ax.set_xticklabels([t for _, t in columns])

@@ -145,7 +145,9 @@ def run_evaluation(
             logger.info("%s on %s: %s", name, dataset.name, table.cell(name, dataset.name).format())
         if pending:
             logger.info("%s: generated in %.1f s", name, time.perf_counter() - started)
-        del model
+        del model  # free it before the next model is loaded
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if write_files:
         from dwakd.evaluation.report import write_report
 
