@@ -67,7 +67,7 @@ def test_registered():
 
 @pytest.mark.parametrize("kind", ["fkl", "rkl"])
 def test_loss_and_gradients_match_naive(setup, tmp_path, kind):
-    method = build_method("mined", setup.context(tmp_path), {"divergence": kind, "kd_temperature": 1.5})
+    method = build_method("mined", setup.context(tmp_path), {"kd_objective": kind, "kd_temperature": 1.5})
     assert len(list((tmp_path / "vocab_maps").glob("*.npz"))) == 1  # the map was cached under cache_dir
     inputs = setup.inputs()
     s_logits, t_logits = leaf_logits(inputs)

@@ -6,7 +6,7 @@
    tokenizers and cached on disk (`dwakd.alignment.vocab_map`). Each student token that some teacher token
    maps onto reads that teacher token's logit (the closest one, then the lowest id); the others get −1e5.
 3. At student positions matched to exactly one teacher position whose token maps onto the student's token,
-   the mapped teacher logits are distilled with D (forward KL by default) at temperature τ; at every other
+   the mapped teacher logits are distilled with D (`kd_objective`, forward KL by default) at temperature τ; at every other
    response position the target is the gold token (one-hot), i.e. −log q_τ(y).
 loss = (1 − kd_rate)·CE + kd_rate·(Σ D + Σ −log q_τ(y)) / num_items.
 
@@ -58,7 +58,7 @@ UNMAPPED_LOGIT = -1e5  # logit of student tokens no teacher token maps onto (the
 class MinEDOptions(MethodOptions):
     """MinED knobs: the divergence at aligned positions and the threads used to build the vocabulary map."""
 
-    divergence: str = "fkl"  # SPEC §3 name; the reference uses forward KL
+    kd_objective: str = "fkl"  # SPEC §3 name (as in dskd / dskdv2); the reference uses forward KL
     map_workers: int = -1  # threads for the one-off vocabulary-map build (−1: all cores)
 
 
@@ -82,7 +82,7 @@ class MinED(DistillationMethod):
         super().__init__(options, context)
         if context.teacher_tokenizer is None:
             raise ValueError("mined needs the teacher's tokenizer (MethodContext.teacher_tokenizer)")
-        resolve_divergence(options.divergence)
+        resolve_divergence(options.kd_objective)
         student_table = token_table(context.student_tokenizer)
         teacher_table = token_table(context.teacher_tokenizer)
         vmap = cached_vocab_map(teacher_table, student_table, context.cache_dir, workers=options.map_workers)
@@ -155,7 +155,7 @@ class MinED(DistillationMethod):
         kd_sum = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
         if alignment.student_rows.numel():
             target = self.mapped_teacher_logits(t_out.logits, alignment.teacher_rows, vocab)  # (k, V_s)
-            kd_sum = kd_sum + divergence(student_logits, target, self.options.divergence, tau,
+            kd_sum = kd_sum + divergence(student_logits, target, self.options.kd_objective, tau,
                                          student_rows=alignment.student_rows).sum()
         if alignment.one_hot_rows.numel():
             rows = alignment.one_hot_rows
