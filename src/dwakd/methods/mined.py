@@ -6,8 +6,8 @@
    tokenizers and cached on disk (`dwakd.alignment.vocab_map`). Each student token that some teacher token
    maps onto reads that teacher token's logit (the closest one, then the lowest id); the others get −1e5.
 3. At student positions matched to exactly one teacher position whose token maps onto the student's token,
-   the mapped teacher logits are distilled with D (`kd_objective`, forward KL by default) at temperature τ; at every other
-   response position the target is the gold token (one-hot), i.e. −log q_τ(y).
+   the mapped teacher logits are distilled with D (`kd_objective`, forward KL by default) at temperature τ;
+   at every other response position the target is the gold token (one-hot), i.e. −log q_τ(y).
 loss = (1 − kd_rate)·CE + kd_rate·(Σ D + Σ −log q_τ(y)) / num_items.
 
 Choices and differences from the reference code (DSKD's `min_edit_dis_kld.py`):
