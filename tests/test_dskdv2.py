@@ -17,7 +17,6 @@ from _baseline_helpers import (
     trainable_names,
 )
 
-from dwakd.alignment.token_strings import token_table
 from dwakd.methods import build_method, method_names
 
 

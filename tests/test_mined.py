@@ -26,7 +26,7 @@ def naive_mined_kd_sum(setup: Setup, s_logits, t_logits, tau: float, kind: str) 
     s_table, t_table = token_table(setup.s_tok), token_table(setup.t_tok)
     mapping, dist = naive_vocab_map(list(t_table.data), list(s_table.data), setup.t_tok.eos_token_id,
                                     setup.s_tok.eos_token_id)
-    vs, vt = len(setup.s_tok), len(setup.t_tok)
+    vs = len(setup.s_tok)
     rep = naive_student_to_teacher(mapping, dist, vs)
     s_labels, t_labels = setup.s_view.labels, setup.t_view.labels
     total, aligned = s_logits.new_zeros(()), 0

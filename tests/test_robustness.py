@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from dwakd.cli import main
 
@@ -180,7 +179,7 @@ def _existing_output(tmp_path: Path) -> tuple[Path, dict]:
      "tokenizer has 50257 tokens but the model's embedding has only 100 rows"),
 ])
 def test_hostile_inputs(tiny_yaml, tmp_path, capsys, problem, overrides, message):
-    import tests.test_trainer  # noqa: F401  (registers the toy projector method)
+    import _toy_method  # noqa: F401  (registers the toy projector method)
 
     files = {}
     bad = tmp_path / "bad.jsonl"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from dwakd.data import DistillationCollator, InstructionRecord, build_prompt, encode_records, pad_sequences
 from dwakd.data.collator import collate_side

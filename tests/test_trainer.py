@@ -4,51 +4,16 @@ projector learning rate, logged parts, LoRA students, non-finite losses."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
+
+from _toy_method import ToyProjectorKD  # noqa: F401  (registers "toy-projector-test")
 
 from dwakd.config import load_config
-from dwakd.methods import DistillationMethod, LossOutput, MethodOptions, register_method
-from dwakd.methods.sft import token_cross_entropy_sum
-from dwakd.models import hidden_size
 from dwakd.run import build_training, train
 from dwakd.trainer import METHOD_WEIGHTS_NAME, NonFiniteLossError
-
-
-@dataclass
-class ToyOptions(MethodOptions):
-    nan_at_call: int = -1  # return a NaN part on this call (for the non-finite tests)
-
-
-@register_method
-class ToyProjectorKD(DistillationMethod):
-    """Test-only method: CE + MSE between pooled student hidden states and projected pooled teacher states."""
-
-    name = "toy-projector-test"
-    Options = ToyOptions
-    needs_hidden_states = True
-
-    def __init__(self, options, context):
-        super().__init__(options, context)
-        self.proj = nn.Linear(hidden_size(context.teacher_config), hidden_size(context.student_config))
-        self.calls = 0
-
-    def compute_loss(self, inputs):
-        self.calls += 1
-        ce = token_cross_entropy_sum(inputs.student_out.logits, inputs.student) / inputs.num_items
-        s_mask = inputs.student.label_mask.unsqueeze(-1).float()
-        t_mask = inputs.teacher.label_mask.unsqueeze(-1).float()
-        s = (inputs.student_out.last_hidden * s_mask).sum(1) / s_mask.sum(1)
-        t = (inputs.teacher_out.last_hidden * t_mask).sum(1) / t_mask.sum(1)
-        mse = ((s - self.proj(t)) ** 2).sum() / inputs.num_items
-        if self.calls == self.options.nan_at_call:
-            mse = mse * float("nan")
-        return LossOutput(ce + mse, {"ce": ce.detach(), "mse": mse.detach()}, {"mean_norm": s.norm(dim=-1).mean()})
 
 
 NO_DROPOUT = "{arch: gpt2, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_positions: 128, resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}"
