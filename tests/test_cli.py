@@ -18,6 +18,9 @@ def test_overrides_parse_yaml_values_and_aliases():
     assert tree["method"] == {"name": "dwakd", "options": {"gamma": 0.1}}
     assert tree["training"] == {"max_steps": 50, "output_dir": "/tmp/x", "bf16": True}
     assert tree["data"]["train"] == ["a.jsonl", "b.jsonl"] and tree["teacher"] is None
+    # scientific notation without a dot is a float, not YAML 1.1's string
+    assert apply_overrides({}, ["training.learning_rate=2e-3", "x=1E5", "y=-3.5e+2", "z=e5"]) == {
+        "training": {"learning_rate": 0.002}, "x": 100000.0, "y": -350.0, "z": "e5"}
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["training.max_steps"])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,22 @@ from typing import Any
 import yaml
 
 from dwakd.models import LoraSpec, ModelSpec
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `5e-4` (no dot) as a string; configs mean a float, so resolve it as one."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str):
+    """yaml.safe_load with scientific notation as floats."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class ConfigError(ValueError):
@@ -120,7 +137,7 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. training.max_steps=50)")
         key, raw = item.split("=", 1)
         key = ALIASES.get(key.strip(), key.strip())
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
+        _set_dotted(tree, key, parse_yaml(raw) if raw != "" else "")
     return tree
 
 
@@ -162,7 +179,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(tree, dict):
