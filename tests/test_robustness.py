@@ -36,9 +36,9 @@ def env() -> dict:
     return e
 
 
-def losses(output_dir: Path, name: str = "trainer_state.json") -> list[tuple[int, float]]:
-    state = json.loads((output_dir / name).read_text())
-    return [(e["step"], e["loss"]) for e in state["log_history"] if "loss" in e]
+def losses(output_dir: Path, key: str = "loss") -> list[tuple[int, float]]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [(e["step"], e[key]) for e in state["log_history"] if "loss" in e]
 
 
 def free_port() -> int:
@@ -47,23 +47,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_equals_single_process(tiny_yaml, tmp_path):
-    """DDP over 2 CPU processes (gloo) with 2 per device == 1 process with 4: same global batch, same loss."""
-    common = [str(tiny_yaml), *SMALL, "training.max_steps=3", "data.max_train_examples=24"]
+ENGINES = {
+    "ddp": [],
+    "fsdp": ["training.fsdp=true", "training.fsdp_config={transformer_layer_cls_to_wrap: [GPT2Block]}",
+             "training.save_strategy=steps", "training.save_steps=3"],
+}
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_two_processes_on_cpu_equal_single_process(tiny_yaml, tmp_path, engine):
+    """DDP / FSDP over 2 CPU processes (gloo), 2 per device == 1 process with 4: same loss and parts."""
+    common = [str(tiny_yaml), *SMALL, "training.max_steps=3", "data.max_train_examples=24", "method=dskd"]
     single = tmp_path / "single"
     subprocess.run(cli(*common, f"output_dir={single}", "training.per_device_train_batch_size=4"),
                    env=env(), check=True, capture_output=True, timeout=300)
-    ddp = tmp_path / "ddp"
+    multi = tmp_path / engine
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "--master_addr=127.0.0.1", "-m", "dwakd.cli", "train", *common, f"output_dir={ddp}",
-         "training.per_device_train_batch_size=2", "training.ddp_backend=gloo"],
+         "--master_addr=127.0.0.1", "-m", "dwakd.cli", "train", *common, f"output_dir={multi}",
+         "training.per_device_train_batch_size=2", "training.ddp_backend=gloo", *ENGINES[engine]],
         env=env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    a, b = losses(single), losses(ddp)
-    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
-    for (_, x), (_, y) in zip(a, b):
-        assert y == pytest.approx(x, rel=1e-4)
+    for key in ("loss", "ce", "t2s_ce", "s2t_kd", "t2s_acc"):  # the loss and the named parts, reduced over ranks
+        a, b = losses(single, key), losses(multi, key)
+        assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+        for (_, x), (_, y) in zip(a, b):
+            assert y == pytest.approx(x, rel=1e-4), key
+    if engine == "fsdp":  # the gathered checkpoint holds the student and the projectors, once
+        from safetensors.torch import load_file
+
+        ckpt = multi / "checkpoint-3"
+        projectors = load_file(str(ckpt / "distill_method.safetensors"))
+        reference = load_file(str(single / "distill_method.safetensors"))
+        assert {k: v.shape for k, v in projectors.items()} == {k: v.shape for k, v in reference.items()}
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(str(ckpt))
 
 
 def _wait_for(predicate, proc, timeout=240.0):

@@ -191,18 +191,34 @@ class DistillationTrainer(Trainer):
         self._micro_batches += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the named loss parts (mean per optimizer step) and stats (mean per micro-batch) to training logs."""
-        if "loss" in logs and self._micro_batches:
-            steps = max(1, self.state.global_step - self._last_logged_step)
-            for name, total in self._part_sums.items():
-                logs[name] = round(total / steps, 6)
-            for name, total in self._stat_sums.items():
-                logs[name] = round(total / self._micro_batches, 6)
+        """Add the named loss parts (mean per optimizer step) and stats (mean per micro-batch) to training logs.
+
+        Under several processes, parts are summed over ranks (each rank holds its share of the global-token sum)
+        and stats averaged over all ranks' micro-batches, so the logged values equal a single-process run's.
+        """
+        if "loss" in logs:
+            parts, stats, micro = self._reduce_logged()
+            if micro:
+                steps = max(1, self.state.global_step - self._last_logged_step)
+                logs.update({name: round(total / steps, 6) for name, total in parts.items()})
+                logs.update({name: round(total / micro, 6) for name, total in stats.items()})
             self._part_sums.clear()
             self._stat_sums.clear()
             self._micro_batches = 0
             self._last_logged_step = self.state.global_step
         super().log(logs, start_time)
+
+    def _reduce_logged(self) -> tuple[dict[str, float], dict[str, float], float]:
+        parts, stats, micro = dict(self._part_sums), dict(self._stat_sums), float(self._micro_batches)
+        if self.accelerator.num_processes <= 1:
+            return parts, stats, micro
+        names = sorted(parts), sorted(stats)
+        values = [parts[n] for n in names[0]] + [stats[n] for n in names[1]] + [micro]
+        total = self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.args.device), "sum")
+        total = total.tolist()
+        parts = dict(zip(names[0], total[: len(names[0])]))
+        stats = dict(zip(names[1], total[len(names[0]) : -1]))
+        return parts, stats, total[-1]
 
     # ---- optimizer --------------------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
