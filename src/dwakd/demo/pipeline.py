@@ -50,16 +50,16 @@ class DemoSettings:
     tokenizers: TokenizerSettings = field(default_factory=TokenizerSettings)
     teacher_model: dict[str, Any] = field(default_factory=lambda: {
         "arch": "llama", "hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 768,
-        "max_positions": 320})
+        "max_positions": 320, "tie_word_embeddings": True})
     student_model: dict[str, Any] = field(default_factory=lambda: {
         "arch": "gpt2", "hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 512,
         "max_positions": 320})
     teacher_init_seed: int = 1
     student_init_seed: int = 0  # every student starts from this same initialisation
     teacher_training: dict[str, Any] = field(default_factory=lambda: {
-        "max_steps": 750, "per_device_train_batch_size": 32, "learning_rate": 2e-3})
+        "max_steps": 500, "per_device_train_batch_size": 32, "learning_rate": 2e-3, "warmup_steps": 30})
     student_training: dict[str, Any] = field(default_factory=lambda: {
-        "max_steps": 600, "per_device_train_batch_size": 32, "learning_rate": 2e-3})
+        "max_steps": 600, "per_device_train_batch_size": 16, "learning_rate": 2e-3})
     max_prompt_length: int = 160
     max_length: int = 288
     methods: tuple[str, ...] = DEFAULT_METHODS

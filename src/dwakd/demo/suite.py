@@ -9,7 +9,8 @@ Splits, mirroring how the paper's test sets differ from Dolly (its training dist
 
     train / dev / test   seen families and phrasings, short inputs                    (like Dolly)
     ood_phrasing         seen families, held-out phrasings                             (like SelfInst: new wording)
-    ood_long             seen families, 2-3x longer inputs and answers, two asks in one (like S-NI: long inputs)
+    ood_long             seen families, longer inputs (6-9 list items, 8-sentence stories), two asks in one
+                         question, about twice as long answers                         (like S-NI: long inputs)
     ood_tasks            unseen families composed from seen skills (sort descending,    (like Vicuna: new tasks)
                          country of a capital, what an animal eats, declining an invitation, ...)
 
@@ -33,7 +34,7 @@ from pathlib import Path
 from dwakd.data.records import build_prompt
 from dwakd.demo import words as W
 
-SUITE_VERSION = "1"
+SUITE_VERSION = "2"
 
 Example = tuple[str, str, list[str]]  # (instruction, input, references); the first reference is trained on
 Maker = Callable[[random.Random, str, bool], Example]  # (rng, phrasing, long) -> example
@@ -60,7 +61,7 @@ def _words(rng: random.Random, k: int, distinct_lengths: bool = False) -> list[s
 
 
 def _n_items(rng: random.Random, long: bool) -> int:
-    return rng.randint(7, 10) if long else rng.randint(3, 5)
+    return rng.randint(6, 9) if long else rng.randint(3, 5)
 
 
 def _quote(rng: random.Random, word: str) -> str:
@@ -91,14 +92,14 @@ def _capital(rng: random.Random, phrasing: str, long: bool) -> Example:
     return phrasing.format(x=country), "", [f"The capital of {country} is {W.CAPITALS[country]}."]
 
 
-def _fact(table: dict[str, str], sentence: str, each: str) -> Maker:
-    """A lookup family: one word in the instruction; long form asks for several words given as input."""
+def _fact(table: dict[str, str], sentence: str, pair: str) -> Maker:
+    """A lookup family: one word in the instruction; the long form asks about two words in one question."""
 
     def make(rng: random.Random, phrasing: str, long: bool) -> Example:
         if long:
-            keys = rng.sample(sorted(table), rng.randint(3, 4))
-            answer = " ".join(sentence.format(x=k, y=table[k]) for k in keys)
-            return each, ", ".join(keys), [answer]
+            a, b = rng.sample(sorted(table), 2)
+            answer = f"{sentence.format(x=a, y=table[a])} {sentence.format(x=b, y=table[b])}"
+            return pair.format(a=a, b=b), "", [answer]
         key = rng.choice(sorted(table))
         return phrasing.format(x=_quote(rng, key)), "", [sentence.format(x=key, y=table[key])]
 
@@ -111,7 +112,7 @@ def _longest(rng: random.Random, phrasing: str, long: bool) -> Example:
 
 
 def _count(rng: random.Random, phrasing: str, long: bool) -> Example:
-    n = rng.randint(8, 12) if long else rng.randint(2, 6)
+    n = rng.randint(7, 10) if long else rng.randint(2, 6)
     items = _words(rng, n)
     return phrasing, ", ".join(items), [f"There are {n} items in the list."]
 
@@ -129,9 +130,8 @@ def _arith(rng: random.Random, phrasing: str, long: bool) -> Example:
 
 def _category(rng: random.Random, phrasing: str, long: bool) -> Example:
     if long:
-        picks = [(rng.choice(W.CATEGORIES[c]), c) for c in rng.sample(sorted(W.CATEGORIES), 3)]
-        answer = " ".join(f"{_cap(w)} is {c}." for w, c in picks)
-        return "Say what kind of thing each of these words is.", ", ".join(w for w, _ in picks), [answer]
+        (w1, c1), (w2, c2) = [(rng.choice(W.CATEGORIES[c]), c) for c in rng.sample(sorted(W.CATEGORIES), 2)]
+        return f"What kind of things are {w1} and {w2}?", "", [f"{_cap(w1)} is {c1}. {_cap(w2)} is {c2}."]
     category = rng.choice(sorted(W.CATEGORIES))
     word = rng.choice(W.CATEGORIES[category])
     return phrasing.format(x=_quote(rng, word)), "", [f"{_cap(word)} is {category}."]
@@ -219,15 +219,15 @@ FAMILIES: tuple[Family, ...] = (
            ("Tell me the capital of {x}.", "I would like to know the capital city of {x}."), _capital),
     Family("plural", ("What is the plural of {x}?", "Give the plural form of the word {x}.", "Write the plural of {x}."),
            ("How do you write {x} in the plural?", "Turn the noun {x} into its plural."),
-           _fact(W.PLURALS, "The plural of {x} is {y}.", "Give the plural of each of these words.")),
+           _fact(W.PLURALS, "The plural of {x} is {y}.", "What are the plurals of {a} and {b}?")),
     Family("past", ("What is the past tense of {x}?", "Give the past tense of the verb {x}.",
                     "Write the past tense form of {x}."),
            ("How do you put the verb {x} in the past tense?", "Change {x} into the past tense."),
-           _fact(W.PAST_TENSES, "The past tense of {x} is {y}.", "Give the past tense of each of these verbs.")),
+           _fact(W.PAST_TENSES, "The past tense of {x} is {y}.", "What are the past tenses of {a} and {b}?")),
     Family("opposite", ("What is the opposite of {x}?", "Give a word that means the opposite of {x}.",
                         "Name the opposite of the word {x}."),
            ("Which word has the opposite meaning to {x}?", "Tell me the opposite of {x}."),
-           _fact(W.ANTONYMS, "The opposite of {x} is {y}.", "Give the opposite of each of these words.")),
+           _fact(W.ANTONYMS, "The opposite of {x} is {y}.", "What are the opposites of {a} and {b}?")),
     Family("longest", ("Which word in the list is the longest?", "Find the longest word in this list.",
                        "Name the longest of these words."),
            ("Out of the following words, which one is the longest?", "Pick the longest word from the list below."),
@@ -313,7 +313,7 @@ UNSEEN_FAMILIES: dict[str, Callable[[random.Random], Example]] = {
 TEST_SPLITS: dict[str, tuple[str, str]] = {
     "test": ("Suite", "in-domain, like Dolly"),
     "ood_phrasing": ("Phrasing", "held-out phrasings of seen tasks, like SelfInst"),
-    "ood_long": ("Long", "2-3x longer inputs and answers, two asks in one, like S-NI"),
+    "ood_long": ("Long", "longer inputs and answers, two asks in one question, like S-NI"),
     "ood_tasks": ("Tasks", "unseen task families composed of seen skills, like Vicuna"),
 }
 
