@@ -132,3 +132,28 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys):
     again = run_demo(out, quick=True, show_progress=False, echo=lambda _: None)
     assert all(again.cached[stage] for stage in ("suite", "tokenizers", "teacher", "sft", "dskd", "dwakd"))
     assert again.table.to_json()["scores"] == results["scores"]
+
+
+def test_tokenizer_training_is_deterministic(tmp_path: Path):
+    """Same corpus, same settings -> byte-identical tokenizers (the demo caches and compares runs by them)."""
+    texts = S.corpus_text(S.build_suite(tmp_path / "data", S.SuiteSizes(train=800, student_train=10, dev=2, test=2)))
+    settings = TokenizerSettings(teacher_vocab=900, student_vocab=600)
+    first = train_tokenizers(texts, settings, tmp_path / "a")
+    second = train_tokenizers(texts, settings, tmp_path / "b")
+    for role in ("teacher", "student"):
+        assert (first[role] / "tokenizer.json").read_bytes() == (second[role] / "tokenizer.json").read_bytes()
+
+
+def test_threads_follow_free_cores(monkeypatch):
+    from dwakd.demo import pipeline as P
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(P.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    monkeypatch.setattr(P, "_cpu_busy_fraction", lambda: 0.05)
+    assert P.choose_threads() == 2
+    monkeypatch.setattr(P, "_cpu_busy_fraction", lambda: 0.5)  # another process holds one core
+    assert P.choose_threads() == 1
+    monkeypatch.setattr(P, "_cpu_busy_fraction", lambda: 1.0)
+    assert P.choose_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert P.choose_threads() == 3

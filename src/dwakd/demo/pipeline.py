@@ -122,24 +122,44 @@ def _stage_info(folder: Path) -> dict[str, Any]:
     return json.loads((folder / STAGE_FILE).read_text(encoding="utf-8"))
 
 
-def set_threads(threads: int | None = None) -> int:
-    """Torch threads: `threads`, else $OMP_NUM_THREADS, else the cores that are idle right now (at least 1).
+def _cpu_busy_fraction(interval: float = 0.3) -> float | None:
+    """Share of all CPU time spent busy during `interval` seconds (Linux /proc/stat), or None where unavailable."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+        return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields)  # (idle + iowait, total)
 
-    The demo's models are tiny, so extra threads gain little, while a thread that has to wait for a busy core
-    stalls every matrix product (measured: a 2-thread run on a fully loaded 2-core machine was 5-50x slower
-    than a 1-thread run). So the default counts only the cores the load average leaves free.
+    try:
+        idle0, total0 = sample()
+        time.sleep(interval)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def choose_threads() -> int:
+    """Torch threads for the next stage: $OMP_NUM_THREADS if set, else the cores other processes leave free.
+
+    The demo's models are tiny, so each step is thousands of small parallel kernels; a thread that has to
+    share its core with another process stalls every one of them (measured on a loaded 2-core machine: 2
+    threads 5-50x slower than 1). So a core only counts when other processes use at most 40% of it, measured
+    just before each stage (falling back to the 1-minute load average).
     """
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env and env.isdigit():
+        return max(1, int(env))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = _cpu_busy_fraction()
+    used = busy * cores if busy is not None else (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    return max(1, min(cores, int(cores - used + 0.4)))
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads (`choose_threads()` when not given); returns the number in use."""
     import torch
 
-    if threads is None:
-        env = os.environ.get("OMP_NUM_THREADS")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if env and env.isdigit():
-            threads = int(env)
-        else:
-            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-            threads = min(cores, int(cores - load + 0.5))
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(max(1, threads if threads is not None else choose_threads()))
     return torch.get_num_threads()
 
 
@@ -171,10 +191,12 @@ class DemoPipeline:
         self.cached: dict[str, bool] = {}
         self._eval_cleared = False
         self.threads = 1
+        self.stage_threads: dict[str, int] = {}  # torch threads chosen for each stage
         self.load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
     # ---- stages ---------------------------------------------------------------------------------------------------
     def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        self.stage_threads[name] = self.threads = set_threads()
         started, cpu = time.perf_counter(), time.process_time()
         result = fn()
         self.timings[name] = round(time.perf_counter() - started, 2)
@@ -223,7 +245,7 @@ class DemoPipeline:
         return paths
 
     def _training_block(self, training: dict[str, Any], output_dir: Path) -> dict[str, Any]:
-        return {"output_dir": str(output_dir), "logging_steps": 10, "save_strategy": "no", "eval_strategy": "no",
+        return {"output_dir": str(output_dir), "logging_steps": 20, "save_strategy": "no", "eval_strategy": "no",
                 "use_cpu": True, "bf16": self.settings.bf16, "disable_tqdm": not self.show_progress,
                 "report_to": "none", **training}
 

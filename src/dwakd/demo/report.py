@@ -83,14 +83,14 @@ def plot_loss_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> Pat
     import matplotlib.pyplot as plt
 
     fig, (ax_ce, ax_total) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, history in curves.items():
+    for index, (name, history) in enumerate(curves.items()):
         rows = [h for h in history if "loss" in h and "step" in h]
         if not rows:
             continue
-        steps = [h["step"] for h in rows]
-        ax_total.plot(steps, [h["loss"] for h in rows], label=display_name(name))
+        steps, style = [h["step"] for h in rows], {"label": display_name(name), "color": f"C{index}"}
+        ax_total.plot(steps, [h["loss"] for h in rows], **style)  # same colour per model as in results.png
         if name != "teacher" and all("ce" in h for h in rows):
-            ax_ce.plot(steps, [h["ce"] for h in rows], label=display_name(name))
+            ax_ce.plot(steps, [h["ce"] for h in rows], **style)
     ax_ce.set_title("student cross-entropy on gold tokens (train)")
     ax_total.set_title("total training loss (each method's own objective)")
     for ax in (ax_ce, ax_total):
@@ -125,7 +125,8 @@ def write_demo_report(pipeline: "DemoPipeline", table: ScoreTable, seed_table: S
         curves[method] = _log_history(out / "students" / pipeline.student_name(method, s.train_seeds[0]))
     plot_loss_curves(curves, out / "loss_curves.png")
     (out / "timings.json").write_text(json.dumps({"wall_seconds": pipeline.timings, "cpu_seconds": pipeline.cpu_timings,
-                                                  "threads": pipeline.threads, "load_at_start": pipeline.load_at_start},
+                                                  "threads": pipeline.stage_threads,
+                                                  "load_at_start": pipeline.load_at_start},
                                                  indent=2), encoding="utf-8")
 
     suite = json.loads((data["train"].parent / "suite.json").read_text(encoding="utf-8"))
@@ -171,14 +172,17 @@ def write_demo_report(pipeline: "DemoPipeline", table: ScoreTable, seed_table: S
               f"projector lr {s.projector_lr}.",
               f"- Evaluation: sampling (temperature 1.0, top-p 1.0), at most {s.max_new_tokens} new tokens, "
               f"sampling seeds {', '.join(map(str, s.eval_seeds))}; ROUGE-L F1 ×100, max over references.", "",
-              "## Time", "", f"Torch threads: {pipeline.threads}; load average at the start: {pipeline.load_at_start:.2f}. "
-              "CPU seconds count every thread of this process.", "",
-              "| stage | wall seconds | CPU seconds | cached |", "|---|---:|---:|---|"]
+              "## Time", "", f"Load average at the start: {pipeline.load_at_start:.2f}. Torch threads are chosen before "
+              "each stage from the cores other processes leave free; CPU seconds count every thread of this process.",
+              "", "| stage | threads | wall seconds | CPU seconds | cached |", "|---|---:|---:|---:|---|"]
     for stage, seconds in pipeline.timings.items():
         key = stage.replace("train ", "")
         cached = pipeline.cached.get(key if stage.startswith("train") else stage)
-        lines.append(f"| {stage} | {seconds:.1f} | {pipeline.cpu_timings.get(stage, 0.0):.1f} | "
-                     f"{'' if cached is None else ('yes' if cached else 'no')} |")
+        trained = pipeline.train_info.get(key, {}).get("seconds") if stage.startswith("train") else None
+        reused = "" if cached is None else ("no" if not cached else
+                                           f"yes (trained in {trained:.0f} s)" if trained is not None else "yes")
+        lines.append(f"| {stage} | {pipeline.stage_threads.get(stage, '')} | {seconds:.1f} | "
+                     f"{pipeline.cpu_timings.get(stage, 0.0):.1f} | {reused} |")
     lines += ["", "## Files", "", "`demo_config.yaml` (settings), `data/` (suite), `tokenizers/`, `teacher/` and "
               "`students/<method>/` (checkpoints, `dwakd_config.yaml`, `trainer_state.json` logs), "
               "`eval/generations/` (every sampled response), `results.*` (table, chart, scores), "
@@ -193,7 +197,7 @@ def write_demo_report(pipeline: "DemoPipeline", table: ScoreTable, seed_table: S
         pipeline.echo(f"{c['claim']} ({c['seeds']}): margin {c['margin']:+.2f}, spread {c['spread']:.2f} -> "
                       f"{'holds' if c['holds'] else 'does not hold'}")
     pipeline.echo(f"report: {report}  (total {pipeline.timings.get('total', 0):.0f} s wall, "
-                  f"{pipeline.cpu_timings.get('total', 0):.0f} s CPU, {pipeline.threads} thread(s))")
+                  f"{pipeline.cpu_timings.get('total', 0):.0f} s CPU)")
     return report, checks
 
 

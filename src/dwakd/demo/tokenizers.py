@@ -2,7 +2,8 @@
 
 Teacher: byte-level BPE (GPT-2/Qwen style: the space belongs to the next word, digits one by one).
 Student: WordPiece (BERT style: words split on whitespace and punctuation, "##" continuation pieces, whole
-numbers), with a smaller vocabulary, so rarer words break into different pieces on the two sides.
+numbers, greedy longest-match), with a smaller vocabulary, so rarer words break into different pieces.
+Both are deterministic: the same corpus and settings give byte-identical tokenizer files in every process.
 Both are saved as `PreTrainedTokenizerFast` directories with an EOS token, as `dwakd.tokenizers` requires.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import string
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ class TokenizerSettings:
     teacher_vocab: int = 4000
     student_vocab: int = 1500
     min_frequency: int = 2
-    version: str = "1"  # bump when the recipes below change
+    version: str = "2"  # bump when the recipes below change
 
     def fingerprint(self) -> str:
         """Short hash of these settings."""
@@ -51,17 +53,38 @@ def train_teacher_tokenizer(texts: Sequence[str], settings: TokenizerSettings) -
 
 
 def train_student_tokenizer(texts: Sequence[str], settings: TokenizerSettings) -> PreTrainedTokenizerFast:
-    """WordPiece on whitespace/punctuation-split words (cased), numbers kept whole."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token=STUDENT_UNK, max_input_chars_per_word=100))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    """WordPiece on whitespace/punctuation-split words (cased, numbers kept whole), vocabulary learned by BPE.
+
+    The library's `WordPieceTrainer` (a BPE trainer with a "##" prefix) breaks ties between equally frequent
+    pairs in hash order, so it returns a different vocabulary in every process. Instead a plain BPE trainer
+    (deterministic) learns the pieces on the same pre-tokenized words; every piece then enters the WordPiece
+    vocabulary in the form it takes in the corpus (word-initial as is, inside a word with "##"), most frequent
+    first, with the whole printable alphabet in both forms so no text maps to [UNK].
+    """
+    normalizer = normalizers.NFC()
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     alphabet = sorted(set(string.printable) - set(string.whitespace))
-    trainer = trainers.WordPieceTrainer(vocab_size=settings.student_vocab, min_frequency=settings.min_frequency,
-                                        special_tokens=[STUDENT_PAD, STUDENT_UNK, STUDENT_EOS],
-                                        initial_alphabet=alphabet, continuing_subword_prefix="##",
-                                        show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
+    bpe = Tokenizer(models.BPE(unk_token=STUDENT_UNK))
+    bpe.normalizer, bpe.pre_tokenizer = normalizer, pre_tokenizer
+    trainer = trainers.BpeTrainer(vocab_size=settings.student_vocab, min_frequency=settings.min_frequency,
+                                  special_tokens=[STUDENT_PAD, STUDENT_UNK, STUDENT_EOS], initial_alphabet=alphabet,
+                                  show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    words = Counter(word for text in texts
+                    for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    pieces: Counter[str] = Counter()
+    for word, count in words.items():
+        for position, token in enumerate(bpe.model.tokenize(word)):
+            pieces[token.value if position == 0 else "##" + token.value] += count
+    vocab = [STUDENT_PAD, STUDENT_UNK, STUDENT_EOS, *alphabet, *("##" + c for c in alphabet)]
+    known = set(vocab)
+    ranked = sorted((p for p in pieces if p not in known), key=lambda p: (-pieces[p], p))
+    vocab += ranked[: max(0, settings.student_vocab - len(vocab))]
+    tokenizer = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(vocab)}, unk_token=STUDENT_UNK,
+                                           max_input_chars_per_word=100))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    tokenizer.add_special_tokens([STUDENT_PAD, STUDENT_UNK, STUDENT_EOS])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=STUDENT_EOS, pad_token=STUDENT_PAD,
                                    unk_token=STUDENT_UNK)
 
