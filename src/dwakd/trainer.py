@@ -11,6 +11,7 @@ its adapter), the method's state in `distill_method.safetensors`, plus the stude
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 METHOD_WEIGHTS_NAME = "distill_method.safetensors"
 _VIEW_KEYS = ("input_ids", "attention_mask", "labels", "input_offsets", "label_offsets")
+# Config fields of models whose logits are not just head(final hidden state) (soft-capping, scaling)
+_LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -50,7 +53,8 @@ class DistillationModel(nn.Module):
     accepts_loss_kwargs = True  # the Trainer passes num_items_in_batch (global token count, SPEC §2)
 
     def __init__(self, student: nn.Module, method: DistillationMethod, teacher: nn.Module | None = None,
-                 student_vocab_size: int | None = None, teacher_vocab_size: int | None = None):
+                 student_vocab_size: int | None = None, teacher_vocab_size: int | None = None,
+                 row_logits: bool = True):
         super().__init__()
         self.student = student
         self.method = method
@@ -58,6 +62,9 @@ class DistillationModel(nn.Module):
         self.student_vocab_size = student_vocab_size or student.get_input_embeddings().weight.shape[0]
         self.teacher_vocab_size = teacher_vocab_size
         self.progress = 0.0  # fraction of training done; the trainer updates it every step
+        # Apply LM heads only at the rows a loss reads (prompt logits are never used); verified once per side.
+        self.row_logits = row_logits
+        self._head_checked: dict[str, bool | None] = {}
         if method.needs_teacher and teacher is None:
             raise ValueError(f"method {method.name!r} needs a teacher; set `teacher:` in the config")
 
@@ -76,25 +83,65 @@ class DistillationModel(nn.Module):
         hidden = self.method.needs_hidden_states
         teacher_hidden = self.method.needs_teacher_hidden_states
         teacher_hidden = hidden if teacher_hidden is None else teacher_hidden
-        s_out = self.student(input_ids=student_view.input_ids, attention_mask=student_view.attention_mask,
-                             output_hidden_states=hidden, use_cache=False)
-        student_model = ModelView(s_out.logits, s_out.hidden_states if hidden else None, self.student,
-                                  self.student_vocab_size)
+        student_model = self._run_side("student", self.student, student_view, hidden, self.student_vocab_size)
         teacher_model = None
         if self.method.needs_teacher:
             if teacher_view is None:
                 raise ValueError("the batch has no teacher view; build the dataset with the teacher tokenizer")
             with torch.no_grad():
-                t_out = self.teacher(input_ids=teacher_view.input_ids, attention_mask=teacher_view.attention_mask,
-                                     output_hidden_states=teacher_hidden, use_cache=False)
-            teacher_model = ModelView(t_out.logits, t_out.hidden_states if teacher_hidden else None, self.teacher,
-                                      self.teacher_vocab_size or t_out.logits.shape[-1])
+                teacher_model = self._run_side("teacher", self.teacher, teacher_view, teacher_hidden,
+                                               self.teacher_vocab_size)
         if num_items_in_batch is None:
             num_items_in_batch = student_view.label_mask.sum()
-        num_items = torch.as_tensor(num_items_in_batch, device=s_out.logits.device).clamp_min(1)
+        num_items = torch.as_tensor(num_items_in_batch, device=student_view.labels.device).clamp_min(1)
         result = self.method(DistillationInputs(student_view, teacher_view, student_model, teacher_model,
                                                 num_items, self.progress))
         return {"loss": result.loss, "parts": result.parts, "stats": result.stats}
+
+    def _run_side(self, side: str, model: nn.Module, view: TokenView, want_hidden: bool,
+                  vocab_size: int | None) -> ModelView:
+        """One model's forward as a ModelView: LM head deferred to the rows a loss reads when that is exact."""
+        head = self._deferred_head(side, model)
+        out = model(input_ids=view.input_ids, attention_mask=view.attention_mask,
+                    output_hidden_states=want_hidden or head is not None, use_cache=False,
+                    **({"logits_to_keep": 1} if head is not None else {}))
+        vocab = vocab_size or model.get_output_embeddings().weight.shape[0]
+        if head is None:
+            return ModelView(out.logits, out.hidden_states if want_hidden else None, model, vocab)
+        last_hidden = out.hidden_states[-1]
+        if self._head_checked.get(side) is None:
+            self._head_checked[side] = _head_reproduces_logits(head, last_hidden, out.logits)
+            if not self._head_checked[side]:
+                logger.warning("%s: applying the LM head to the final hidden states does not reproduce the model's "
+                               "logits (logit scaling or soft-capping?); computing dense logits instead", side)
+                return self._run_side(side, model, view, want_hidden, vocab_size)
+        return ModelView(None, out.hidden_states if want_hidden else None, model, vocab, head=head,
+                         last_hidden=last_hidden)
+
+    def _deferred_head(self, side: str, model: nn.Module) -> nn.Module | None:
+        """The LM head to apply per row, or None when this model must produce dense logits itself."""
+        if not self.row_logits or self._head_checked.get(side) is False:
+            return None
+        base = model.get_base_model() if _is_peft(model) else model
+        config = getattr(base, "config", None)
+        if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_TRANSFORM_KEYS):
+            return None
+        try:
+            accepts = "logits_to_keep" in inspect.signature(base.forward).parameters
+        except (TypeError, ValueError):
+            accepts = False
+        return model.get_output_embeddings() if accepts else None
+
+
+def _head_reproduces_logits(head: nn.Module, last_hidden: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether head(final hidden state) equals the model's own logits at the last position (checked once)."""
+    with torch.no_grad():
+        ours = head(last_hidden[:, -1:]).float()
+        theirs = logits[:, -1:].float()
+        if ours.shape != theirs.shape:
+            return False
+        scale = 1.0 + theirs.abs().max().item()
+        return bool(torch.allclose(ours, theirs, rtol=1e-2, atol=1e-3 * scale))
 
 
 class SaveOnInterrupt(TrainerCallback):

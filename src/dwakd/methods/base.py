@@ -13,6 +13,7 @@ Conventions (SPEC §1–§2):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -36,14 +37,59 @@ class TokenView:
         return self.labels.ne(-100)
 
 
-@dataclass
 class ModelView:
-    """What a method may read from one model's forward pass and weights."""
+    """What a method may read from one model's forward pass and weights.
 
-    logits: torch.Tensor  # (batch, length, rows) — rows may exceed the tokenizer's vocab (SPEC §1)
-    hidden_states: tuple[torch.Tensor, ...] | None  # embeddings output first, final (post-norm) layer last
-    model: nn.Module  # the (possibly PEFT-wrapped) causal LM, for embedding tables and heads
-    vocab_size: int  # number of real tokenizer tokens; logits[..., vocab_size:] are padding rows
+    The trainer may run the model without its LM head over the whole sequence (`logits=None`, `head` and
+    `last_hidden` given) so that head rows are computed only where a loss reads them: call `logits_at(rows)`
+    with the flat (batch·length) positions you need. The dense `logits` property still works for any method
+    (it applies the head to every position on first access), so a method that never calls `logits_at` pays
+    exactly what it paid before.
+    """
+
+    def __init__(
+        self,
+        logits: torch.Tensor | None,
+        hidden_states: tuple[torch.Tensor, ...] | None,
+        model: nn.Module,
+        vocab_size: int,
+        head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        last_hidden: torch.Tensor | None = None,
+    ):
+        if logits is None and (head is None or (last_hidden is None and not hidden_states)):
+            raise ValueError("ModelView needs dense logits, or an LM head and the final hidden states")
+        self._logits = logits  # (batch, length, rows) — rows may exceed the tokenizer's vocab (SPEC §1)
+        self.hidden_states = hidden_states  # embeddings output first, final (post-norm) layer last; None if unasked
+        self.model = model  # the (possibly PEFT-wrapped) causal LM, for embedding tables and heads
+        self.vocab_size = vocab_size  # number of real tokenizer tokens; logits[..., vocab_size:] are padding rows
+        self._head = head
+        self._last_hidden = last_hidden  # final hidden states for the head when hidden_states is None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(batch, length, rows) logits at every position (computed from the head on first access if needed)."""
+        if self._logits is None:
+            self._logits = self._head(self._head_input())
+        return self._logits
+
+    @logits.setter
+    def logits(self, value: torch.Tensor) -> None:
+        self._logits = value
+
+    def _head_input(self) -> torch.Tensor:
+        return self._last_hidden if self._last_hidden is not None else self.hidden_states[-1]
+
+    @property
+    def has_dense_logits(self) -> bool:
+        """Whether dense logits exist already (then `logits_at` only gathers rows)."""
+        return self._logits is not None
+
+    def logits_at(self, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), head rows) logits at flat positions `rows` of the (batch, length) grid, in that order."""
+        if self._logits is not None:
+            return self._logits.reshape(-1, self._logits.shape[-1]).index_select(0, rows)
+        hidden = self._head_input()
+        return self._head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows))
 
     @property
     def last_hidden(self) -> torch.Tensor:

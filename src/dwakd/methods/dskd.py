@@ -31,7 +31,6 @@ from dwakd.methods.base import (
     MethodOptions,
 )
 from dwakd.methods.registry import register_method
-from dwakd.methods.sft import token_cross_entropy_sum
 from dwakd.modules.cross_attention import CrossModelAttention, cross_model_attention
 from dwakd.modules.divergences import compute_dtype, divergence, resolve_divergence
 from dwakd.modules.projectors import DualSpaceProjectors, model_dims
@@ -59,6 +58,8 @@ class DualSpaceTerms:
     t2s_logits: torch.Tensor  # (student positions, V_s) at valid student positions, with grad to query/t2s
     t2s_correct: torch.Tensor  # (student positions,) bool: argmax(t2s_logits) == gold label
     stats: dict[str, torch.Tensor]
+    student_logits: torch.Tensor | None = None  # (student positions, V_s) the student's own logits there
+    teacher_logits: torch.Tensor | None = None  # (teacher positions, V_t) the teacher's logits, detached
 
 
 @register_method
@@ -103,22 +104,22 @@ class DSKD(DistillationMethod):
             raise ValueError(f"method {self.name!r} needs the teacher's view and outputs in the batch")
         v_s, v_t = s_out.vocab_size, t_out.vocab_size
 
-        ce = token_cross_entropy_sum(s_out.logits, student, v_s)
         cma = cross_model_attention(self.projectors, student, teacher, s_out, t_out)
 
-        # student space: teacher information read at each valid student position
+        # student space: teacher information read at each valid student position (= every label position)
         s_rows = valid_rows(cma.student_mask)  # (P,)
         targets = student.labels.reshape(-1).index_select(0, s_rows)  # (P,)
+        student_logits = s_out.logits_at(s_rows)[:, :v_s]  # (P, V_s): the head runs at these rows only
+        ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
         head_s = s_out.output_head_weight()[:v_s].detach()  # (V_s, d_s)
         t2s_hidden = cma.t2s_hidden.reshape(-1, cma.t2s_hidden.shape[-1]).index_select(0, s_rows)  # (P, d_s)
         t2s_logits = F.linear(t2s_hidden.to(head_s.dtype), head_s)  # (P, V_s)
         t2s_ce = F.cross_entropy(t2s_logits.to(compute_dtype(t2s_logits)), targets, reduction="sum")
         with torch.no_grad():
             t2s_correct = t2s_logits.argmax(-1).eq(targets)  # (P,)
-        student_logits = s_out.logits[..., :v_s]  # (batch, n, V_s) view
         t2s_div = divergence(
             student_logits, t2s_logits.detach(), self.kd_objective, opts.kd_temperature,
-            student_rows=s_rows, skew_lambda=opts.skew_lambda, akl_alpha=opts.akl_alpha,
+            skew_lambda=opts.skew_lambda, akl_alpha=opts.akl_alpha,
         )  # (P,)
 
         # teacher space: student information read at each valid teacher position
@@ -126,11 +127,12 @@ class DSKD(DistillationMethod):
         head_t = t_out.output_head_weight()[:v_t].detach()  # (V_t, d_t)
         s2t_hidden = cma.s2t_hidden.reshape(-1, cma.s2t_hidden.shape[-1]).index_select(0, t_rows)  # (Q, d_t)
         s2t_logits = F.linear(s2t_hidden.to(head_t.dtype), head_t)  # (Q, V_t)
-        teacher_logits = t_out.logits[..., :v_t].detach()  # (batch, m, V_t) view
-        s2t_div = divergence(s2t_logits, teacher_logits, "fkl", opts.kd_temperature, teacher_rows=t_rows)  # (Q,)
+        teacher_logits = t_out.logits_at(t_rows)[:, :v_t].detach()  # (Q, V_t)
+        s2t_div = divergence(s2t_logits, teacher_logits, "fkl", opts.kd_temperature)  # (Q,)
 
         zero = t2s_div.new_zeros(())
-        terms = DualSpaceTerms(ce, t2s_ce, zero, zero, cma, t2s_logits, t2s_correct, {})
+        terms = DualSpaceTerms(ce, t2s_ce, zero, zero, cma, t2s_logits, t2s_correct, {}, student_logits,
+                               teacher_logits)
         t2s_scale, s2t_scale = self.kd_scales(inputs, terms, s_rows, t_rows)
         terms.t2s_kd = (t2s_div * t2s_scale).sum()
         terms.s2t_kd = s2t_div.sum() if s2t_scale is None else (s2t_div * s2t_scale).sum()

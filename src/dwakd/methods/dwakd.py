@@ -121,8 +121,9 @@ class DWAKD(DSKD):
             return super().kd_scales(inputs, terms, student_rows, teacher_rows)
         s_out, t_out = inputs.student_out, inputs.teacher_out
         gate = peak_probability(terms.t2s_logits.detach()) if opts.gate else None  # (P,)
-        w = student_token_weights(s_out.logits, terms.cma.student_mask, s_out.vocab_size, gate)
-        u = teacher_token_weights(t_out.logits, terms.cma.teacher_mask, t_out.vocab_size)
+        # the logits the dual-space terms already gathered at the valid rows (no second pass over the heads)
+        w = student_token_weights(terms.student_logits, terms.cma.student_mask, s_out.vocab_size, gate)
+        u = teacher_token_weights(terms.teacher_logits, terms.cma.teacher_mask, t_out.vocab_size)
         with torch.no_grad():
             terms.stats["student_weight_mean"] = _masked_mean(w.raw, terms.cma.student_mask)
             terms.stats["teacher_weight_mean"] = _masked_mean(u.raw, terms.cma.teacher_mask)

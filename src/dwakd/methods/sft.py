@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, TokenView
+from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, ModelView, TokenView
 from dwakd.methods.registry import register_method
 
 
@@ -18,6 +18,13 @@ def token_cross_entropy_sum(logits: torch.Tensor, view: TokenView, vocab_size: i
     )
 
 
+def response_cross_entropy_sum(model_view: ModelView, view: TokenView) -> torch.Tensor:
+    """Like `token_cross_entropy_sum`, but the LM head runs only at the label rows (see `ModelView.logits_at`)."""
+    rows = view.label_mask.reshape(-1).nonzero().squeeze(1)  # (positions,)
+    logits = model_view.logits_at(rows)[:, : model_view.vocab_size]  # (positions, V)
+    return F.cross_entropy(logits.float(), view.labels.reshape(-1).index_select(0, rows), reduction="sum")
+
+
 @register_method
 class SFT(DistillationMethod):
     """Plain supervised fine-tuning of the student; no teacher is loaded."""
@@ -26,6 +33,5 @@ class SFT(DistillationMethod):
     needs_teacher = False
 
     def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
-        ce = token_cross_entropy_sum(inputs.student_out.logits, inputs.student, inputs.student_out.vocab_size)
-        ce = ce / inputs.num_items
+        ce = response_cross_entropy_sum(inputs.student_out, inputs.student) / inputs.num_items
         return LossOutput(ce, {"ce": ce.detach()})

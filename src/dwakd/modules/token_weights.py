@@ -33,6 +33,15 @@ def valid_rows(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape(-1).nonzero().squeeze(1)
 
 
+def _rows_for(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """Rows of the valid positions for dense (batch, length, V) logits; None for rows already gathered."""
+    if logits.dim() == 3:
+        return valid_rows(mask)
+    if logits.dim() != 2:  # a wrong row count fails in scatter_valid (no device sync here to check it)
+        raise ValueError(f"logits must be (batch, length, V) or (positions, V), got shape {tuple(logits.shape)}")
+    return None
+
+
 @torch.no_grad()
 def normalized_entropy(
     logits: torch.Tensor, rows: torch.Tensor | None = None, vocab_size: int | None = None
@@ -100,15 +109,19 @@ def student_token_weights(
     vocab_size: int,
     gate: torch.Tensor | None = None,
 ) -> TokenWeights:
-    """w_i = Ĥ_s(i)·g_i rescaled per sequence; `gate` is (positions,) at the valid positions, None means g ≡ 1."""
-    entropy = normalized_entropy(student_logits, valid_rows(mask), vocab_size)  # (positions,)
+    """w_i = Ĥ_s(i)·g_i rescaled per sequence; `gate` is (positions,) at the valid positions, None means g ≡ 1.
+
+    `student_logits` is the dense (batch, n, V) tensor or the (positions, V) rows already gathered at the valid
+    positions of `mask` in row-major order.
+    """
+    entropy = normalized_entropy(student_logits, _rows_for(student_logits, mask), vocab_size)  # (positions,)
     raw_valid = entropy if gate is None else entropy * gate.detach().to(entropy.dtype)
     raw = scatter_valid(raw_valid, mask)
     return TokenWeights(weights=rescale_per_sequence(raw, mask), raw=raw)
 
 
 def teacher_token_weights(teacher_logits: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> TokenWeights:
-    """u_j = 1 − Ĥ_t(j) rescaled per sequence."""
-    confidence = 1.0 - normalized_entropy(teacher_logits, valid_rows(mask), vocab_size)  # (positions,)
+    """u_j = 1 − Ĥ_t(j) rescaled per sequence; logits dense (batch, m, V) or gathered (positions, V) as above."""
+    confidence = 1.0 - normalized_entropy(teacher_logits, _rows_for(teacher_logits, mask), vocab_size)
     raw = scatter_valid(confidence.clamp_min(0.0), mask)
     return TokenWeights(weights=rescale_per_sequence(raw, mask), raw=raw)

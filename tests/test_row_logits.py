@@ -1,0 +1,120 @@
+"""LM heads applied only at the rows a loss reads (`ModelView.logits_at`) give the dense-logits result.
+
+The trainer runs both models with `logits_to_keep=1` and applies the heads later at label rows; every method,
+whether it reads rows or the dense `logits`, must get the same loss, parts and gradients as with dense logits.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import torch
+
+from dwakd.config import load_config
+from dwakd.methods import method_names
+from dwakd.run import build_training
+
+METHODS = [name for name in method_names() if not name.endswith("-test")]
+FAST = ["data.max_length=64", "data.max_prompt_length=32", "data.eval=null", "training.max_steps=1",
+        "training.per_device_train_batch_size=4"]
+
+
+def _build(tiny_yaml, tmp_path, method: str):
+    config = load_config(tiny_yaml, [f"method={method}", f"output_dir={tmp_path / method}", *FAST])
+    run = build_training(config, show_progress=False)
+    batch = next(iter(run.trainer.get_train_dataloader()))
+    run.model.eval()  # no dropout: the two passes must see the same network
+    return run.model, batch
+
+
+def _loss_and_grads(model, batch, row_logits: bool, recheck: bool = True):
+    """(loss and parts, gradients) of one forward/backward; `recheck` forgets the one-time head check."""
+    model.row_logits = row_logits
+    if recheck:
+        model._head_checked = {}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    out = model(**batch)
+    out["loss"].backward()
+    values = {"loss": float(out["loss"].detach())} | {k: float(v) for k, v in out["parts"].items()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return values, grads
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_row_logits_equal_dense_logits(tiny_yaml, tmp_path, method):
+    model, batch = _build(tiny_yaml, tmp_path, method)
+    dense_values, dense_grads = _loss_and_grads(model, batch, row_logits=False)
+    row_values, row_grads = _loss_and_grads(model, batch, row_logits=True)
+    assert model._head_checked.get("student") is True  # the deferred head was used (and verified)
+    assert row_values.keys() == dense_values.keys()
+    for key, value in dense_values.items():
+        assert row_values[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert row_grads.keys() == dense_grads.keys() and dense_grads
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(row_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _count_head_rows(module: torch.nn.Module, counter: list[int]):
+    """Record how many rows each call of `module` (an LM head) receives."""
+    return module.register_forward_hook(lambda mod, args, out: counter.append(args[0][..., 0].numel()))
+
+
+def test_dskd_heads_run_at_label_rows_only(tiny_yaml, tmp_path):
+    model, batch = _build(tiny_yaml, tmp_path, "dskd")
+    student_rows: list[int] = []
+    teacher_rows: list[int] = []
+    hooks = [_count_head_rows(model.student.get_output_embeddings(), student_rows),
+             _count_head_rows(model.teacher.get_output_embeddings(), teacher_rows)]
+    try:
+        _loss_and_grads(model, batch, row_logits=True)  # first pass also checks the head at the last position
+        student_rows.clear()
+        teacher_rows.clear()
+        _loss_and_grads(model, batch, row_logits=True, recheck=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    batch_size = batch["input_ids"].shape[0]
+    n_student = int(batch["labels"].ne(-100).sum())
+    n_teacher = int(batch["teacher_labels"].ne(-100).sum())
+    # the model's own pass computes one row per sequence (logits_to_keep=1), the loss the label rows
+    assert sorted(student_rows) == sorted([batch_size, n_student])
+    assert sorted(teacher_rows) == sorted([batch_size, n_teacher])
+    assert n_student < batch["labels"].numel() and n_teacher < batch["teacher_labels"].numel()
+
+
+def test_head_that_does_not_reproduce_logits_falls_back_to_dense(tiny_yaml, tmp_path, caplog):
+    """A model whose logits are not head(final hidden) (scaling, soft-capping) is detected and run densely."""
+    model, batch = _build(tiny_yaml, tmp_path, "sft")
+    dense_values, dense_grads = _loss_and_grads(model, batch, row_logits=False)
+    original = model.student.forward
+
+    @functools.wraps(original)
+    def scaled_forward(*args, **kwargs):  # a model that scales its logits after the head
+        out = original(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+    model.student.forward = scaled_forward
+    try:
+        with caplog.at_level(logging.WARNING, logger="dwakd.trainer"):
+            row_values, _ = _loss_and_grads(model, batch, row_logits=True)
+        assert model._head_checked["student"] is False
+        assert "does not reproduce" in caplog.text
+        dense_scaled, _ = _loss_and_grads(model, batch, row_logits=False)
+        assert row_values["loss"] == pytest.approx(dense_scaled["loss"], rel=1e-6)
+        assert row_values["loss"] != pytest.approx(dense_values["loss"], rel=1e-3)
+    finally:
+        model.student.forward = original
+
+
+def test_config_with_logit_transform_never_defers_the_head(tiny_yaml, tmp_path):
+    model, batch = _build(tiny_yaml, tmp_path, "sft")
+    model.student.config.final_logit_softcapping = 30.0
+    try:
+        assert model._deferred_head("student", model.student) is None
+    finally:
+        del model.student.config.final_logit_softcapping
+    assert model._deferred_head("student", model.student) is not None
