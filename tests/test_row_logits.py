@@ -17,6 +17,7 @@ from dwakd.methods import method_names
 from dwakd.run import build_training
 
 METHODS = [name for name in method_names() if not name.endswith("-test")]
+CLASSES = {"sft", "dskd", "dwakd", "uld", "mined", "multilevel_ot", "dskdv2", "dwakdv2"}  # presets: -m slow
 FAST = ["data.max_length=64", "data.max_prompt_length=32", "data.eval=null", "training.max_steps=1",
         "training.per_device_train_batch_size=4"]
 
@@ -43,12 +44,29 @@ def _loss_and_grads(model, batch, row_logits: bool, recheck: bool = True):
     return values, grads
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_row_logits_equal_dense_logits(tiny_yaml, tmp_path, method):
+def _count_head_rows(module: torch.nn.Module, counter: list[int]):
+    """Record how many rows each call of `module` (an LM head) receives."""
+    return module.register_forward_hook(lambda mod, args, out: counter.append(args[0][..., 0].numel()))
+
+
+def _check_method(tiny_yaml, tmp_path, method: str) -> None:
+    """Rows path == dense path (loss, parts, gradients), and no head ever runs at prompt or padding rows."""
     model, batch = _build(tiny_yaml, tmp_path, method)
     dense_values, dense_grads = _loss_and_grads(model, batch, row_logits=False)
-    row_values, row_grads = _loss_and_grads(model, batch, row_logits=True)
+    _loss_and_grads(model, batch, row_logits=True)  # the first pass also checks the head at the last position
     assert model._head_checked.get("student") is True  # the deferred head was used (and verified)
+
+    sides = {"student": (model.student, "labels")}
+    if model.teacher is not None:
+        sides["teacher"] = (model.teacher, "teacher_labels")
+    rows: dict[str, list[int]] = {side: [] for side in sides}
+    hooks = [_count_head_rows(module.get_output_embeddings(), rows[side]) for side, (module, _) in sides.items()]
+    try:
+        row_values, row_grads = _loss_and_grads(model, batch, row_logits=True, recheck=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
     assert row_values.keys() == dense_values.keys()
     for key, value in dense_values.items():
         assert row_values[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
@@ -56,33 +74,25 @@ def test_row_logits_equal_dense_logits(tiny_yaml, tmp_path, method):
     for name, grad in dense_grads.items():
         torch.testing.assert_close(row_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
-
-def _count_head_rows(module: torch.nn.Module, counter: list[int]):
-    """Record how many rows each call of `module` (an LM head) receives."""
-    return module.register_forward_hook(lambda mod, args, out: counter.append(args[0][..., 0].numel()))
-
-
-def test_dskd_heads_run_at_label_rows_only(tiny_yaml, tmp_path):
-    model, batch = _build(tiny_yaml, tmp_path, "dskd")
-    student_rows: list[int] = []
-    teacher_rows: list[int] = []
-    hooks = [_count_head_rows(model.student.get_output_embeddings(), student_rows),
-             _count_head_rows(model.teacher.get_output_embeddings(), teacher_rows)]
-    try:
-        _loss_and_grads(model, batch, row_logits=True)  # first pass also checks the head at the last position
-        student_rows.clear()
-        teacher_rows.clear()
-        _loss_and_grads(model, batch, row_logits=True, recheck=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
     batch_size = batch["input_ids"].shape[0]
-    n_student = int(batch["labels"].ne(-100).sum())
-    n_teacher = int(batch["teacher_labels"].ne(-100).sum())
-    # the model's own pass computes one row per sequence (logits_to_keep=1), the loss the label rows
-    assert sorted(student_rows) == sorted([batch_size, n_student])
-    assert sorted(teacher_rows) == sorted([batch_size, n_teacher])
-    assert n_student < batch["labels"].numel() and n_teacher < batch["teacher_labels"].numel()
+    for side, (_, key) in sides.items():
+        labels = int(batch[key].ne(-100).sum())
+        assert labels < batch[key].numel()  # prompts and padding exist, so dense logits would be more rows
+        # the model's own pass computes one row per sequence (logits_to_keep=1), the loss at most the label rows
+        assert rows[side][0] == batch_size and sum(rows[side][1:]) <= labels, (side, rows[side], labels)
+        if method == "dskd":
+            assert rows[side] == [batch_size, labels]
+
+
+@pytest.mark.parametrize("method", sorted(CLASSES))
+def test_rows_equal_dense_and_skip_prompts(tiny_yaml, tmp_path, method):
+    _check_method(tiny_yaml, tmp_path, method)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(set(METHODS) - CLASSES))
+def test_presets_rows_equal_dense_and_skip_prompts(tiny_yaml, tmp_path, method):
+    _check_method(tiny_yaml, tmp_path, method)
 
 
 def test_head_that_does_not_reproduce_logits_falls_back_to_dense(tiny_yaml, tmp_path, caplog):

@@ -91,6 +91,13 @@ class ModelView:
         hidden = self._head_input()
         return self._head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows))
 
+    def label_logits(self, view: TokenView) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the label rows of `view` (K, head rows), row-major, and a (batch·length,) int64 map from flat
+        positions to rows of it (−1 off the labels, which `index_select` rejects)."""
+        mask = view.label_mask.reshape(-1)
+        index = torch.where(mask, mask.long().cumsum(0) - 1, torch.full_like(mask, -1, dtype=torch.long))
+        return self.logits_at(mask.nonzero().squeeze(1)), index
+
     @property
     def last_hidden(self) -> torch.Tensor:
         """(batch, length, hidden): the final layer after the final norm."""

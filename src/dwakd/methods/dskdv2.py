@@ -51,7 +51,7 @@ from dwakd.methods.base import (
 )
 from dwakd.methods.dskd import DSKDOptions
 from dwakd.methods.registry import register_method
-from dwakd.methods.sft import token_cross_entropy_sum
+from dwakd.methods.sft import label_cross_entropy_sum
 from dwakd.modules.divergences import compute_dtype, divergence, resolve_divergence
 from dwakd.modules.projectors import model_dims
 
@@ -92,6 +92,10 @@ class DualSpaceV2Terms:
     t2s_logits: torch.Tensor  # (P, V_s), grad to t2s
     agreement: torch.Tensor  # (P,) bool: argmax t2s_logits == target
     stats: dict[str, torch.Tensor]
+    student_logits: torch.Tensor | None = None  # (label rows, R_s) `ModelView.label_logits` of the student
+    student_index: torch.Tensor | None = None  # (batch·n,) flat position → row of student_logits, −1 off labels
+    teacher_logits: torch.Tensor | None = None  # (label rows, R_t) of the teacher, detached
+    teacher_index: torch.Tensor | None = None  # (batch·m,)
 
 
 def _head(model: nn.Module, vocab: int) -> torch.Tensor:
@@ -195,16 +199,23 @@ class DSKDv2(DistillationMethod):
             self._stripped_cache = (self._tables[0].stripped_strings(), self._tables[1].stripped_strings())
         return self._stripped_cache
 
-    def aligned_pairs(self, inputs: DistillationInputs) -> AlignedPairs:
-        """Aligned pairs whose teacher argmax has an exact student counterpart, and the mapped targets."""
+    def aligned_pairs(
+        self, inputs: DistillationInputs, teacher_logits: torch.Tensor, teacher_index: torch.Tensor
+    ) -> AlignedPairs:
+        """Aligned pairs whose teacher argmax has an exact student counterpart, and the mapped targets.
+
+        `teacher_logits` / `teacher_index` are the teacher's `ModelView.label_logits` (alignments pair labels).
+        """
         student, teacher = inputs.student, inputs.teacher
         v_t = inputs.teacher_out.vocab_size
         s2t, aligned = self.align(student, teacher)  # (batch, n)
         with torch.no_grad():
-            t_pred = inputs.teacher_out.logits[..., :v_t].argmax(-1)  # (batch, m)
+            label_pred = teacher_logits[:, :v_t].argmax(-1)  # (label rows,)
+            t_pred = label_pred.index_select(0, teacher_index.clamp_min(0)).view(teacher.labels.shape)  # (batch, m)
             vocab_map = self.teacher_to_student
             t_pred = torch.where(t_pred < vocab_map.numel(), t_pred, torch.zeros_like(t_pred))
             mapped = vocab_map[t_pred]  # (batch, m) student id or −1
+            mapped = torch.where(teacher_index.view(teacher.labels.shape) >= 0, mapped, -1)  # labels only
             partner = s2t.clamp_min(0)
             target = mapped.gather(1, partner)  # (batch, n): mapped teacher argmax at the partner
             keep = (s2t >= 0) & (target >= 0)
@@ -235,8 +246,11 @@ class DSKDv2(DistillationMethod):
         if inputs.teacher is None or t_out is None:
             raise ValueError(f"method {self.name!r} needs the teacher's view and outputs in the batch")
         v_s, v_t = s_out.vocab_size, t_out.vocab_size
-        ce = token_cross_entropy_sum(s_out.logits, inputs.student, v_s)
-        pairs = self.aligned_pairs(inputs)
+        s_logits, s_index = s_out.label_logits(inputs.student)  # heads run at the label rows only
+        t_logits, t_index = t_out.label_logits(inputs.teacher)
+        t_logits = t_logits.detach()
+        ce = label_cross_entropy_sum(s_logits, inputs.student, v_s)
+        pairs = self.aligned_pairs(inputs, t_logits, t_index)
         s_rows, t_rows = pairs.student_rows, pairs.teacher_rows
 
         # student space: projected teacher states at the kept pairs
@@ -248,8 +262,9 @@ class DSKDv2(DistillationMethod):
         t2s_ce = F.cross_entropy(t2s_logits.to(compute_dtype(t2s_logits)), pairs.targets, reduction="sum")
         with torch.no_grad():
             agreement = t2s_logits.argmax(-1).eq(pairs.targets)  # (P,)
-        t2s_div = divergence(s_out.logits[..., :v_s], t2s_logits.detach(), self.kd_objective, opts.kd_temperature,
-                             student_rows=s_rows, skew_lambda=opts.skew_lambda, akl_alpha=opts.akl_alpha)  # (P,)
+        t2s_div = divergence(s_logits[:, :v_s], t2s_logits.detach(), self.kd_objective, opts.kd_temperature,
+                             student_rows=s_index.index_select(0, s_rows), skew_lambda=opts.skew_lambda,
+                             akl_alpha=opts.akl_alpha)  # (P,)
 
         # teacher space: student states through the head-derived projector
         s_hidden = s_out.last_hidden
@@ -257,11 +272,13 @@ class DSKDv2(DistillationMethod):
         s2t = self.s2t_projection(head_s)  # (d_s, d_t)
         head_t = t_out.output_head_weight()[:v_t].detach()  # (V_t, d_t)
         s2t_logits = F.linear((s_hidden.to(s2t.dtype) @ s2t).to(head_t.dtype), head_t)  # (P, V_t)
-        s2t_div = divergence(s2t_logits, t_out.logits[..., :v_t].detach(), self.kd_objective, opts.kd_temperature,
-                             teacher_rows=t_rows, skew_lambda=opts.skew_lambda, akl_alpha=opts.akl_alpha)  # (P,)
+        s2t_div = divergence(s2t_logits, t_logits[:, :v_t], self.kd_objective, opts.kd_temperature,
+                             teacher_rows=t_index.index_select(0, t_rows), skew_lambda=opts.skew_lambda,
+                             akl_alpha=opts.akl_alpha)  # (P,)
 
         zero = t2s_div.new_zeros(())
-        terms = DualSpaceV2Terms(ce, t2s_ce, zero, zero, pairs, t2s_logits, agreement, {})
+        terms = DualSpaceV2Terms(ce, t2s_ce, zero, zero, pairs, t2s_logits, agreement, {}, s_logits, s_index,
+                                 t_logits, t_index)
         t2s_scale, s2t_scale = self.kd_scales(inputs, terms)
         terms.t2s_kd = (t2s_div * t2s_scale).sum()
         terms.s2t_kd = s2t_div.sum() if s2t_scale is None else (s2t_div * s2t_scale).sum()

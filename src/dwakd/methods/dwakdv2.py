@@ -34,7 +34,7 @@ from dwakd.methods.registry import register_method
 from dwakd.modules.cross_attention import lookup, project
 from dwakd.modules.dtw import response_dtw_divergence
 from dwakd.modules.projectors import model_dims
-from dwakd.modules.token_weights import peak_probability, student_token_weights, teacher_token_weights
+from dwakd.modules.token_weights import peak_probability, student_token_weights, teacher_token_weights, valid_rows
 
 
 @dataclass
@@ -122,8 +122,12 @@ class DWAKDv2(DSKDv2):
             return super().kd_scales(inputs, terms)
         s_out, t_out, pairs = inputs.student_out, inputs.teacher_out, terms.pairs
         gate = peak_probability(terms.t2s_logits.detach()) if opts.gate else None  # (P,) in student row order
-        w = student_token_weights(s_out.logits, pairs.student_mask, s_out.vocab_size, gate)
-        u = teacher_token_weights(t_out.logits, pairs.teacher_mask, t_out.vocab_size)
+        # logits at the kept pairs, gathered from the label rows the dual-space terms computed
+        s_logits = terms.student_logits.index_select(0, terms.student_index.index_select(0, pairs.student_rows))
+        t_kept = valid_rows(pairs.teacher_mask)
+        t_logits = terms.teacher_logits.index_select(0, terms.teacher_index.index_select(0, t_kept))
+        w = student_token_weights(s_logits, pairs.student_mask, s_out.vocab_size, gate)
+        u = teacher_token_weights(t_logits, pairs.teacher_mask, t_out.vocab_size)
         with torch.no_grad():
             count = max(1, pairs.student_rows.numel())
             terms.stats["student_weight_mean"] = w.raw.sum() / count

@@ -48,7 +48,7 @@ from dwakd.methods.base import (
     TokenView,
 )
 from dwakd.methods.registry import register_method
-from dwakd.methods.sft import token_cross_entropy_sum
+from dwakd.methods.sft import label_cross_entropy_sum
 from dwakd.modules.divergences import divergence, resolve_divergence
 
 UNMAPPED_LOGIT = -1e5  # logit of student tokens no teacher token maps onto (the reference's constant)
@@ -135,12 +135,16 @@ class MinED(DistillationMethod):
         return strings[token_id] if 0 <= token_id < len(strings) else ""
 
     def mapped_teacher_logits(
-        self, teacher_logits: torch.Tensor, rows: torch.Tensor, student_vocab: int
+        self, teacher_logits: torch.Tensor, rows: torch.Tensor | None, student_vocab: int
     ) -> torch.Tensor:
-        """(rows, V_s) fp32 teacher logits in the student vocabulary: mapped columns copied, the rest −1e5."""
-        picked = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])[rows]  # (k, R_t)
+        """(rows, V_s) fp32 teacher logits in the student vocabulary: mapped columns copied, the rest −1e5.
+
+        `rows` picks flat positions of `teacher_logits`; None takes every row (logits already gathered).
+        """
+        picked = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])  # (k, R_t)
+        picked = picked if rows is None else picked[rows]
         dtype = torch.promote_types(picked.dtype, torch.float32)
-        out = torch.full((rows.numel(), student_vocab), UNMAPPED_LOGIT, dtype=dtype, device=picked.device)
+        out = torch.full((picked.shape[0], student_vocab), UNMAPPED_LOGIT, dtype=dtype, device=picked.device)
         keep = self.mapped_student_ids < student_vocab
         out[:, self.mapped_student_ids[keep]] = picked[:, self.mapped_teacher_ids[keep]].to(dtype)
         return out
@@ -149,18 +153,19 @@ class MinED(DistillationMethod):
         s_out, t_out = inputs.student_out, inputs.teacher_out
         tau = self.options.kd_temperature
         vocab = s_out.vocab_size
-        ce = token_cross_entropy_sum(s_out.logits, inputs.student, vocab) / inputs.num_items
+        s_logits, s_index = s_out.label_logits(inputs.student)  # (K, R_s): the head runs at label rows only
+        ce = label_cross_entropy_sum(s_logits, inputs.student, vocab) / inputs.num_items
         alignment = self.align(inputs.student, inputs.teacher)
-        student_logits = s_out.vocab_logits  # (batch, n, V_s) view without the head's padding rows
+        student_logits = s_logits[:, :vocab]  # (K, V_s) without the head's padding rows
         kd_sum = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
         if alignment.student_rows.numel():
-            target = self.mapped_teacher_logits(t_out.logits, alignment.teacher_rows, vocab)  # (k, V_s)
+            t_logits = t_out.logits_at(alignment.teacher_rows)  # (k, R_t) aligned teacher rows only
+            target = self.mapped_teacher_logits(t_logits, None, vocab)  # (k, V_s)
             kd_sum = kd_sum + divergence(student_logits, target, self.options.kd_objective, tau,
-                                         student_rows=alignment.student_rows).sum()
+                                         student_rows=s_index[alignment.student_rows]).sum()
         if alignment.one_hot_rows.numel():
-            rows = alignment.one_hot_rows
-            picked = s_out.logits.reshape(-1, s_out.logits.shape[-1])[rows, :vocab]  # (rest, V_s), rows only
-            gold = inputs.student.labels.reshape(-1).index_select(0, rows)
+            picked = student_logits.index_select(0, s_index[alignment.one_hot_rows])  # (rest, V_s)
+            gold = inputs.student.labels.reshape(-1).index_select(0, alignment.one_hot_rows)
             kd_sum = kd_sum + F.cross_entropy(picked.to(kd_sum.dtype) / tau, gold, reduction="sum")
         kd = kd_sum / inputs.num_items
         rate = self.options.kd_rate

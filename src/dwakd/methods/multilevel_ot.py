@@ -33,7 +33,7 @@ import torch
 
 from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodOptions
 from dwakd.methods.registry import register_method
-from dwakd.methods.sft import token_cross_entropy_sum
+from dwakd.methods.sft import label_cross_entropy_sum
 from dwakd.methods.uld import paired_rows
 
 
@@ -54,10 +54,12 @@ class MultiLevelOTOptions(MethodOptions):
     log_loss_reference_order: bool = False  # True: student distribution as the target of CE_log (reference call)
 
 
-def std_normalised_probs(logits: torch.Tensor, rows: torch.Tensor, vocab: int, temperature: float) -> torch.Tensor:
-    """(rows, vocab) softmax((z / (std_v(z) + 1e-4)) / T) at the selected flat rows, in at least fp32."""
+def std_normalised_probs(logits: torch.Tensor, rows: torch.Tensor | None, vocab: int,
+                         temperature: float) -> torch.Tensor:
+    """(rows, vocab) softmax((z / (std_v(z) + 1e-4)) / T) at the selected flat rows (None: all), in at least fp32."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    z = logits.reshape(-1, logits.shape[-1])[rows, :vocab].to(dtype)  # (rows, vocab)
+    z = logits.reshape(-1, logits.shape[-1])
+    z = (z if rows is None else z[rows])[:, :vocab].to(dtype)  # (rows, vocab)
     z = z / (z.std(dim=-1, keepdim=True) + 1e-4)
     return torch.softmax(z / temperature, dim=-1)
 
@@ -95,15 +97,17 @@ class MultiLevelOT(DistillationMethod):
         o = self.options
         s_out, t_out = inputs.student_out, inputs.teacher_out
         s_mask, t_mask = inputs.student.label_mask, inputs.teacher.label_mask  # (batch, n), (batch, m)
-        ce = token_cross_entropy_sum(s_out.logits, inputs.student, s_out.vocab_size) / inputs.num_items
+        s_logits, _ = s_out.label_logits(inputs.student)  # (rows_s, R_s): heads run at the label rows only
+        ce = label_cross_entropy_sum(s_logits, inputs.student, s_out.vocab_size) / inputs.num_items
 
         s_rows = s_mask.reshape(-1).nonzero().squeeze(1)  # every response position, row-major
         t_rows = t_mask.reshape(-1).nonzero().squeeze(1)
         k = o.top_k
-        p_s = pad_columns(top_columns(std_normalised_probs(s_out.logits, s_rows, s_out.vocab_size,
+        p_s = pad_columns(top_columns(std_normalised_probs(s_logits, None, s_out.vocab_size,
                                                            o.student_temperature), k), k)  # (rows_s, k)
         with torch.no_grad():
-            p_t = pad_columns(top_columns(std_normalised_probs(t_out.logits.detach(), t_rows, t_out.vocab_size,
+            t_logits = t_out.logits_at(t_rows).detach()  # (rows_t, R_t)
+            p_t = pad_columns(top_columns(std_normalised_probs(t_logits, None, t_out.vocab_size,
                                                                o.teacher_temperature), k), k)  # (rows_t, k)
 
         # token level: the k-th response position of one side against the k-th of the other

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, ModelView, TokenView
+from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, TokenView
 from dwakd.methods.registry import register_method
 
 
@@ -18,11 +18,10 @@ def token_cross_entropy_sum(logits: torch.Tensor, view: TokenView, vocab_size: i
     )
 
 
-def response_cross_entropy_sum(model_view: ModelView, view: TokenView) -> torch.Tensor:
-    """Like `token_cross_entropy_sum`, but the LM head runs only at the label rows (see `ModelView.logits_at`)."""
-    rows = view.label_mask.reshape(-1).nonzero().squeeze(1)  # (positions,)
-    logits = model_view.logits_at(rows)[:, : model_view.vocab_size]  # (positions, V)
-    return F.cross_entropy(logits.float(), view.labels.reshape(-1).index_select(0, rows), reduction="sum")
+def label_cross_entropy_sum(label_logits: torch.Tensor, view: TokenView, vocab_size: int) -> torch.Tensor:
+    """Σ −log p(label) from logits already gathered at the label rows (`ModelView.label_logits`), in fp32."""
+    targets = view.labels[view.label_mask]  # (K,) row-major, the order of the gathered rows
+    return F.cross_entropy(label_logits[:, :vocab_size].float(), targets, reduction="sum")
 
 
 @register_method
@@ -33,5 +32,7 @@ class SFT(DistillationMethod):
     needs_teacher = False
 
     def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
-        ce = response_cross_entropy_sum(inputs.student_out, inputs.student) / inputs.num_items
+        s_out = inputs.student_out
+        logits, _ = s_out.label_logits(inputs.student)  # the head runs at the label rows only
+        ce = label_cross_entropy_sum(logits, inputs.student, s_out.vocab_size) / inputs.num_items
         return LossOutput(ce, {"ce": ce.detach()})

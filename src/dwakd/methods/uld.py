@@ -21,7 +21,7 @@ import torch
 
 from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodOptions
 from dwakd.methods.registry import register_method
-from dwakd.methods.sft import token_cross_entropy_sum
+from dwakd.methods.sft import label_cross_entropy_sum
 
 CHUNK_ELEMENTS = 1 << 24  # (rows × vocab) elements per chunk
 NUMPY_SORT_ON_CPU = True  # sort CPU tensors with NumPy (the torch path is what CUDA tensors use)
@@ -116,9 +116,12 @@ class ULD(DistillationMethod):
 
     def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
         s_out, t_out = inputs.student_out, inputs.teacher_out
-        ce = token_cross_entropy_sum(s_out.logits, inputs.student, s_out.vocab_size) / inputs.num_items
+        s_logits, s_index = s_out.label_logits(inputs.student)  # heads run at the label rows only
+        t_logits, t_index = t_out.label_logits(inputs.teacher)
+        ce = label_cross_entropy_sum(s_logits, inputs.student, s_out.vocab_size) / inputs.num_items
         s_rows, t_rows = paired_rows(inputs.student.label_mask, inputs.teacher.label_mask)
-        uld = uld_distance_sum(s_out.logits, t_out.logits, s_rows, t_rows, s_out.vocab_size, t_out.vocab_size)
+        uld = uld_distance_sum(s_logits, t_logits, s_index[s_rows], t_index[t_rows], s_out.vocab_size,
+                               t_out.vocab_size)
         kd = uld / inputs.num_items
         rate = self.options.kd_rate
         loss = (1.0 - rate) * ce + rate * kd
