@@ -35,12 +35,23 @@ def _check_gamma(gamma: float) -> None:
         raise ValueError(f"gamma must be in (0, {MAX_GAMMA:g}], got {gamma}")
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
-    """Turn 'auto' into the fastest available path for `device` (CPU: numba kernels; else the reference)."""
+def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Turn 'auto' into the fastest path for `device` that keeps `dtype`'s precision.
+
+    CPU: numba kernels. CUDA: Triton kernels when Triton imports (float32 maths, so float64 costs keep the
+    reference); anything else: the reference.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "cpu" if device.type == "cpu" else "reference"
+        if device.type == "cpu":
+            return "cpu"
+        if device.type == "cuda" and dtype != torch.float64:
+            from dwakd.ops.soft_dtw.cuda import triton_available
+
+            if triton_available():
+                return "cuda"
+        return "reference"
     return impl
 
 
@@ -83,7 +94,7 @@ def soft_dtw(
     lengths_y = _check_lengths(lengths_y, batch, n_cols, "lengths_y", cost.device)
     if band is not None:
         band.validate(batch, n_rows)
-    path = _resolve_impl(impl, cost.device)
+    path = _resolve_impl(impl, cost.device, cost.dtype)
     if batch == 0:
         return cost.sum(dim=(1, 2))  # (0,), still attached to the graph
     return _run_groups(path, [cost], [(lengths_x, lengths_y)], float(gamma), band)[0]
@@ -112,7 +123,7 @@ def soft_dtw_divergence(
     cost_xy = cosine_cost(x, y)  # (batch, N, M)
     cost_xx = cosine_cost(x, x)  # (batch, N, N)
     cost_yy = cosine_cost(y, y)  # (batch, M, M)
-    path = _resolve_impl(impl, x.device)
+    path = _resolve_impl(impl, x.device, cost_xy.dtype)
     # the three DPs run as one batch of 3·batch tasks on the fast paths
     cross, self_x, self_y = _run_groups(
         path,
