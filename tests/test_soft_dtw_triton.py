@@ -135,10 +135,10 @@ def _check_thin_grids() -> None:
 
 def _check_divergence_three_groups() -> None:
     gen = torch.Generator().manual_seed(9)
-    x = torch.randn(3, 8, 6, generator=gen)
-    y = torch.randn(3, 7, 6, generator=gen)
-    lx, ly = torch.tensor([8, 6, 3]), torch.tensor([7, 7, 1])
-    band = random_band(3, 8, 7, seed=9)
+    x = torch.randn(3, 7, 5, generator=gen)
+    y = torch.randn(3, 6, 5, generator=gen)
+    lx, ly = torch.tensor([7, 5, 3]), torch.tensor([6, 6, 1])
+    band = random_band(3, 7, 6, seed=9)
     results = []
     for impl, dtype in (("cuda", torch.float32), ("reference", torch.float64)):
         xl, yl = x.to(dtype).requires_grad_(True), y.to(dtype).requires_grad_(True)
@@ -159,13 +159,13 @@ def _check_divergence_three_groups() -> None:
 def _check_chunked_longer_than_block() -> None:
     from dwakd.ops.soft_dtw import cuda
 
-    cost, lx, ly = random_batch(2, 40, 36, seed=31, dtype=torch.float32)
-    lx[1], ly[1] = 29, 33
-    band = random_band(2, 40, 36, seed=31)
+    cost, lx, ly = random_batch(2, 24, 21, seed=31, dtype=torch.float32)
+    lx[1], ly[1] = 17, 20
+    band = random_band(2, 24, 21, seed=31)
     saved = cuda._SINGLE_MAX_ROWS, cuda._CHUNK_BLOCK
     try:
-        cuda._SINGLE_MAX_ROWS, cuda._CHUNK_BLOCK = 0, 16  # diagonals of up to 36 cells in chunks of 16: 1–3 chunks
-        assert cuda._launch_config(40)[:2] == (16, False)
+        cuda._SINGLE_MAX_ROWS, cuda._CHUNK_BLOCK = 0, 16  # diagonals of up to 21 cells in chunks of 16: 1–2 chunks
+        assert cuda._launch_config(24)[:2] == (16, False)
         chunk_v, chunk_g = _value_and_grad(cost, 0.1, lx, ly, band, "cuda")
     finally:
         cuda._SINGLE_MAX_ROWS, cuda._CHUNK_BLOCK = saved
