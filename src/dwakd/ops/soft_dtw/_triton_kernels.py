@@ -21,13 +21,16 @@ What the backward keeps (design choice): the softmin S, 4 B/cell, not the three 
 the CPU path stores. A GPU sweep is latency-bound (2N − 1 dependent steps, each a memory round trip plus a block
 barrier, with a few hundred cells per step against thousands of lanes), not bandwidth- or FLOP-bound: recomputing
 the three weights costs three MUFU ex2 per cell off the critical path (their inputs are prefetched a step ahead),
-while storing them would need 16 B/cell of working memory instead of 4 (S is what the forward writes anyway, in
-place of C̃) and three times the stores. 4 B/cell also keeps B = 8 × 3 DPs × 2048² at 0.4 GB instead of 1.6 GB.
+while storing them would keep 12 B/cell alive between forward and backward instead of 4 (S is what the forward
+writes anyway, in place of C̃; the backward's re-skewed C̃ adds 4 B/cell only while it runs: peak 8 B/cell) and
+triple the forward's stores. For B = 8 × 3 DPs × 2048² that is 0.4 GB kept instead of 1.2 GB.
 
-Precision. Everything is float32 (exp2/log2 on the special-function unit). Plain float32 R loses ulp(R)/γ in the
-weights as R grows along the path (R ≈ N·cost), so each diagonal is stored relative to a baseline B(d): the value
-at a reference cell near the linear diagonal of d − 1 (Δ(d) = B(d) − B(d − 1) per diagonal, kept for the backward,
-B summed in float64). Stored values stay O(cost) near the optimal path, where the gradient mass is.
+Precision. Everything is float32 (exp2 on the special-function unit, libdevice log2). Plain float32 R loses
+ulp(R)/γ in the weights as R grows along the path (R ≈ N·cost), so each diagonal is stored relative to a baseline
+B(d): the value at a reference cell near the linear diagonal of d − 1 (Δ(d) = B(d) − B(d − 1) per diagonal, kept
+for the backward, B summed in float64). Stored values stay O(cost) near the optimal path, where the gradient mass
+is. In a float32 NumPy model of these kernels, gradient errors against float64 at γ = 0.01 were ~1e-4 (N = 512)
+and ~4e-4 (N = 2048) on uniform random costs, ~3e-6 on smooth LM-like costs; plain float32 is 5–100× worse.
 
 Two sweep variants per kernel (constexpr SINGLE): when the longest row count fits one BLOCK, lane k owns row k + 1
 for the whole sweep: the left/right neighbour and the two-step-old diagonal neighbour are the lane's own registers,
