@@ -189,6 +189,13 @@ def _check_band_matches_dense_penalty() -> None:
     torch.testing.assert_close(got, dense, rtol=0, atol=1e-6)
 
 
+def _check_auto_self_check_passes() -> None:
+    """The one-time check `impl="auto"` runs before trusting the kernels passes on a correct kernel."""
+    from dwakd.ops.soft_dtw import functional
+
+    assert functional._self_check(torch.device("cpu"))
+
+
 INTERPRETER_CHECKS: dict[str, Callable[[], None]] = {
     **{f"ragged_gamma{g}_{'banded' if b else 'plain'}": _check_ragged(g, b) for g in (1.0, 0.1, 0.01)
        for b in (False, True)},
@@ -200,6 +207,7 @@ INTERPRETER_CHECKS: dict[str, Callable[[], None]] = {
     "divergence_three_groups": _check_divergence_three_groups,
     "chunked_longer_than_block": _check_chunked_longer_than_block,
     "band_matches_dense_penalty": _check_band_matches_dense_penalty,
+    "auto_self_check_passes": _check_auto_self_check_passes,
 }  # fmt: skip
 
 
@@ -250,10 +258,12 @@ def test_triton_interpreter(name: str, interpreter_results: dict[str, str | None
 # Dispatch (no Triton needed) and compilation for real GPUs (Triton needed, no GPU)
 
 
-def test_dispatch_auto_and_errors() -> None:
+def test_dispatch_auto_and_errors(monkeypatch) -> None:
+    from dwakd.ops.soft_dtw import functional
     from dwakd.ops.soft_dtw.functional import _resolve_impl
 
     cuda_dev = torch.device("cuda")
+    monkeypatch.setitem(functional._VERIFIED, "cuda", True)  # as if the kernels passed their self-check here
     assert _resolve_impl("auto", cuda_dev, torch.float32) == ("cuda" if triton_available() else "reference")
     assert _resolve_impl("auto", cuda_dev, torch.bfloat16) == ("cuda" if triton_available() else "reference")
     assert _resolve_impl("auto", cuda_dev, torch.float64) == "reference"  # Triton computes in float32
@@ -262,6 +272,39 @@ def test_dispatch_auto_and_errors() -> None:
         cost, lx, ly = random_batch(2, 5, 4, seed=1, dtype=torch.float32)
         with pytest.raises(NotImplementedError, match="impl='cpu'"):
             soft_dtw(cost, 0.1, lx, ly, impl="cuda")
+
+
+def test_auto_distrusts_a_kernel_that_fails_its_self_check(monkeypatch) -> None:
+    """A kernel that disagrees with the reference (or raises) is never picked by impl="auto"."""
+    from dwakd.ops.soft_dtw import functional
+
+    real = functional._run_groups
+
+    def skewed(path, costs, lengths, gamma, band):  # a "cuda" path that is 1 % off, run on CPU tensors
+        values = real("reference", costs, lengths, gamma, band)
+        return tuple(v * 1.01 for v in values) if path == "cuda" else values
+
+    monkeypatch.setattr(functional, "_run_groups", skewed)
+    with pytest.warns(RuntimeWarning, match="self-check"):
+        assert not functional._self_check(torch.device("cpu"))
+    def raising(path, *args):  # a "cuda" path that fails to compile or launch
+        if path == "cuda":
+            raise RuntimeError("boom")
+        return real(path, *args)
+
+    monkeypatch.setattr(functional, "_run_groups", raising)
+    with pytest.warns(RuntimeWarning, match="RuntimeError: boom"):
+        assert not functional._self_check(torch.device("cpu"))
+    monkeypatch.setattr(functional, "_run_groups", real)
+    monkeypatch.setattr(functional, "_self_check", lambda device: False)
+    monkeypatch.delitem(functional._VERIFIED, "cuda", raising=False)
+    if triton_available():
+        assert functional._resolve_impl("auto", torch.device("cuda"), torch.float32) == "reference"
+    monkeypatch.setattr(functional, "_self_check", lambda device: True)
+    functional._VERIFIED.pop("cuda", None)
+    if triton_available():
+        assert functional._resolve_impl("auto", torch.device("cuda"), torch.float32) == "cuda"
+    functional._VERIFIED.pop("cuda", None)
 
 
 def _compile(fn, types: dict[str, str], constexprs: dict, arch: int, num_warps: int):

@@ -49,10 +49,56 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = N
         if device.type == "cuda" and dtype != torch.float64:
             from dwakd.ops.soft_dtw.cuda import triton_available
 
-            if triton_available():
+            if triton_available() and cuda_path_verified(device):
                 return "cuda"
         return "reference"
     return impl
+
+
+_VERIFIED: dict[str, bool] = {}
+
+
+def cuda_path_verified(device: torch.device) -> bool:
+    """Whether the Triton kernels match the reference on `device` (checked once per device and process).
+
+    `impl="auto"` only trusts a compiled GPU kernel after it reproduced the plain-PyTorch reference (values and
+    gradients, ragged lengths, a band, three groups in one launch) on this very GPU and Triton version; on a
+    mismatch or a compile error it warns once and keeps the reference, so a broken kernel costs speed, not
+    correctness. `impl="cuda"` skips this check.
+    """
+    key = str(device)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = _self_check(device)
+    return _VERIFIED[key]
+
+
+def _self_check(device: torch.device) -> bool:
+    """Run a small three-group problem through the Triton path and the reference and compare them."""
+    import warnings
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shapes = [(3, 37, 29), (3, 37, 37), (3, 29, 29)]
+    costs = [torch.rand(shape, generator=gen, dtype=torch.float32).to(device) for shape in shapes]
+    lx = torch.tensor([37, 20, 1], device=device)
+    ly = torch.tensor([29, 29, 7], device=device)
+    lengths = [(lx, ly), (lx, lx), (ly, ly)]
+    band = SoftBand(torch.linspace(0, 28, 37).repeat(3, 1).to(device), torch.full((3, 37), 4.0, device=device), 0.5)
+    try:
+        results = {}
+        for path in ("cuda", "reference"):
+            inputs = [c.clone().requires_grad_(True) for c in costs]
+            values = _run_groups(path, inputs, lengths, 0.1, band)
+            torch.stack([v.sum() for v in values]).sum().backward()
+            results[path] = ([v.detach() for v in values], [c.grad for c in inputs])
+        ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+                 for kind in (0, 1) for a, b in zip(results["cuda"][kind], results["reference"][kind]))
+        detail = "values or gradients differ from the reference"
+    except Exception as error:  # noqa: BLE001 - any failure means: do not trust the kernel
+        ok, detail = False, f"{type(error).__name__}: {error}"
+    if not ok:
+        warnings.warn(f"Soft-DTW: the Triton kernels failed their self-check on {device} ({detail}); "
+                      "impl='auto' uses the PyTorch reference there", RuntimeWarning, stacklevel=3)
+    return ok
 
 
 def _run_groups(
