@@ -79,9 +79,11 @@ def bench_method(config_path: str, method: str, overrides: list[str], rounds: in
         "head_deferred": {k: v for k, v in model._head_checked.items()},
         "label_fraction_student": sum(labels) / sum(tokens),
         "median_s": {k: statistics.median(v) for k, v in samples.items()},
+        "best_s": {k: min(v) for k, v in samples.items()},  # robust to load spikes on a shared machine
         "samples_s": samples,
     }
     result["speedup_dense_over_rows"] = result["median_s"]["dense"] / result["median_s"]["rows"]
+    result["speedup_best_of_n"] = result["best_s"]["dense"] / result["best_s"]["rows"]
     if peaks["rows"]:
         result["peak_bytes"] = {k: max(v) for k, v in peaks.items()}
         result["memory_ratio_rows_over_dense"] = result["peak_bytes"]["rows"] / result["peak_bytes"]["dense"]
@@ -111,7 +113,8 @@ def main() -> None:
         report["methods"][method] = result
         med = result["median_s"]
         print(f"{method:8s} dense {med['dense']:.3f} s  rows {med['rows']:.3f} s  "
-              f"speed-up {result['speedup_dense_over_rows']:.2f}x  (label fraction "
+              f"speed-up {result['speedup_dense_over_rows']:.2f}x (best-of-N {result['speedup_best_of_n']:.2f}x)  "
+              f"(label fraction "
               f"{result['label_fraction_student']:.2f})" + (f"  memory rows/dense "
               f"{result['memory_ratio_rows_over_dense']:.2f}" if "peak_bytes" in result else ""))
     report["machine"]["load_average_end"] = os.getloadavg()
