@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,27 @@ def training_arguments(config: RunConfig) -> TrainingArguments:
     return TrainingArguments(**kwargs)
 
 
+@contextmanager
+def whole_models(args: TrainingArguments) -> Iterator[None]:
+    """Under DeepSpeed ZeRO-3, build the models whole instead of partitioned by `deepspeed.zero.Init`.
+
+    TrainingArguments with a ZeRO-3 config make transformers build every model inside `zero.Init`. The
+    teacher must stay whole (it runs outside the engine, on every rank), and methods read both models' weights
+    when they are built; the engine partitions the student and the projectors itself when training starts.
+    """
+    hf_config = getattr(args, "hf_deepspeed_config", None)
+    if hf_config is None or not hf_config.is_zero3():
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(hf_config)
+
+
 def load_datasets(config: RunConfig, student_tokenizer, teacher_tokenizer, show_progress: bool = True):
     """Records -> (train, eval) dual-tokenized datasets; every record validated first."""
     d = config.data
@@ -123,17 +146,18 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
     train, evaluation = load_datasets(config, student_tokenizer, teacher_tokenizer, show_progress)
     if len(train) == 0:
         raise ConfigError("no training examples left after tokenization; check data.max_length and the data")
-    student = _as_config_error(load_side_model, config.student, student_tokenizer, "student")
-    _check_lengths(config, student, "student")
-    student = prepare_student(student, config.student)
-    teacher = None
-    if needs_teacher:
-        teacher = _as_config_error(load_side_model, config.teacher, teacher_tokenizer, "teacher")
-        _check_lengths(config, teacher, "teacher")
-        teacher = prepare_teacher(teacher, config.teacher)
-    context = MethodContext(student.config, teacher.config if teacher is not None else None, student_tokenizer,
-                            teacher_tokenizer, student, teacher, str(cache_dir()))
-    method = build_method(config.method.name, context, config.method.options)
+    with whole_models(args):
+        student = _as_config_error(load_side_model, config.student, student_tokenizer, "student")
+        _check_lengths(config, student, "student")
+        student = prepare_student(student, config.student)
+        teacher = None
+        if needs_teacher:
+            teacher = _as_config_error(load_side_model, config.teacher, teacher_tokenizer, "teacher")
+            _check_lengths(config, teacher, "teacher")
+            teacher = prepare_teacher(teacher, config.teacher)
+        context = MethodContext(student.config, teacher.config if teacher is not None else None, student_tokenizer,
+                                teacher_tokenizer, student, teacher, str(cache_dir()))
+        method = build_method(config.method.name, context, config.method.options)
     model = DistillationModel(student, method, teacher, len(student_tokenizer),
                               len(teacher_tokenizer) if teacher_tokenizer is not None else None)
     collator = DistillationCollator(student_tokenizer.pad_token_id,
@@ -155,7 +179,8 @@ def _as_config_error(function, *args):
 def resolve_resume(config: RunConfig, output_dir: str) -> str | None:
     """`training.resume_from_checkpoint`: a path, or true/'last' for the newest *complete* checkpoint."""
     value = config.training.get("resume_from_checkpoint")
-    need_optimizer = not config.training.get("save_only_model", False)
+    # DeepSpeed keeps optimizer state in the checkpoint's global_step*/ (written before trainer_state.json)
+    need_optimizer = not config.training.get("save_only_model", False) and not config.training.get("deepspeed")
     if value in (None, False, ""):
         return None
     if value in (True, "last", "auto"):
@@ -198,3 +223,4 @@ def train(config: RunConfig, show_progress: bool = True) -> dict[str, Any]:
                 run.student_tokenizer.save_pretrained(str(out / "merged"))
     return {"output_dir": str(out), "global_step": result.global_step, "train_loss": result.training_loss,
             "log_history": run.trainer.state.log_history}
+
