@@ -197,7 +197,7 @@ class DistillationTrainer(Trainer):
         self._part_sums: dict[str, float] = defaultdict(float)
         self._stat_sums: dict[str, float] = defaultdict(float)
         self._micro_batches = 0
-        self._last_logged_step = 0
+        self._last_logged_step: int | None = None  # set when training (re)starts: a resume starts at N
         self.skipped_micro_batches = 0
         self.interrupt = SaveOnInterrupt()
         self.add_callback(self.interrupt)
@@ -206,6 +206,8 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
         core = self.accelerator.unwrap_model(model)
+        if model.training and self._last_logged_step is None:
+            self._last_logged_step = self.state.global_step
         if self.state.max_steps:
             core.progress = min(1.0, self.state.global_step / self.state.max_steps)
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
@@ -246,7 +248,7 @@ class DistillationTrainer(Trainer):
         if "loss" in logs:
             parts, stats, micro = self._reduce_logged()
             if micro:
-                steps = max(1, self.state.global_step - self._last_logged_step)
+                steps = max(1, self.state.global_step - (self._last_logged_step or 0))
                 logs.update({name: round(total / steps, 6) for name, total in parts.items()})
                 logs.update({name: round(total / micro, 6) for name, total in stats.items()})
             self._part_sums.clear()
@@ -300,6 +302,7 @@ class DistillationTrainer(Trainer):
         if state_dict is not None:  # gathered by DeepSpeed/FSDP: split it between student and method
             student_state = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
             method_state = {k[len("method."):]: v for k, v in state_dict.items() if k.startswith("method.")}
+            student_state = _alias_shared(student_state, core.student)
         core.student.save_pretrained(output_dir, state_dict=student_state, safe_serialization=True)
         method_state = method_state if method_state is not None else core.method.state_to_save()
         if method_state:
@@ -316,8 +319,24 @@ class DistillationTrainer(Trainer):
         load_method_state(core.method, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled:  # the engine reloads its own (ZeRO-partitioned) checkpoint
+            return super()._load_best_model()
         logger.info("loading best model from %s", self.state.best_model_checkpoint)
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def _alias_shared(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """Point names of one shared parameter (tied embeddings) at one tensor again, so it is saved once.
+
+    Gathered state dicts (DeepSpeed ZeRO-1/2 clones every tensor) lose the aliasing that `save_pretrained`
+    uses to drop tied copies; parameter identity in the live module survives ZeRO-3 partitioning.
+    """
+    first: dict[int, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        owner = first.setdefault(id(param), name)
+        if owner != name and owner in state and name in state:
+            state[name] = state[owner]
+    return state
 
 
 def load_student_weights(student: nn.Module, checkpoint: str) -> None:
