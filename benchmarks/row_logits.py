@@ -32,15 +32,16 @@ from dwakd.config import load_config  # noqa: E402
 from dwakd.run import build_training  # noqa: E402
 
 
-def one_pass(model, batch, row_logits: bool, device: torch.device) -> tuple[float, int | None]:
-    """(seconds, peak CUDA bytes or None) of one forward + backward."""
+def one_pass(model, batch, row_logits: bool, device: torch.device, bf16: bool = False) -> tuple[float, int | None]:
+    """(seconds, peak CUDA bytes or None) of one forward + backward (under bf16 autocast when the config asks)."""
     model.row_logits = row_logits
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    out = model(**batch)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(**batch)
     out["loss"].backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -64,12 +65,13 @@ def bench_method(config_path: str, method: str, overrides: list[str], rounds: in
     data = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(batches)]
     samples: dict[str, list[float]] = {"dense": [], "rows": []}
     peaks: dict[str, list[int]] = {"dense": [], "rows": []}
-    one_pass(model, data[0], True, device)  # warm-up (also the one-time head check)
-    one_pass(model, data[0], False, device)
+    bf16 = bool(run.trainer.args.bf16)
+    one_pass(model, data[0], True, device, bf16)  # warm-up (also the one-time head check)
+    one_pass(model, data[0], False, device, bf16)
     for r in range(rounds):
         for mode in (("dense", "rows") if r % 2 == 0 else ("rows", "dense")):
             for batch in data:
-                seconds, peak = one_pass(model, batch, mode == "rows", device)
+                seconds, peak = one_pass(model, batch, mode == "rows", device, bf16)
                 samples[mode].append(seconds)
                 if peak is not None:
                     peaks[mode].append(peak)
