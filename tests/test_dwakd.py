@@ -205,3 +205,21 @@ def test_paper_recipes_load_and_name_valid_options() -> None:
         assert config.data.max_prompt_length == 256 and config.data.max_length == 512, path.name
         lora = config.student.lora is not None
         assert config.training["learning_rate"] == (1e-3 if lora else 5e-4), path.name
+
+
+def test_real_size_bench_recipe_has_the_paper_shapes() -> None:
+    """configs/bench/real-size-gpu.yaml: Qwen1.5-1.8B-shaped bf16 teacher, GPT-2-124M-shaped student, seq 512."""
+    from pathlib import Path
+
+    from dwakd.config import load_config
+    from dwakd.models import tiny_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "bench" / "real-size-gpu.yaml")
+    teacher = tiny_config(config.teacher.tiny["arch"], 151646, **{k: v for k, v in config.teacher.tiny.items()
+                                                                  if k != "arch"})
+    student = tiny_config(config.student.tiny["arch"], 50257, **{k: v for k, v in config.student.tiny.items()
+                                                                 if k != "arch"})
+    assert (teacher.hidden_size, teacher.num_hidden_layers, teacher.intermediate_size) == (2048, 24, 5504)
+    assert (student.n_embd, student.n_layer, student.n_head) == (768, 12, 12)
+    assert config.teacher.dtype == "bfloat16" and config.training["bf16"] is True
+    assert config.data.max_length == 512 and config.training["per_device_train_batch_size"] == 4
