@@ -105,7 +105,7 @@ class DistillationModel(nn.Module):
         out = model(input_ids=view.input_ids, attention_mask=view.attention_mask,
                     output_hidden_states=want_hidden or head is not None, use_cache=False,
                     **({"logits_to_keep": 1} if head is not None else {}))
-        vocab = vocab_size or model.get_output_embeddings().weight.shape[0]
+        vocab = vocab_size or out.logits.shape[-1]
         if head is None:
             return ModelView(out.logits, out.hidden_states if want_hidden else None, model, vocab)
         last_hidden = out.hidden_states[-1]
@@ -122,6 +122,8 @@ class DistillationModel(nn.Module):
         """The LM head to apply per row, or None when this model must produce dense logits itself."""
         if not self.row_logits or self._head_checked.get(side) is False:
             return None
+        if self._head_checked.get(side):  # verified on the first step: skip the per-step inspection
+            return model.get_output_embeddings()
         base = model.get_base_model() if _is_peft(model) else model
         config = getattr(base, "config", None)
         if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_TRANSFORM_KEYS):

@@ -79,11 +79,6 @@ class ModelView:
     def _head_input(self) -> torch.Tensor:
         return self._last_hidden if self._last_hidden is not None else self.hidden_states[-1]
 
-    @property
-    def has_dense_logits(self) -> bool:
-        """Whether dense logits exist already (then `logits_at` only gathers rows)."""
-        return self._logits is not None
-
     def logits_at(self, rows: torch.Tensor) -> torch.Tensor:
         """(len(rows), head rows) logits at flat positions `rows` of the (batch, length) grid, in that order."""
         if self._logits is not None:

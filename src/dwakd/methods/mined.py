@@ -162,9 +162,9 @@ class MinED(DistillationMethod):
             t_logits = t_out.logits_at(alignment.teacher_rows)  # (k, R_t) aligned teacher rows only
             target = self.mapped_teacher_logits(t_logits, None, vocab)  # (k, V_s)
             kd_sum = kd_sum + divergence(student_logits, target, self.options.kd_objective, tau,
-                                         student_rows=s_index[alignment.student_rows]).sum()
+                                         student_rows=s_index.index_select(0, alignment.student_rows)).sum()
         if alignment.one_hot_rows.numel():
-            picked = student_logits.index_select(0, s_index[alignment.one_hot_rows])  # (rest, V_s)
+            picked = student_logits.index_select(0, s_index.index_select(0, alignment.one_hot_rows))  # (rest, V_s)
             gold = inputs.student.labels.reshape(-1).index_select(0, alignment.one_hot_rows)
             kd_sum = kd_sum + F.cross_entropy(picked.to(kd_sum.dtype) / tau, gold, reduction="sum")
         kd = kd_sum / inputs.num_items

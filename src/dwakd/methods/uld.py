@@ -120,8 +120,8 @@ class ULD(DistillationMethod):
         t_logits, t_index = t_out.label_logits(inputs.teacher)
         ce = label_cross_entropy_sum(s_logits, inputs.student, s_out.vocab_size) / inputs.num_items
         s_rows, t_rows = paired_rows(inputs.student.label_mask, inputs.teacher.label_mask)
-        uld = uld_distance_sum(s_logits, t_logits, s_index[s_rows], t_index[t_rows], s_out.vocab_size,
-                               t_out.vocab_size)
+        uld = uld_distance_sum(s_logits, t_logits, s_index.index_select(0, s_rows), t_index.index_select(0, t_rows),
+                               s_out.vocab_size, t_out.vocab_size)
         kd = uld / inputs.num_items
         rate = self.options.kd_rate
         loss = (1.0 - rate) * ce + rate * kd
