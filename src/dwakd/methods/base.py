@@ -151,6 +151,14 @@ class MethodContext:
     cache_dir: str | None = None
 
 
+class OptionError(ValueError):
+    """A bad value of one method option; `option` is its name under `method.options`."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"method.options.{option}: {message}")
+        self.option = option
+
+
 @dataclass
 class MethodOptions:
     """Base options shared by all methods; each method subclasses this dataclass with its own knobs."""
