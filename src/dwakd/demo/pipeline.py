@@ -176,11 +176,14 @@ def _children_cpu() -> float:
 # ---- jobs (run in this process or in a worker process) ----------------------------------------------------------------
 def _worker_init(threads: int, log_file: str | None) -> None:
     """Worker process: its torch threads, and its log lines appended to the demo's log file."""
+    import sys
     import warnings
 
     set_threads(threads)
     warnings.filterwarnings("ignore")
-    if log_file:
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if log_file:  # the main process reports each finished job; a worker's own prints go to the log
+        sys.stdout = sys.stderr = open(log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [worker] %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
@@ -205,11 +208,12 @@ def eval_job(models: dict[str, str], datasets: list[tuple[str, str, str]], out_d
     from dwakd.evaluation.generation import GenerationSettings
     from dwakd.evaluation.runner import run_evaluation
 
-    cpu = time.process_time()
+    started, cpu = time.perf_counter(), time.process_time()
     specs = [load_eval_dataset(DatasetSpec(name, path, title=title)) for name, path, title in datasets]
     table = run_evaluation(models, specs, out_dir, seeds=seeds, settings=GenerationSettings(**generation),
                            device="cpu", progress=show_progress, write_files=False)
-    return {"table": table.to_json(), "cpu_seconds": round(time.process_time() - cpu, 2)}
+    return {"table": table.to_json(), "seconds": round(time.perf_counter() - started, 2),
+            "cpu_seconds": round(time.process_time() - cpu, 2)}
 
 
 @dataclass
@@ -422,71 +426,15 @@ class DemoPipeline:
                 jobs.append(_Job(name, method, folder, key, tree, uses_teacher))
         return jobs
 
-    def train_models(self, data: dict[str, Path], tokenizers: dict[str, Path]) -> dict[str, Path]:
-        """Train the teacher and every student not cached: teacher and teacher-free students first, then the rest."""
-        jobs = self.training_jobs(data, tokenizers)
-        pending: list[_Job] = []
-        for job in jobs:
-            self.log.cached[job.label] = _cached(job.folder, job.key, self.force)
-            if self.log.cached[job.label]:
-                self.log.train_info[job.label] = _stage_info(job.folder)
-                self.echo(f"  {job.label}: reusing {job.folder} (same settings and code)")
-            else:
-                self._forget_generations(job.label)
-                pending.append(job)
-        workers, threads = plan_workers(len(pending), choose_threads(), self.workers)
-        self.log.workers["training"], self.log.threads["training"] = workers, threads
-        if pending:
-            self.echo(f"  training {len(pending)} models on {workers} worker process(es) × {threads} thread(s)")
-        runner = _Runner(workers, threads, self.out / "demo.log")
-        teacher_done = self.log.cached["teacher"]
-        waiting = [j for j in pending if j.needs_teacher and not teacher_done]
-        running: dict[Future, _Job] = {}
-        try:
-            for job in pending:
-                if job not in waiting:
-                    running[runner.submit(train_job, job.tree, job.label, self.show_progress and workers == 1)] = job
-            while running:
-                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                for future in done:
-                    job = running.pop(future)
-                    self._finish_training(job, future)
-                    if job.label == "teacher":
-                        for queued in waiting:
-                            running[runner.submit(train_job, queued.tree, queued.label,
-                                                  self.show_progress and workers == 1)] = queued
-                        waiting = []
-        finally:
-            runner.close()
-        return {job.label: job.folder for job in jobs if job.label == "teacher" or job.method not in self.log.failed}
-
-    def _finish_training(self, job: _Job, future: Future) -> None:
-        error = future.exception()
-        if error is not None:
-            if job.label == "teacher" or not self.keep_going:
-                raise error
-            self.log.failed.setdefault(job.method, f"{job.label}: {type(error).__name__}: {error}")
-            self.echo(f"  {job.label}: FAILED ({type(error).__name__}: {error})")
-            return
-        info = future.result()
-        _mark(job.folder, job.key, info)
-        self.log.train_info[job.label] = info
-        self.echo(f"  {job.label}: {info['global_step']} steps in {info['seconds']:.0f} s "
-                  f"({info['cpu_seconds']:.0f} CPU-s), mean loss {info['train_loss']:.3f}")
-
-    def evaluate(self, models: dict[str, Path], data: dict[str, Path], splits: Sequence[str] = tuple(TEST_SPLITS),
-                 out_dir: Path | None = None):
-        """Sample every model on every split for every sampling seed and score ROUGE-L (the `dwakd eval` code
-        path), the models spread over worker processes; returns one ScoreTable."""
+    def _eval_setup(self, data: dict[str, Path], splits: Sequence[str], out_dir: Path) -> tuple[list, dict[str, Any]]:
+        """(datasets as (name, path, title), generation settings) for `eval_job`; clears stale generations."""
         from dwakd.evaluation.generation import GenerationSettings
-        from dwakd.evaluation.report import ScoreTable
 
         s = self.settings
         titles = {name: title for name, (title, _) in TEST_SPLITS.items()} | {"dev": "Dev"}
         datasets = [(name, str(data[name]), titles[name]) for name in splits]
         settings = GenerationSettings(max_prompt_length=s.max_prompt_length, max_length=s.max_length,
                                       max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch_size)
-        out_dir = out_dir or self.out / "eval"
         # Generations are resumable per model; they stay valid while the test sets, the decoding settings and the
         # code do (a retrained model's folder is removed before it trains).
         key = fingerprint(self.data_key, settings.fingerprint(), self.code_key)
@@ -496,25 +444,93 @@ class DemoPipeline:
         self._eval_cleared = True
         generation = {k: getattr(settings, k) for k in ("max_prompt_length", "max_length", "max_new_tokens",
                                                          "batch_size")}
-        cores = choose_threads()
-        groups = _balance({name: str(path) for name, path in models.items()},
-                          plan_workers(len(models), cores, self.workers)[0])
-        workers, threads = plan_workers(len(groups), cores, self.workers)
-        self.log.workers["evaluate"], self.log.threads["evaluate"] = workers, threads
+        return datasets, generation
+
+    def train_and_evaluate(self, data: dict[str, Path], tokenizers: dict[str, Path],
+                           splits: Sequence[str] = tuple(TEST_SPLITS), out_dir: Path | None = None):
+        """Train every model not cached and evaluate every model, as jobs on one pool of worker processes.
+
+        Order: the teacher and the teacher-free students (SFT) first; each model's evaluation as soon as it is
+        trained; the distilled students as soon as the teacher is saved. Returns (model folders, ScoreTable).
+        """
+        from dwakd.evaluation.report import ScoreTable
+
+        jobs = self.training_jobs(data, tokenizers)
+        datasets, generation = self._eval_setup(data, splits, out_dir or self.out / "eval")
+        out_dir = str(out_dir or self.out / "eval")
+        pending: list[_Job] = []
+        for job in jobs:
+            self.log.cached[job.label] = _cached(job.folder, job.key, self.force)
+            if self.log.cached[job.label]:
+                self.log.train_info[job.label] = _stage_info(job.folder)
+                self.echo(f"  {job.label}: reusing {job.folder} (same settings and code)")
+            else:
+                self._forget_generations(job.label)
+                pending.append(job)
+        workers, threads = plan_workers(len(jobs), choose_threads(), self.workers)
+        self.log.workers["models"], self.log.threads["models"] = workers, threads
+        self.echo(f"  {len(pending)} models to train, {len(jobs)} to evaluate, on {workers} worker process(es) × "
+                  f"{threads} torch thread(s)")
+        inline_progress = self.show_progress and workers == 1
         runner = _Runner(workers, threads, self.out / "demo.log")
+        waiting = [] if self.log.cached["teacher"] else [j for j in pending if j.needs_teacher]
+        running: dict[Future, tuple[str, _Job]] = {}
+        tables: dict[str, dict[str, Any]] = {}
+
+        def submit_eval(job: _Job) -> None:
+            future = runner.submit(eval_job, {job.label: str(job.folder)}, datasets, out_dir,
+                                   tuple(self.settings.eval_seeds), generation, inline_progress)
+            running[future] = ("eval", job)
+
         try:
-            futures = [runner.submit(eval_job, group, datasets, str(out_dir), tuple(s.eval_seeds), generation,
-                                     self.show_progress and workers == 1) for group in groups]
-            tables = [f.result()["table"] for f in futures]
+            for job in jobs:
+                if job in pending and job not in waiting:
+                    running[runner.submit(train_job, job.tree, job.label, inline_progress)] = ("train", job)
+                elif job not in pending:
+                    submit_eval(job)
+            while running:
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in done:
+                    kind, job = running.pop(future)
+                    if kind == "eval":
+                        result = future.result()
+                        tables[job.label] = result["table"]
+                        self.log.train_info.setdefault(job.label, {})["eval_cpu_seconds"] = result["cpu_seconds"]
+                        self.log.train_info[job.label]["eval_seconds"] = result["seconds"]
+                        continue
+                    if not self._finish_training(job, future):
+                        continue
+                    submit_eval(job)
+                    if job.label == "teacher":
+                        for queued in waiting:
+                            running[runner.submit(train_job, queued.tree, queued.label, inline_progress)] = \
+                                ("train", queued)
+                        waiting = []
         finally:
             runner.close()
+        models = {job.label: job.folder for job in jobs if job.label == "teacher" or job.method not in self.log.failed}
         table = ScoreTable([(name, title) for name, _, title in datasets])
-        for name in models:  # rows in the caller's order
-            for part in tables:
-                for dataset, per_seed in part["scores"].get(name, {}).items():
-                    for seed, value in per_seed.items():
-                        table.add(name, dataset, int(seed), value)
-        return table
+        for name in models:  # rows in job order: teacher, then students by seed and method
+            for dataset, per_seed in tables.get(name, {}).get("scores", {}).get(name, {}).items():
+                for seed, value in per_seed.items():
+                    table.add(name, dataset, int(seed), value)
+        return models, table
+
+    def _finish_training(self, job: _Job, future: Future) -> bool:
+        """Record a finished training job; False when it failed and the run goes on without its method."""
+        error = future.exception()
+        if error is not None:
+            if job.label == "teacher" or not self.keep_going:
+                raise error
+            self.log.failed.setdefault(job.method, f"{job.label}: {type(error).__name__}: {error}")
+            self.echo(f"  {job.label}: FAILED ({type(error).__name__}: {error})")
+            return False
+        info = future.result()
+        _mark(job.folder, job.key, info)
+        self.log.train_info[job.label] = dict(info)
+        self.echo(f"  {job.label}: {info['global_step']} steps in {info['seconds']:.0f} s "
+                  f"({info['cpu_seconds']:.0f} CPU-s), mean loss {info['train_loss']:.3f}")
+        return True
 
     # ---- the whole run ------------------------------------------------------------------------------------------
     def run(self) -> DemoResult:
@@ -529,18 +545,18 @@ class DemoPipeline:
             (self.out / "demo_config.yaml").write_text(
                 yaml.safe_dump({**self.settings.to_dict(), "methods": list(self.methods)}, sort_keys=False),
                 encoding="utf-8")
-            self.echo(f"[1/5] instruction suite (version {SUITE_VERSION})")
+            self.echo(f"[1/4] instruction suite (version {SUITE_VERSION})")
             data = self._timed("suite", self.build_data)
-            self.echo("[2/5] tokenizers: byte-level BPE (teacher), WordPiece (student)")
+            self.echo("[2/4] tokenizers: byte-level BPE (teacher), WordPiece (student)")
             tokenizers = self._timed("tokenizers", lambda: self.build_tokenizers(data))
-            self.echo(f"[3/5] teacher (Llama, sft on the whole train split) and students (GPT-2; "
+            self.echo(f"[3/4] teacher (Llama, sft on the whole train split) and students (GPT-2; "
                       f"{', '.join(self.methods)}; training seeds {', '.join(map(str, self.settings.train_seeds))})")
-            models = self._timed("training", lambda: self.train_models(data, tokenizers))
-            self.echo(f"[4/5] evaluation: sampling, ROUGE-L, seeds {', '.join(map(str, self.settings.eval_seeds))}")
-            full = self._timed("evaluate", lambda: self.evaluate(models, data))
+            self.echo(f"      each model evaluated once trained: sampling, ROUGE-L, seeds "
+                      f"{', '.join(map(str, self.settings.eval_seeds))}")
+            _, full = self._timed("models", lambda: self.train_and_evaluate(data, tokenizers))
             self.log.wall_seconds["total"] = round(time.perf_counter() - started, 2)
             self.log.cpu_seconds["total"] = round(time.process_time() - cpu + _children_cpu() - children, 2)
-            self.echo("[5/5] report (total above: every stage before it)")
+            self.echo("[4/4] report (total above: every stage before it)")
             report = write_demo_report(self.out, self.settings, self.log, full, data, tokenizers, self.methods,
                                        echo=self.echo)
             return DemoResult(self.out, report.path, report.seed_table, report.sampling_table, full, report.checks,
@@ -548,18 +564,6 @@ class DemoPipeline:
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
-
-def _balance(models: dict[str, str], groups: int) -> list[dict[str, str]]:
-    """Split models into `groups` parts of similar cost (the teacher counts as three students), keeping order."""
-    cost = {name: 3.0 if name == "teacher" else 1.0 for name in models}
-    parts: list[dict[str, str]] = [{} for _ in range(max(1, groups))]
-    loads = [0.0] * len(parts)
-    for name in sorted(models, key=lambda n: -cost[n]):
-        target = loads.index(min(loads))
-        parts[target][name] = models[name]
-        loads[target] += cost[name]
-    return [p for p in parts if p]
-
 
 def run_demo(output_dir: str | Path, *, quick: bool = False, methods: Sequence[str] | None = None,
              eval_seeds: Sequence[int] | None = None, train_seeds: Sequence[int] | None = None, force: bool = False,

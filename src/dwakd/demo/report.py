@@ -409,21 +409,23 @@ def _setup_lines(out: Path, s: DemoSettings, data: dict[str, Path], tokenizers: 
 def _time_lines(log: RunLog) -> list[str]:
     lines = ["", "## Time", "", f"Load average at the start: {log.load_at_start:.2f}. "
              + ", ".join(f"{k} {v}" for k, v in log.versions.items()) + ". CPU seconds count every thread of every "
-             "process of the stage (training seeds run in parallel worker processes).", "",
+             "process of the stage; models are trained and evaluated as jobs on parallel worker processes, so the ↳ rows "
+             "overlap in time.", "",
              "| stage | processes × threads | wall seconds | CPU seconds | cached |", "|---|---:|---:|---:|---|"]
     for stage, seconds in log.wall_seconds.items():
-        key = stage.replace("train ", "")
-        cached = log.cached.get(key if stage.startswith("train") else stage)
-        trained = log.train_info.get(key, {}).get("seconds") if stage.startswith("train") else None
-        reused = "" if cached is None else ("no" if not cached else
-                                           f"yes (trained in {trained:.0f} s)" if trained is not None else "yes")
+        cached = log.cached.get(stage)
+        reused = "" if cached is None else ("yes" if cached else "no")
         shape = f"{log.workers.get(stage, 1)} × {log.threads[stage]}" if stage in log.threads else ""
         lines.append(f"| {stage} | {shape} | {seconds:.1f} | {log.cpu_seconds.get(stage, 0.0):.1f} | {reused} |")
-        if stage == "training":
+        if stage == "models":
             for model, info in log.train_info.items():
-                reused = "yes" if log.cached.get(model) else "no"
-                lines.append(f"| ↳ {model} | | {info.get('seconds', 0.0):.1f} | {info.get('cpu_seconds', 0.0):.1f} | "
-                             f"{reused} |")
+                trained = f"yes (trained in {info.get('seconds', 0.0):.0f} s)" if log.cached.get(model) else "no"
+                train = "" if log.cached.get(model) else f"{info.get('seconds', 0.0):.1f}"
+                train_cpu = "" if log.cached.get(model) else f"{info.get('cpu_seconds', 0.0):.1f}"
+                lines.append(f"| ↳ train {model} | | {train} | {train_cpu} | {trained} |")
+                if "eval_seconds" in info:
+                    lines.append(f"| ↳ evaluate {model} | | {info['eval_seconds']:.1f} | "
+                                 f"{info['eval_cpu_seconds']:.1f} | |")
     return lines
 
 
