@@ -345,13 +345,16 @@ class DemoPipeline:
             from dwakd.tokenizers import load_tokenizer
 
             teacher, student = (load_tokenizer(str(paths[r])) for r in ("teacher", "student"))
-            texts = []
-            for row in read_jsonl(data["test"]):
-                refs = [row["output"]] if isinstance(row["output"], str) else row["output"]
-                texts.append(f"{row['instruction']} {row['input']} {refs[0]}")
+            agreement = {}
+            for split in ("student_train", *TEST_SPLITS):
+                texts = []
+                for row in read_jsonl(data[split])[:500]:
+                    refs = [row["output"]] if isinstance(row["output"], str) else row["output"]
+                    texts.append(f"{row['instruction']} {row['input']} {refs[0]}")
+                agreement[split] = boundary_agreement(teacher, student, texts)
             info = {"teacher": {"type": "byte-level BPE", "vocab_size": len(teacher)},
                     "student": {"type": "WordPiece", "vocab_size": len(student)},
-                    "test_split_agreement": boundary_agreement(teacher, student, texts)}
+                    "test_split_agreement": agreement["test"], "split_agreement": agreement}
             (folder / "tokenizers.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
             _mark(folder, key, {})
         self.tokenizer_key = key
@@ -413,8 +416,8 @@ class DemoPipeline:
         self.teacher_key = fingerprint(self.tokenizer_key, {k: v for k, v in tree.items() if k != "training"},
                                        {k: v for k, v in tree["training"].items() if k != "disable_tqdm"})
         jobs = [_Job("teacher", "sft", teacher_dir, self.teacher_key, tree, False)]
-        for seed in self.settings.train_seeds:
-            for method in self.methods:
+        for method in self.methods:  # method-major: a method's training seeds finish together
+            for seed in self.settings.train_seeds:
                 name = student_name(method, seed)
                 folder = self.out / "students" / name
                 tree = self.student_config(data, tokenizers, method, seed, teacher_dir, folder)

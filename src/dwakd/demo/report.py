@@ -375,20 +375,25 @@ def _setup_lines(out: Path, s: DemoSettings, data: dict[str, Path], tokenizers: 
                  methods: Sequence[str]) -> list[str]:
     suite = json.loads((data["train"].parent / "suite.json").read_text(encoding="utf-8"))
     toks = json.loads((tokenizers["teacher"].parent / "tokenizers.json").read_text(encoding="utf-8"))
-    lines = ["", "## Setup", "", "| split | stands in for | records | words in | words out | in train |",
-             "|---|---|---:|---:|---:|---:|"]
+    per_split = toks.get("split_agreement", {})
+    lines = ["", "## Setup", "", "| split | stands in for | records | words in | words out | in train | "
+             "token-end F1 | same spans |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for split in ("train", "student_train", "dev", *TEST_SPLITS):
         info = suite[split]
         role = TEST_SPLITS[split][1] if split in TEST_SPLITS else {
             "train": "teacher's training data", "student_train": "students' training data (first rows of train)",
             "dev": "held out (used to choose settings)"}[split]
         overlap = "–" if split in ("train", "student_train") else f"{info['in_train']:.0%}"
+        agree = per_split.get(split)
+        boundaries = f"{agree['boundary_f1']:.3f} | {agree['same_token_share']:.0%}" if agree else "– | –"
         lines.append(f"| {split} | {role} | {info['records']} | {info['input_words']} | {info['answer_words']} | "
-                     f"{overlap} |")
+                     f"{overlap} | {boundaries} |")
     agree = toks["test_split_agreement"]
     student_dir = out / "students" / student_name(methods[0], s.train_seeds[0]) if methods else out
     lines += ["", "`in train`: share of the split's (instruction, input) pairs that occur in the teacher's training "
-                  "data (a superset of the students').", "",
+                  "data (a superset of the students'). Token-end F1: agreement of the two tokenizers' token end "
+                  "offsets on instruction, input and reference; same spans: share of student tokens that are also a "
+                  "teacher token (the rest is where sequence-level alignment has work to do).", "",
               f"- Tokenizers: teacher {toks['teacher']['type']} ({toks['teacher']['vocab_size']} tokens), "
               f"student {toks['student']['type']} ({toks['student']['vocab_size']} tokens); on the test split "
               f"{agree['teacher_tokens_per_word']} vs {agree['student_tokens_per_word']} tokens per word, "
