@@ -47,8 +47,22 @@ from typing import Any
 import yaml
 
 from dwakd.demo.report import write_demo_report
-from dwakd.demo.settings import ALL_METHODS, DEFAULT_METHODS, DemoSettings, RunLog, demo_settings, student_name
-from dwakd.demo.suite import SUITE_VERSION, TEST_SPLITS, build_suite, corpus_text, suite_fingerprint, suite_stats
+from dwakd.demo.settings import (
+    ALL_METHODS,
+    DEFAULT_METHODS,
+    DemoSettings,
+    RunLog,
+    demo_settings,
+    student_name,
+)
+from dwakd.demo.suite import (
+    SUITE_VERSION,
+    TEST_SPLITS,
+    build_suite,
+    corpus_text,
+    suite_fingerprint,
+    suite_stats,
+)
 from dwakd.demo.tokenizers import boundary_agreement, train_tokenizers
 
 logger = logging.getLogger(__name__)
