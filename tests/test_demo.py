@@ -143,8 +143,10 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys):
     assert [c["claim"] for c in results["checks"]] == ["Teacher > DWA-KD", "DWA-KD > DSKD", "DSKD > SFT"]
     assert all(c["n"] == 2 and not c["holds"] for c in results["checks"])
 
-    # A rerun reuses every stage (teacher included) and reports the same numbers.
-    again = run_demo(out, quick=True, show_progress=False, echo=lambda _: None)
+    # A rerun reuses every stage (teacher included) and reports the same numbers; it scores the saved generations
+    # on two worker processes (the pool path of the pipeline).
+    again = run_demo(out, quick=True, show_progress=False, echo=lambda _: None, workers=2)
+    assert again.log.workers["models"] == 2
     assert all(again.cached[stage] for stage in ("suite", "tokenizers", "teacher", "sft-seed0", "dskd-seed1",
                                                  "dwakd-seed1"))
     assert again.evaluation.to_json()["scores"] == results["evaluation"]["scores"]

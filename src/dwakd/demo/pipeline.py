@@ -12,11 +12,12 @@ the teacher and every finished student, and any change of code or library retrai
 `force=True` rebuilds everything.
 
 Parallelism: the models are tiny, so one training step is thousands of small kernels that a second torch
-thread barely speeds up, while two processes on two cores run two trainings at almost full speed each. The
-trainings are therefore jobs on a pool of worker processes (one per free core, one torch thread each): the
-teacher and the SFT students first (SFT needs no teacher), the distilled students as soon as the teacher is
-saved. The evaluation splits its models over the same number of processes. Results do not depend on the
-number of workers: every job seeds itself and sampling is seeded per item.
+thread speeds up little, while independent trainings (three training seeds per method) parallelise without any
+synchronisation. Trainings and evaluations are therefore jobs on a pool of worker processes (one per free
+core, one torch thread each): the teacher and the SFT students first (SFT needs no teacher), each model's
+evaluation as soon as it is trained, the distilled students as soon as the teacher is saved. Results do not
+depend on the number of workers: every job seeds itself and sampling is seeded per item (the `--quick` demo
+gives identical tables with one worker and with two).
 
 Output folder:
     demo_config.yaml            the DemoSettings of the run
