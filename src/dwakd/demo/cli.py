@@ -25,7 +25,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     methods = args.methods
     if args.table == "paper":
         methods = ["all"]
-    default_output = "runs/demo-quick" if args.quick else ("runs/demo-table" if methods and "all" in methods else "runs/demo")
+    default_output = "runs/demo-quick" if args.quick else "runs/demo"  # the table run reuses the default run's models
     result = run_demo(args.output or default_output, quick=args.quick, methods=methods, eval_seeds=args.seeds,
                       train_seeds=args.train_seeds, force=args.force, show_progress=not args.no_progress,
                       workers=args.workers)
@@ -46,7 +46,7 @@ def register(subparsers) -> None:
                    help="student methods (default sft,dskd,dwakd; `all`: every registered method, see `dwakd methods`)")
     p.add_argument("--table", choices=["paper"],
                    help="paper: every registered method (the ablations included) -> Table 1 and Table 3 analogues "
-                        "(same as --methods all; output runs/demo-table)")
+                        "(same as --methods all; in runs/demo it reuses the teacher and students of `dwakd demo`)")
     p.add_argument("--seeds", type=_int_list, metavar="S1,S2", help="sampling seeds of the evaluation (default 10,20,30)")
     p.add_argument("--train-seeds", type=_int_list, metavar="S1,S2",
                    help="students' training seeds; the claims are paired t-tests over them (default 0,1,2)")
