@@ -90,6 +90,11 @@ def test_cli_data_dolly(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "1 dropped (prompt over 256 GPT-2 tokens)" in printed and "valid.jsonl: 4 records" in printed
     assert sorted(p.name for p in out.iterdir()) == ["dev.jsonl", "train.jsonl", "valid.jsonl"]
+    # `dwakd eval --data-root` finds the test split where `dwakd data dolly --out ROOT/dolly` put it
+    from dwakd.evaluation.datasets import load_eval_datasets
+
+    (dolly,) = load_eval_datasets(["dolly"], tmp_path)
+    assert dolly.spec.source == str(out / "valid.jsonl") and len(dolly.records) == 4
 
 
 def test_bad_rows_name_the_line_and_field(tmp_path):
