@@ -77,6 +77,8 @@ def no_loading(monkeypatch):
     (["method=options-check-test", "method.options.width=2.5"], "method.options.width: expected an integer"),
     (["method=dwakdd"], "method.name: unknown method 'dwakdd'. Did you mean 'dwakd'?"),
     (["training.lr_scheduler_type=cosin"], "training.lr_scheduler_type: cosin is not a valid SchedulerType"),
+    (["method=dskd", "teacher.tiny=null", "teacher.name_or_path=runs/teacher-sft/none"],
+     "teacher.name_or_path: 'runs/teacher-sft/none' is not a folder here and cannot be a hub name"),
 ])
 def test_bad_values_exit_2_naming_the_key_before_anything_loads(tiny_yaml, capsys, no_loading, overrides, message):
     assert main(["train", str(tiny_yaml), *overrides, "--no-progress"]) == 2
@@ -119,3 +121,27 @@ def test_training_defaults_live_with_the_config(tiny_yaml):
     assert args.seed == 7 and args.weight_decay == TRAINING_DEFAULTS["weight_decay"]
     assert args.remove_unused_columns is False and args.label_names == ["labels"]
     assert training_arguments(load_config(tiny_yaml, ["seed=7", "training.seed=3"])).seed == 3
+
+
+def test_paper_recipes_name_only_files_their_steps_make():
+    """Every configs/paper recipe reads the data `dwakd data dolly --out data/dolly` writes and, for the teacher,
+    what a configs/paper/teacher-sft recipe writes; its comments name that recipe."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "paper"
+    made = {}
+    for path in sorted((root / "teacher-sft").glob("*.yaml")):
+        config = load_config(path)
+        assert config.method.name == "sft" and config.teacher is None, path.name
+        assert (config.data.train, config.data.eval) == ("data/dolly/train.jsonl", "data/dolly/dev.jsonl"), path.name
+        assert "dwakd data dolly --out data/dolly" in path.read_text(), path.name
+        made[config.training["output_dir"]] = path
+    assert len(made) == 4
+    for path in sorted(root.glob("*.yaml")):
+        config, text = load_config(path), path.read_text()
+        assert (config.data.train, config.data.eval) == ("data/dolly/train.jsonl", "data/dolly/dev.jsonl"), path.name
+        assert "dwakd data dolly --out data/dolly" in text, path.name
+        local = config.teacher.adapter or config.teacher.name_or_path
+        assert local in made, (path.name, local)
+        assert f"dwakd train configs/paper/teacher-sft/{made[local].name}" in text, path.name
+        assert "SPEC" not in text and "shared/" not in text, path.name

@@ -103,3 +103,8 @@ def test_bad_rows_name_the_line_and_field(tmp_path):
                    '{"instruction": "a", "context": "", "response": "  ", "category": "x"}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl, line 2, field 'response': is empty"):
         load_dolly(bad, cache_dir=str(tmp_path / "cache"))
+
+
+def test_missing_dolly_file_says_how_to_make_it(tmp_path):
+    with pytest.raises(DataError, match=r"file not found; `dwakd data dolly --out .*dolly` makes the papers'"):
+        load_records(str(tmp_path / "data" / "dolly" / "train.jsonl"))

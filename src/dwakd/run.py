@@ -118,6 +118,7 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
     needs_teacher = method_cls.needs_teacher
     if needs_teacher and config.teacher is None:
         raise ConfigError(f"method {config.method.name!r} needs a teacher: add a `teacher:` section")
+    _check_local_paths(config, needs_teacher)
     student_tokenizer = _as_config_error(load_side_tokenizer, config.student, "student")
     teacher_tokenizer = _as_config_error(load_side_tokenizer, config.teacher, "teacher") if needs_teacher else None
     train, evaluation = load_datasets(config, student_tokenizer, teacher_tokenizer, show_progress)
@@ -143,6 +144,23 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
                                   data_collator=collator, processing_class=student_tokenizer,
                                   projector_lr=config.method.projector_lr, on_nonfinite=config.method.on_nonfinite)
     return TrainingRun(config, trainer, model, student_tokenizer, teacher_tokenizer, train, evaluation)
+
+
+def _check_local_paths(config: RunConfig, needs_teacher: bool) -> None:
+    """A model path that is not on disk and cannot be a hub name (`namespace/name`) fails here, naming its key.
+
+    Otherwise the hub client reports it much later as a malformed repository id.
+    """
+    sides = [("student", config.student)] + ([("teacher", config.teacher)] if needs_teacher else [])
+    for role, spec in sides:
+        for key in ("name_or_path", "tokenizer", "adapter"):
+            value = getattr(spec, key)
+            if not isinstance(value, str) or value.startswith("builtin:") or os.path.exists(value):
+                continue
+            parts = value.split("/")
+            if value.startswith((".", "/", "~")) or len(parts) > 2 or value.endswith("/"):
+                raise ConfigError(f"{role}.{key}: {value!r} is not a folder here and cannot be a hub name "
+                                  "(namespace/name); make it first (the recipe's comments say how) or fix the path")
 
 
 def _as_config_error(function, *args):

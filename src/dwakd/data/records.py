@@ -140,7 +140,10 @@ def load_jsonl_records(
     """Read and validate a JSONL file; invalid rows raise `DataError` or, with `skip_invalid`, are counted."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(str(path), None, None, "file not found")
+        hint = ""
+        if path.parent.name == "dolly" and path.name in ("train.jsonl", "dev.jsonl", "valid.jsonl"):
+            hint = f"; `dwakd data dolly --out {path.parent}` makes the papers' Dolly split there"
+        raise DataError(str(path), None, None, f"file not found{hint}")
     report = report if report is not None else LoadReport()
     records: list[InstructionRecord] = []
     try:
