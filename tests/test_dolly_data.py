@@ -56,7 +56,8 @@ def test_writes_the_published_format_order_and_filter(tmp_path):
         "What is the name of the flag carrier airline of the Netherlands?"]
     assert list(train[1]) == ["instruction", "prompt", "input", "output"]
     assert train[1]["input"] == "" and train[1]["output"] == "If you have 3 dimes, you have 30 cents."
-    assert train[1]["prompt"].endswith("### Instruction:\nHow many cents do I have if I have 3 dimes?\n\n### Response:\n")
+    assert train[1]["prompt"].endswith(
+        "### Instruction:\nHow many cents do I have if I have 3 dimes?\n\n### Response:\n")
     assert "### Input:" not in train[1]["prompt"]
     # the long row is dropped by the GPT-2 prompt-length filter (and only it)
     raw = load_dolly(RAW, cache_dir=str(tmp_path / "cache"))

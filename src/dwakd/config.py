@@ -51,7 +51,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Where the instruction data comes from and how it is cut (SPEC §1)."""
+    """Where the instruction data comes from and how it is cut (docs/methods.md)."""
 
     train: list[str] | str | None = None  # JSONL path(s), a dir with train.jsonl, or a `datasets` name
     eval: list[str] | str | None = None  # optional held-out set; else `eval_size` records are split off train

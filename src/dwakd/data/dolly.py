@@ -141,7 +141,8 @@ def read_manifest(path: str | Path | None = None) -> dict[str, list[str]]:
 def split_manifest(dev_file: str | Path, valid_file: str | Path) -> str:
     """The manifest text for published `dev.jsonl` / `valid.jsonl` files (how the shipped asset was made)."""
     lines = ["# Membership and order of the Dolly dev (1,000) and test (500) splits of MiniLLM / DSKD.",
-             "# <split> <first 16 hex digits of SHA-256 of json.dumps([instruction, input, output], ensure_ascii=False)>",
+             "# <split> <first 16 hex digits of the SHA-256 of",
+             "#          json.dumps([instruction, input, output], ensure_ascii=False)>",
              "# Made by dwakd.data.dolly.split_manifest from the published dev.jsonl and valid.jsonl."]
     for split, file in (("valid", valid_file), ("dev", dev_file)):
         for number, raw in enumerate(Path(file).read_text(encoding="utf-8").splitlines(), 1):

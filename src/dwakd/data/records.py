@@ -1,4 +1,7 @@
-"""Instruction records: load from JSONL or `datasets`, validate every field, build the Alpaca prompt (SPEC §1)."""
+"""Instruction records: load from JSONL or `datasets`, validate every field, build the Alpaca prompt.
+
+Formats and the prompt template: docs/methods.md.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ class InstructionRecord:
 
 
 def build_prompt(instruction: str, input_text: str = "") -> str:
-    """The Alpaca prompt of SPEC §1 (with or without the input block)."""
+    """The Alpaca prompt of docs/methods.md (with or without the input block)."""
     if input_text and input_text.strip():
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
     return PROMPT_NO_INPUT.format(instruction=instruction)

@@ -1,4 +1,4 @@
-"""`dwakd eval | judge | similarity | bench` subcommands: parse arguments, call the evaluation library, print results."""
+"""`dwakd eval | judge | similarity | bench` subcommands: parse arguments, call the evaluation library, print."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _fail(command: str, exc: Exception) -> int:
 # ----------------------------------------------------------------------------------------------- eval
 def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "eval", help="sampled ROUGE-L over seeds and test sets (SPEC §7), resumable; writes a Table-1 report",
+        "eval", help="sampled ROUGE-L over seeds and test sets (docs/methods.md), resumable; writes a Table-1 report",
         description="Generate with the papers' protocol for every model x test set x seed, score ROUGE-L and "
                     "write report.md/.csv/.png. Rerunning with the same --out-dir resumes.")
     p.add_argument("--model", action="append", required=True, metavar="NAME=PATH",

@@ -1,4 +1,4 @@
-"""Named evaluation sets: `name=path[:limit]` specs, built-in aliases for the MiniLLM test sets (SPEC §1, §7)."""
+"""Named evaluation sets: `name=path[:limit]` specs, built-in aliases for the MiniLLM test sets (docs/methods.md)."""
 
 from __future__ import annotations
 
