@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -216,6 +217,30 @@ def _type_problem(value: Any, annotation: Any) -> str | None:
     return None
 
 
+def _field_types(cls: type) -> dict[str, Any]:
+    """Each field's annotation resolved; one that cannot be resolved (e.g. a string annotation of a field added by
+    `dataclasses.make_dataclass` in another module) is Any, i.e. not type-checked here."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        pass
+    namespace: dict[str, Any] = {**vars(typing), **vars(collections.abc)}
+    for klass in reversed(cls.__mro__):
+        module = sys.modules.get(klass.__module__)
+        if module is not None:
+            namespace.update(vars(module))
+    resolved = {}
+    for f in dataclasses.fields(cls):
+        annotation = f.type
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, dict(namespace))  # noqa: S307 (an annotation of our own dataclasses)
+            except Exception:  # noqa: BLE001
+                annotation = Any
+        resolved[f.name] = annotation
+    return resolved
+
+
 def check_method_options(method: MethodConfig) -> None:
     """Build the method's options now (types checked here, values by its dataclass): bad ones name their key.
 
@@ -233,7 +258,7 @@ def check_method_options(method: MethodConfig) -> None:
     if not isinstance(method.options, dict):
         raise ConfigError(f"method.options must be a mapping of option names to values, got {method.options!r}")
     fields = {f.name: f for f in dataclasses.fields(cls.Options)}
-    hints = typing.get_type_hints(cls.Options)
+    hints = _field_types(cls.Options)
     for key, value in method.options.items():
         if key not in fields:
             try:
