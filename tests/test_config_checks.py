@@ -17,7 +17,7 @@ from dwakd.config import (
     load_config,
     training_arguments,
 )
-from dwakd.methods import DistillationMethod, MethodOptions, register_method
+from dwakd.methods import DistillationMethod, MethodOptions
 from dwakd.methods.base import OptionError
 
 
@@ -31,13 +31,20 @@ class _CheckedOptions(MethodOptions):
             raise OptionError("width", f"must be positive, got {self.width}")
 
 
-@register_method
 class _CheckedMethod(DistillationMethod):
     """Test-only method whose options dataclass validates a value (the OptionError contract)."""
 
     name = "options-check-test"
     Options = _CheckedOptions
     needs_teacher = False
+
+
+@pytest.fixture(autouse=True)
+def _checked_method_registered(monkeypatch):
+    """`options-check-test` is registered for this module's tests only (not for the rest of the session)."""
+    from dwakd.methods import registry
+
+    monkeypatch.setitem(registry._REGISTRY, _CheckedMethod.name, (_CheckedMethod, {}))
 
 
 class _Loaded(Exception):
