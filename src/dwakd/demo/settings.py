@@ -45,8 +45,9 @@ class DemoSettings:
     eval_seeds: tuple[int, ...] = (10, 20, 30)  # sampling seeds
     eval_batch_size: int = 32
     max_new_tokens: int = 128
-    # bf16 autocast: a gain only on CPUs with native bf16 (AVX-512 BF16 / AMX); on an AVX2-only CPU the demo's
-    # student step cost 5x the CPU time of fp32 (benchmarks/demo_autocast.py), so fp32 is the default
+    # bf16 autocast: a gain only on CPUs with native bf16 (AVX-512 BF16 / AMX); on an AVX2-only CPU a training step
+    # of the demo's student cost 5x, of its teacher 8.5x the CPU time of fp32 (benchmarks/demo_autocast.py,
+    # benchmarks/results/demo_speed.json, measured at load 16), so fp32 is the default
     bf16: bool = False
 
     def to_dict(self) -> dict[str, Any]:
