@@ -113,7 +113,23 @@ class RunConfig:
         """Keyword arguments of the run's `TrainingArguments` (seed from `seed` unless `training.seed` is set)."""
         kwargs = {"seed": self.seed, **self.training}
         kwargs.pop("resume_from_checkpoint", None)  # a `dwakd train` option (see run.resolve_resume), not an argument
+        if kwargs.get("fsdp") and not _has_accelerator():
+            # FSDP's `sync_module_states` (default true in transformers < 5) broadcasts from a GPU and makes
+            # accelerate refuse a CPU-only run; on CPU every rank builds the same weights from the same seed anyway.
+            fsdp_config = dict(kwargs.get("fsdp_config") or {})
+            fsdp_config.setdefault("sync_module_states", False)
+            kwargs["fsdp_config"] = fsdp_config
         return kwargs
+
+
+def _has_accelerator() -> bool:
+    """Whether torch sees a GPU-like device (CUDA, XPU, MPS...)."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 # Short aliases accepted on the command line.
