@@ -7,7 +7,7 @@ for what each id means and for the character span a token covers, independent of
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -21,13 +21,13 @@ RANK_FILES = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def ranks(name: str) -> dict[bytes, int]:
     """token bytes -> id (= rank) of a built-in vocabulary."""
     return load_tiktoken_bpe(str(RANK_FILES[name]))
 
 
-@lru_cache(maxsize=None)
+@cache
 def id_bytes(name: str) -> dict[int, bytes]:
     """id -> token bytes of a built-in vocabulary (ordinary tokens; special tokens are not in rank files)."""
     return {rank: token for token, rank in ranks(name).items()}

@@ -13,6 +13,7 @@ Three independent checks of the converted tokenizers:
 from __future__ import annotations
 
 import unicodedata
+from itertools import pairwise
 
 import pytest
 import tiktoken
@@ -111,7 +112,7 @@ def test_offsets_are_the_characters_each_tokens_bytes_cover(tokenizers, name):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         want = expected_spans(enc["input_ids"], text, name)
         assert [tuple(o) for o in enc["offset_mapping"]] == want, text
-        split += sum(a == b for a, b in zip(want, want[1:]))
+        split += sum(a == b for a, b in pairwise(want))
     assert split >= 3  # several characters really are split between tokens
 
 

@@ -18,6 +18,8 @@ import torch
 
 from dwakd.cli import main
 
+REPO = Path(__file__).resolve().parents[1]
+
 SMALL = [
     "student.tiny={arch: gpt2, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, "
     "max_positions: 128, resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}",
@@ -78,8 +80,6 @@ def single_process(tmp_path_factory) -> Path:
     import yaml
 
     from _kd_helpers import one_thread
-    from conftest import REPO
-
     root = tmp_path_factory.mktemp("single")
     tree = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
     tree["data"]["train"] = str(REPO / tree["data"]["train"])
@@ -112,7 +112,7 @@ def test_two_processes_on_cpu_equal_single_process(single_process, tiny_yaml, tm
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          "--master_addr=127.0.0.1", "-m", "dwakd.cli", "train", str(tiny_yaml), *DISTRIBUTED, f"output_dir={multi}",
          "training.per_device_train_batch_size=2", "training.ddp_backend=gloo", *ENGINES[engine]],
-        env=env(), capture_output=True, text=True, timeout=600)
+        env=env(), capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     got, want = logged(multi), logged(single_process)
     assert sorted(got) == sorted(want) == [1, 2, 3]

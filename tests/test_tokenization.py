@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
 from _token_bytes import expected_spans
@@ -65,7 +67,7 @@ def test_offsets_point_into_full_text(which, gpt2_tokenizer, qwen_tokenizer):
         assert side.input_offsets + side.label_offsets[-1:] == want
         assert side.label_offsets == want[1:]  # labels are the inputs shifted by one position
         response_spans = want[len(prompt_ids):-1]
-        shared += sum(a == b for a, b in zip(response_spans, response_spans[1:]))
+        shared += sum(a == b for a, b in pairwise(response_spans))
     assert shared >= 2  # the texts really split characters between tokens on this side
 
 

@@ -7,6 +7,8 @@ A recording method (the toy projector method plus a log of what each call receiv
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 from _kd_helpers import one_thread
 from _toy_method import ToyProjectorKD
@@ -26,7 +28,7 @@ class ScheduleRecorder(ToyProjectorKD):
     """The toy method, remembering (progress, step) of every training call."""
 
     name = "schedule-recorder-test"
-    seen: list[tuple[float, int]] = []
+    seen: ClassVar[list[tuple[float, int]]] = []
 
     def compute_loss(self, inputs):
         if self.training:
