@@ -13,7 +13,7 @@ from dwakd.evaluation.datasets import load_eval_datasets, parse_dataset_spec
 from dwakd.evaluation.report import ScoreTable, write_report
 from dwakd.evaluation.rouge import mean_rouge_l, rouge_l
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+PAPER_SETS = Path(__file__).resolve().parent / "data" / "paper-sets"  # first 3 rows of each paper test set
 
 PAIRS = [
     ("The cats are running in the garden.", "A cat runs in the garden."),
@@ -56,16 +56,15 @@ def test_dataset_specs(tmp_path):
             parse_dataset_spec(bad)
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not available")
 def test_paper_test_sets_load_with_list_references():
-    sets = load_eval_datasets(["dolly:3", "selfinst", "vicuna", "sni"], SHARED_DATA, limit=40)
+    sets = load_eval_datasets(["dolly:2", "selfinst", "vicuna", "sni"], PAPER_SETS, limit=3)
     assert [d.spec.display for d in sets] == ["Dolly", "SelfInst", "Vicuna", "S-NI"]
-    assert [len(d.records) for d in sets] == [3, 40, 40, 40]
+    assert [len(d.records) for d in sets] == [2, 3, 3, 3]
     sni = sets[3].records
     assert any(len(r.references) > 1 for r in sni)  # S-NI rows carry several references
     assert all(r.prompt.endswith("### Response:\n") for d in sets for r in d.records)
     with pytest.raises(ValueError, match="unique"):
-        load_eval_datasets(["dolly:1", "dolly:2"], SHARED_DATA)
+        load_eval_datasets(["dolly:1", "dolly:2"], PAPER_SETS)
 
 
 def test_score_table_matches_naive_statistics(tmp_path):

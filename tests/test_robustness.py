@@ -1,20 +1,24 @@
-"""Issue 9: multi-process training equals single-process, exact resume after SIGKILL/Ctrl-C, hostile inputs."""
+"""Issue 9: multi-process training equals single-process; hostile inputs fail early with a clear message.
+
+Kill/Ctrl-C and resume: tests/test_resume_exact.py.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dwakd.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 SMALL = [
     "student.tiny={arch: gpt2, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, "
@@ -52,131 +56,86 @@ ENGINES = {
     "fsdp": ["training.fsdp=true", "training.fsdp_config={transformer_layer_cls_to_wrap: [GPT2Block]}",
              "training.save_strategy=steps", "training.save_steps=3"],
 }
+# dwakd with every term on (token weights, gate, banded Soft-DTW on hidden states and embeddings), a smaller teacher
+DISTRIBUTED = [*SMALL, "method=dwakd", "training.max_steps=3", "data.max_train_examples=24",
+               "method.projector_lr=1e-2",  # projectors move visibly each step: a wrong projector gradient shows
+               "teacher.tiny={arch: qwen2, hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
+               "intermediate_size: 64, max_positions: 128}"]
+
+
+def logged(output_dir: Path) -> dict[int, dict[str, float]]:
+    """step -> the training log entry of that step."""
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {e["step"]: e for e in state["log_history"] if "loss" in e}
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> Path:
+    """The reference: one process, the same global batch of 4 in the same two micro-batches of 2 (accumulated).
+
+    The same micro-batches, not one batch of 4: DSKD/DWA-KD normalise teacher embeddings and hidden states by
+    their standard deviation over the micro-batch, so one batch of 4 is a different computation (measured: the
+    query/t2s projectors differ by up to 1e-2 after 3 steps at projector_lr 1e-2).
+    """
+    import yaml
+
+    from _kd_helpers import one_thread
+    root = tmp_path_factory.mktemp("single")
+    tree = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
+    tree["data"]["train"] = str(REPO / tree["data"]["train"])
+    (root / "tiny.yaml").write_text(yaml.safe_dump(tree))
+    out = root / "run"
+    with one_thread():  # like the subprocesses (OMP_NUM_THREADS=1)
+        assert main(["train", str(root / "tiny.yaml"), *DISTRIBUTED, f"output_dir={out}",
+                     "training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2"]) == 0
+    return out
+
+
+def assert_same_saved_values(folder: Path, reference: Path) -> None:
+    """The saved student and projectors hold the reference's values (not just its names and shapes)."""
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "distill_method.safetensors"):
+        got, want = load_file(str(folder / name)), load_file(str(reference / name))
+        assert set(got) == set(want), name
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=f"{folder / name}: {key}")
 
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_two_processes_on_cpu_equal_single_process(tiny_yaml, tmp_path, engine):
-    """DDP / FSDP over 2 CPU processes (gloo), 2 per device == 1 process with 4: same loss and parts."""
-    common = [str(tiny_yaml), *SMALL, "training.max_steps=3", "data.max_train_examples=24", "method=dskd"]
-    single = tmp_path / "single"
-    subprocess.run(cli(*common, f"output_dir={single}", "training.per_device_train_batch_size=4"),
-                   env=env(), check=True, capture_output=True, timeout=300)
+def test_two_processes_on_cpu_equal_single_process(single_process, tiny_yaml, tmp_path, engine):
+    """DDP / FSDP over 2 CPU processes (gloo), 2 sequences each == 1 process with the same 2 micro-batches:
+    every logged number (loss, grad norm, learning rate, each loss part summed over ranks, each stat averaged
+    over micro-batches, γ) and the saved student and projector values."""
     multi = tmp_path / engine
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "--master_addr=127.0.0.1", "-m", "dwakd.cli", "train", *common, f"output_dir={multi}",
+         "--master_addr=127.0.0.1", "-m", "dwakd.cli", "train", str(tiny_yaml), *DISTRIBUTED, f"output_dir={multi}",
          "training.per_device_train_batch_size=2", "training.ddp_backend=gloo", *ENGINES[engine]],
-        env=env(), capture_output=True, text=True, timeout=300)
+        env=env(), capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
-    for key in ("loss", "ce", "t2s_ce", "s2t_kd", "t2s_acc"):  # the loss and the named parts, reduced over ranks
-        a, b = losses(single, key), losses(multi, key)
-        assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
-        for (_, x), (_, y) in zip(a, b):
-            assert y == pytest.approx(x, rel=1e-4), key
-    if engine == "fsdp":  # the gathered checkpoint holds the student and the projectors, once
-        from safetensors.torch import load_file
-
-        ckpt = multi / "checkpoint-3"
-        projectors = load_file(str(ckpt / "distill_method.safetensors"))
-        reference = load_file(str(single / "distill_method.safetensors"))
-        assert {k: v.shape for k, v in projectors.items()} == {k: v.shape for k, v in reference.items()}
+    got, want = logged(multi), logged(single_process)
+    assert sorted(got) == sorted(want) == [1, 2, 3]
+    parts = {"ce", "t2s_ce", "t2s_kd", "s2t_kd", "kd", "dtw_hidden", "dtw_embedding"}
+    stats = {"student_weight_mean", "teacher_weight_mean", "gate_mean", "t2s_acc", "dtw_gamma"}
+    for step in want:
+        assert set(got[step]) == set(want[step]) >= parts | stats | {"loss", "grad_norm"}, step
+        for key, value in want[step].items():  # parts and stats are logged rounded to 6 decimals
+            assert got[step][key] == pytest.approx(value, rel=1e-6, abs=1e-6), f"step {step}: {key}"
+    assert_same_saved_values(multi, single_process)
+    if engine == "fsdp":  # the gathered checkpoint holds the student and the projectors, once, with their values
+        assert_same_saved_values(multi / "checkpoint-3", single_process)
         from transformers import AutoModelForCausalLM
 
-        AutoModelForCausalLM.from_pretrained(str(ckpt))
+        AutoModelForCausalLM.from_pretrained(str(multi / "checkpoint-3"))
 
 
-def _wait_for(predicate, proc, timeout=240.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.05)
-    return False
-
+# ---- hostile inputs: caught before training, message names the fix, nothing written is touched ----------
 
 def _digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
-
-def test_sigkill_then_resume_matches_uninterrupted(tiny_yaml, tmp_path):
-    common = [str(tiny_yaml), *SMALL, "training.max_steps=8", "training.save_strategy=steps", "training.save_steps=2",
-              "training.per_device_train_batch_size=2", "data.max_train_examples=32"]
-    ref = tmp_path / "ref"
-    subprocess.run(cli(*common, f"output_dir={ref}"), env=env(), check=True, capture_output=True, timeout=300)
-
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(cli(*common, f"output_dir={out}"), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        assert _wait_for(lambda: (out / "checkpoint-4" / "trainer_state.json").is_file(), proc)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    # A save cut short by the kill: weights half written, no trainer_state.json. It must be skipped, not loaded.
-    newest = max((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")), default=4)
-    broken = out / f"checkpoint-{newest + 2}"
-    broken.mkdir()
-    good = (out / "checkpoint-4" / "model.safetensors").read_bytes()
-    (broken / "model.safetensors").write_bytes(good[: len(good) // 3])
-    before = _digest(out / "checkpoint-4")
-
-    resumed = subprocess.run(cli(*common, f"output_dir={out}", "training.resume_from_checkpoint=last"),
-                             env=env(), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"skipping incomplete checkpoint {broken}" in resumed.stderr
-    assert _digest(out / "checkpoint-4") == before
-    # the resumed run wrote that step again, completely
-    from dwakd.checkpoints import checkpoint_problem
-
-    assert checkpoint_problem(broken) is None
-    ref_losses, got = losses(ref), losses(out)
-    assert [s for s, _ in got] == [s for s, _ in ref_losses] == list(range(1, 9))
-    for (step, x), (_, y) in zip(ref_losses, got):
-        assert y == pytest.approx(x, rel=1e-5), f"step {step}"
-
-    # naming a broken checkpoint explicitly is refused with the reason
-    (broken / "trainer_state.json").write_text("{cut")
-    assert main(["train", *[c for c in common if c != "--no-progress"], f"output_dir={out}",
-                 f"training.resume_from_checkpoint={broken}"]) == 2
-
-
-def test_ctrl_c_saves_checkpoint_then_resume_finishes(tiny_yaml, tmp_path):
-    import threading
-
-    out = tmp_path / "int"
-    common = [str(tiny_yaml), *SMALL, "training.per_device_train_batch_size=2", "data.max_train_examples=16"]
-    proc = subprocess.Popen(cli(*common, "training.max_steps=400", f"output_dir={out}"), env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
-    try:
-        assert _wait_for(lambda: any("'loss'" in line for line in lines), proc), "training never started"
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-        reader.join(timeout=10)
-        stderr = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stderr[-2000:]
-    assert any("interrupted at step" in line for line in lines)
-    saved = list(out.glob("checkpoint-*"))
-    assert len(saved) == 1 and (saved[0] / "trainer_state.json").is_file()
-    step = int(saved[0].name.split("-")[1])
-    assert 0 < step < 400
-    finish = subprocess.run(cli(*common, f"training.max_steps={step + 2}", f"output_dir={out}",
-                                "training.resume_from_checkpoint=last"),
-                            env=env(), capture_output=True, text=True, timeout=300)
-    assert finish.returncode == 0, finish.stderr[-2000:]
-    assert [s for s, _ in losses(out)][-2:] == [step + 1, step + 2]
-
-
-# ---- hostile inputs: caught before training, message names the fix, nothing written is touched ----------
 
 def _existing_output(tmp_path: Path) -> tuple[Path, dict]:
     out = tmp_path / "existing"
@@ -197,8 +156,9 @@ def _existing_output(tmp_path: Path) -> tuple[Path, dict]:
     ("vocab bigger than embedding", ["student.tiny=null", "student.name_or_path=@SMALLVOCAB"],
      "tokenizer has 50257 tokens but the model's embedding has only 100 rows"),
 ])
-def test_hostile_inputs(tiny_yaml, tmp_path, capsys, problem, overrides, message):
+def test_hostile_inputs(tiny_yaml, tmp_path, capsys, monkeypatch, problem, overrides, message):
     import _toy_method  # noqa: F401  (registers the toy projector method)
+    import dwakd.run
 
     files = {}
     bad = tmp_path / "bad.jsonl"
@@ -222,9 +182,17 @@ def test_hostile_inputs(tiny_yaml, tmp_path, capsys, problem, overrides, message
         files["@SMALLVOCAB"] = str(tmp_path / "small")
     resolved = [o.split("=", 1)[0] + "=" + files.get(o.split("=", 1)[1], o.split("=", 1)[1]) for o in overrides]
     out, before = _existing_output(tmp_path)
-    started = time.time()
+
+    # Caught before training starts, and before any model is built unless the check needs the model itself.
+    def too_late(what):
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{problem}: {what} before the error was raised")
+        return refuse
+
+    monkeypatch.setattr(dwakd.run, "DistillationTrainer", too_late("training was set up"))
+    if problem not in ("length beyond positions", "vocab bigger than embedding"):
+        monkeypatch.setattr(dwakd.run, "load_side_model", too_late("a model was loaded"))
     code = main(["train", str(tiny_yaml), *SMALL[:-1], *resolved, f"output_dir={out}", "--no-progress"])
     assert code == 2
     assert message in capsys.readouterr().err
-    assert time.time() - started < 60
     assert _digest(out) == before

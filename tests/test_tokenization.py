@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
+from _token_bytes import expected_spans
 from dwakd.data import DistillationCollator, InstructionRecord, build_prompt, encode_records, pad_sequences
 from dwakd.data.collator import collate_side
 from dwakd.data.tokenization import IGNORE_INDEX
@@ -46,30 +49,26 @@ def test_labels_match_independent_retokenization(which, gpt2_tokenizer, qwen_tok
 
 @pytest.mark.parametrize("which", ["student", "teacher"])
 def test_offsets_point_into_full_text(which, gpt2_tokenizer, qwen_tokenizer):
+    """Every span exact, from the tokens' bytes in the rank files: a piece of an emoji or CJK character split
+    between tokens spans that whole character (neighbouring pieces share it); EOS has the empty span at the end."""
     examples, _ = sides(gpt2_tokenizer, qwen_tokenizer)
     tokenizer = gpt2_tokenizer if which == "student" else qwen_tokenizer
+    vocab = "gpt2" if which == "student" else "qwen"
+    shared = 0
     for example, (instruction, response) in zip(examples, TEXTS):
         side = getattr(example, which)
-        full = build_prompt(instruction) + response
-        covered = []
-        for token, (start, end) in zip(side.labels, side.label_offsets):
-            if token == IGNORE_INDEX:
-                continue
-            if token == tokenizer.eos_token_id:
-                assert start == end == len(full)
-                continue
-            piece = tokenizer.decode([token])
-            if "\ufffd" not in piece:  # whole characters: the span is exactly the token's text
-                assert full[start:end] == piece
-            covered.append((start, end))
-        # spans are monotone and together cover the response exactly
-        assert covered[0][0] == len(full) - len(response)
-        assert covered[-1][1] == len(full)
-        for (s0, e0), (s1, e1) in zip(covered, covered[1:]):
-            # contiguous, or overlapping when a multibyte character is split between two tokens
-            assert s0 <= s1 <= e0 <= e1
-        # input offsets are the label offsets shifted by one position
-        assert side.input_offsets[1:] == side.label_offsets[:-1]
+        prompt = build_prompt(instruction)
+        full = prompt + response
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        response_ids = tokenizer.encode(response, add_special_tokens=False)
+        want = (expected_spans(prompt_ids, prompt, vocab)
+                + expected_spans(response_ids, response, vocab, start=len(prompt)) + [(len(full), len(full))])
+        assert side.input_ids + side.labels[-1:] == prompt_ids + response_ids + [tokenizer.eos_token_id]
+        assert side.input_offsets + side.label_offsets[-1:] == want
+        assert side.label_offsets == want[1:]  # labels are the inputs shifted by one position
+        response_spans = want[len(prompt_ids):-1]
+        shared += sum(a == b for a, b in pairwise(response_spans))
+    assert shared >= 2  # the texts really split characters between tokens on this side
 
 
 def test_the_two_sides_really_differ(gpt2_tokenizer, qwen_tokenizer):

@@ -56,6 +56,9 @@ def _builtin_sources() -> dict[str, tuple[callable, str, list[str]]]:
 
 
 BUILTIN_TOKENIZERS = ("gpt2", "qwen", "cl100k")
+# Qwen normalizes text to NFC before splitting (Qwen's own tiktoken tokenizer and transformers' Qwen2 tokenizer
+# both do); GPT-2 and cl100k do not. Offsets still point into the original text.
+_NFC = frozenset({"qwen"})
 
 
 def _load_builtin(name: str) -> PreTrainedTokenizerFast:
@@ -64,12 +67,19 @@ def _load_builtin(name: str) -> PreTrainedTokenizerFast:
         raise ValueError(f"unknown builtin tokenizer {name!r}; choose from {', '.join(sources)}")
     get_file, pattern, specials = sources[name]
     vocab_file = get_file()
-    digest = hashlib.sha256(vocab_file.read_bytes() + pattern.encode()).hexdigest()[:16]
+    normalize = name in _NFC
+    # everything the conversion depends on, so a changed recipe never reuses an old cache file
+    recipe = "\n".join([pattern, *specials, "NFC" if normalize else ""]).encode()
+    digest = hashlib.sha256(vocab_file.read_bytes() + recipe).hexdigest()[:16]
     cached = cache_dir() / "tokenizers" / f"{name}-{digest}.json"
     if not cached.is_file():
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
         backend = TikTokenConverter(vocab_file=str(vocab_file), pattern=pattern, extra_special_tokens=specials).converted()
+        if normalize:
+            from tokenizers import normalizers
+
+            backend.normalizer = normalizers.NFC()
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp{os.getpid()}")
         backend.save(str(tmp))
