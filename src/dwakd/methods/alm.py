@@ -1,5 +1,7 @@
 """ALM — Approximate Likelihood Matching (Minixhofer, Vulić, Ponti 2025, arXiv 2503.20083; reference: tokenkit).
 
+Full description, options and departures: docs/methods.md#65-alm.
+
 Both tokenizations of the response are cut into chunks that end at the same character offset on both sides
 (`dwakd.alignment.chunks.common_chunks`: the shortest such chunks, tokenkit's "unconstrained" alignment, or only
 before whitespace-initial tokens with `chunks: space`). A chunk's log-likelihood on each side is the sum of the
@@ -72,6 +74,9 @@ from dwakd.methods.base import (
     MethodOptions,
     OptionError,
     TokenView,
+    check_choice,
+    check_positive,
+    check_range,
 )
 from dwakd.methods.registry import register_method
 from dwakd.modules.divergences import compute_dtype, no_autocast
@@ -103,26 +108,18 @@ class ALMOptions(MethodOptions):
     latents_weight: float = 1.0  # [loss_weights] of the hidden-state term
 
     def __post_init__(self) -> None:
-        if self.divergence not in DIVERGENCES:
-            raise OptionError("divergence", f"must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
-        if not self.binarization_temperature > 0:
-            raise OptionError("binarization_temperature", f"must be > 0, got {self.binarization_temperature}")
-        if self.chunks not in CHUNK_KINDS:
-            raise OptionError("chunks", f"must be one of {', '.join(CHUNK_KINDS)}, got {self.chunks!r}")
-        if not 0.0 < self.space_threshold < 1.0:
-            raise OptionError("space_threshold", f"must be in (0, 1), got {self.space_threshold}")
-        parts = [p for p in str(self.space_mask).split("+") if p]
-        bad = [p for p in parts if p not in SPACE_PARTS]
-        if not parts or bad:
-            raise OptionError("space_mask", f"must join some of {', '.join(SPACE_PARTS)} with '+', got "
+        super().__post_init__()
+        check_choice("divergence", self.divergence, DIVERGENCES)
+        check_positive("binarization_temperature", self.binarization_temperature)
+        check_choice("chunks", self.chunks, CHUNK_KINDS)
+        check_range("space_threshold", self.space_threshold, 0.0, 1.0)
+        parts = str(self.space_mask).split("+")
+        if not all(p in SPACE_PARTS for p in parts):
+            raise OptionError("space_mask", f"must join some of {', '.join(SPACE_PARTS)} with '+'; got "
                                             f"{self.space_mask!r}")
-        if self.chunk_weight not in CHUNK_WEIGHTS:
-            raise OptionError("chunk_weight", f"must be one of {', '.join(CHUNK_WEIGHTS)}, got {self.chunk_weight!r}")
-        if not 0.0 <= self.kd_rate <= 1.0:
-            raise OptionError("kd_rate", f"must be in [0, 1], got {self.kd_rate}")
-        for name in ("alm_weight", "latents_weight"):
-            if not getattr(self, name) >= 0:
-                raise OptionError(name, f"must be >= 0, got {getattr(self, name)}")
+        check_choice("chunk_weight", self.chunk_weight, CHUNK_WEIGHTS)
+        check_positive("alm_weight", self.alm_weight, allow_zero=True)
+        check_positive("latents_weight", self.latents_weight, allow_zero=True)
 
 
 def space_token_mask(table: TokenTable, mode: str, word_initial: np.ndarray | None = None) -> np.ndarray:

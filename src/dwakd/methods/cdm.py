@@ -1,5 +1,7 @@
 """CDM — Contextual Dynamic Mapping (Chen et al., ACL Findings 2025, arXiv 2502.11104).
 
+Full description, options and departures: docs/methods.md#66-cdm.
+
 Per sequence, over the response label tokens of both sides (what each position predicts):
 1. Entropy weights: H = entropy of the model's own next-token distribution at each position, min–max normalised
    within the sequence (Ĥ = 0 when all are equal), w = ⌊3 + 3·σ(4Ĥ − 2)⌋ ∈ {3, 4, 5}; one per side, no gradient.
@@ -68,9 +70,10 @@ from dwakd.methods.base import (
     MethodOptions,
     OptionError,
     TokenView,
+    check_range,
 )
 from dwakd.methods.registry import register_method
-from dwakd.methods.sft import label_cross_entropy_sum
+from dwakd.modules.cross_entropy import label_cross_entropy_sum
 from dwakd.modules.divergences import compute_dtype, divergence, no_autocast, resolve_divergence
 
 UNMAPPED_LOGIT = -1e4  # logit of dropped columns on both sides (the reference's constant)
@@ -88,18 +91,14 @@ class CDMOptions(MethodOptions):
     entropy_weights: bool = True  # false: DTW on the plain edit distance (ablation)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         try:
             resolve_divergence(self.kd_objective)
         except ValueError as exc:
             raise OptionError("kd_objective", str(exc)) from None
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise OptionError("top_k", f"must be a positive integer, got {self.top_k!r}")
-        if not 0.0 <= self.similarity_threshold <= 1.0:
-            raise OptionError("similarity_threshold", f"must be in [0, 1], got {self.similarity_threshold}")
-        if not self.kd_temperature > 0:
-            raise OptionError("kd_temperature", f"must be > 0, got {self.kd_temperature}")
-        if not 0.0 <= self.kd_rate <= 1.0:
-            raise OptionError("kd_rate", f"must be in [0, 1], got {self.kd_rate}")
+            raise OptionError("top_k", f"must be a positive integer; got {self.top_k!r}")
+        check_range("similarity_threshold", self.similarity_threshold, 0.0, 1.0)
 
 
 @dataclass
