@@ -19,11 +19,11 @@ from _baseline_helpers import (
     trainable_names,
 )
 
-from dwakd.alignment.dynamic_map import byte_arrays, dynamic_vocab_map, pooling_plan
+from dwakd.alignment.dynamic_map import byte_arrays, dynamic_vocab_map, levenshtein, pooling_plan
 from dwakd.alignment.token_strings import TokenTable, token_table
 from dwakd.methods import build_method, build_options, method_names
 from dwakd.methods.base import OptionError, TokenView
-from dwakd.methods.cdm import CDM, entropy_factors
+from dwakd.methods.cdm import CDM, entropy_factors, row_entropy
 
 
 def view(ids: list[list[int]]) -> TokenView:
@@ -104,6 +104,37 @@ def test_dynamic_vocab_map_by_hand():
     assert dynamic_vocab_map(source_topk, target_topk, exact, source, target, 0.25)[0, 1] == -1  # strict <
     both_empty = byte_arrays(table([b"  "]))
     assert dynamic_vocab_map(np.array([[0]]), np.array([[0]]), np.array([-1]), both_empty, both_empty, 0.3)[0, 0] == 0
+
+
+def test_levenshtein_kernels_match_the_textbook_dp():
+    """Bit-parallel for patterns up to 64 bytes, row DP beyond; lengths around the word size and empty strings."""
+    rng = np.random.default_rng(0)
+    lengths = [0, 1, 2, 5, 17, 63, 64, 65, 90]
+    for la in lengths:
+        for lb in lengths:
+            for alphabet in (2, 7, 256):
+                a = bytes(rng.integers(0, alphabet, la, dtype=np.uint8))
+                b = bytes(rng.integers(0, alphabet, lb, dtype=np.uint8))
+                assert levenshtein(a, b) == naive_levenshtein(a, b), (la, lb, alphabet)
+    # the dynamic map uses the same kernels: with θ = 1 every candidate qualifies and the closest one wins
+    words = [bytes(rng.integers(97, 101, int(n), dtype=np.uint8)) for n in rng.integers(1, 80, 40)]
+    source, target = byte_arrays(table(words[:20])), byte_arrays(table(words[20:]))
+    got = dynamic_vocab_map(np.arange(20)[None], np.arange(20)[None], np.full(20, -1), source, target, 1.0)
+    for a in range(20):
+        dists = [naive_normalised_distance(words[a], words[20 + c]) for c in range(20)]
+        best = min(range(20), key=lambda c: (dists[c], c))
+        assert got[0, a] == (best if dists[best] < 1.0 else -1)
+
+
+def test_row_entropy_matches_a_loop():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 40, dtype=torch.float64, generator=generator) * torch.tensor([0.1, 1, 10] * 3)[:, None]
+    logits[0, 5:] = -torch.inf  # a distribution that rules tokens out
+    got = row_entropy(logits, 37, chunk_elements=80)  # 2 rows per chunk; the last 3 columns are head padding
+    for r in range(9):
+        p = torch.softmax(logits[r, :37], -1)
+        expected = -sum(float(q) * math.log(float(q)) for q in p if q > 0)
+        assert float(got[r]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------- naive reference loss

@@ -16,8 +16,9 @@ returned as (pooled row, source row, weight) triples for each side.
 static map), else the target top-k candidate at g with the smallest normalised edit distance
 Lev(a, b) / (|a| + |b|) over their texts with spaces removed (0 for two empty texts), kept if it is below the
 threshold (0.3 in the reference); ties go to the better-ranked target candidate; −1 when nothing qualifies.
-Levenshtein runs over bytes with a length lower bound and an early exit once a DP row exceeds the best distance
-found, so the search is exact but skips most pairs.
+Levenshtein runs over bytes, bit-parallel for tokens of up to 64 bytes (Myers/Hyyrö; a row DP with early exit
+beyond), after a length lower bound that skips pairs which cannot beat the best distance so far; the search is
+exact.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def pooling_plan(path: np.ndarray, n: int, m: int):
 
 
 @numba.njit(cache=True)
-def _levenshtein_bounded(a_bytes, a_lo, a_len, b_bytes, b_lo, b_len, bound, row):  # pragma: no cover - compiled
-    """Levenshtein distance, or any value > bound once it is certain to exceed `bound`."""
+def _levenshtein_dp(a_bytes, a_lo, a_len, b_bytes, b_lo, b_len, bound, row):  # pragma: no cover - compiled
+    """Levenshtein distance by the row DP, or any value > bound once it is certain to exceed `bound`."""
     for j in range(b_len + 1):
         row[j] = j
     for i in range(1, a_len + 1):
@@ -128,6 +129,54 @@ def _levenshtein_bounded(a_bytes, a_lo, a_len, b_bytes, b_lo, b_len, bound, row)
 
 
 @numba.njit(cache=True)
+def _levenshtein_bits(peq, a_len, b_bytes, b_lo, b_len):  # pragma: no cover - compiled
+    """Levenshtein distance for a pattern of ≤ 64 bytes (`peq`: its match masks per byte value), bit-parallel.
+
+    Myers' algorithm in Hyyrö's formulation for the global distance: one pass over the text, O(1) word operations
+    per text byte.
+    """
+    one = np.uint64(1)
+    ones = np.uint64(0xFFFFFFFFFFFFFFFF)
+    positive = ones if a_len == 64 else (one << np.uint64(a_len)) - one  # Pv: all vertical deltas are +1
+    negative = np.uint64(0)
+    high = one << np.uint64(a_len - 1)
+    score = a_len
+    for j in range(b_len):
+        eq = peq[b_bytes[b_lo + j]]
+        xv = eq | negative
+        xh = (((eq & positive) + positive) ^ positive) | eq
+        ph = negative | (~(xh | positive) & ones)
+        mh = positive & xh
+        if ph & high:
+            score += 1
+        elif mh & high:
+            score -= 1
+        ph = (ph << one) | one
+        mh = mh << one
+        positive = mh | (~(xv | ph) & ones)
+        negative = ph & xv
+    return score
+
+
+@numba.njit(cache=True)
+def _levenshtein_one(a_bytes, b_bytes):  # pragma: no cover - compiled; tested through levenshtein
+    peq = np.zeros(256, dtype=np.uint64)
+    for i in range(a_bytes.shape[0]):
+        peq[a_bytes[i]] |= np.uint64(1) << np.uint64(i)
+    if a_bytes.shape[0] == 0:
+        return b_bytes.shape[0]
+    if a_bytes.shape[0] <= 64:
+        return _levenshtein_bits(peq, a_bytes.shape[0], b_bytes, 0, b_bytes.shape[0])
+    row = np.empty(b_bytes.shape[0] + 1, dtype=np.int64)
+    return _levenshtein_dp(a_bytes, 0, a_bytes.shape[0], b_bytes, 0, b_bytes.shape[0], 1 << 60, row)
+
+
+def levenshtein(a: bytes, b: bytes) -> int:
+    """Levenshtein distance between two byte strings (the kernels of `dynamic_vocab_map`)."""
+    return int(_levenshtein_one(np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8)))
+
+
+@numba.njit(cache=True)
 def _dynamic_map(source_topk, target_topk, exact, src_bytes, src_off, dst_bytes, dst_off,
                  threshold):  # pragma: no cover - compiled; tested through dynamic_vocab_map
     rows, k_src = source_topk.shape
@@ -136,7 +185,8 @@ def _dynamic_map(source_topk, target_topk, exact, src_bytes, src_off, dst_bytes,
     longest = 1
     for s in range(dst_off.shape[0] - 1):
         longest = max(longest, dst_off[s + 1] - dst_off[s])
-    buffer = np.empty(longest + 1, dtype=np.int64)
+    row = np.empty(longest + 1, dtype=np.int64)
+    peq = np.zeros(256, dtype=np.uint64)
     for g in range(rows):
         for a in range(k_src):
             t = source_topk[g, a]
@@ -146,6 +196,10 @@ def _dynamic_map(source_topk, target_topk, exact, src_bytes, src_off, dst_bytes,
             if t < 0 or t >= src_off.shape[0] - 1:
                 continue
             a_lo, a_len = src_off[t], src_off[t + 1] - src_off[t]
+            bits = 0 < a_len <= 64
+            if bits:
+                for i in range(a_len):
+                    peq[src_bytes[a_lo + i]] |= np.uint64(1) << np.uint64(i)
             best = -1
             best_d = threshold
             for c in range(k_dst):
@@ -157,15 +211,22 @@ def _dynamic_map(source_topk, target_topk, exact, src_bytes, src_off, dst_bytes,
                 if total == 0:
                     d = 0.0
                 else:
-                    if abs(a_len - b_len) >= best_d * total:  # |len difference| ≤ Lev: cannot beat best_d
+                    if abs(a_len - b_len) >= best_d * total:  # |length difference| ≤ Lev: cannot beat best_d
                         continue
-                    bound = best_d * total  # distances ≥ this cannot win
-                    lev = _levenshtein_bounded(src_bytes, a_lo, a_len, dst_bytes, b_lo, b_len, bound, buffer)
+                    if a_len == 0:
+                        lev = b_len
+                    elif bits:
+                        lev = _levenshtein_bits(peq, a_len, dst_bytes, b_lo, b_len)
+                    else:
+                        lev = _levenshtein_dp(src_bytes, a_lo, a_len, dst_bytes, b_lo, b_len, best_d * total, row)
                     d = lev / total
                 if d < best_d:
                     best_d = d
                     best = s
             out[g, a] = best
+            if bits:
+                for i in range(a_len):
+                    peq[src_bytes[a_lo + i]] = np.uint64(0)
     return out
 
 

@@ -123,15 +123,20 @@ def entropy_factors(entropy: torch.Tensor, segment: torch.Tensor, segments: int)
 
 
 def row_entropy(logits: torch.Tensor, vocab: int, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """(rows,) entropy of softmax(logits[:, :vocab]) in at least fp32, chunked, without gradient."""
+    """(rows,) entropy of softmax(logits[:, :vocab]) in at least fp32, chunked, without gradient.
+
+    With u = z − max z (−∞ clamped to the lowest finite value) and e = exp(u): H = log Σ e − ⟨e, u⟩ / Σ e.
+    """
     dtype = compute_dtype(logits)
     out = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
     chunk = max(1, chunk_elements // max(1, vocab))
     with torch.no_grad(), no_autocast(logits):
         for lo in range(0, logits.shape[0], chunk):
-            z = logits[lo:lo + chunk, :vocab].to(dtype)
-            log_p = torch.log_softmax(z, -1)
-            out[lo:lo + chunk] = -(log_p.exp() * log_p).sum(-1)
+            z = logits[lo:lo + chunk, :vocab].to(dtype)  # (r, V), may be a view of the logits
+            shifted = (z - z.amax(-1, keepdim=True)).clamp_(min=torch.finfo(dtype).min)  # (r, V) ≤ 0
+            e = shifted.exp()
+            total = e.sum(-1)
+            out[lo:lo + chunk] = total.log() - torch.einsum("rv,rv->r", e, shifted) / total
     return out
 
 
