@@ -28,7 +28,8 @@ from dwakd.methods.base import OptionError
 PROMPT = "### Instruction:\nAnswer.\n\n### Response:\n"
 RESPONSES = [
     "def f(x):\n\treturn x**2  # café 12345\n\n    end()",
-    "Prices: 3,141,592 ≈ π × 10⁶; naïve façade — 日本語テキスト 😀👍🏽 family: 👨\u200d👩\u200d👧!",
+    ("Prices: 3,141,592 ≈ π × 10⁶; naïve façade — 日本語テキスト 😀👍🏽 "
+     "family: 👨\u200d👩\u200d👧!"),
     "   leading spaces\t\ttabs\n\n\nnewlines   trailing   ",
     "",
     "x = [1, 22, 333]  # 🏳️\u200d🌈 ok",
@@ -411,7 +412,8 @@ def test_latents_value_and_gradients_reach_student_and_projector_only(tmp_path):
     ts = torch.stack(rows_t)
     scale = torch.tensor([sum(float(t[d]) ** 2 for t in rows_t) / len(rows_t) + 1e-8 for d in range(ts.shape[1])],
                          dtype=torch.float64)
-    naive = sum(float(((ps[k] - ts[k]) ** 2 / scale).mean().detach()) for k in range(len(rows_s))) / int(inputs.num_items)
+    naive = sum(float(((ps[k] - ts[k]) ** 2 / scale).mean().detach()) for k in range(len(rows_s)))
+    naive /= int(inputs.num_items)
     assert out.parts["latents"].item() == pytest.approx(naive, rel=1e-6)
     out.loss.backward()
     assert params_with_grad(setup.student, method) == trainable_names(setup.student, method)

@@ -40,7 +40,8 @@ def view(ids: list[list[int]]) -> TokenView:
 def test_entropy_factors_by_hand():
     entropy = torch.tensor([0.0, 1.0, 2.0, 7.0, 7.0, 0.5], dtype=torch.float64)
     segment = torch.tensor([0, 0, 0, 1, 1, 2])
-    # segment 0: Ĥ = 0, ½, 1 → 3 + 3σ(−2) = 3.36, 3 + 3σ(0) = 4.5, 3 + 3σ(2) = 5.64; constant segments → Ĥ = 0
+    # segment 0: Ĥ = 0, ½, 1 → 3 + 3σ(−2) = 3.36, 3 + 3σ(0) = 4.5, 3 + 3σ(2) = 5.64
+    # constant segments → Ĥ = 0
     assert entropy_factors(entropy, segment, 3).tolist() == [3.0, 4.0, 5.0, 3.0, 3.0, 3.0]
 
 
@@ -273,7 +274,7 @@ def test_batch_equals_sum_of_single_sequences(setup, tmp_path):
         single = Setup()
         single.student, single.teacher = setup.student, setup.teacher
 
-        def row(v: TokenView) -> TokenView:
+        def row(v: TokenView, b: int = b) -> TokenView:
             keep = int(v.attention_mask[b].sum())
             return TokenView(*(t[b:b + 1, :keep] for t in (v.input_ids, v.attention_mask, v.labels,
                                                            v.input_offsets, v.label_offsets)))

@@ -121,8 +121,7 @@ def _levenshtein_dp(a_bytes, a_lo, a_len, b_bytes, b_lo, b_len, bound, row):  # 
             value = min(row[j] + 1, row[j - 1] + 1, prev_diag + cost)
             prev_diag = row[j]
             row[j] = value
-            if value < best:
-                best = value
+            best = min(best, value)
         if best > bound:
             return best
     return row[b_len]

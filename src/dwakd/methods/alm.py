@@ -102,7 +102,7 @@ class ALMOptions(MethodOptions):
     append_space: bool = True  # [alm_mode] add log P(next token starts a word) at each chunk end, both sides
     space_threshold: float = 0.1  # [tokenizer_pair_bias_threshold] for merge_by_space_prob
     space_mask: str = "space+tab+newline+special"  # [space_mask_mode] which next tokens count as a word boundary
-    chunk_weight: str = "chunk"  # [distill_main_path_numerator] chunk_count → "chunk", token_count → "teacher_tokens"
+    chunk_weight: str = "chunk"  # [distill_main_path_numerator] chunk_count: "chunk", token_count: "teacher_tokens"
     alm_weight: float = 1.0  # [loss_weights] of the ALM term inside the KD part
     latents: bool = False  # [alm_latents] the hidden-state term at chunk ends
     latents_weight: float = 1.0  # [loss_weights] of the hidden-state term

@@ -6,8 +6,9 @@ Per sequence, over the response label tokens of both sides (what each position p
 1. Entropy weights: H = entropy of the model's own next-token distribution at each position, min–max normalised
    within the sequence (Ĥ = 0 when all are equal), w = ⌊3 + 3·σ(4Ĥ − 2)⌋ ∈ {3, 4, 5}; one per side, no gradient.
 2. Alignment: DTW over the token texts (spaces removed) with cost c(i, j) = Lev(t_i, s_j)·w_T(i)·w_S(j), 0 between
-   the two EOS tokens (as the reference; it cannot move a path that ends at the EOS pair anyway); accumulated cost D(i, j) = c(i, j) + min(D(i−1, j), D(i, j−1), D(i−1, j−1)) and a backtrack
-   that prefers the diagonal (`dwakd.alignment.dtw.dtw_path`, compiled). Rows are teacher tokens.
+   the two EOS tokens (as in the reference; it cannot move a path that ends at the EOS pair anyway); accumulated
+   cost D(i, j) = c(i, j) + min(D(i−1, j), D(i, j−1), D(i−1, j−1)) and a backtrack that prefers the diagonal
+   (`dwakd.alignment.dtw.dtw_path`, compiled). Rows are teacher tokens.
 3. Pooling to a common length (`dwakd.alignment.dynamic_map.pooling_plan`): teacher logits averaged over the
    teacher tokens aligned to each student token, then both sides averaged over the student tokens aligned to one
    teacher token (consecutive identical groups merged once).
@@ -41,8 +42,8 @@ choices and fixes:
   the label tokens; here the label tokens are aligned (each pair predicts the same next token from the same text);
 - KD: the reference's KL is Σ p_T·(τ²·log p_T − log softmax(z_S/τ)) with an unscaled teacher (the τ² only shifts
   the value); here D(softmax(z_T/τ) → softmax(z_S/τ)), and `temperature_on_teacher: false` gives the reference's
-  unscaled teacher. Sums are divided by the global student token count (the rule of every method; the reference takes a
-  mean over positions), and loss = (1 − kd_rate)·CE + kd_rate·KD (the DSKD port's form; the original uses
+  unscaled teacher. Sums are divided by the global student token count (the rule of every method; the reference
+  takes a mean over positions), and loss = (1 − kd_rate)·CE + kd_rate·KD (the DSKD port's form; the original uses
   0.9·CE + 0.1·KD, i.e. kd_rate = 0.1).
 `entropy_weights: false` aligns with the plain edit distance (MinED's DTW) for ablations.
 Speed: the reference loops in Python over every DTW cell (an edit distance per cell), decodes 2k tokens per
