@@ -93,14 +93,14 @@ def table(texts: list[bytes]) -> TokenTable:
 
 
 def test_dynamic_vocab_map_by_hand():
-    source = byte_arrays(table([b" the", b"Hello", b"wor", b"xyz", b"ab", b""]))
+    source = byte_arrays(table([b" the", b"Hello", b"wor", b"xyz", b"abz", b""]))
     target = byte_arrays(table([b"the", b"Hell", b" world", b"abc", b"abd", b"\t"]))
     exact = np.array([0, -1, -1, -1, -1, -1])  # " the" and "the" share the text once spaces are removed
     source_topk = np.array([[1, 2, 3, 0, 4, 5]])
     target_topk = np.array([[2, 1, 3, 4, 5, 0]])
     got = dynamic_vocab_map(source_topk, target_topk, exact, source, target, 0.3)
     # Hello: Hell 1/9 < world 4/10; wor: world 2/8 = 0.25 < 0.3; xyz: abc 3/6 (no); the: exact;
-    # ab: abc and abd both 1/5, the better-ranked (abc, rank 2) wins; "" vs "\t": 1/1 (no), vs nothing equal
+    # abz: abc and abd both 1/6, the better-ranked (abc, rank 2) wins; "" vs "\t": 1/1 (no), vs nothing equal
     assert got.tolist() == [[1, 2, -1, 0, 3, -1]]
     assert dynamic_vocab_map(source_topk, target_topk, exact, source, target, 0.25)[0, 1] == -1  # strict <
     both_empty = byte_arrays(table([b"  "]))
