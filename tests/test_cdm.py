@@ -57,6 +57,10 @@ def test_pooling_plan_by_hand():
     np.testing.assert_allclose(s, [[0.5, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 0.5, 0.5]])
     # student 2 sees teachers {1, 2}: g1 = (t1 + t2)/2, g2 = ((t1 + t2)/2 + t2)/2; g0 = (t0 + t0)/2
     np.testing.assert_allclose(t, [[1, 0, 0], [0, 0.5, 0.5], [0, 0.25, 0.75]])
+    # the method's sparse product adds the repeated (g2, t2) entries like np.add.at
+    plan = tuple(torch.as_tensor(x) for x in teacher)
+    rows = torch.tensor([[1.0, 0.0], [0.0, 4.0], [2.0, 2.0]], dtype=torch.float64)
+    torch.testing.assert_close(CDM.pool(rows, plan, groups, 2), torch.as_tensor(t) @ rows)
     with pytest.raises(ValueError, match="run from"):
         pooling_plan(np.array([[0, 1], [2, 3]]), 4, 3)
 
