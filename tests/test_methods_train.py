@@ -29,8 +29,16 @@ def run_steps(tiny_yaml, tmp_path, method: str, steps: int, extra: list[str] = (
 
 
 def test_all_issue_methods_registered():
-    for name in ["sft", "dskd", "dwakd", "dwakd-ew", "dwakd-dtw", "dwakd-bdtw", "dwakd-nogate"]:
+    for name in ["sft", "dskd", "dwakd", "dwakd-ew", "dwakd-dtw", "dwakd-bdtw", "dwakd-nogate", "alm", "cdm"]:
         assert name in METHODS
+
+
+def test_methods_command_lists_the_alignment_baselines(capsys):
+    from dwakd.cli import main
+
+    assert main(["methods"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert "alm" in printed and "cdm" in printed
 
 
 @pytest.mark.parametrize("method", METHODS)

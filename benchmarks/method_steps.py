@@ -1,0 +1,101 @@
+"""Benchmark: forward + backward time of several methods on the same batches, interleaved round by round.
+
+`dwakd bench` measures each method in turn (paper Table 7's protocol); on a shared machine the load changes between
+methods. This script builds every method's run exactly as `dwakd train` does (same config, same data order), then
+times one forward + backward of each method's `DistillationModel` on the same real batch, method after method,
+round after round, so background load hits all alike. Reports medians and best-of-N per method and batch size,
+and the load average before and after.
+
+    PYTHONPATH=src python benchmarks/method_steps.py                                   # dwakd, cdm, alm, dskd
+    PYTHONPATH=src python benchmarks/method_steps.py --methods dwakd,cdm --batch-sizes 4,1 --rounds 9
+
+Writes benchmarks/results/method_steps.json (or --out): every sample, medians, best-of-N, ratios to the first method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from dwakd.config import load_config  # noqa: E402
+from dwakd.run import build_training  # noqa: E402
+
+
+def build(config_path: str, method: str, batch_size: int, overrides: list[str]):
+    """(model, batches) of one method: the `dwakd train` run's model and its first training batches."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        config = load_config(config_path, [f"method={method}", f"output_dir={out_dir}", "data.eval=null",
+                                           "training.max_steps=1",
+                                           f"training.per_device_train_batch_size={batch_size}", *overrides])
+        run = build_training(config, show_progress=False)
+    loader = iter(run.trainer.get_train_dataloader())
+    run.model.train()  # as the Trainer does (the teacher is not a submodule and stays in eval mode)
+    return run.model, loader
+
+
+def one_pass(model, batch) -> float:
+    """Seconds of one forward + backward."""
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    out = model(**batch)
+    out["loss"].backward()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny-cpu.yaml"))
+    parser.add_argument("--methods", default="dwakd,cdm,alm,dskd")
+    parser.add_argument("--batch-sizes", default="4,1")
+    parser.add_argument("--rounds", type=int, default=7, help="measured rounds (each method once per round)")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first (compilation, caches)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "method_steps.json"))
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
+    args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    config_name = os.path.relpath(args.config, ROOT) if Path(args.config).is_absolute() else args.config
+    result = {"config": config_name, "overrides": args.overrides, "rounds": args.rounds, "warmup": args.warmup,
+              "torch": torch.__version__, "machine": platform.platform(), "threads": torch.get_num_threads(),
+              "load_before": os.getloadavg(), "results": {}}
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        built = {m: build(args.config, m, batch_size, args.overrides) for m in methods}
+        samples: dict[str, list[float]] = {m: [] for m in methods}
+        for round_index in range(args.warmup + args.rounds):
+            for method in methods:  # every method on its own next batch; all methods read the same data order
+                model, loader = built[method]
+                seconds = one_pass(model, next(loader))
+                if round_index >= args.warmup:
+                    samples[method].append(seconds)
+        block = {}
+        for method in methods:
+            block[method] = {"samples": samples[method], "median_s": statistics.median(samples[method]),
+                             "best_s": min(samples[method])}
+        first = methods[0]
+        for method in methods:
+            block[method]["median_ratio_to_" + first] = block[method]["median_s"] / block[first]["median_s"]
+            block[method]["best_ratio_to_" + first] = block[method]["best_s"] / block[first]["best_s"]
+        result["results"][f"batch_{batch_size}"] = block
+        print(f"batch {batch_size}: " + ", ".join(
+            f"{m} median {block[m]['median_s']:.3f} s best {block[m]['best_s']:.3f} s" for m in methods), flush=True)
+        del built
+    result["load_after"] = os.getloadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"load average before {result['load_before']}, after {result['load_after']}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
