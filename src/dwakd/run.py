@@ -103,8 +103,10 @@ def whole_models(args: TrainingArguments) -> Iterator[None]:
         hf_deepspeed.set_hf_deepspeed_config(hf_config)
 
 
-def load_datasets(config: RunConfig, student_tokenizer, teacher_tokenizer, show_progress: bool = True):
-    """Records -> (train, eval) dual-tokenized datasets; every record validated first."""
+def load_datasets(config: RunConfig, student_tokenizer, teacher_tokenizer, show_progress: bool = True,
+                  annotator=None):
+    """Records -> (train, eval) dual-tokenized datasets; every record validated first; with an `annotator`
+    (a method's `text_annotator`), each record's text units are stored per token on both sides."""
     d = config.data
     report = LoadReport()
     records = load_records(d.train, split="train", skip_invalid=d.skip_invalid, report=report)
@@ -118,7 +120,8 @@ def load_datasets(config: RunConfig, student_tokenizer, teacher_tokenizer, show_
         logger.warning("data: %s", report.summary())
     if d.max_train_examples:
         records = records[: d.max_train_examples]
-    kwargs = dict(max_prompt_length=d.max_prompt_length, max_length=d.max_length, show_progress=show_progress)
+    kwargs = dict(max_prompt_length=d.max_prompt_length, max_length=d.max_length, show_progress=show_progress,
+                  annotator=annotator)
     train_examples, stats = encode_records(records, student_tokenizer, teacher_tokenizer, **kwargs)
     logger.info("train data: %s", stats.summary())
     train = DualTokenizedDataset(train_examples, stats)
@@ -137,14 +140,15 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
     """
     set_seed(config.seed)
     method_cls, _ = get_method(config.method.name)
-    build_options(config.method.name, config.method.options)
+    options = build_options(config.method.name, config.method.options)
+    annotator = method_cls.text_annotator(options)  # a missing optional dependency fails here, before any data
     args = training_arguments(config)
     needs_teacher = method_cls.needs_teacher
     if needs_teacher and config.teacher is None:
         raise ConfigError(f"method {config.method.name!r} needs a teacher: add a `teacher:` section")
     student_tokenizer = _as_config_error(load_side_tokenizer, config.student, "student")
     teacher_tokenizer = _as_config_error(load_side_tokenizer, config.teacher, "teacher") if needs_teacher else None
-    train, evaluation = load_datasets(config, student_tokenizer, teacher_tokenizer, show_progress)
+    train, evaluation = load_datasets(config, student_tokenizer, teacher_tokenizer, show_progress, annotator)
     if len(train) == 0:
         raise ConfigError("no training examples left after tokenization; check data.max_length and the data")
     with whole_models(args):
