@@ -3,7 +3,8 @@
 Phrases, as in MTA's public code (voluyen/dwa_mta `span_utils.get_spans_offsets`, provenance unverified): spaCy's
 noun chunks plus verb phrases matching the token pattern AUX* ADV* VERB+ ADV* (POS tags). Candidates are taken in
 order of start, longest first, and one that overlaps a phrase already kept is dropped, so phrases never overlap
-(the reference drops only phrases nested inside a kept one, and keeps partial overlaps). Words are the spaCy tokens
+(the reference drops only phrases nested inside a kept one, and keeps partial overlaps). Whitespace tokens (spaCy
+keeps "\n" as a token) are trimmed from the ends of a phrase and are never words. Words are the spaCy tokens
 inside the kept phrases, each spanning its own text (whitespace excluded; the reference's word spans run up to the
 next token's start, and its token test tolerates one leading character — `dwakd.data.units.token_unit_ids` strips
 whitespace instead).
@@ -69,14 +70,18 @@ def phrase_matcher(nlp: Any) -> Any:
 
 def phrases_and_words(doc: Any, matcher: Any) -> tuple[list[Span], list[Span]]:
     """Non-overlapping phrases (noun chunks + verb phrases) and the words inside them, as character spans of `doc`."""
-    candidates = [doc[start:end] for _, start, end in matcher(doc)] + list(doc.noun_chunks)
-    candidates.sort(key=lambda span: (span.start_char, -span.end_char))
-    kept = []
-    for span in candidates:
-        if span.end_char > span.start_char and (not kept or span.start_char >= kept[-1].end_char):
-            kept.append(span)
-    phrases = [(span.start_char, span.end_char) for span in kept]
-    words = [(token.idx, token.idx + len(token.text)) for span in kept for token in span if not token.is_space]
+    candidates = []
+    for span in [doc[start:end] for _, start, end in matcher(doc)] + list(doc.noun_chunks):
+        tokens = [token for token in span if not token.is_space]  # whitespace tokens ("\n") never start or end one
+        if tokens:
+            candidates.append((tokens[0].idx, tokens[-1].idx + len(tokens[-1].text), tokens))
+    candidates.sort(key=lambda item: (item[0], -item[1]))
+    kept: list[tuple[int, int, list]] = []
+    for start, end, tokens in candidates:
+        if not kept or start >= kept[-1][1]:
+            kept.append((start, end, tokens))
+    phrases = [(start, end) for start, end, _ in kept]
+    words = [(token.idx, token.idx + len(token.text)) for _, _, tokens in kept for token in tokens]
     return phrases, words
 
 

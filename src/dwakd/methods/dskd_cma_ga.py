@@ -41,6 +41,7 @@ from dwakd.methods.base import DistillationInputs, MethodContext, OptionError, c
 from dwakd.methods.dskd import DSKD, CMATerms, DSKDOptions
 from dwakd.methods.registry import register_method
 from dwakd.modules.adversarial import KeyQueryDiscriminator, reverse_gradient
+from dwakd.modules.divergences import compute_dtype
 from dwakd.modules.projectors import model_dims
 
 
@@ -91,8 +92,10 @@ class DSKDCMAGA(DSKD):
         keys = cma.keys[cma.teacher_mask]  # (Q, 2e_t) real: teacher keys at valid teacher positions, no grad
         queries = cma.queries[cma.student_mask]  # (P, 2e_t) fake: student queries at valid student positions
         queries = queries.detach() if opts.reference_code else reverse_gradient(queries, opts.reversal_scale)
-        real_logits = self.discriminator(keys).float()  # (Q,)
-        fake_logits = self.discriminator(queries).float()  # (P,)
+        real_logits = self.discriminator(keys)  # (Q,)
+        real_logits = real_logits.to(compute_dtype(real_logits))  # BCE in at least fp32
+        fake_logits = self.discriminator(queries)  # (P,)
+        fake_logits = fake_logits.to(compute_dtype(fake_logits))
         real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits), reduction="sum")
         fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits), reduction="sum")
         n = inputs.num_items

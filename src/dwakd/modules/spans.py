@@ -74,7 +74,7 @@ def pool(values: torch.Tensor, weights: torch.Tensor, unit_ids: torch.Tensor,
     values (batch, length, d), weights (batch, length) ≥ 0, unit_ids (batch, length) int64 in [−1, units) →
     centres (batch, units, d) in at least fp32 (zero for a unit with no mass) and masses (batch, units).
     """
-    batch, length, width = values.shape
+    batch, _, width = values.shape
     dtype = torch.promote_types(values.dtype, torch.float32)
     keep = unit_ids.ge(0).reshape(-1)
     slot = (torch.arange(batch, device=values.device).unsqueeze(1) * units + unit_ids.clamp_min(0)).reshape(-1)
