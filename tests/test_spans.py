@@ -294,3 +294,19 @@ def test_token_unit_ids_on_real_tokenizations(gpt2_tokenizer, qwen_tokenizer) ->
                       text.index(piece, s) + len(piece) <= b]
             assert k == (inside[0] if inside else -1), (text[s:e], k)
         assert {k for k in ids if k >= 0} == set(range(len(words)))  # every word has a token
+
+
+def test_paper_recipes_layer_maps_fit_the_models() -> None:
+    """configs/paper/*-sra.yaml and *-mta.yaml name layers that exist in the hub models they use (depths written here)."""
+    from dwakd.config import load_config
+    from dwakd.methods import build_options
+
+    depth = {"openai-community/gpt2": 12, "Qwen/Qwen1.5-1.8B": 24, "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": 22,
+             "mistralai/Mistral-7B-v0.1": 32, "facebook/opt-2.7b": 32, "Qwen/Qwen2.5-7B-Instruct": 28}
+    recipes = sorted((ROOT / "configs" / "paper").glob("*-sra.yaml")) + sorted((ROOT / "configs" / "paper").glob("*-mta.yaml"))
+    assert len(recipes) >= 4
+    for path in recipes:
+        config = load_config(path)
+        options = build_options(config.method.name, config.method.options)
+        check_pairs_fit("layer_pairs", [tuple(p) for p in options.layer_pairs], depth[config.student.name_or_path],
+                        depth[config.teacher.name_or_path])
