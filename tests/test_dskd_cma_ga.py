@@ -247,3 +247,73 @@ def test_resume_after_kill_restores_discriminator_and_its_optimizer(tiny_yaml, t
     for index, state in opt_ref["state"].items():
         for moment in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt_out["state"][index][moment], state[moment], rtol=1e-5, atol=1e-9)
+
+
+def test_bf16_autocast_and_lora_student() -> None:
+    from dwakd.models import LoraSpec, apply_lora
+
+    teacher = tiny_teacher(dtype=torch.float32)
+    student = apply_lora(tiny_student(dtype=torch.float32), LoraSpec(r=4, alpha=8, target_modules=["c_attn"]))
+    torch.manual_seed(0)
+    method = build_method("dskd-cma-ga", context_for(student, teacher), {"disc_hidden": 8})
+    batch = make_batch()
+    fp32 = method(run_models(student, teacher, batch))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = method(run_models(student, teacher, batch))
+    assert torch.isfinite(out.loss) and out.loss.item() == pytest.approx(fp32.loss.item(), rel=5e-2)
+    assert out.parts["kq"].item() == pytest.approx(fp32.parts["kq"].item(), rel=5e-2)
+    out.loss.backward()
+    grads = {n for n, p in student.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in method.discriminator.parameters())
+
+
+def _logged(run, key: str) -> list[float]:
+    return [e[key] for e in run.trainer.state.log_history if key in e and "loss" in e]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_yaml, tmp_path) -> None:
+    """2 micro-batches of 2 == 1 batch of 4 for the loss, L_KQ and the discriminator (token-normalised sums)."""
+    from dwakd.config import load_config
+    from dwakd.run import build_training
+
+    common = ["method=dskd-cma-ga", "method.options={disc_hidden: 16, disc_dropout: 0.0}", "data.eval=null",
+              "training.max_steps=2", "training.logging_steps=1", "data.max_length=64", "data.max_prompt_length=32"]
+    runs = []
+    for name, extra in (("big", ["training.per_device_train_batch_size=4"]),
+                        ("small", ["training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2"])):
+        run = build_training(load_config(tiny_yaml, [*common, *extra, f"output_dir={tmp_path / name}"]),
+                             show_progress=False)
+        run.trainer.train()
+        runs.append(run)
+    for key in ("loss", "kq", "kq_real", "kq_fake", "ce"):
+        assert _logged(runs[1], key) == pytest.approx(_logged(runs[0], key), rel=1e-4), key
+    for (name, a), (_, b) in zip(runs[0].model.method.discriminator.named_parameters(),
+                                 runs[1].model.method.discriminator.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tiny_yaml, tmp_path) -> None:
+    """DDP over 2 CPU processes (gloo), 2 sequences each == 1 process with 4: loss and L_KQ parts (dropout off)."""
+    import sys
+
+    from test_robustness import SMALL, cli, env, free_port, losses
+
+    common = [str(tiny_yaml), *SMALL, "training.max_steps=3", "data.max_train_examples=24", "method=dskd-cma-ga",
+              "method.options={disc_hidden: 16, disc_dropout: 0.0}"]
+    single = tmp_path / "single"
+    subprocess.run(cli(*common, f"output_dir={single}", "training.per_device_train_batch_size=4"),
+                   env=env(), check=True, capture_output=True, timeout=600)
+    multi = tmp_path / "ddp"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "--master_addr=127.0.0.1", "-m", "dwakd.cli", "train", *common, f"output_dir={multi}",
+         "training.per_device_train_batch_size=2", "training.ddp_backend=gloo"],
+        env=env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for key in ("loss", "kq", "kq_fake", "kq_real"):
+        a, b = losses(single, key), losses(multi, key)
+        assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+        for (_, x), (_, y) in zip(a, b):
+            assert y == pytest.approx(x, rel=1e-4), key

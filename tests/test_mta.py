@@ -311,3 +311,29 @@ def test_missing_units_are_an_error(pair: Pair) -> None:
             method(inputs)
     finally:
         inputs.student.units = saved
+
+
+def test_bf16_autocast_and_lora_student(pair: Pair) -> None:
+    from dwakd.models import LoraSpec, apply_lora
+
+    student = apply_lora(deep_model("gpt2", len(pair.s_tok), seed=0, hidden=16, layers=2).float(),
+                         LoraSpec(r=4, alpha=8, target_modules=["c_attn"]))
+    teacher = pair.teacher.float()
+    try:
+        context = MethodContext(student.config, teacher.config, pair.s_tok, pair.t_tok, student, teacher)
+        torch.manual_seed(0)
+        method = build_method("mta", context)
+
+        def run():
+            return method(run_both(student, teacher, pair.s_view, pair.t_view, len(pair.s_tok), len(pair.t_tok)))
+
+        fp32 = run()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run()
+        assert torch.isfinite(out.loss) and out.parts["mta"].item() == pytest.approx(fp32.parts["mta"].item(), rel=5e-2)
+        out.loss.backward()
+        grads = {n for n, p in student.named_parameters() if p.grad is not None}
+        assert grads and all("lora_" in n for n in grads)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in method.mta_projectors.parameters())
+    finally:
+        pair.teacher = teacher.double()

@@ -110,6 +110,31 @@ def test_multibyte_characters_never_split_a_span(gpt2_tokenizer, qwen_tokenizer)
         assert int(s_ids[0, i]) == int(s_ids[0, j])
 
 
+def hand_view(offsets: list[tuple[int, int]]) -> TokenView:
+    """One sequence: a prompt token at position 0 (its label is the first response token), then response tokens."""
+    length = len(offsets)
+    ids = torch.arange(1, length + 1).unsqueeze(0)
+    labels = torch.arange(2, length + 2).unsqueeze(0)  # every position valid: the last one predicts EOS
+    off = torch.tensor([offsets])
+    return TokenView(ids, torch.ones_like(ids), labels, off, off)
+
+
+def test_overlapping_tokens_never_leave_a_boundary_between_them() -> None:
+    """Text "P" + "abc". The student's tokens (1,3) and (2,4) overlap at char 2 (a byte-level split inside one
+    character): its offset 3 is no token end, so the teacher's boundary at 3 does not split the text."""
+    student = hand_view([(0, 1), (1, 3), (2, 4)])
+    teacher = hand_view([(0, 1), (1, 3), (3, 4)])
+    s_ids, t_ids, counts = coterminal_span_ids(student, teacher)
+    assert s_ids.tolist() == [[-1, 0, 0]] and t_ids.tolist() == [[-1, 0, 0]] and counts.tolist() == [1]
+    student = hand_view([(0, 1), (1, 2), (2, 4)])  # no overlap: boundaries at 2 and 4
+    teacher = hand_view([(0, 1), (1, 2), (2, 3), (3, 4)])
+    s_ids, t_ids, counts = coterminal_span_ids(student, teacher)
+    assert s_ids.tolist() == [[-1, 0, 1]] and t_ids.tolist() == [[-1, 0, 1, 1]] and counts.tolist() == [2]
+    for b_view in ((student, teacher),):
+        s_ref, t_ref, count = naive_spans(*b_view, 0)
+        assert count == 2 and s_ref == {1: 0, 2: 1} and t_ref == {1: 0, 2: 1, 3: 1}
+
+
 def test_truncated_side_leaves_the_tail_out(gpt2_tokenizer, qwen_tokenizer) -> None:
     records = load_records(ROOT / "data" / "dolly-tiny" / "train.jsonl")[:2]
     student, _ = views(records, gpt2_tokenizer, qwen_tokenizer, max_length=64)
@@ -158,6 +183,18 @@ def test_centres_of_mass_match_loops() -> None:
         assert torch.allclose(hidden.grad[0, t], torch.full((5,), want, dtype=torch.float64))
     counts = unit_token_counts(ids, 3)
     assert counts.tolist() == [[2, 1, 3], [1, 2, 0]]
+
+
+def test_weightless_unit_is_a_plain_mean_with_finite_gradients() -> None:
+    """Attention dropout can give every token of a span weight 0: its centre is the plain mean of its tokens (mass
+    0), and a large upstream gradient stays finite (dividing by a clamped zero mass would give inf·0 = NaN)."""
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 6.0], [5.0, 1.0]]], requires_grad=True)
+    weights = torch.tensor([[0.0, 0.0, 0.7]])
+    centres, mass = pool(hidden, weights, torch.tensor([[0, 0, 1]]), 2)
+    assert centres[0, 0].tolist() == [2.0, 4.0] and centres[0, 1].tolist() == [5.0, 1.0]
+    assert mass[0].tolist() == pytest.approx([0.0, 0.7])
+    (1e30 * centres.sum()).backward()
+    assert torch.isfinite(hidden.grad).all() and hidden.grad[0, 0, 0].item() == pytest.approx(0.5e30)
 
 
 def test_token_weighted_mean_is_a_global_weighted_average() -> None:

@@ -72,7 +72,9 @@ def pool(values: torch.Tensor, weights: torch.Tensor, unit_ids: torch.Tensor,
     """Weighted centre of mass and mass of every unit.
 
     values (batch, length, d), weights (batch, length) ≥ 0, unit_ids (batch, length) int64 in [−1, units) →
-    centres (batch, units, d) in at least fp32 (zero for a unit with no mass) and masses (batch, units).
+    centres (batch, units, d) in at least fp32 and masses (batch, units). A unit whose tokens all weigh 0 (attention
+    dropout can zero a probability) has mass 0 and the plain mean of its tokens as centre; a unit with no token
+    has centre 0.
     """
     batch, _, width = values.shape
     dtype = torch.promote_types(values.dtype, torch.float32)
@@ -80,9 +82,11 @@ def pool(values: torch.Tensor, weights: torch.Tensor, unit_ids: torch.Tensor,
     slot = (torch.arange(batch, device=values.device).unsqueeze(1) * units + unit_ids.clamp_min(0)).reshape(-1)
     slot, w = slot[keep], weights.reshape(-1)[keep].to(dtype)
     h = values.reshape(-1, width)[keep].to(dtype)
-    sums = torch.zeros(batch * units, width, dtype=dtype, device=values.device).index_add(0, slot, h * w.unsqueeze(1))
     mass = torch.zeros(batch * units, dtype=dtype, device=values.device).index_add(0, slot, w)
-    centres = sums / mass.clamp_min(torch.finfo(dtype).tiny).unsqueeze(1)
+    w = torch.where(mass[slot] > 0, w, torch.ones_like(w))  # weightless unit: every token counts equally
+    total = torch.zeros(batch * units, dtype=dtype, device=values.device).index_add(0, slot, w)
+    sums = torch.zeros(batch * units, width, dtype=dtype, device=values.device).index_add(0, slot, h * w.unsqueeze(1))
+    centres = sums / total.clamp_min(torch.finfo(dtype).tiny).unsqueeze(1)
     return centres.reshape(batch, units, width), mass.reshape(batch, units)
 
 
