@@ -273,12 +273,18 @@ def _logged(run, key: str) -> list[float]:
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_yaml, tmp_path) -> None:
-    """2 micro-batches of 2 == 1 batch of 4 for the loss, L_KQ and the discriminator (token-normalised sums)."""
+    """2 micro-batches of 2 == 1 batch of 4 for the loss, L_KQ and the discriminator (token-normalised sums: a
+    per-micro-batch mean would double L_KQ's gradient here). Plain SGD and no dropout, so the second step compares
+    gradients without Adam's amplification of rounding; DSKD-CMA's keys are scaled by a per-micro-batch standard
+    deviation, so the two runs agree to 1e-3, not to rounding."""
+    from test_robustness import SMALL
+
     from dwakd.config import load_config
     from dwakd.run import build_training
 
-    common = ["method=dskd-cma-ga", "method.options={disc_hidden: 16, disc_dropout: 0.0}", "data.eval=null",
-              "training.max_steps=2", "training.logging_steps=1", "data.max_length=64", "data.max_prompt_length=32"]
+    common = [SMALL[0], "method=dskd-cma-ga", "method.options={disc_hidden: 16, disc_dropout: 0.0}", "data.eval=null",
+              "training.max_steps=2", "training.logging_steps=1", "data.max_length=64", "data.max_prompt_length=32",
+              "training.optim=sgd", "training.learning_rate=0.05", "method.projector_lr=0.05"]
     runs = []
     for name, extra in (("big", ["training.per_device_train_batch_size=4"]),
                         ("small", ["training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2"])):
@@ -287,9 +293,8 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_yaml, tmp_path) -> Non
         run.trainer.train()
         runs.append(run)
     for key in ("loss", "kq", "kq_real", "kq_fake", "ce"):
-        assert _logged(runs[1], key) == pytest.approx(_logged(runs[0], key), rel=1e-4), key
-    for (name, a), (_, b) in zip(runs[0].model.method.discriminator.named_parameters(),
-                                 runs[1].model.method.discriminator.named_parameters()):
+        assert _logged(runs[1], key) == pytest.approx(_logged(runs[0], key), rel=1e-3), key
+    for (name, a), (_, b) in zip(runs[0].model.method.named_parameters(), runs[1].model.method.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
 
 
