@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 
 from dwakd.demo import suite as S
-from dwakd.demo.tokenizers import TokenizerSettings, boundary_agreement, train_tokenizers
+from dwakd.demo.tokenizers import (
+    TokenizerSettings,
+    boundary_agreement,
+    train_tokenizers,
+)
 from dwakd.tokenizers import load_tokenizer
 
 
@@ -101,37 +105,51 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--no-progress", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| Teacher |" in printed and "| DWA-KD |" in printed
+    assert "| Teacher † |" in printed and "| DWA-KD |" in printed
+    assert "DWA-KD > DSKD over 2 training seeds" in printed
 
     for name in ("report.md", "results.md", "results.csv", "results.png", "results.json", "loss_curves.png",
-                 "demo_config.yaml", "timings.json", "demo.log", "data/train.jsonl", "data/suite.json",
-                 "tokenizers/teacher/tokenizer.json", "tokenizers/student/tokenizer.json", "teacher/model.safetensors",
-                 "teacher/trainer_state.json", "teacher/dwakd_config.yaml"):
+                 "results_sampling_seeds.md", "demo_config.yaml", "timings.json", "demo.log", "data/train.jsonl",
+                 "data/suite.json", "tokenizers/teacher/tokenizer.json", "tokenizers/student/tokenizer.json",
+                 "teacher/model.safetensors", "teacher/trainer_state.json", "teacher/dwakd_config.yaml"):
         assert (out / name).is_file(), name
     for method in ("sft", "dskd", "dwakd"):
-        assert (out / "students" / method / "model.safetensors").is_file()
-        assert (out / "students" / method / "trainer_state.json").is_file()
+        for seed in (0, 1):
+            assert (out / "students" / f"{method}-seed{seed}" / "model.safetensors").is_file()
+            assert (out / "students" / f"{method}-seed{seed}" / "trainer_state.json").is_file()
 
     report = (out / "report.md").read_text()
     for section in REPORT_SECTIONS:
         assert section in report
     header = next(line for line in report.splitlines() if line.startswith("| Method"))
-    assert [c.strip() for c in header.strip("|").split("|")] == ["Method", "Suite", "Phrasing", "Long", "Tasks", "Avg."]
-    rows = [line for line in report.splitlines() if re.match(r"\| (Teacher|SFT|DSKD|DWA-KD) \|", line)]
-    assert [r.split("|")[1].strip() for r in rows] == ["Teacher", "SFT", "DSKD", "DWA-KD"]
-    for row in rows:  # every cell is "mean ± std" over the two sampling seeds
-        cells = [c.strip() for c in row.strip("|").split("|")[1:]]
+    assert [c.strip() for c in header.strip("|").split("|")][:6] == ["Method", "Suite", "Phrasing", "Long", "Tasks",
+                                                                     "Avg."]
+    result_table = report[report.index("## Result"):report.index("## Ranking checks")]
+    rows = [line for line in result_table.splitlines() if re.match(r"\| (Teacher †|SFT|DSKD|DWA-KD) \|", line)]
+    assert [r.split("|")[1].strip() for r in rows] == ["Teacher †", "SFT", "DSKD", "DWA-KD"]
+    for row in rows:  # every score cell is "mean ± std" (over two training seeds; the teacher over sampling seeds)
+        cells = [c.strip() for c in row.strip("|").split("|")[1:6]]
         assert all(re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", c) for c in cells), row
+    # two training seeds are too few for any claim: the quick run never claims a ranking
+    assert "| no |" in report and "| yes |" not in report
 
     results = json.loads((out / "results.json").read_text())
-    assert set(results["summary"]) == {"Teacher", "SFT", "DSKD", "DWA-KD"}
-    assert [d["name"] for d in results["datasets"]] == ["test", "ood_phrasing", "ood_long", "ood_tasks"]
-    assert all(len(per_seed) == 2 for model in results["scores"].values() for per_seed in model.values())
+    assert set(results["training_seeds"]["summary"]) == {"Teacher †", "SFT", "DSKD", "DWA-KD"}
+    assert [d["name"] for d in results["training_seeds"]["datasets"]] == ["test", "ood_phrasing", "ood_long",
+                                                                          "ood_tasks"]
+    assert set(results["evaluation"]["scores"]) == {"teacher"} | {f"{m}-seed{s}" for m in ("sft", "dskd", "dwakd")
+                                                                   for s in (0, 1)}
+    assert all(len(per_seed) == 2 for model in results["evaluation"]["scores"].values() for per_seed in model.values())
+    assert [c["claim"] for c in results["checks"]] == ["Teacher > DWA-KD", "DWA-KD > DSKD", "DSKD > SFT"]
+    assert all(c["n"] == 2 and not c["holds"] for c in results["checks"])
 
-    # A rerun reuses every stage (teacher included) and reports the same numbers.
-    again = run_demo(out, quick=True, show_progress=False, echo=lambda _: None)
-    assert all(again.cached[stage] for stage in ("suite", "tokenizers", "teacher", "sft", "dskd", "dwakd"))
-    assert again.table.to_json()["scores"] == results["scores"]
+    # A rerun reuses every stage (teacher included) and reports the same numbers; it scores the saved generations
+    # on two worker processes (the pool path of the pipeline).
+    again = run_demo(out, quick=True, show_progress=False, echo=lambda _: None, workers=2)
+    assert again.log.workers["models"] == 2
+    assert all(again.cached[stage] for stage in ("suite", "tokenizers", "teacher", "sft-seed0", "dskd-seed1",
+                                                 "dwakd-seed1"))
+    assert again.evaluation.to_json()["scores"] == results["evaluation"]["scores"]
 
 
 def test_tokenizer_training_is_deterministic(tmp_path: Path):
@@ -157,3 +175,171 @@ def test_threads_follow_free_cores(monkeypatch):
     assert P.choose_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert P.choose_threads() == 3
+
+
+# ---- statistics and ranking logic -------------------------------------------------------------------------------------
+def test_paired_t_test_against_closed_forms_and_scipy():
+    """One-sided paired t-test: the t density with 1 and 2 degrees of freedom has closed-form tails."""
+    import math
+
+    from scipy import stats
+
+    from dwakd.evaluation.stats import paired_comparison
+
+    # the issue's three DWA-KD - DSKD differences: +0.41, +0.80, +1.21
+    a, b = [35.0, 36.0, 37.5], [34.59, 35.2, 36.29]
+    c = paired_comparison(a, b)
+    d = [0.41, 0.80, 1.21]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    t = mean / (sd / math.sqrt(3))
+    assert c.n == 3 and c.diffs == pytest.approx(d)
+    assert c.mean_diff == pytest.approx(mean) and c.std_err == pytest.approx(sd / math.sqrt(3))
+    assert c.t == pytest.approx(t) and c.t == pytest.approx(3.49, abs=0.01)  # the issue rounded d: t = 3.47
+    assert c.p_value == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)))  # Student t, 2 dof: P(T > t)
+    assert 0.03 < c.p_value < 0.05 and c.holds()
+    assert not paired_comparison(b, a).holds() and paired_comparison(b, a).p_value == pytest.approx(1 - c.p_value)
+
+    two = paired_comparison([3.0, 5.0], [1.0, 2.0])  # d = 2, 3: t = 5 with 1 dof
+    assert two.t == pytest.approx(5.0)
+    assert two.p_value == pytest.approx(0.5 - math.atan(5.0) / math.pi)
+    assert not two.holds()  # p = 0.063, and fewer than three seeds anyway
+    assert not paired_comparison([3.0, 5.0, 9.0], [1.0, 2.0, 3.0]).holds(min_pairs=4)
+
+    rng = __import__("random").Random(0)
+    a = [rng.gauss(0, 1) for _ in range(7)]
+    b = [x - 0.3 + rng.gauss(0, 0.5) for x in a]
+    ref = stats.ttest_rel(a, b, alternative="greater")
+    assert paired_comparison(a, b).p_value == pytest.approx(ref.pvalue)
+
+
+def test_paired_comparison_edge_cases():
+    from dwakd.evaluation.stats import paired_comparison
+
+    one = paired_comparison([2.0], [1.0])
+    assert one.t is None and one.p_value is None and not one.holds(min_pairs=1)
+    same_gain = paired_comparison([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])  # every seed +1 exactly
+    assert same_gain.p_value == 0.0 and same_gain.holds()
+    tie = paired_comparison([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert tie.p_value == 1.0 and not tie.holds()
+    assert json.dumps(same_gain.to_dict())  # infinite t serialises
+    with pytest.raises(ValueError):
+        paired_comparison([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        paired_comparison([], [])
+
+
+def _synthetic_table(student_avgs: dict[str, list[float]], teacher: float, sampling_noise: float = 0.0):
+    """Evaluation table with rows `teacher` and `<method>-seed<k>`: two sampling seeds whose mean is the given
+    per-training-seed score on every split (±sampling_noise around it)."""
+    from dwakd.evaluation.report import ScoreTable
+
+    table = ScoreTable([(name, title) for name, (title, _) in S.TEST_SPLITS.items()])
+    rows = {"teacher": [teacher]} | {f"{m}-seed{k}": [v] for m, values in student_avgs.items()
+                                     for k, v in enumerate(values)}
+    for row, (value,) in rows.items():
+        for offset, split in enumerate(S.TEST_SPLITS):
+            shift = (offset - 1.5) * 0.5  # splits differ, their mean is the given value
+            table.add(row, split, 10, value + shift + sampling_noise)
+            table.add(row, split, 20, value + shift - sampling_noise)
+    return table
+
+
+def test_ranking_checks_use_paired_training_seeds_not_sampling_spread():
+    from dwakd.demo.report import (
+        claim_pairs,
+        ranking_checks,
+        sampling_seed_margins,
+        sampling_seed_table,
+        seed_scores,
+    )
+
+    methods = ["sft", "dskd", "dwakd"]
+    # DWA-KD beats DSKD at every training seed by a small margin; the seeds themselves vary a lot, and each
+    # training run's sampling seeds disagree by ±3 — unpaired or sampling-seed spreads would call this a tie.
+    full = _synthetic_table({"sft": [31.0, 34.5, 32.0], "dskd": [30.0, 35.0, 33.0], "dwakd": [30.6, 35.5, 33.7]},
+                            teacher=40.0, sampling_noise=3.0)
+    scores = seed_scores(full, methods, (0, 1, 2))
+    assert scores.values("dskd", [0, 1, 2]) == pytest.approx([30.0, 35.0, 33.0])  # mean over sampling seeds, splits
+    assert scores.values("teacher", [0, 1, 2]) == pytest.approx([40.0] * 3)
+    checks = {(c.better, c.worse): c for c in ranking_checks(scores)}
+    assert list(checks) == [("teacher", "dwakd"), ("dwakd", "dskd"), ("dskd", "sft")]
+    assert checks[("dwakd", "dskd")].holds and checks[("dwakd", "dskd")].comparison.diffs == pytest.approx(
+        [0.6, 0.5, 0.7])
+    assert checks[("teacher", "dwakd")].holds
+    assert not checks[("dskd", "sft")].holds  # -1, +0.5, +1: mixed
+    margins = sampling_seed_margins(sampling_seed_table(full, methods, 0), [("dwakd", "dskd")])
+    assert margins[0]["margin"] == pytest.approx(0.6) and margins[0]["spread"] > 3  # descriptive only
+
+    # the same differences over two seeds are not enough
+    few = seed_scores(full, methods, (0, 1))
+    assert not any(c.holds for c in ranking_checks(few))
+    # a method missing from the chain closes the gap: Teacher > DSKD > SFT
+    assert claim_pairs(["teacher", "sft", "dskd"]) == [("teacher", "dskd"), ("dskd", "sft")]
+    # a training seed a method lacks is left out of its pairs (not compared with another seed's score)
+    partial = _synthetic_table({"dskd": [30.0, 35.0, 33.0], "dwakd": [30.6, 35.5]}, teacher=40.0)
+    partial_scores = seed_scores(partial, ["dskd", "dwakd"], (0, 1, 2))
+    assert partial_scores.compare("dwakd", "dskd").n == 2
+
+
+def test_paper_and_ablation_tables():
+    from dwakd.demo.report import (
+        ablation_methods,
+        ablation_table,
+        paper_table,
+        seed_scores,
+    )
+
+    methods = ["sft", "dskd", "dwakd", "dwakd-ew", "dwakd-nogate", "uld"]
+    assert ablation_methods(methods) == ["dwakd-ew", "dwakd-nogate"]
+    assert ablation_methods(["sft", "dskd"]) == []
+    full = _synthetic_table({"sft": [31.0, 32.0, 33.0], "dskd": [32.0, 33.0, 34.0], "dwakd": [33.0, 34.1, 35.2],
+                             "dwakd-ew": [32.5, 33.5, 34.6], "dwakd-nogate": [33.0, 34.0, 35.0],
+                             "uld": [31.5, 32.6, 33.4]}, teacher=40.0)
+    scores = seed_scores(full, methods, (0, 1, 2))
+    table = paper_table(full, scores, methods)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert list(rows) == ["Teacher †", "SFT", "DSKD", "DWA-KD", "DWA-KD w/ EW", "DWA-KD w/o gate", "ULD"]
+    assert "+1.10 ± 0.06" in rows["DWA-KD"] and rows["DSKD"].count("|") == rows["SFT"].count("|")
+    ablations = ablation_table(scores, ablation_methods(methods))
+    labels = [line.split("|")[1].strip() for line in ablations.splitlines()[2:]]
+    assert labels == ["DSKD", "DWA-KD w/ EW", "DWA-KD w/o gate", "DWA-KD"]
+    assert "-0.57 ± 0.03" in ablations  # w/ EW vs DWA-KD: -0.5, -0.6, -0.6
+
+
+# ---- data, caching, structure -------------------------------------------------------------------------------------------
+def test_in_domain_test_and_dev_share_no_record_with_training():
+    train = S.generate_split("train", 6000)
+    keys = {(r["instruction"], r["input"]) for r in train}
+    test, dev = S.generate_split("test", 120), S.generate_split("dev", 120)
+    test_keys, dev_keys = ({(r["instruction"], r["input"]) for r in rows} for rows in (test, dev))
+    assert not test_keys & keys and not dev_keys & keys and not test_keys & dev_keys
+    assert len(test_keys) >= 115  # repeats only where a family has too few distinct questions (tips)
+    assert {S.pool(*k) for k in keys} == {"train"}
+    # the facts asked in the test set still occur in training under another phrasing
+    countries = {r["instruction"].split(" of ")[-1].rstrip("?.") for r in train if r["family"] == "capital"}
+    asked = [r["instruction"].split(" of ")[-1].rstrip("?.") for r in test if r["family"] == "capital"]
+    assert asked and sum(c in countries for c in asked) >= len(asked) - 1
+
+
+def test_code_fingerprint_covers_the_code_that_computes_stages(tmp_path: Path, monkeypatch):
+    import shutil
+
+    import dwakd
+    from dwakd.demo import pipeline as P
+
+    copy = tmp_path / "dwakd"
+    shutil.copytree(Path(dwakd.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    monkeypatch.setattr(dwakd, "__file__", str(copy / "__init__.py"))
+    base = P.code_fingerprint()
+    (copy / "demo" / "report.py").write_text((copy / "demo" / "report.py").read_text() + "\n# wording\n")
+    assert P.code_fingerprint() == base  # presentation only
+    for module in ("demo/tokenizers.py", "trainer.py", "methods/dwakd.py", "evaluation/generation.py"):
+        path = copy / module
+        original = path.read_text()
+        path.write_text(original + "\n# changed\n")
+        assert P.code_fingerprint() != base, module
+        path.write_text(original)
+    assert P.code_fingerprint() == base
+    monkeypatch.setattr(P, "library_versions", lambda: {"torch": "0.0"})
+    assert P.code_fingerprint() != base

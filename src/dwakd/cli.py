@@ -28,6 +28,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_dolly(args: argparse.Namespace) -> int:
+    from dwakd.data.dolly import prepare_dolly
+
+    prepare_dolly(args.out, args.source, revision=args.revision, allow_missing=args.allow_missing)
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from dwakd.methods import method_names
 
@@ -52,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overrides such as method=dwakd output_dir=runs/x training.max_steps=50")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("data", help="prepare a benchmark data set")
+    data = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    d = data.add_parser("dolly", help="the papers' Dolly split (11,435 train / 1,000 dev / 500 test) from "
+                                      "databricks-dolly-15k: train.jsonl, dev.jsonl, valid.jsonl")
+    d.add_argument("--out", default="data/dolly", help="output folder (default: data/dolly)")
+    d.add_argument("--source", default="databricks/databricks-dolly-15k",
+                   help="a `datasets` hub name (default), a local databricks-dolly-15k.jsonl, or a local folder")
+    d.add_argument("--revision", default=None, help="hub revision of the data set")
+    d.add_argument("--allow-missing", action="store_true",
+                   help="write the files even if some dev/test records of the papers' split are not in the data")
+    d.set_defaults(func=_cmd_data_dolly)
 
     p = sub.add_parser("methods", help="list the registered distillation methods")
     p.set_defaults(func=_cmd_methods)

@@ -1,23 +1,33 @@
 """Run configuration: dataclasses loaded from YAML, with `dotted.key=value` overrides from the command line.
 
 Unknown keys are errors that name the closest valid key. `training` takes any
-`transformers.TrainingArguments` field; `method.options` takes the chosen method's options.
+`transformers.TrainingArguments` field on top of `TRAINING_DEFAULTS`; `method.options` takes the chosen method's
+options. Everything that can be checked without a tokenizer, data or a model is checked when the config is read:
+the method's options are built (type-checked here, value-checked by the options dataclass) and a bad value is a
+`ConfigError` naming `method.options.NAME`. `training_arguments` builds the `TrainingArguments` and turns their
+validation errors into `ConfigError`s naming the `training.*` key and the fix; `dwakd train` calls it first.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
 import difflib
 import re
+import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from dwakd.models import LoraSpec, ModelSpec
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 
 class _Loader(yaml.SafeLoader):
@@ -42,7 +52,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Where the instruction data comes from and how it is cut (SPEC §1)."""
+    """Where the instruction data comes from and how it is cut (docs/methods.md)."""
 
     train: list[str] | str | None = None  # JSONL path(s), a dir with train.jsonl, or a `datasets` name
     eval: list[str] | str | None = None  # optional held-out set; else `eval_size` records are split off train
@@ -64,6 +74,27 @@ class MethodConfig:
     on_nonfinite: str = "stop"  # "stop" (raise, naming the part and step) or "skip" (drop that micro-batch)
 
 
+# Training defaults (the paper recipes' optimizer settings; docs/methods.md). A config's `training:` block is
+# laid over them key by key, so `RunConfig.training` always holds every value the run uses.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/dwakd",
+    "learning_rate": 5e-4,
+    "weight_decay": 0.01,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0,
+    "max_grad_norm": 1.0,
+    "per_device_train_batch_size": 8,
+    "logging_steps": 10,
+    "save_strategy": "no",
+    "report_to": "none",
+    # the distillation collator's batches: keep every column, the loss comes from the model, labels by name
+    "remove_unused_columns": False,
+    "label_names": ["labels"],
+    "dataloader_num_workers": 0,
+    "prediction_loss_only": True,
+}
+
+
 @dataclass
 class RunConfig:
     """A whole `dwakd train` run."""
@@ -74,6 +105,15 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     training: dict[str, Any] = field(default_factory=dict)  # transformers.TrainingArguments kwargs
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        self.training = {**TRAINING_DEFAULTS, **(self.training or {})}
+
+    def training_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the run's `TrainingArguments` (seed from `seed` unless `training.seed` is set)."""
+        kwargs = {"seed": self.seed, **self.training}
+        kwargs.pop("resume_from_checkpoint", None)  # a `dwakd train` option (see run.resolve_resume), not an argument
+        return kwargs
 
 
 # Short aliases accepted on the command line.
@@ -141,8 +181,104 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+def _type_problem(value: Any, annotation: Any) -> str | None:
+    """Why `value` does not fit a simple annotation (bool, int, float, str, Sequence[...], X | None), else None."""
+    if annotation is Any or isinstance(annotation, (str, typing.TypeVar)):
+        return None
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        problems = [_type_problem(value, arg) for arg in typing.get_args(annotation)]
+        return None if any(p is None for p in problems) else " or ".join(p for p in problems if p)
+    if annotation is type(None):
+        return None if value is None else "null"
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        return None if value in choices else f"one of {list(choices)}"
+    if annotation is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if annotation is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if annotation is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if annotation is str:
+        return None if isinstance(value, str) else "a string"
+    if origin in (list, tuple, collections.abc.Sequence):
+        args = typing.get_args(annotation)
+        item = args[0] if args else Any
+        if isinstance(value, str) and item is str and origin is collections.abc.Sequence:
+            return None  # one name for a sequence of names (methods accept `dtw_layers: hidden`)
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        for element in value:
+            problem = _type_problem(element, item)
+            if problem:
+                return f"a list whose items are each {problem}"
+        return None
+    return None
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Each field's annotation resolved; one that cannot be resolved (e.g. a string annotation of a field added by
+    `dataclasses.make_dataclass` in another module) is Any, i.e. not type-checked here."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        pass
+    namespace: dict[str, Any] = {**vars(typing), **vars(collections.abc)}
+    for klass in reversed(cls.__mro__):
+        module = sys.modules.get(klass.__module__)
+        if module is not None:
+            namespace.update(vars(module))
+    resolved = {}
+    for f in dataclasses.fields(cls):
+        annotation = f.type
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, dict(namespace))  # noqa: S307 (an annotation of our own dataclasses)
+            except Exception:  # noqa: BLE001
+                annotation = Any
+        resolved[f.name] = annotation
+    return resolved
+
+
+def check_method_options(method: MethodConfig) -> None:
+    """Build the method's options now (types checked here, values by its dataclass): bad ones name their key.
+
+    Raises ConfigError naming `method.name` for an unknown method and `method.options.NAME` for an unknown
+    option, a value of the wrong type, or one the options dataclass rejects (`OptionError`).
+    """
+    from dwakd.methods import build_options, get_method
+    from dwakd.methods.base import OptionError
+    from dwakd.methods.registry import UnknownMethodError
+
+    try:
+        cls, _ = get_method(method.name)
+    except UnknownMethodError as exc:
+        raise ConfigError(f"method.name: {exc}") from exc
+    if not isinstance(method.options, dict):
+        raise ConfigError(f"method.options must be a mapping of option names to values, got {method.options!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    hints = _field_types(cls.Options)
+    for key, value in method.options.items():
+        if key not in fields:
+            try:
+                build_options(method.name, {key: value})
+            except UnknownMethodError as exc:
+                raise ConfigError(f"method.options.{key}: {exc}") from exc
+            raise ConfigError(f"method.options.{key}: method {method.name!r} has no option {key!r}")
+        problem = _type_problem(value, hints[key])
+        if problem:
+            raise ConfigError(f"method.options.{key}: expected {problem}, got {value!r}")
+    try:
+        build_options(method.name, method.options)
+    except OptionError as exc:
+        raise ConfigError(str(exc)) from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"method.options: {method.name!r} rejects these options: {exc}") from exc
+
+
 def validate(config: RunConfig, source: str = "config") -> RunConfig:
-    """Check values that dataclasses cannot: known training args, sane lengths, a teacher when needed."""
+    """Check values that dataclasses cannot: known training args, sane lengths, the method's options."""
     valid = _training_fields()
     for key in config.training:
         if key not in valid:
@@ -159,7 +295,41 @@ def validate(config: RunConfig, source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: method.projector_lr must be positive")
     if not d.train:
         raise ConfigError(f"{source}: data.train is not set")
+    try:
+        check_method_options(config.method)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
     return config
+
+
+def _training_error(exc: Exception, kwargs: dict[str, Any]) -> str:
+    """A TrainingArguments validation error as a message naming the `training.*` key(s) and the fix."""
+    message = " ".join(str(exc).split())
+    if "bf16" in message and kwargs.get("bf16"):
+        return ("training.bf16: bf16 needs a GPU with bf16 support; this machine has none. Set training.bf16=false "
+                "(or training.use_cpu=true to run bf16 autocast on the CPU, which is slow). "
+                f"transformers said: {message}")
+    if isinstance(exc, ImportError) and kwargs.get("deepspeed"):
+        return ("training.deepspeed: DeepSpeed is not installed; install it with "
+                f"`DS_BUILD_OPS=0 pip install -e \".[distributed]\"` or remove training.deepspeed. ({message})")
+    named = []
+    for key, value in kwargs.items():
+        if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", message) or (
+                isinstance(value, str) and value and message.startswith(f"{value} is not a valid")):
+            named.append(f"training.{key}")
+    where = ", ".join(named) if named else "training"
+    return f"{where}: {message}"
+
+
+def training_arguments(config: RunConfig) -> TrainingArguments:
+    """The run's `transformers.TrainingArguments`; a value they reject is a ConfigError naming its key and the fix."""
+    from transformers import TrainingArguments
+
+    kwargs = config.training_kwargs()
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError, ImportError) as exc:
+        raise ConfigError(_training_error(exc, kwargs)) from exc
 
 
 def config_from_dict(tree: dict, source: str = "config") -> RunConfig:
@@ -192,5 +362,6 @@ def config_to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
 
 
-__all__ = ["ConfigError", "DataConfig", "LoraSpec", "MethodConfig", "ModelSpec", "RunConfig", "apply_overrides",
-           "config_from_dict", "config_to_dict", "load_config"]
+__all__ = ["TRAINING_DEFAULTS", "ConfigError", "DataConfig", "LoraSpec", "MethodConfig", "ModelSpec", "RunConfig",
+           "apply_overrides", "check_method_options", "config_from_dict", "config_to_dict", "load_config",
+           "training_arguments"]

@@ -16,7 +16,7 @@ import yaml
 from transformers import TrainingArguments, set_seed
 
 from dwakd.checkpoints import checkpoint_problem, last_complete_checkpoint
-from dwakd.config import ConfigError, RunConfig, config_to_dict
+from dwakd.config import ConfigError, RunConfig, check_method_options, config_to_dict, training_arguments
 from dwakd.data import DistillationCollator, DualTokenizedDataset, encode_records, load_records, split_records
 from dwakd.data.records import LoadReport
 from dwakd.methods import MethodContext, build_method, build_options, get_method
@@ -25,24 +25,6 @@ from dwakd.tokenizers import cache_dir
 from dwakd.trainer import DistillationModel, DistillationTrainer
 
 logger = logging.getLogger(__name__)
-
-# SPEC §2 defaults; anything in `training:` overrides them.
-TRAINING_DEFAULTS: dict[str, Any] = {
-    "output_dir": "runs/dwakd",
-    "learning_rate": 5e-4,
-    "weight_decay": 0.01,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0,
-    "max_grad_norm": 1.0,
-    "per_device_train_batch_size": 8,
-    "logging_steps": 10,
-    "save_strategy": "no",
-    "report_to": "none",
-    "remove_unused_columns": False,
-    "label_names": ["labels"],
-    "dataloader_num_workers": 0,
-    "prediction_loss_only": True,
-}
 
 
 @dataclass
@@ -73,13 +55,6 @@ def _check_lengths(config: RunConfig, model, role: str) -> None:
     if limit is not None and config.data.max_length > limit:
         raise ConfigError(f"data.max_length={config.data.max_length} exceeds the {role}'s "
                           f"{limit} positions; lower data.max_length")
-
-
-def training_arguments(config: RunConfig) -> TrainingArguments:
-    """TrainingArguments from SPEC defaults + the config's `training:` block (seed from `seed`)."""
-    kwargs = {**TRAINING_DEFAULTS, "seed": config.seed, **config.training}
-    kwargs.pop("resume_from_checkpoint", None)
-    return TrainingArguments(**kwargs)
 
 
 @contextmanager
@@ -135,17 +110,20 @@ def load_datasets(config: RunConfig, student_tokenizer, teacher_tokenizer, show_
 def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun:
     """Load everything a run needs, cheapest checks first, so a bad config or data file fails in seconds.
 
-    Order: method + options, training arguments, tokenizers (pad/EOS), data (every row validated and
-    tokenized), then the models (vocab vs embedding rows, max_length vs positions), then the method.
+    Order: training arguments and method options (ConfigErrors naming the key), tokenizers (pad/EOS), data
+    (every row validated and tokenized), then the models (vocab vs embedding rows, max_length vs positions), then
+    the method.
     """
     set_seed(config.seed)
-    method_cls, _ = get_method(config.method.name)
-    options = build_options(config.method.name, config.method.options)
-    annotator = method_cls.text_annotator(options)  # a missing optional dependency fails here, before any data
     args = training_arguments(config)
+    check_method_options(config.method)
+    method_cls, _ = get_method(config.method.name)
+    # a method's text annotator (MTA's chunker) is built here: a missing optional dependency fails before any data
+    annotator = method_cls.text_annotator(build_options(config.method.name, config.method.options))
     needs_teacher = method_cls.needs_teacher
     if needs_teacher and config.teacher is None:
         raise ConfigError(f"method {config.method.name!r} needs a teacher: add a `teacher:` section")
+    _check_local_paths(config, needs_teacher)
     student_tokenizer = _as_config_error(load_side_tokenizer, config.student, "student")
     teacher_tokenizer = _as_config_error(load_side_tokenizer, config.teacher, "teacher") if needs_teacher else None
     train, evaluation = load_datasets(config, student_tokenizer, teacher_tokenizer, show_progress, annotator)
@@ -171,6 +149,23 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
                                   data_collator=collator, processing_class=student_tokenizer,
                                   projector_lr=config.method.projector_lr, on_nonfinite=config.method.on_nonfinite)
     return TrainingRun(config, trainer, model, student_tokenizer, teacher_tokenizer, train, evaluation)
+
+
+def _check_local_paths(config: RunConfig, needs_teacher: bool) -> None:
+    """A model path that is not on disk and cannot be a hub name (`namespace/name`) fails here, naming its key.
+
+    Otherwise the hub client reports it much later as a malformed repository id.
+    """
+    sides = [("student", config.student)] + ([("teacher", config.teacher)] if needs_teacher else [])
+    for role, spec in sides:
+        for key in ("name_or_path", "tokenizer", "adapter"):
+            value = getattr(spec, key)
+            if not isinstance(value, str) or value.startswith("builtin:") or os.path.exists(value):
+                continue
+            parts = value.split("/")
+            if value.startswith((".", "/", "~")) or len(parts) > 2 or value.endswith("/"):
+                raise ConfigError(f"{role}.{key}: {value!r} is not a folder here and cannot be a hub name "
+                                  "(namespace/name); make it first (the recipe's comments say how) or fix the path")
 
 
 def _as_config_error(function, *args):

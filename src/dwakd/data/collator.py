@@ -50,7 +50,8 @@ def collate_side(sides: Sequence[EncodedSide], pad_id: int, side: str = "right",
 
 @dataclass
 class DistillationCollator:
-    """Batch `EncodedExample`s: student keys unprefixed (`labels` is what the Trainer counts), teacher keys `teacher_*`."""
+    """Batch `EncodedExample`s: student keys unprefixed (`labels` is what the Trainer counts), teacher keys
+    `teacher_*`."""
 
     student_pad_id: int
     teacher_pad_id: int | None = None

@@ -1,4 +1,7 @@
-"""Instruction records: load from JSONL or `datasets`, validate every field, build the Alpaca prompt (SPEC §1)."""
+"""Instruction records: load from JSONL or `datasets`, validate every field, build the Alpaca prompt.
+
+Formats and the prompt template: docs/methods.md.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ class InstructionRecord:
 
 
 def build_prompt(instruction: str, input_text: str = "") -> str:
-    """The Alpaca prompt of SPEC §1 (with or without the input block)."""
+    """The Alpaca prompt of docs/methods.md (with or without the input block)."""
     if input_text and input_text.strip():
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
     return PROMPT_NO_INPUT.format(instruction=instruction)
@@ -140,7 +143,10 @@ def load_jsonl_records(
     """Read and validate a JSONL file; invalid rows raise `DataError` or, with `skip_invalid`, are counted."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(str(path), None, None, "file not found")
+        hint = ""
+        if path.parent.name == "dolly" and path.name in ("train.jsonl", "dev.jsonl", "valid.jsonl"):
+            hint = f"; `dwakd data dolly --out {path.parent}` makes the papers' Dolly split there"
+        raise DataError(str(path), None, None, f"file not found{hint}")
     report = report if report is not None else LoadReport()
     records: list[InstructionRecord] = []
     try:

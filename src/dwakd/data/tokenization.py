@@ -1,4 +1,5 @@
-"""Dual tokenization (SPEC §1): the same prompt and response tokenized by the student's and the teacher's tokenizer.
+"""Dual tokenization (docs/methods.md): the same prompt and response tokenized by the student's and the teacher's
+tokenizer.
 
 Each side: prompt and response tokenized separately, no BOS, EOS appended to the response, prompt cut to
 `max_prompt_length` tokens, the whole sequence to `max_length`. Labels are pre-shifted: position i predicts

@@ -22,9 +22,13 @@ def _name_list(text: str) -> list[str]:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dwakd.demo.pipeline import run_demo
 
-    output = args.output or ("runs/demo-quick" if args.quick else "runs/demo")
-    result = run_demo(output, quick=args.quick, methods=args.methods, eval_seeds=args.seeds,
-                      train_seeds=args.train_seeds, force=args.force, show_progress=not args.no_progress)
+    methods = args.methods
+    if args.table == "paper":
+        methods = ["all"]
+    default_output = "runs/demo-quick" if args.quick else "runs/demo"  # the table run reuses the default run's models
+    result = run_demo(args.output or default_output, quick=args.quick, methods=methods, eval_seeds=args.seeds,
+                      train_seeds=args.train_seeds, force=args.force, show_progress=not args.no_progress,
+                      workers=args.workers)
     return 0 if result.report.is_file() else 1
 
 
@@ -39,10 +43,15 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="tiny smoke version of the same pipeline (well under 2 minutes)")
     p.add_argument("--output", metavar="DIR", help="output folder (default runs/demo, or runs/demo-quick with --quick)")
     p.add_argument("--methods", type=_name_list, metavar="M1,M2",
-                   help="student methods (default sft,dskd,dwakd; see `dwakd methods`)")
+                   help="student methods (default sft,dskd,dwakd; `all`: every registered method, see `dwakd methods`)")
+    p.add_argument("--table", choices=["paper"],
+                   help="paper: every registered method (the ablations included) -> Table 1 and Table 3 analogues "
+                        "(same as --methods all; in runs/demo it reuses the teacher and students of `dwakd demo`)")
     p.add_argument("--seeds", type=_int_list, metavar="S1,S2", help="sampling seeds of the evaluation (default 10,20,30)")
     p.add_argument("--train-seeds", type=_int_list, metavar="S1,S2",
-                   help="students' training seeds; with several, a second table gives the spread over them (default 0)")
+                   help="students' training seeds; the claims are paired t-tests over them (default 0,1,2)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="parallel worker processes for training and evaluation (default: one per free core; 1: none)")
     p.add_argument("--force", action="store_true", help="rebuild every stage instead of reusing cached ones")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

@@ -1,10 +1,23 @@
-"""`dwakd demo` end to end: suite -> two tokenizers -> teacher (sft) -> students (each method) -> evaluation -> report.
+"""`dwakd demo` end to end: suite -> two tokenizers -> teacher (sft) -> students (each method × training seed)
+-> evaluation -> report.
 
 Every model is trained by `dwakd.run.train` (the `dwakd train` code path) and evaluated by
 `dwakd.evaluation.runner.run_evaluation` (the `dwakd eval` code path: per-item seeded sampling, ROUGE-L).
-Each stage is cached in the output folder under a fingerprint of everything that defines it (suite version
-and sizes, tokenizer settings, model and training settings, method and options, seeds), so a rerun reuses
-the data, the tokenizers, the teacher and every finished student; `force=True` rebuilds everything.
+
+Caching: each stage is cached in the output folder under a fingerprint of everything that can change its
+output: its settings, the fingerprints of the stages it reads, the dwakd sources that compute it (every module
+of the package but the ones that only present results) and the versions of the libraries that compute it
+(torch, transformers, tokenizers, numba, numpy). So a rerun of the same code reuses the data, the tokenizers,
+the teacher and every finished student, and any change of code or library retrains what it touches;
+`force=True` rebuilds everything.
+
+Parallelism: the models are tiny, so one training step is thousands of small kernels that a second torch
+thread speeds up little, while independent trainings (three training seeds per method) parallelise without any
+synchronisation. Trainings and evaluations are therefore jobs on a pool of worker processes (one per free
+core, one torch thread each): the teacher and the SFT students first (SFT needs no teacher), each model's
+evaluation as soon as it is trained, the distilled students as soon as the teacher is saved. Results do not
+depend on the number of workers: every job seeds itself and sampling is seeded per item (the `--quick` demo
+gives identical tables with one worker and with two).
 
 Output folder:
     demo_config.yaml            the DemoSettings of the run
@@ -13,91 +26,86 @@ Output folder:
     teacher/                    the teacher checkpoint, its dwakd_config.yaml, trainer_state.json (logs)
     students/<method>-seed<k>/  one student per method and training seed, same layout
     eval/generations/...        every sampled response (resumable), per model / test set / seed
-    report.md, results.md/.csv/.json, results.png, loss_curves.png, timings.json, demo.log
+    report.md, results*.md/.csv/.png, results.json, loss_curves.png, timings.json, demo.log
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dwakd.demo.suite import SUITE_VERSION, TEST_SPLITS, SuiteSizes, build_suite, corpus_text, suite_fingerprint, suite_stats
-from dwakd.demo.tokenizers import TokenizerSettings, boundary_agreement, train_tokenizers
+from dwakd.demo.report import write_demo_report
+from dwakd.demo.settings import (
+    ALL_METHODS,
+    DEFAULT_METHODS,
+    DemoSettings,
+    RunLog,
+    demo_settings,
+    student_name,
+)
+from dwakd.demo.suite import (
+    SUITE_VERSION,
+    TEST_SPLITS,
+    build_suite,
+    corpus_text,
+    suite_fingerprint,
+    suite_stats,
+)
+from dwakd.demo.tokenizers import boundary_agreement, train_tokenizers
 
 logger = logging.getLogger(__name__)
 
 STAGE_FILE = "demo_stage.json"
-DEFAULT_METHODS = ("sft", "dskd", "dwakd")
-
-
-@dataclass
-class DemoSettings:
-    """Everything that defines a demo run; `demo_settings(quick)` gives the two presets."""
-
-    preset: str = "full"  # "full" or "quick" (the smoke run: its numbers mean nothing)
-    suite: SuiteSizes = field(default_factory=SuiteSizes)
-    tokenizers: TokenizerSettings = field(default_factory=TokenizerSettings)
-    teacher_model: dict[str, Any] = field(default_factory=lambda: {
-        "arch": "llama", "hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 768,
-        "max_positions": 320, "tie_word_embeddings": True})
-    student_model: dict[str, Any] = field(default_factory=lambda: {
-        "arch": "gpt2", "hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 512,
-        "max_positions": 320})
-    teacher_init_seed: int = 1
-    student_init_seed: int = 0  # every student starts from this same initialisation
-    teacher_training: dict[str, Any] = field(default_factory=lambda: {
-        "max_steps": 500, "per_device_train_batch_size": 32, "learning_rate": 2e-3, "warmup_steps": 30})
-    student_training: dict[str, Any] = field(default_factory=lambda: {
-        "max_steps": 600, "per_device_train_batch_size": 16, "learning_rate": 2e-3})
-    max_prompt_length: int = 160
-    max_length: int = 288
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method name
-    projector_lr: float = 1e-3
-    train_seeds: tuple[int, ...] = (0,)  # students' training seeds (data order, projector init)
-    eval_seeds: tuple[int, ...] = (10, 20, 30)  # sampling seeds
-    eval_batch_size: int = 32
-    max_new_tokens: int = 128
-    bf16: bool = True  # bf16 autocast on CPU: about 2x faster training steps on AVX-512 BF16 machines
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML-friendly dict."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-
-def demo_settings(quick: bool = False) -> DemoSettings:
-    """The full demo (minutes on a 2-core CPU) or `--quick` (a smoke run of the same pipeline, well under 2 minutes)."""
-    if not quick:
-        return DemoSettings()
-    return DemoSettings(
-        tokenizers=TokenizerSettings(teacher_vocab=1500, student_vocab=800),
-        suite=SuiteSizes(train=1000, student_train=300, dev=16, test=16),
-        teacher_model={"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128,
-                       "max_positions": 320},
-        student_model={"arch": "gpt2", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
-                       "max_positions": 320},
-        teacher_training={"max_steps": 30, "per_device_train_batch_size": 8, "learning_rate": 3e-3},
-        student_training={"max_steps": 10, "per_device_train_batch_size": 8, "learning_rate": 3e-3},
-        eval_seeds=(10, 20),
-        eval_batch_size=16,
-        max_new_tokens=16,
-    )
+# Modules that only present results or serve other commands: editing them changes no model and no generation.
+_PRESENTATION_MODULES = frozenset({
+    "cli.py", "demo/cli.py", "demo/report.py", "evaluation/cli.py", "evaluation/report.py", "evaluation/stats.py",
+    "evaluation/judge.py", "evaluation/similarity.py", "evaluation/efficiency.py"})
+_LIBRARIES = ("torch", "transformers", "tokenizers", "numba", "numpy")
 
 
 def fingerprint(*parts: Any) -> str:
     """Short stable hash of JSON-serialisable parts."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries whose numerics the stages depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in _LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def code_fingerprint() -> str:
+    """Hash of the dwakd package's sources that compute data, tokenizers, models and generations, and the library
+    versions: a cached stage made by other code is never reused."""
+    import dwakd
+
+    root = Path(dwakd.__file__).parent
+    digest = hashlib.sha256(json.dumps(library_versions(), sort_keys=True).encode())
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative not in _PRESENTATION_MODULES:
+            digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def _cached(folder: Path, key: str, force: bool) -> bool:
@@ -139,12 +147,12 @@ def _cpu_busy_fraction(interval: float = 0.3) -> float | None:
 
 
 def choose_threads() -> int:
-    """Torch threads for the next stage: $OMP_NUM_THREADS if set, else the cores other processes leave free.
+    """Cores for the next stage: $OMP_NUM_THREADS if set, else the cores other processes leave free.
 
-    The demo's models are tiny, so each step is thousands of small parallel kernels; a thread that has to
-    share its core with another process stalls every one of them (measured on a loaded 2-core machine: 2
-    threads 5-50x slower than 1). So a core only counts when other processes use at most 40% of it, measured
-    just before each stage (falling back to the 1-minute load average).
+    A thread (or worker process) that has to share its core with another process stalls every one of the tiny
+    models' small kernels (measured on a loaded 2-core machine: 2 threads 5-50x slower than 1). So a core only
+    counts when other processes use at most 40% of it, measured just before each stage (falling back to the
+    1-minute load average).
     """
     env = os.environ.get("OMP_NUM_THREADS")
     if env and env.isdigit():
@@ -163,54 +171,174 @@ def set_threads(threads: int | None = None) -> int:
     return torch.get_num_threads()
 
 
+def plan_workers(jobs: int, cores: int, workers: int | None) -> tuple[int, int]:
+    """(worker processes, torch threads each) for `jobs` independent jobs on `cores` free cores.
+
+    Default: one process per core (at most one per job), each with the cores left to it; `workers` fixes the
+    number of processes (1: run in this process).
+    """
+    if jobs < 1:
+        return 1, max(1, cores)
+    count = min(jobs, max(1, cores)) if workers is None else max(1, min(workers, jobs))
+    return count, max(1, cores // count)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# ---- jobs (run in this process or in a worker process) ----------------------------------------------------------------
+def _worker_init(threads: int, log_file: str | None) -> None:
+    """Worker process: its torch threads, and its log lines appended to the demo's log file."""
+    import sys
+    import warnings
+
+    set_threads(threads)
+    warnings.filterwarnings("ignore")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if log_file:  # the main process reports each finished job; a worker's own prints go to the log
+        sys.stdout = sys.stderr = open(log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [worker] %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
+
+
+def train_job(tree: dict[str, Any], label: str, show_progress: bool = False) -> dict[str, Any]:
+    """Train one model from its `dwakd train` config tree; returns wall/CPU seconds, steps and the mean loss."""
+    from dwakd.config import config_from_dict
+    from dwakd.run import train
+
+    started, cpu = time.perf_counter(), time.process_time()
+    result = train(config_from_dict(tree, f"demo {label}"), show_progress=show_progress)
+    return {"seconds": round(time.perf_counter() - started, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
+            "global_step": result["global_step"], "train_loss": result["train_loss"]}
+
+
+def eval_job(models: dict[str, str], datasets: list[tuple[str, str, str]], out_dir: str, seeds: Sequence[int],
+             generation: dict[str, Any], show_progress: bool = False) -> dict[str, Any]:
+    """Generate and score `models` on `datasets` ((name, path, title)); returns the ScoreTable as JSON + CPU seconds."""
+    from dwakd.evaluation.datasets import DatasetSpec, load_eval_dataset
+    from dwakd.evaluation.generation import GenerationSettings
+    from dwakd.evaluation.runner import run_evaluation
+
+    started, cpu = time.perf_counter(), time.process_time()
+    specs = [load_eval_dataset(DatasetSpec(name, path, title=title)) for name, path, title in datasets]
+    table = run_evaluation(models, specs, out_dir, seeds=seeds, settings=GenerationSettings(**generation),
+                           device="cpu", progress=show_progress, write_files=False)
+    return {"table": table.to_json(), "seconds": round(time.perf_counter() - started, 2),
+            "cpu_seconds": round(time.process_time() - cpu, 2)}
+
+
+@dataclass
+class _Job:
+    label: str  # "teacher" or a student name
+    method: str
+    folder: Path
+    key: str
+    tree: dict[str, Any]
+    needs_teacher: bool
+
+
+class _Runner:
+    """Runs jobs in this process (one worker) or on a pool of spawned worker processes."""
+
+    def __init__(self, workers: int, threads: int, log_file: Path | None):
+        self.workers, self.threads = workers, threads
+        self.pool = None
+        if workers > 1:
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_init, initargs=(threads, str(log_file or "")))
+        else:
+            set_threads(threads)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller through the future, as a pool would
+            future.set_exception(exc)
+        return future
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
 @dataclass
 class DemoResult:
-    """What a demo run produced: paths, the score tables and timings."""
+    """What a demo run produced: paths, the score tables, the claims and the run log."""
 
     output_dir: Path
     report: Path
-    table: Any  # ScoreTable (first training seed; spread over sampling seeds)
-    train_seed_table: Any | None  # ScoreTable over training seeds (None with one training seed)
-    timings: dict[str, float]
-    checks: list[dict[str, Any]]
-    cached: dict[str, bool]  # stage -> reused from an earlier run
+    table: Any  # ScoreTable over training seeds (students) and sampling seeds (teacher)
+    sampling_table: Any  # ScoreTable of the first training seed's students over sampling seeds (descriptive)
+    evaluation: Any  # ScoreTable of every evaluated model (rows `teacher`, `<method>-seed<k>`) over sampling seeds
+    checks: list[Any]  # report.Check: the ranking claims over training seeds
+    log: RunLog
+
+    @property
+    def cached(self) -> dict[str, bool]:
+        return self.log.cached
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.log.wall_seconds
+
+
+def resolve_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """Method names with `all` expanded to every registered method (sft, dskd, dwakd first); each name checked."""
+    from dwakd.methods import get_method, method_names
+
+    names: list[str] = []
+    for name in methods:
+        expanded = [*DEFAULT_METHODS, *(m for m in method_names() if m not in DEFAULT_METHODS)] \
+            if name == ALL_METHODS else [name]
+        for method in expanded:
+            get_method(method)  # an unknown name fails here, before any work, with the closest valid one
+            if method not in names:
+                names.append(method)
+    return tuple(names)
 
 
 class DemoPipeline:
     """Runs the demo stage by stage; each stage is cached under a fingerprint in `output_dir`."""
 
     def __init__(self, settings: DemoSettings, output_dir: str | Path, *, force: bool = False,
-                 show_progress: bool = True, echo: Callable[[str], None] = print):
+                 show_progress: bool = True, echo: Callable[[str], None] = print, workers: int | None = None,
+                 keep_going: bool = False):
         self.settings = settings
         self.out = Path(output_dir)
         self.force = force
         self.show_progress = show_progress
         self.echo = echo
-        self.timings: dict[str, float] = {}  # wall-clock seconds per stage
-        self.cpu_timings: dict[str, float] = {}  # CPU seconds of this process per stage (all threads)
-        self.cached: dict[str, bool] = {}
+        self.workers = workers  # None: one worker process per free core
+        self.keep_going = keep_going  # a student that fails to train is reported instead of stopping the run
+        self.methods = resolve_methods(settings.methods)
+        self.log = RunLog(versions=library_versions())
         self._eval_cleared = False
-        self.threads = 1
-        self.stage_threads: dict[str, int] = {}  # torch threads chosen for each stage
-        self.load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        self.code_key = code_fingerprint()
 
     # ---- stages ---------------------------------------------------------------------------------------------------
-    def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
-        self.stage_threads[name] = self.threads = set_threads()
-        started, cpu = time.perf_counter(), time.process_time()
+    def _timed(self, name: str, fn: Callable[[], Any], threads: int | None = None) -> Any:
+        self.log.threads[name] = set_threads(threads)
+        started, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
         result = fn()
-        self.timings[name] = round(time.perf_counter() - started, 2)
-        self.cpu_timings[name] = round(time.process_time() - cpu, 2)
+        self.log.wall_seconds[name] = round(time.perf_counter() - started, 2)
+        self.log.cpu_seconds[name] = round(time.process_time() - cpu + _children_cpu() - children, 2)
         return result
 
     def build_data(self) -> dict[str, Path]:
-        """Write the suite's splits (cached by suite version and sizes)."""
+        """Write the suite's splits (cached by suite sizes and the code)."""
         folder = self.out / "data"
-        key = suite_fingerprint(self.settings.suite)
+        key = fingerprint(suite_fingerprint(self.settings.suite), self.code_key)
         names = ["train", "student_train", "dev", *TEST_SPLITS]
         paths = {name: folder / f"{name}.jsonl" for name in names}
-        self.cached["suite"] = _cached(folder, key, self.force)
-        if not self.cached["suite"]:
+        self.log.cached["suite"] = _cached(folder, key, self.force)
+        if not self.log.cached["suite"]:
             folder.mkdir(parents=True, exist_ok=True)
             build_suite(folder, self.settings.suite)
             stats = suite_stats(paths)
@@ -222,23 +350,26 @@ class DemoPipeline:
     def build_tokenizers(self, data: dict[str, Path]) -> dict[str, Path]:
         """Train the teacher's byte-level BPE and the student's WordPiece on the training split (cached)."""
         folder = self.out / "tokenizers"
-        key = fingerprint(self.data_key, self.settings.tokenizers.fingerprint())
-        self.cached["tokenizers"] = _cached(folder, key, self.force)
+        key = fingerprint(self.data_key, self.settings.tokenizers.fingerprint(), self.code_key)
+        self.log.cached["tokenizers"] = _cached(folder, key, self.force)
         paths = {"teacher": folder / "teacher", "student": folder / "student"}
-        if not self.cached["tokenizers"]:
+        if not self.log.cached["tokenizers"]:
             folder.mkdir(parents=True, exist_ok=True)
             train_tokenizers(corpus_text(data, limit=8000), self.settings.tokenizers, folder)
             from dwakd.demo.suite import read_jsonl
             from dwakd.tokenizers import load_tokenizer
 
             teacher, student = (load_tokenizer(str(paths[r])) for r in ("teacher", "student"))
-            texts = []
-            for row in read_jsonl(data["test"]):
-                refs = [row["output"]] if isinstance(row["output"], str) else row["output"]
-                texts.append(f"{row['instruction']} {row['input']} {refs[0]}")
+            agreement = {}
+            for split in ("student_train", *TEST_SPLITS):
+                texts = []
+                for row in read_jsonl(data[split])[:500]:
+                    refs = [row["output"]] if isinstance(row["output"], str) else row["output"]
+                    texts.append(f"{row['instruction']} {row['input']} {refs[0]}")
+                agreement[split] = boundary_agreement(teacher, student, texts)
             info = {"teacher": {"type": "byte-level BPE", "vocab_size": len(teacher)},
                     "student": {"type": "WordPiece", "vocab_size": len(student)},
-                    "test_split_agreement": boundary_agreement(teacher, student, texts)}
+                    "test_split_agreement": agreement["test"], "split_agreement": agreement}
             (folder / "tokenizers.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
             _mark(folder, key, {})
         self.tokenizer_key = key
@@ -285,134 +416,185 @@ class DemoPipeline:
             "seed": seed,
         }
 
-    def _train(self, tree: dict[str, Any], folder: Path, key: str, label: str) -> dict[str, Any]:
-        """Train one model through `dwakd.run.train` unless a finished run with this fingerprint is there."""
-        from dwakd.config import config_from_dict
-        from dwakd.run import train
-
-        self.cached[label] = _cached(folder, key, self.force)
-        if self.cached[label]:
-            self.echo(f"  {label}: reusing {folder} (same settings)")
-            return _stage_info(folder)
-        self._forget_generations(label)
-        started = time.perf_counter()
-        result = train(config_from_dict(tree, f"demo {label}"), show_progress=self.show_progress)
-        info = {"seconds": round(time.perf_counter() - started, 2), "global_step": result["global_step"],
-                "train_loss": result["train_loss"]}
-        _mark(folder, key, info)
-        self.echo(f"  {label}: {result['global_step']} steps in {info['seconds']:.0f} s, "
-                  f"mean loss {result['train_loss']:.3f}")
-        return info
-
     def _forget_generations(self, model_name: str) -> None:
         """A retrained model's old generations must not be reused by the resumable evaluation."""
         folder = self.out / "eval" / "generations" / model_name
         if folder.exists():
             shutil.rmtree(folder)
 
-    def train_teacher(self, data: dict[str, Path], tokenizers: dict[str, Path]) -> Path:
-        """SFT the teacher (cached by suite, tokenizer, model and training settings)."""
-        tree = self.teacher_config(data, tokenizers)
-        self.teacher_key = fingerprint(self.tokenizer_key, tree["student"]["tiny"], tree["student"]["seed"],
-                                       self.settings.teacher_training, self.settings.max_prompt_length,
-                                       self.settings.max_length)
-        self.train_info = {"teacher": self._train(tree, self.out / "teacher", self.teacher_key, "teacher")}
-        return self.out / "teacher"
-
-    def student_name(self, method: str, seed: int) -> str:
-        """Folder / row name of a student: the method, plus `-seed<k>` beyond the first training seed."""
-        return method if seed == self.settings.train_seeds[0] else f"{method}-seed{seed}"
-
-    def train_students(self, data: dict[str, Path], tokenizers: dict[str, Path], teacher_dir: Path) -> dict[str, Path]:
-        """Train one student per (method, training seed), all from the same initialisation."""
+    def training_jobs(self, data: dict[str, Path], tokenizers: dict[str, Path]) -> list[_Job]:
+        """The teacher's job and one job per (method, training seed), each with its cache fingerprint."""
         from dwakd.methods import get_method
 
-        paths = {}
-        for seed in self.settings.train_seeds:
-            for method in self.settings.methods:
-                name = self.student_name(method, seed)
+        teacher_dir = self.out / "teacher"
+        tree = self.teacher_config(data, tokenizers)
+        self.teacher_key = fingerprint(self.tokenizer_key, {k: v for k, v in tree.items() if k != "training"},
+                                       {k: v for k, v in tree["training"].items() if k != "disable_tqdm"})
+        jobs = [_Job("teacher", "sft", teacher_dir, self.teacher_key, tree, False)]
+        for method in self.methods:  # method-major: a method's training seeds finish together
+            for seed in self.settings.train_seeds:
+                name = student_name(method, seed)
                 folder = self.out / "students" / name
                 tree = self.student_config(data, tokenizers, method, seed, teacher_dir, folder)
                 uses_teacher = get_method(method)[0].needs_teacher
-                key = fingerprint(self.tokenizer_key, self.teacher_key if uses_teacher else None,
-                                  {k: v for k, v in tree.items() if k != "teacher"})
-                self.train_info[name] = self._timed(f"train {name}", lambda: self._train(tree, folder, key, name))
-                paths[name] = folder
-        return paths
+                settings_part = {k: v for k, v in tree.items() if k not in ("teacher", "training")}
+                training_part = {k: v for k, v in tree["training"].items() if k != "disable_tqdm"}
+                key = fingerprint(self.tokenizer_key, self.teacher_key if uses_teacher else None, settings_part,
+                                  training_part)
+                jobs.append(_Job(name, method, folder, key, tree, uses_teacher))
+        return jobs
 
-    def evaluate(self, models: dict[str, Path], data: dict[str, Path], splits: Sequence[str] = tuple(TEST_SPLITS),
-                 out_dir: Path | None = None):
-        """Sample every model on every test split for every seed and score ROUGE-L (the `dwakd eval` code path)."""
-        from dwakd.evaluation.datasets import DatasetSpec, load_eval_dataset
+    def _eval_setup(self, data: dict[str, Path], splits: Sequence[str], out_dir: Path) -> tuple[list, dict[str, Any]]:
+        """(datasets as (name, path, title), generation settings) for `eval_job`; clears stale generations."""
         from dwakd.evaluation.generation import GenerationSettings
-        from dwakd.evaluation.runner import run_evaluation
 
         s = self.settings
         titles = {name: title for name, (title, _) in TEST_SPLITS.items()} | {"dev": "Dev"}
-        datasets = [load_eval_dataset(DatasetSpec(name, str(data[name]), title=titles[name])) for name in splits]
+        datasets = [(name, str(data[name]), titles[name]) for name in splits]
         settings = GenerationSettings(max_prompt_length=s.max_prompt_length, max_length=s.max_length,
                                       max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch_size)
-        out_dir = out_dir or self.out / "eval"
-        # Generations are resumable per model; they stay valid while the test sets and decoding settings do
-        # (a retrained model's folder is removed in `_train`).
-        key = fingerprint(self.data_key, settings.fingerprint())
+        # Generations are resumable per model; they stay valid while the test sets, the decoding settings and the
+        # code do (a retrained model's folder is removed before it trains).
+        key = fingerprint(self.data_key, settings.fingerprint(), self.code_key)
         if not _cached(out_dir, key, self.force and not self._eval_cleared):
             out_dir.mkdir(parents=True, exist_ok=True)
             _mark(out_dir, key, {})
         self._eval_cleared = True
-        return run_evaluation({k: str(v) for k, v in models.items()}, datasets, out_dir,
-                              seeds=s.eval_seeds, settings=settings, device="cpu", progress=self.show_progress,
-                              write_files=False)
+        generation = {k: getattr(settings, k) for k in ("max_prompt_length", "max_length", "max_new_tokens",
+                                                         "batch_size")}
+        return datasets, generation
+
+    def train_and_evaluate(self, data: dict[str, Path], tokenizers: dict[str, Path],
+                           splits: Sequence[str] = tuple(TEST_SPLITS), out_dir: Path | None = None):
+        """Train every model not cached and evaluate every model, as jobs on one pool of worker processes.
+
+        Order: the teacher and the teacher-free students (SFT) first; each model's evaluation as soon as it is
+        trained; the distilled students as soon as the teacher is saved. Returns (model folders, ScoreTable).
+        """
+        from dwakd.evaluation.report import ScoreTable
+
+        jobs = self.training_jobs(data, tokenizers)
+        datasets, generation = self._eval_setup(data, splits, out_dir or self.out / "eval")
+        out_dir = str(out_dir or self.out / "eval")
+        pending: list[_Job] = []
+        for job in jobs:
+            self.log.cached[job.label] = _cached(job.folder, job.key, self.force)
+            if self.log.cached[job.label]:
+                self.log.train_info[job.label] = _stage_info(job.folder)
+                self.echo(f"  {job.label}: reusing {job.folder} (same settings and code)")
+            else:
+                self._forget_generations(job.label)
+                pending.append(job)
+        workers, threads = plan_workers(len(jobs), choose_threads(), self.workers)
+        self.log.workers["models"], self.log.threads["models"] = workers, threads
+        self.echo(f"  {len(pending)} models to train, {len(jobs)} to evaluate, on {workers} worker process(es) × "
+                  f"{threads} torch thread(s)")
+        inline_progress = self.show_progress and workers == 1
+        runner = _Runner(workers, threads, self.out / "demo.log")
+        waiting = [] if self.log.cached["teacher"] else [j for j in pending if j.needs_teacher]
+        running: dict[Future, tuple[str, _Job]] = {}
+        tables: dict[str, dict[str, Any]] = {}
+
+        def submit_eval(job: _Job) -> None:
+            future = runner.submit(eval_job, {job.label: str(job.folder)}, datasets, out_dir,
+                                   tuple(self.settings.eval_seeds), generation, inline_progress)
+            running[future] = ("eval", job)
+
+        try:
+            for job in jobs:
+                if job in pending and job not in waiting:
+                    running[runner.submit(train_job, job.tree, job.label, inline_progress)] = ("train", job)
+                elif job not in pending:
+                    submit_eval(job)
+            while running:
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in done:
+                    kind, job = running.pop(future)
+                    if kind == "eval":
+                        result = future.result()
+                        tables[job.label] = result["table"]
+                        self.log.train_info.setdefault(job.label, {})["eval_cpu_seconds"] = result["cpu_seconds"]
+                        self.log.train_info[job.label]["eval_seconds"] = result["seconds"]
+                        continue
+                    if not self._finish_training(job, future):
+                        continue
+                    submit_eval(job)
+                    if job.label == "teacher":
+                        for queued in waiting:
+                            running[runner.submit(train_job, queued.tree, queued.label, inline_progress)] = \
+                                ("train", queued)
+                        waiting = []
+        finally:
+            runner.close()
+        models = {job.label: job.folder for job in jobs if job.label == "teacher" or job.method not in self.log.failed}
+        table = ScoreTable([(name, title) for name, _, title in datasets])
+        for name in models:  # rows in job order: teacher, then students by seed and method
+            for dataset, per_seed in tables.get(name, {}).get("scores", {}).get(name, {}).items():
+                for seed, value in per_seed.items():
+                    table.add(name, dataset, int(seed), value)
+        return models, table
+
+    def _finish_training(self, job: _Job, future: Future) -> bool:
+        """Record a finished training job; False when it failed and the run goes on without its method."""
+        error = future.exception()
+        if error is not None:
+            if job.label == "teacher" or not self.keep_going:
+                raise error
+            self.log.failed.setdefault(job.method, f"{job.label}: {type(error).__name__}: {error}")
+            self.echo(f"  {job.label}: FAILED ({type(error).__name__}: {error})")
+            return False
+        info = future.result()
+        _mark(job.folder, job.key, info)
+        self.log.train_info[job.label] = dict(info)
+        self.echo(f"  {job.label}: {info['global_step']} steps in {info['seconds']:.0f} s "
+                  f"({info['cpu_seconds']:.0f} CPU-s), mean loss {info['train_loss']:.3f}")
+        return True
 
     # ---- the whole run ------------------------------------------------------------------------------------------
     def run(self) -> DemoResult:
-        """All stages, then the report; returns paths, tables, timings and the ranking checks."""
-        from dwakd.demo.report import split_tables, write_demo_report
-        from dwakd.methods import get_method
-
-        for method in self.settings.methods:
-            get_method(method)  # fail before any work on an unknown method name
+        """All stages, then the report; returns paths, tables, the claims and the run log."""
         self.out.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.out / "demo.log", mode="a", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
         try:
-            started, cpu = time.perf_counter(), time.process_time()
-            self.load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-            threads = self.threads = set_threads()
-            (self.out / "demo_config.yaml").write_text(yaml.safe_dump(self.settings.to_dict(), sort_keys=False),
-                                                       encoding="utf-8")
-            self.echo(f"[1/6] instruction suite (version {SUITE_VERSION})  [torch threads: {threads}]")
+            started, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
+            self.log.load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+            (self.out / "demo_config.yaml").write_text(
+                yaml.safe_dump({**self.settings.to_dict(), "methods": list(self.methods)}, sort_keys=False),
+                encoding="utf-8")
+            self.echo(f"[1/4] instruction suite (version {SUITE_VERSION})")
             data = self._timed("suite", self.build_data)
-            self.echo("[2/6] tokenizers: byte-level BPE (teacher), WordPiece (student)")
+            self.echo("[2/4] tokenizers: byte-level BPE (teacher), WordPiece (student)")
             tokenizers = self._timed("tokenizers", lambda: self.build_tokenizers(data))
-            self.echo("[3/6] teacher: Llama architecture, sft on the whole train split")
-            teacher_dir = self._timed("train teacher", lambda: self.train_teacher(data, tokenizers))
-            self.echo(f"[4/6] students: GPT-2 architecture, methods {', '.join(self.settings.methods)}, "
-                      f"training seeds {', '.join(map(str, self.settings.train_seeds))}")
-            students = self.train_students(data, tokenizers, teacher_dir)
-            self.echo(f"[5/6] evaluation: sampling, ROUGE-L, seeds {', '.join(map(str, self.settings.eval_seeds))}")
-            full = self._timed("evaluate", lambda: self.evaluate({"teacher": teacher_dir, **students}, data))
-            self.timings["total"] = round(time.perf_counter() - started, 2)
-            self.cpu_timings["total"] = round(time.process_time() - cpu, 2)
-            self.echo("[6/6] report")
-            table, seed_table = split_tables(full, self.settings, self.student_name)
-            report, checks = write_demo_report(self, table, seed_table, data, tokenizers)
-            return DemoResult(self.out, report, table, seed_table, dict(self.timings), checks, dict(self.cached))
+            self.echo(f"[3/4] teacher (Llama, sft on the whole train split) and students (GPT-2; "
+                      f"{', '.join(self.methods)}; training seeds {', '.join(map(str, self.settings.train_seeds))})")
+            self.echo(f"      each model evaluated once trained: sampling, ROUGE-L, seeds "
+                      f"{', '.join(map(str, self.settings.eval_seeds))}")
+            _, full = self._timed("models", lambda: self.train_and_evaluate(data, tokenizers))
+            self.log.wall_seconds["total"] = round(time.perf_counter() - started, 2)
+            self.log.cpu_seconds["total"] = round(time.process_time() - cpu + _children_cpu() - children, 2)
+            self.echo("[4/4] report (total above: every stage before it)")
+            report = write_demo_report(self.out, self.settings, self.log, full, data, tokenizers, self.methods,
+                                       echo=self.echo)
+            return DemoResult(self.out, report.path, report.seed_table, report.sampling_table, full, report.checks,
+                              self.log)
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
 
-
 def run_demo(output_dir: str | Path, *, quick: bool = False, methods: Sequence[str] | None = None,
              eval_seeds: Sequence[int] | None = None, train_seeds: Sequence[int] | None = None, force: bool = False,
-             show_progress: bool = True, echo: Callable[[str], None] = print) -> DemoResult:
-    """Run the demo with the preset for `quick`, optionally other methods / seeds; returns its result."""
-    settings = demo_settings(quick)
+             show_progress: bool = True, echo: Callable[[str], None] = print, workers: int | None = None,
+             settings: DemoSettings | None = None) -> DemoResult:
+    """Run the demo with the preset for `quick` (or given settings), optionally other methods / seeds."""
+    settings = settings or demo_settings(quick)
     if methods:
         settings.methods = tuple(methods)
     if eval_seeds:
         settings.eval_seeds = tuple(eval_seeds)
     if train_seeds:
         settings.train_seeds = tuple(train_seeds)
-    return DemoPipeline(settings, output_dir, force=force, show_progress=show_progress, echo=echo).run()
+    keep_going = ALL_METHODS in settings.methods
+    return DemoPipeline(settings, output_dir, force=force, show_progress=show_progress, echo=echo, workers=workers,
+                        keep_going=keep_going).run()

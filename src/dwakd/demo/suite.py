@@ -15,9 +15,13 @@ Splits, mirroring how the paper's test sets differ from Dolly (its training dist
                          country of a capital, what an animal eats, declining an invitation, ...)
 
 Every split is drawn from its own `random.Random` stream, so a split's content depends only on the suite
-version, its name and its size. Facts (capitals, plurals, ...) come from a closed list, so in-domain test
-questions about them may repeat training questions, as Dolly's test set does with common questions; list and
-number items practically never repeat. `suite_stats` reports the exact overlap.
+version, its name and its size. Facts (capitals, plurals, ...) come from a closed list, so a question like
+"What is the plural of cat?" would recur across splits by chance; instead every (instruction, input) pair of
+the seen families falls by its hash into one of three disjoint pools: test (1/8), dev (1/8) and train (the
+rest). `train`, `dev` and `test` draw only from their own pool, so the in-domain test set shares no record with
+what the teacher or the students train on, while the facts it asks about still occur in training under other
+phrasings (e.g. the capital of France asked as "Name the capital city of France."). `suite_stats` reports the
+overlap with the training data (0 for every test split).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pathlib import Path
 from dwakd.data.records import build_prompt
 from dwakd.demo import words as W
 
-SUITE_VERSION = "2"
+SUITE_VERSION = "3"
 
 Example = tuple[str, str, list[str]]  # (instruction, input, references); the first reference is trained on
 Maker = Callable[[random.Random, str, bool], Example]  # (rng, phrasing, long) -> example
@@ -329,6 +333,33 @@ def _rng(split: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
+POOLS = 8  # hash buckets of an (instruction, input) pair: 0 -> test, 1 -> dev, the rest -> train
+_MAX_DRAWS = 10_000
+_FRESH_DRAWS = 500
+
+
+def pool(instruction: str, input_text: str) -> str:
+    """Which in-domain split may hold this (instruction, input) pair: "test", "dev" or "train" (by its hash)."""
+    bucket = hashlib.sha256(f"{instruction}\x1f{input_text}".encode()).digest()[0] % POOLS
+    return {0: "test", 1: "dev"}.get(bucket, "train")
+
+
+def _draw(rng: random.Random, family: Family, split: str, taken: set[tuple[str, str]]) -> Example:
+    """One example of a seen family for `split`, redrawn until it falls in that split's pool (train/dev/test)
+    and, for dev and test, preferably one whose (instruction, input) is not yet in the split (families with few
+    distinct questions, like `tips`, repeat one once `_FRESH_DRAWS` draws found no new one)."""
+    for draw in range(_MAX_DRAWS):
+        phrasings = family.held_out if split == "ood_phrasing" else family.phrasings
+        example = family.make(rng, rng.choice(phrasings), split == "ood_long")
+        key = (example[0], example[1])
+        if split in ("dev", "test") and key in taken and draw < _FRESH_DRAWS:
+            continue
+        if split not in ("train", "dev", "test") or pool(*key) == split:
+            taken.add(key)
+            return example
+    raise RuntimeError(f"suite family {family.name!r}: no {split} example in {_MAX_DRAWS} draws")
+
+
 def generate_split(split: str, size: int) -> list[dict]:
     """`size` records of one split (train, dev, test, ood_phrasing, ood_long, ood_tasks), families round-robin."""
     rng = _rng(split)
@@ -341,10 +372,10 @@ def generate_split(split: str, size: int) -> list[dict]:
         return records
     if split not in ("train", "dev", *TEST_SPLITS):
         raise ValueError(f"unknown suite split {split!r}")
+    taken: set[tuple[str, str]] = set()
     for i in range(size):
         family = FAMILIES[i % len(FAMILIES)]
-        phrasings = family.held_out if split == "ood_phrasing" else family.phrasings
-        records.append(_record(family.name, family.make(rng, rng.choice(phrasings), split == "ood_long")))
+        records.append(_record(family.name, _draw(rng, family, split, taken)))
     if split in ("train", "dev"):
         rng.shuffle(records)
     return records

@@ -2,7 +2,7 @@
 
 Modules (imported on demand, so `dwakd --help` stays fast):
 - `datasets`: named test sets (`dolly`, `selfinst`, `vicuna`, `sni` aliases, `name=path[:limit]`)
-- `generation`: protocol sampling (SPEC §7) with per-item seeds, resumable per-seed JSONL files
+- `generation`: protocol sampling (docs/methods.md) with per-item seeds, resumable per-seed JSONL files
 - `rouge`: ROUGE-L x100 with stemming, max over references
 - `runner`: `run_evaluation` (models x test sets x seeds -> generations -> scores -> report)
 - `report`: Table-1-style `ScoreTable` (Markdown, CSV, PNG)

@@ -1,4 +1,4 @@
-"""`dwakd eval | judge | similarity | bench` subcommands: parse arguments, call the evaluation library, print results."""
+"""`dwakd eval | judge | similarity | bench` subcommands: parse arguments, call the evaluation library, print."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _fail(command: str, exc: Exception) -> int:
 # ----------------------------------------------------------------------------------------------- eval
 def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "eval", help="sampled ROUGE-L over seeds and test sets (SPEC §7), resumable; writes a Table-1 report",
+        "eval", help="sampled ROUGE-L over seeds and test sets (docs/methods.md), resumable; writes a Table-1 report",
         description="Generate with the papers' protocol for every model x test set x seed, score ROUGE-L and "
                     "write report.md/.csv/.png. Rerunning with the same --out-dir resumes.")
     p.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
@@ -40,7 +40,8 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", action="append", default=None, metavar="SPEC",
                    help="ALIAS[:LIMIT] (dolly, selfinst, vicuna, sni; needs --data-root) or NAME=PATH[:LIMIT]; "
                         "repeatable; default: the four paper sets under --data-root")
-    p.add_argument("--data-root", help="folder in the MiniLLM layout (e.g. ../shared/data)")
+    p.add_argument("--data-root", help="folder in MiniLLM's data layout: dolly/valid.jsonl (`dwakd data dolly "
+                                       "--out ROOT/dolly`), self-inst/, vicuna/, sinst/11_/")
     p.add_argument("--limit", type=int, help="use the first N items of every test set without its own limit")
     p.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50])
     p.add_argument("--batch-size", type=int, default=8)

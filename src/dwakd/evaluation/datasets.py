@@ -1,4 +1,4 @@
-"""Named evaluation sets: `name=path[:limit]` specs, built-in aliases for the MiniLLM test sets (SPEC §1, §7)."""
+"""Named evaluation sets: `name=path[:limit]` specs, built-in aliases for the MiniLLM test sets (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ BUILTIN_DATASETS: dict[str, tuple[str, str]] = {
     "selfinst": ("selfinst/valid.jsonl", "SelfInst"),
     "vicuna": ("vicuna/valid.jsonl", "Vicuna"),
     "sni": ("sni/11_/valid.jsonl", "S-NI"),
+}
+# The same sets' paths in MiniLLM's own layout (`data/<name>/valid.jsonl`; `dwakd data dolly --out ROOT/dolly`
+# writes the first); an alias takes the first of its paths that exists under the data root.
+MINILLM_PATHS: dict[str, str] = {
+    "dolly": "dolly/valid.jsonl",
+    "selfinst": "self-inst/valid.jsonl",
+    "vicuna": "vicuna/valid.jsonl",
+    "sni": "sinst/11_/valid.jsonl",
 }
 PAPER_DATASETS = ("dolly", "selfinst", "vicuna", "sni")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -74,11 +82,14 @@ def parse_dataset_spec(text: str, data_root: str | Path | None = None) -> Datase
     if text in BUILTIN_DATASETS:
         if data_root is None:
             raise ValueError(
-                f"dataset alias {text!r} needs a data root (--data-root DIR holding {BUILTIN_DATASETS[text][0]}), "
+                f"dataset alias {text!r} needs a data root (--data-root DIR holding {MINILLM_PATHS[text]} or "
+                f"{BUILTIN_DATASETS[text][0]}), "
                 f"or give it as {text}=PATH"
             )
         relative, title = BUILTIN_DATASETS[text]
-        return DatasetSpec(text, str(Path(data_root) / relative), limit, title)
+        candidates = [Path(data_root) / MINILLM_PATHS[text], Path(data_root) / relative]
+        source = next((path for path in candidates if path.exists()), candidates[-1])
+        return DatasetSpec(text, str(source), limit, title)
     raise ValueError(
         f"dataset spec {text!r}: expected NAME=PATH[:LIMIT] or one of the aliases {', '.join(BUILTIN_DATASETS)}"
     )

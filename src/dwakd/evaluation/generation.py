@@ -1,4 +1,4 @@
-"""Sampled generation with the papers' protocol (SPEC §7), reproducible per item and resumable per item.
+"""Sampled generation with the papers' protocol (docs/methods.md), reproducible per item and resumable per item.
 
 Protocol: sampling at temperature 1.0, top_p 1.0, top_k off, no_repeat_ngram_size 6, prompt cut to its first
 256 tokens (no BOS, as in training), left padding, stop at EOS. The reference code (MiniLLM/DSKD) pads every
@@ -26,16 +26,22 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from dwakd.data.records import InstructionRecord
 
@@ -46,7 +52,7 @@ PROTOCOL_SEEDS = (10, 20, 30, 40, 50)
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Decoding settings; the defaults are the papers' protocol (SPEC §7)."""
+    """Decoding settings; the defaults are the papers' protocol (docs/methods.md)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -59,7 +65,8 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
         if self.temperature <= 0:
             raise ValueError("temperature must be positive (this is a sampling protocol)")
         if not 0 < self.top_p <= 1:
@@ -68,7 +75,8 @@ class GenerationSettings:
             raise ValueError("batch_size must be at least 1")
         if self.max_new_tokens is not None and not 0 < self.max_new_tokens <= self.max_length - self.max_prompt_length:
             raise ValueError(
-                f"max_new_tokens must be in [1, max_length - max_prompt_length = {self.max_length - self.max_prompt_length}]"
+                "max_new_tokens must be in [1, max_length - max_prompt_length = "
+                f"{self.max_length - self.max_prompt_length}]"
             )
 
     @property
@@ -120,13 +128,14 @@ class PerItemSampler(LogitsProcessor):
 
 
 def encode_prompts(tokenizer: Any, records: Sequence[InstructionRecord], max_prompt_length: int) -> list[list[int]]:
-    """Prompt token ids without special tokens, cut to the first `max_prompt_length` tokens (SPEC §1)."""
+    """Prompt token ids without special tokens, cut to the first `max_prompt_length` tokens (docs/methods.md)."""
     encoded = tokenizer([r.prompt for r in records], add_special_tokens=False)["input_ids"]
     return [list(ids[:max_prompt_length]) for ids in encoded]
 
 
 def decode_response(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str, int, bool]:
-    """(text, tokens before EOS, stopped at EOS): cut at the first EOS id, decode without specials, cut at EOS text, strip."""
+    """(text, tokens before EOS, stopped at EOS): cut at the first EOS id, decode without specials, cut at EOS text,
+    strip."""
     ids = list(token_ids)
     eos_ids = _eos_ids(tokenizer)
     stop = next((i for i, t in enumerate(ids) if t in eos_ids), None)

@@ -31,9 +31,10 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 TEMPLATE_VERSION = "dwakd-pairwise-v1"
-TEMPLATE_V1 = """Please act as an impartial judge and compare the quality of two responses, written by two AI assistants, \
-to the user instruction shown below. Decide which response follows the instruction better, considering \
-helpfulness, relevance, accuracy, depth, creativity and level of detail. Do not let the order in which the \
+TEMPLATE_V1 = """Please act as an impartial judge and compare the quality of two responses, written by two \
+AI assistants, to the user instruction shown below. Decide which response follows the instruction better, \
+considering helpfulness, relevance, accuracy, depth, creativity and level of detail. Do not let the order in \
+which the \
 responses are shown or their length influence your decision.
 
 Answer with exactly one word:
@@ -219,7 +220,8 @@ def sample_items(first: dict[int, dict], second: dict[int, dict], n_items: int, 
     common = sorted(set(first) & set(second))
     for index in common:
         a, b = first[index], second[index]
-        if (a.get("instruction"), a.get("input", ""), a.get("prompt")) != (b.get("instruction"), b.get("input", ""), b.get("prompt")):
+        keys_a = (a.get("instruction"), a.get("input", ""), a.get("prompt"))
+        if keys_a != (b.get("instruction"), b.get("input", ""), b.get("prompt")):
             raise ValueError(f"item {index}: the two response files answer different instructions")
     if not common:
         raise ValueError("the two response files share no item index")
@@ -267,7 +269,8 @@ def run_judge(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     items = sample_items(rows_1, rows_2, n_items, sample_seed)
     done = _read_verdicts(out_path, TEMPLATE_VERSION, client.model)
-    foreign = {tuple(sorted((r["response_a"], r["response_b"]))) for r in done.values()} - {tuple(sorted((name_1, name_2)))}
+    pairs = {tuple(sorted((r["response_a"], r["response_b"]))) for r in done.values()}
+    foreign = pairs - {tuple(sorted((name_1, name_2)))}
     if foreign:
         raise ValueError(f"{out_path} holds verdicts for other models {sorted(foreign)}; use another output file")
     todo = [i for i in items if done.get(i, {}).get("verdict") not in ("A", "B", "tie")]

@@ -1,4 +1,5 @@
-"""Result tables like paper Table 1 (rows = models, columns = test sets + Avg, "mean ± std" over seeds): Markdown, CSV, PNG.
+"""Result tables like paper Table 1 (rows = models, columns = test sets + Avg, "mean ± std" over seeds): Markdown,
+CSV, PNG.
 
 Spread: the sample standard deviation over seeds (n - 1 in the denominator; 0 with one seed). The Avg column
 averages the test sets within each seed first, then takes mean ± std of those per-seed averages over the seeds
@@ -164,7 +165,8 @@ def _summary_dict(summary: Summary | None) -> dict | None:
     return None if summary is None else {"mean": summary.mean, "std": summary.std, "n": summary.n}
 
 
-def write_report(table: ScoreTable, out_dir: str | Path, stem: str = "report", title: str | None = None) -> dict[str, Path]:
+def write_report(table: ScoreTable, out_dir: str | Path, stem: str = "report",
+                 title: str | None = None) -> dict[str, Path]:
     """Write <stem>.md, <stem>.csv, <stem>.png and results.json into `out_dir`; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""ROUGE-L as the MiniLLM/DSKD protocol computes it: `rouge_score` with stemming, F-measure, max over references, x100."""
+"""ROUGE-L as the MiniLLM/DSKD protocol computes it: `rouge_score` with stemming, F-measure, max over references,
+x100."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def _scorer() -> rouge_scorer.RougeScorer:
 
 
 def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
-    """ROUGE-L F-measure x100 of one prediction against its best-matching reference (SPEC §7)."""
+    """ROUGE-L F-measure x100 of one prediction against its best-matching reference (docs/methods.md)."""
     if isinstance(references, str):
         references = [references]
     if not references:

@@ -93,13 +93,16 @@ def score_rows(rows: Sequence[dict]) -> float:
     return mean_rouge_l([r["response"] for r in rows], [r["references"] for r in rows])
 
 
+DEFAULT_SETTINGS = GenerationSettings()  # the papers' protocol (frozen, so one shared default is safe)
+
+
 def run_evaluation(
     models: Mapping[str, ModelSource],
     datasets: Sequence[EvalDataset],
     out_dir: str | Path,
     *,
     seeds: Sequence[int] = PROTOCOL_SEEDS,
-    settings: GenerationSettings = GenerationSettings(),
+    settings: GenerationSettings = DEFAULT_SETTINGS,
     dtype: str | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,

@@ -45,7 +45,8 @@ def structure_matrices(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def structure_distances(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> tuple[float, float]:
     """(d_cos, d_prod) between the structure matrices of student (n, d_s) and teacher (n, d_t) hidden states."""
     if student_hidden.shape[0] != teacher_hidden.shape[0]:
-        raise ValueError(f"need the same number of positions, got {student_hidden.shape[0]} and {teacher_hidden.shape[0]}")
+        raise ValueError(
+            f"need the same number of positions, got {student_hidden.shape[0]} and {teacher_hidden.shape[0]}")
     s_cos, s_prod = structure_matrices(student_hidden)
     t_cos, t_prod = structure_matrices(teacher_hidden)
     return float((s_cos - t_cos).abs().mean()), float((s_prod - t_prod).abs().sum(-1).mean())
@@ -106,7 +107,8 @@ def final_hidden(model: Any, input_ids: Sequence[int]) -> torch.Tensor:
     return model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0].float()
 
 
-def sentence_distances(student: tuple[Any, Any], teacher: tuple[Any, Any], prompt: str, response: str) -> tuple[float, float, int]:
+def sentence_distances(student: tuple[Any, Any], teacher: tuple[Any, Any], prompt: str,
+                       response: str) -> tuple[float, float, int]:
     """(d_cos, d_prod, number of compared chunks) for one prompt/response pair."""
     (s_model, s_tok), (t_model, t_tok) = student, teacher
     s_enc, t_enc = encode_text(s_tok, prompt, response), encode_text(t_tok, prompt, response)

@@ -60,7 +60,7 @@ def build_options(name: str, overrides: dict[str, Any] | None = None) -> MethodO
     for key in values:
         if key not in valid:
             close = difflib.get_close_matches(key, list(valid), n=1)
-            hint = f" Did you mean 'method_options.{close[0]}'?" if close else ""
+            hint = f" Did you mean 'method.options.{close[0]}'?" if close else ""
             raise UnknownMethodError(f"method {name!r} has no option {key!r}.{hint} Options: {', '.join(valid)}")
     return cls.Options(**values)
 

@@ -1,0 +1,97 @@
+"""Small, equal-budget sweeps of the `dwakd demo` recipe, scored on the dev split only; every run is recorded.
+
+Each variant is a JSON object of `DemoSettings` fields that replace the defaults (nested dicts replace whole
+fields, e.g. {"student_training": {...}}); every method gets every variant and every training seed, so DSKD
+and SFT get the same tuning budget as DWA-KD. A variant trains its students in its own folder under --out
+(the suite, tokenizers and — while the teacher's settings are the defaults — the teacher are reused from the
+first variant's folder through the demo's stage cache), evaluates them on `dev` (never on a test split) and
+appends one record per (variant, method, training seed) to --results, with CPU and wall seconds.
+
+    python benchmarks/demo_sweep.py --out runs/demo-sweep --results benchmarks/results/demo_sweep.json \\
+        --variant lr2e-3='{}' --variant lr4e-3='{"student_training": {"max_steps": 300, ...}}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from dwakd.demo.pipeline import DemoPipeline, library_versions
+from dwakd.demo.settings import DemoSettings, demo_settings
+
+
+def _variant(text: str) -> tuple[str, dict]:
+    name, _, body = text.partition("=")
+    return name, json.loads(body or "{}")
+
+
+def _apply(base: DemoSettings, overrides: dict) -> DemoSettings:
+    settings = demo_settings()
+    for key, value in {**base.__dict__, **overrides}.items():
+        setattr(settings, key, tuple(value) if key in ("methods", "train_seeds", "eval_seeds") else value)
+    return settings
+
+
+def _share(source: Path, target: Path, names: tuple[str, ...]) -> None:
+    """Reuse finished stages of another folder (the stage cache checks their fingerprints as usual)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (source / name).is_dir() and not (target / name).exists():
+            shutil.copytree(source / name, target / name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--results", required=True)
+    parser.add_argument("--variant", action="append", type=_variant, required=True, metavar="NAME=JSON")
+    parser.add_argument("--methods", default="sft,dskd,dwakd")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args()
+
+    results_path = Path(args.results)
+    records = json.loads(results_path.read_text()) if results_path.is_file() else []
+    out = Path(args.out)
+    first: Path | None = None
+    for name, overrides in args.variant:
+        settings = _apply(demo_settings(), overrides)
+        settings.methods = tuple(args.methods.split(","))
+        settings.train_seeds = tuple(int(x) for x in args.seeds.split(","))
+        folder = out / name
+        if first is not None:
+            _share(first, folder, ("data", "tokenizers", "teacher"))
+        pipe = DemoPipeline(settings, folder, show_progress=False, echo=print, workers=args.workers)
+        started, load = time.perf_counter(), os.getloadavg()[0]
+        data = pipe.build_data()
+        tokenizers = pipe.build_tokenizers(data)
+        _, table = pipe.train_and_evaluate(data, tokenizers, splits=("dev",), out_dir=folder / "eval_dev")
+        wall = time.perf_counter() - started
+        first = first or folder
+        per_method: dict[str, list[float]] = {}
+        for row, per_split in table.scores.items():
+            dev = statistics.fmean(per_split["dev"].values())
+            info = pipe.log.train_info.get(row, {})
+            method, _, seed = row.rpartition("-seed") if row != "teacher" else ("teacher", "", "")
+            records.append({"variant": name, "overrides": overrides, "model": row, "method": method,
+                            "train_seed": int(seed) if seed else None, "dev_rouge_l": round(dev, 3),
+                            "dev_per_sampling_seed": per_split["dev"], "train_cpu_seconds": info.get("cpu_seconds"),
+                            "train_seconds": info.get("seconds"), "eval_cpu_seconds": info.get("eval_cpu_seconds"),
+                            "reused": bool(pipe.log.cached.get(row)), "load_at_start": round(load, 2),
+                            "variant_wall_seconds": round(wall, 1), "versions": library_versions()})
+            if row != "teacher":
+                per_method.setdefault(method, []).append(dev)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(records, indent=1), encoding="utf-8")
+        summary = ", ".join(f"{m} {statistics.fmean(v):.2f}±{statistics.stdev(v) if len(v) > 1 else 0:.2f}"
+                            for m, v in per_method.items())
+        print(f"variant {name}: dev ROUGE-L {summary} ({wall:.0f} s wall, load {load:.1f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
