@@ -143,3 +143,39 @@ def run_both(student, teacher, s_view: TokenView, t_view: TokenView, s_vocab: in
     return DistillationInputs(s_view, t_view,
                               ModelView(s.logits, s.hidden_states, student, s_vocab, attentions=s.attentions),
                               ModelView(t.logits, t.hidden_states, teacher, t_vocab, attentions=t.attentions), n)
+
+
+class ModelPair:
+    """Two real small tokenizers (byte-level BPE teacher, Metaspace BPE student) with views of `examples`, a GPT-2
+    student with 2 layers (d 16) and a frozen Qwen2 teacher with 3 layers (d 24): unequal depths and widths."""
+
+    def __init__(self, examples, extra_pad: int = 0):
+        from _baseline_helpers import encode, pad_view, student_tokenizer, teacher_tokenizer
+
+        self.s_tok, self.t_tok = student_tokenizer(), teacher_tokenizer()
+        self.s_view = encode(self.s_tok, examples)
+        self.t_view = encode(self.t_tok, examples)
+        if extra_pad:
+            self.s_view = pad_view(self.s_view, extra_pad, self.s_tok.pad_token_id)
+            self.t_view = pad_view(self.t_view, extra_pad + 2, self.t_tok.pad_token_id)
+        self.student = deep_model("gpt2", len(self.s_tok), seed=0, hidden=16, layers=2)
+        self.teacher = deep_model("qwen2", len(self.t_tok), seed=1, hidden=24, layers=3)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def context(self):
+        from dwakd.methods import MethodContext
+
+        return MethodContext(self.student.config, self.teacher.config, self.s_tok, self.t_tok, self.student,
+                             self.teacher)
+
+    def inputs(self, num_items=None) -> DistillationInputs:
+        return run_both(self.student, self.teacher, self.s_view, self.t_view, len(self.s_tok), len(self.t_tok),
+                        num_items)
+
+
+def trainable(method, model) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every trainable parameter of the method ("method.") and the student ("student.")."""
+    named = [(f"method.{k}", p) for k, p in method.named_parameters()]
+    named += [(f"student.{k}", p) for k, p in model.named_parameters()]
+    return [(k, p) for k, p in named if p.requires_grad]

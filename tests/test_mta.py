@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from _baseline_helpers import EXAMPLES, MORE_EXAMPLES, encode, student_tokenizer, teacher_tokenizer
+from _baseline_helpers import EXAMPLES, MORE_EXAMPLES
 from _kd_helpers import one_thread
 from _repr_helpers import (
+    ModelPair,
     deep_model,
     naive_centre,
     naive_self_similarity,
     naive_structure,
     naive_weighted_distance,
     run_both,
+    trainable,
 )
 from _spacy_helpers import SENTENCES
 
@@ -159,20 +161,14 @@ def test_real_english_pipeline_if_installed() -> None:
 # ------------------------------------------------------------------------------------------------ the loss
 
 
-class Pair:
-    """Two real small tokenizers (byte-level BPE teacher, Metaspace student), GPT-2 2 layers ↔ Qwen2 3 layers, and
-    word units (each whitespace word of the answer) and phrase units (two consecutive words) on both sides."""
+class Pair(ModelPair):
+    """Two real small tokenizers, GPT-2 2 layers ↔ Qwen2 3 layers (`ModelPair`), with word units (each whitespace word
+    of the answer) and phrase units (two consecutive words) on both sides."""
 
     def __init__(self):
-        self.s_tok, self.t_tok = student_tokenizer(), teacher_tokenizer()
-        self.s_view = encode(self.s_tok, ALL_EXAMPLES)
-        self.t_view = encode(self.t_tok, ALL_EXAMPLES)
+        super().__init__(ALL_EXAMPLES)
         for view in (self.s_view, self.t_view):
             view.units = {kind: self.unit_ids(view, kind) for kind in ("word", "phrase")}
-        self.student = deep_model("gpt2", len(self.s_tok), seed=0, hidden=16, layers=2)
-        self.teacher = deep_model("qwen2", len(self.t_tok), seed=1, hidden=24, layers=3)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
 
     @staticmethod
     def units(prompt: str, response: str, kind: str) -> list[tuple[int, int]]:
@@ -188,14 +184,6 @@ class Pair:
             offsets = view.input_offsets[b].tolist()
             rows.append(token_unit_ids(offsets, self.units(prompt, response, kind), prompt + response))
         return torch.tensor(rows)
-
-    def context(self) -> MethodContext:
-        return MethodContext(self.student.config, self.teacher.config, self.s_tok, self.t_tok, self.student,
-                             self.teacher)
-
-    def inputs(self, num_items=None):
-        return run_both(self.student, self.teacher, self.s_view, self.t_view, len(self.s_tok), len(self.t_tok),
-                        num_items)
 
 
 @pytest.fixture(scope="module")
@@ -239,12 +227,6 @@ def naive_mta(method, inputs) -> dict[str, torch.Tensor]:
     pairs = len(method.layer_pairs)
     return {"mta": (dsa_total + o.hra_weight * hra_total) / pairs, "mta_dsa": dsa_total / pairs,
             "mta_hra": hra_total / pairs}
-
-
-def trainable(method, model) -> list[tuple[str, torch.nn.Parameter]]:
-    named = [(f"method.{k}", p) for k, p in method.named_parameters()] + [(f"student.{k}", p)
-                                                                          for k, p in model.named_parameters()]
-    return [(k, p) for k, p in named if p.requires_grad]
 
 
 def grads(loss, params):

@@ -9,22 +9,18 @@ import torch
 from _baseline_helpers import (
     EXAMPLES,
     MORE_EXAMPLES,
-    encode,
     naive_ce_sum,
     naive_shared,
-    pad_view,
-    student_tokenizer,
-    teacher_tokenizer,
 )
 from _kd_helpers import naive_divergence_vec, one_thread
 from _repr_helpers import (
-    deep_model,
+    ModelPair,
     naive_centre,
     naive_last_token_attention,
     naive_spans,
     naive_structure,
     naive_weighted_distance,
-    run_both,
+    trainable,
 )
 
 from dwakd.methods import MethodContext, build_method
@@ -37,29 +33,11 @@ def _single_thread():
         yield
 
 
-class Pair:
+class Pair(ModelPair):
     """Byte-level BPE teacher (Qwen2, 3 layers, d 24) and Metaspace BPE student (GPT-2, 2 layers, d 16)."""
 
     def __init__(self, extra_pad: int = 0):
-        self.s_tok, self.t_tok = student_tokenizer(), teacher_tokenizer()
-        examples = EXAMPLES + MORE_EXAMPLES
-        self.s_view = encode(self.s_tok, examples)
-        self.t_view = encode(self.t_tok, examples)
-        if extra_pad:
-            self.s_view = pad_view(self.s_view, extra_pad, self.s_tok.pad_token_id)
-            self.t_view = pad_view(self.t_view, extra_pad + 2, self.t_tok.pad_token_id)
-        self.student = deep_model("gpt2", len(self.s_tok), seed=0, hidden=16, layers=2)
-        self.teacher = deep_model("qwen2", len(self.t_tok), seed=1, hidden=24, layers=3)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-
-    def context(self) -> MethodContext:
-        return MethodContext(self.student.config, self.teacher.config, self.s_tok, self.t_tok, self.student,
-                             self.teacher)
-
-    def inputs(self, num_items=None):
-        return run_both(self.student, self.teacher, self.s_view, self.t_view, len(self.s_tok), len(self.t_tok),
-                        num_items)
+        super().__init__(EXAMPLES + MORE_EXAMPLES, extra_pad)
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +93,6 @@ def naive_sra(method, inputs, pair: Pair, attention: bool = True) -> dict[str, t
     kd = o.span_weight * span_total + o.geo_weight * geo + o.logit_weight * logit
     return {"ce": ce, "span": span_total, "geo": geo, "logit": logit, "kd": kd,
             "loss": (1 - o.kd_rate) * ce + o.kd_rate * kd}
-
-
-def trainable(method, model) -> list[tuple[str, torch.nn.Parameter]]:
-    named = [(f"method.{k}", p) for k, p in method.named_parameters()] + [(f"student.{k}", p)
-                                                                          for k, p in model.named_parameters()]
-    return [(k, p) for k, p in named if p.requires_grad]
 
 
 @pytest.mark.parametrize("options", [

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dwakd.modules.projectors import model_dims
+from dwakd.modules.projectors import _first_int, model_dims
 from dwakd.options import OptionError
 
 _DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -30,17 +30,9 @@ def _text_config(config: Any) -> Any:
     return config
 
 
-def _first_positive_int(config: Any, names: tuple[str, ...]) -> int | None:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
 def num_layers(config: Any) -> int:
     """Number of transformer blocks L of a Hugging Face causal-LM config (hidden_states has L + 1 entries)."""
-    depth = _first_positive_int(_text_config(config), _DEPTH_KEYS)
+    depth = _first_int(_text_config(config), _DEPTH_KEYS)
     if depth is None:
         raise ValueError(f"cannot read the number of layers from {type(config).__name__}: "
                          f"none of {', '.join(_DEPTH_KEYS)} is set")
@@ -52,7 +44,7 @@ def layer_width(config: Any, layer: int) -> int:
     hidden size there), every other layer's is the hidden size."""
     if layer == num_layers(config):
         return model_dims(config).hidden
-    width = _first_positive_int(_text_config(config), _WIDTH_KEYS)
+    width = _first_int(_text_config(config), _WIDTH_KEYS)
     if width is None:
         raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
     return width
