@@ -49,3 +49,12 @@ def tiny_yaml(tmp_path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
+
+
+@pytest.fixture(scope="session")
+def spacy_pipeline_dir(tmp_path_factory) -> Path:
+    """A small real spaCy pipeline (tagger + parser) trained offline, for MTA's chunker (skips without spaCy)."""
+    pytest.importorskip("spacy")
+    from _spacy_helpers import train_tiny_pipeline
+
+    return train_tiny_pipeline(tmp_path_factory.mktemp("spacy") / "tiny_en")

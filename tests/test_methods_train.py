@@ -19,6 +19,13 @@ FAST = ["data.max_length=64", "data.max_prompt_length=32", "data.eval=null", "tr
         "training.per_device_train_batch_size=4"]
 
 
+def method_extra(method: str, request) -> list[str]:
+    """Per-method overrides: MTA's chunker is a small spaCy pipeline trained offline (no download needed)."""
+    if method == "mta":
+        return [f"method.options.spacy_pipeline={request.getfixturevalue('spacy_pipeline_dir')}"]
+    return []
+
+
 def run_steps(tiny_yaml, tmp_path, method: str, steps: int, extra: list[str] = ()):
     config = load_config(tiny_yaml, [f"method={method}", f"output_dir={tmp_path / method}",
                                      f"training.max_steps={steps}", *FAST, *extra])
@@ -29,7 +36,8 @@ def run_steps(tiny_yaml, tmp_path, method: str, steps: int, extra: list[str] = (
 
 
 def test_all_issue_methods_registered():
-    for name in ["sft", "dskd", "dwakd", "dwakd-ew", "dwakd-dtw", "dwakd-bdtw", "dwakd-nogate", "alm", "cdm"]:
+    for name in ["sft", "dskd", "dwakd", "dwakd-ew", "dwakd-dtw", "dwakd-bdtw", "dwakd-nogate", "alm", "cdm",
+                 "dskd-cma-ga", "sra", "mta"]:
         assert name in METHODS
 
 
@@ -42,8 +50,8 @@ def test_methods_command_lists_the_alignment_baselines(capsys):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_method_runs_finite(tiny_yaml, tmp_path, method):
-    run, logged = run_steps(tiny_yaml, tmp_path, method, 2)
+def test_method_runs_finite(tiny_yaml, tmp_path, method, request):
+    run, logged = run_steps(tiny_yaml, tmp_path, method, 2, method_extra(method, request))
     assert len(logged) == 2 and all(math.isfinite(x) for x in logged)
     if run.model.teacher is not None:
         assert all(p.grad is None for p in run.model.teacher.parameters())
@@ -56,8 +64,8 @@ def test_method_runs_finite(tiny_yaml, tmp_path, method):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_method_50_steps_reduce_loss(tiny_yaml, tmp_path, method):
-    _, logged = run_steps(tiny_yaml, tmp_path, method, 50, ["training.learning_rate=2e-3"])
+def test_method_50_steps_reduce_loss(tiny_yaml, tmp_path, method, request):
+    _, logged = run_steps(tiny_yaml, tmp_path, method, 50, ["training.learning_rate=2e-3", *method_extra(method, request)])
     assert len(logged) == 50 and all(math.isfinite(x) for x in logged)
     first, last = sum(logged[:10]) / 10, sum(logged[-10:]) / 10
     assert last < first, f"{method}: loss {first:.4f} -> {last:.4f}"

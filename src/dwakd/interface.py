@@ -29,6 +29,10 @@ class TokenView:
     labels: torch.Tensor
     input_offsets: torch.Tensor
     label_offsets: torch.Tensor
+    # Optional per-token text units a method asked for (`DistillationMethod.text_annotator`): kind ("word",
+    # "phrase", ...) -> (batch, length) int64 index of the unit that contains the input token, −1 for none.
+    # Unit k of a kind is the same piece of text on the student and the teacher side.
+    units: dict[str, torch.Tensor] | None = None
 
     @property
     def label_mask(self) -> torch.Tensor:
@@ -54,6 +58,7 @@ class ModelView:
         vocab_size: int,
         head: Callable[[torch.Tensor], torch.Tensor] | None = None,
         last_hidden: torch.Tensor | None = None,
+        attentions: tuple[torch.Tensor, ...] | None = None,
     ):
         if logits is None and (head is None or (last_hidden is None and not hidden_states)):
             raise ValueError("ModelView needs dense logits, or an LM head and the final hidden states")
@@ -63,6 +68,9 @@ class ModelView:
         self.vocab_size = vocab_size  # number of real tokenizer tokens; logits[..., vocab_size:] are padding rows
         self._head = head
         self._last_hidden = last_hidden  # final hidden states for the head when hidden_states is None
+        # attention probabilities per layer, (batch, heads, length, length), layer ℓ's self-attention (the one that
+        # produces hidden_states[ℓ]) at index ℓ − 1; None unless the method sets `needs_attentions`
+        self.attentions = attentions
 
     @property
     def logits(self) -> torch.Tensor:

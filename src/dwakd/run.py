@@ -19,7 +19,7 @@ from dwakd.checkpoints import checkpoint_problem, last_complete_checkpoint
 from dwakd.config import ConfigError, RunConfig, check_method_options, config_to_dict, training_arguments
 from dwakd.data import DistillationCollator, DualTokenizedDataset, encode_records, load_records, split_records
 from dwakd.data.records import LoadReport
-from dwakd.methods import MethodContext, build_method, get_method
+from dwakd.methods import MethodContext, build_method, build_options, get_method
 from dwakd.models import load_side_model, load_side_tokenizer, prepare_student, prepare_teacher
 from dwakd.tokenizers import cache_dir
 from dwakd.trainer import DistillationModel, DistillationTrainer
@@ -78,8 +78,10 @@ def whole_models(args: TrainingArguments) -> Iterator[None]:
         hf_deepspeed.set_hf_deepspeed_config(hf_config)
 
 
-def load_datasets(config: RunConfig, student_tokenizer, teacher_tokenizer, show_progress: bool = True):
-    """Records -> (train, eval) dual-tokenized datasets; every record validated first."""
+def load_datasets(config: RunConfig, student_tokenizer, teacher_tokenizer, show_progress: bool = True,
+                  annotator=None):
+    """Records -> (train, eval) dual-tokenized datasets; every record validated first; with an `annotator`
+    (a method's `text_annotator`), each record's text units are stored per token on both sides."""
     d = config.data
     report = LoadReport()
     records = load_records(d.train, split="train", skip_invalid=d.skip_invalid, report=report)
@@ -93,7 +95,8 @@ def load_datasets(config: RunConfig, student_tokenizer, teacher_tokenizer, show_
         logger.warning("data: %s", report.summary())
     if d.max_train_examples:
         records = records[: d.max_train_examples]
-    kwargs = dict(max_prompt_length=d.max_prompt_length, max_length=d.max_length, show_progress=show_progress)
+    kwargs = dict(max_prompt_length=d.max_prompt_length, max_length=d.max_length, show_progress=show_progress,
+                  annotator=annotator)
     train_examples, stats = encode_records(records, student_tokenizer, teacher_tokenizer, **kwargs)
     logger.info("train data: %s", stats.summary())
     train = DualTokenizedDataset(train_examples, stats)
@@ -115,13 +118,15 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
     args = training_arguments(config)
     check_method_options(config.method)
     method_cls, _ = get_method(config.method.name)
+    # a method's text annotator (MTA's chunker) is built here: a missing optional dependency fails before any data
+    annotator = method_cls.text_annotator(build_options(config.method.name, config.method.options))
     needs_teacher = method_cls.needs_teacher
     if needs_teacher and config.teacher is None:
         raise ConfigError(f"method {config.method.name!r} needs a teacher: add a `teacher:` section")
     _check_local_paths(config, needs_teacher)
     student_tokenizer = _as_config_error(load_side_tokenizer, config.student, "student")
     teacher_tokenizer = _as_config_error(load_side_tokenizer, config.teacher, "teacher") if needs_teacher else None
-    train, evaluation = load_datasets(config, student_tokenizer, teacher_tokenizer, show_progress)
+    train, evaluation = load_datasets(config, student_tokenizer, teacher_tokenizer, show_progress, annotator)
     if len(train) == 0:
         raise ConfigError("no training examples left after tokenization; check data.max_length and the data")
     with whole_models(args):

@@ -62,6 +62,9 @@ class DistillationModel(nn.Module):
         self._head_checked: dict[str, bool | None] = {}
         if method.needs_teacher and teacher is None:
             raise ValueError(f"method {method.name!r} needs a teacher; set `teacher:` in the config")
+        if method.needs_attentions:
+            for side, model in (("student", student), ("teacher", teacher)):
+                _use_eager_attention(side, model)
 
     @property
     def config(self):
@@ -71,10 +74,8 @@ class DistillationModel(nn.Module):
         self.student.gradient_checkpointing_enable(**kwargs)
 
     def forward(self, num_items_in_batch: torch.Tensor | int | None = None, **batch: torch.Tensor) -> dict:
-        student_view = TokenView(*(batch[k] for k in _VIEW_KEYS))
-        teacher_view = None
-        if "teacher_input_ids" in batch:
-            teacher_view = TokenView(*(batch[f"teacher_{k}"] for k in _VIEW_KEYS))
+        student_view = _token_view(batch, "")
+        teacher_view = _token_view(batch, "teacher_") if "teacher_input_ids" in batch else None
         hidden = self.method.needs_hidden_states
         teacher_hidden = self.method.needs_teacher_hidden_states
         teacher_hidden = hidden if teacher_hidden is None else teacher_hidden
@@ -97,12 +98,16 @@ class DistillationModel(nn.Module):
                   vocab_size: int | None) -> ModelView:
         """One model's forward as a ModelView: LM head deferred to the rows a loss reads when that is exact."""
         head = self._deferred_head(side, model)
+        want_attentions = self.method.needs_attentions
         out = model(input_ids=view.input_ids, attention_mask=view.attention_mask,
                     output_hidden_states=want_hidden or head is not None, use_cache=False,
-                    **({"logits_to_keep": 1} if head is not None else {}))
+                    **({"logits_to_keep": 1} if head is not None else {}),
+                    **({"output_attentions": True} if want_attentions else {}))
         vocab = vocab_size or out.logits.shape[-1]
+        attentions = out.attentions if want_attentions else None
         if head is None:
-            return ModelView(out.logits, out.hidden_states if want_hidden else None, model, vocab)
+            return ModelView(out.logits, out.hidden_states if want_hidden else None, model, vocab,
+                             attentions=attentions)
         last_hidden = out.hidden_states[-1]
         if self._head_checked.get(side) is None:
             self._head_checked[side] = _head_reproduces_logits(head, last_hidden, out.logits)
@@ -111,7 +116,7 @@ class DistillationModel(nn.Module):
                                "logits (logit scaling or soft-capping?); computing dense logits instead", side)
                 return self._run_side(side, model, view, want_hidden, vocab_size)
         return ModelView(None, out.hidden_states if want_hidden else None, model, vocab, head=head,
-                         last_hidden=last_hidden)
+                         last_hidden=last_hidden, attentions=attentions)
 
     def _deferred_head(self, side: str, model: nn.Module) -> nn.Module | None:
         """The LM head to apply per row, or None when this model must produce dense logits itself."""
@@ -128,6 +133,24 @@ class DistillationModel(nn.Module):
         except (TypeError, ValueError):
             accepts = False
         return model.get_output_embeddings() if accepts else None
+
+
+def _token_view(batch: dict[str, torch.Tensor], prefix: str) -> TokenView:
+    """One side's TokenView from collated keys (`teacher_` prefix for the teacher), with its text units if any."""
+    unit_prefix = f"{prefix}units_"
+    units = {key[len(unit_prefix):]: value for key, value in batch.items() if key.startswith(unit_prefix)}
+    return TokenView(*(batch[prefix + k] for k in _VIEW_KEYS), units=units or None)
+
+
+def _use_eager_attention(side: str, model: nn.Module | None) -> None:
+    """Switch a model to eager attention, the implementation that returns attention probabilities."""
+    if model is None:
+        return
+    base = model.get_base_model() if is_peft_model(model) else model
+    if getattr(base.config, "_attn_implementation", "eager") == "eager":
+        return
+    logger.info("%s: switching to eager attention (the method reads attention probabilities)", side)
+    base.set_attn_implementation("eager")
 
 
 def _head_reproduces_logits(head: nn.Module, last_hidden: torch.Tensor, logits: torch.Tensor) -> bool:
@@ -269,21 +292,32 @@ class DistillationTrainer(Trainer):
 
     # ---- optimizer --------------------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """AdamW groups: student (decay / no decay) at the learning rate, method projectors at `projector_lr`."""
+        """AdamW groups: student (decay / no decay) at the learning rate, method projectors at `projector_lr`,
+        and any group the method declares (`DistillationMethod.param_groups`) with its own settings."""
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = defaultdict(list)
+        method = getattr(self.accelerator.unwrap_model(opt_model), "method", None)
+        declared = method.param_groups() if method is not None else {}
+        # group kind: "" student, "method" projectors, "method:<prefix>" a group the method declared
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = defaultdict(list)
         for name, param in opt_model.named_parameters():
-            if param.requires_grad:
-                groups[(name.startswith("method."), name in decay)].append(param)
+            if not param.requires_grad:
+                continue
+            kind = ""
+            if name.startswith("method."):
+                local = name[len("method."):]
+                kind = next((f"method:{p}" for p in declared if local.startswith(p)), "method")
+            groups[(kind, name in decay)].append(param)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         param_groups = []
-        for (is_method, has_decay), params in sorted(groups.items()):
+        for (kind, has_decay), params in sorted(groups.items()):
             group = {"params": params, "weight_decay": self.args.weight_decay if has_decay else 0.0}
-            if is_method:
+            if kind:
                 group["lr"] = self.projector_lr
+            if kind.startswith("method:"):
+                group.update(declared[kind[len("method:"):]])
             param_groups.append(group)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer

@@ -32,15 +32,20 @@ def pad_sequences(
 
 def collate_side(sides: Sequence[EncodedSide], pad_id: int, side: str = "right", multiple_of: int | None = None,
                  prefix: str = "") -> dict[str, torch.Tensor]:
-    """Tensors of one tokenizer's view: input_ids, attention_mask, labels, input_offsets, label_offsets."""
+    """Tensors of one tokenizer's view: input_ids, attention_mask, labels, input_offsets, label_offsets
+    (and `units_<kind>` when the examples carry text units)."""
     ids = [s.input_ids for s in sides]
-    return {
+    batch = {
         f"{prefix}input_ids": pad_sequences(ids, pad_id, side, multiple_of),
         f"{prefix}attention_mask": pad_sequences([[1] * len(x) for x in ids], 0, side, multiple_of),
         f"{prefix}labels": pad_sequences([s.labels for s in sides], IGNORE_INDEX, side, multiple_of),
         f"{prefix}input_offsets": pad_sequences([s.input_offsets for s in sides], PAD_OFFSET, side, multiple_of),
         f"{prefix}label_offsets": pad_sequences([s.label_offsets for s in sides], PAD_OFFSET, side, multiple_of),
     }
+    if sides and sides[0].units is not None:  # text units a method asked for: −1 on padding
+        for kind in sides[0].units:
+            batch[f"{prefix}units_{kind}"] = pad_sequences([s.units[kind] for s in sides], -1, side, multiple_of)
+    return batch
 
 
 @dataclass

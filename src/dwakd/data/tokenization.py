@@ -5,6 +5,7 @@ Each side: prompt and response tokenized separately, no BOS, EOS appended to the
 `max_prompt_length` tokens, the whole sequence to `max_length`. Labels are pre-shifted: position i predicts
 token i+1; prompt positions are -100, so the last prompt token predicts the first response token.
 Every token keeps its character span in the full text `prompt + response` (EOS gets the empty span at the end).
+A method may ask for text units (`dwakd.data.units`): they are found once per record here and stored per token.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from dwakd.data.records import InstructionRecord
+from dwakd.data.units import TextAnnotator, check_units, token_unit_ids
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class EncodedSide:
     input_offsets: list[tuple[int, int]]
     label_offsets: list[tuple[int, int]]
     truncated: bool = False
+    units: dict[str, list[int]] | None = None  # per input token: unit index of each kind, −1 for none
 
 
 @dataclass
@@ -106,8 +109,12 @@ def encode_records(
     max_length: int = 512,
     show_progress: bool = True,
     chunk_size: int = 1024,
+    annotator: TextAnnotator | None = None,
 ) -> tuple[list[EncodedExample], TokenizationStats]:
-    """Tokenize every record on both sides; drops (and reports) records left with no response token."""
+    """Tokenize every record on both sides; drops (and reports) records left with no response token.
+
+    With an `annotator`, each record's text units are found once and stored per input token on both sides.
+    """
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
     sides = {"student": student_tokenizer}
@@ -131,6 +138,8 @@ def encode_records(
                 stats.prompt_truncated[name] += prompt_cut
                 stats.response_truncated[name] += side.truncated
                 encoded[name].append(side)
+        if annotator is not None:
+            _attach_units(annotator, chunk, encoded)
         for k, record in enumerate(chunk):
             student = encoded["student"][k]
             teacher = encoded["teacher"][k] if "teacher" in encoded else None
@@ -146,6 +155,19 @@ def encode_records(
     if stats.dropped:
         logger.warning("tokenization: %s", stats.summary())
     return examples, stats
+
+
+def _attach_units(annotator: TextAnnotator, records: Sequence[InstructionRecord],
+                  encoded: dict[str, list[EncodedSide]]) -> None:
+    """Find each record's units once and store, per side, the unit index of every input token."""
+    found = annotator.annotate([r.prompt for r in records], [r.response for r in records])
+    for k, record in enumerate(records):
+        text = record.prompt + record.response
+        for kind in annotator.kinds:
+            check_units(found[k][kind], len(text), kind)
+        for sides in encoded.values():
+            side = sides[k]
+            side.units = {kind: token_unit_ids(side.input_offsets, found[k][kind], text) for kind in annotator.kinds}
 
 
 class DualTokenizedDataset(Dataset):

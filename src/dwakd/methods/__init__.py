@@ -18,7 +18,8 @@ from dwakd.methods.base import (
 )
 from dwakd.methods.registry import build_method, build_options, get_method, method_names, register_method, register_preset
 
-_BUILTIN = ["sft", "dskd", "dwakd", "uld", "mined", "multilevel_ot", "dskdv2", "dwakdv2", "alm", "cdm"]
+_BUILTIN = ["sft", "dskd", "dwakd", "uld", "mined", "multilevel_ot", "dskdv2", "dwakdv2", "alm", "cdm", "dskd_cma_ga",
+            "sra", "mta"]
 
 for _module in _BUILTIN:
     try:

@@ -66,6 +66,8 @@ class DistillationMethod(nn.Module):
 
     Subclasses set `name`, `Options`, the `needs_*` flags, and implement `compute_loss`.
     Register with `@register_method`. The `MethodContext` is for building only; a method keeps what it needs.
+    Optional hooks: `text_annotator` (per-token text units computed once at tokenization time) and
+    `param_groups` (optimizer settings for some of the method's own parameters).
     """
 
     name: ClassVar[str] = ""
@@ -73,6 +75,9 @@ class DistillationMethod(nn.Module):
     needs_teacher: ClassVar[bool] = True
     needs_hidden_states: ClassVar[bool] = False
     needs_teacher_hidden_states: ClassVar[bool] | None = None  # None: same as needs_hidden_states
+    # attention probabilities of both models in `ModelView.attentions` (the trainer switches them to eager
+    # attention, the only implementation that returns them); an instance may set it from its options
+    needs_attentions: ClassVar[bool] = False
 
     def __init__(self, options: MethodOptions, context: MethodContext):
         super().__init__()
@@ -88,6 +93,20 @@ class DistillationMethod(nn.Module):
 
     def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
         raise NotImplementedError
+
+    @classmethod
+    def text_annotator(cls, options: MethodOptions) -> Any | None:
+        """An annotator (`dwakd.data.units.TextAnnotator`) whose per-token units the method reads from
+        `TokenView.units`, or None. Called before any data is tokenized, so a missing dependency fails early."""
+        return None
+
+    def param_groups(self) -> dict[str, dict[str, Any]]:
+        """Optimizer settings for some of this method's parameters: {name prefix: {"lr": ..., ...}}.
+
+        A parameter whose name (relative to the method) starts with a prefix gets its own optimizer group with
+        those settings; every other method parameter is in the projector group (`method.projector_lr`).
+        """
+        return {}
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
         """Tensors saved with each checkpoint (default: this module's state dict)."""

@@ -4,10 +4,12 @@ A host computes one dual-space pass (`dual_space_terms` -> `DualSpaceTerms`: CE,
 t2s_div and s2t_div); this base scales the divergences (`kd_scales`), normalises every sum by the global student
 token count and assembles
 
-    loss = w_ce·CE + w_kd·(t2s_ce + Σ scale_i·t2s_div_i + Σ scale'_j·s2t_div_j)  [+ λ_dtw·(D_hid + D_emb)]
+    loss = w_ce·CE + w_kd·(t2s_ce + Σ scale_i·t2s_div_i + Σ scale'_j·s2t_div_j)  [+ Σ extra]  [+ λ_dtw·(D_hid + D_emb)]
 
 A DWA-KD version of a host only attaches `DWAComponent` (`attach_dwa`) and says where its teacher sequence and band
 come from (`dtw_teacher_hidden`, `dtw_band_attention`); weights, Soft-DTW, loss weights and γ live in the component.
+A method that adds terms of its own to a host (DSKD-CMA-GA's key–query loss, MTA's trajectory loss) returns them
+from `extra_losses`.
 See docs/methods.md#4-dskd-cma and #5-dwa-kd.
 """
 
@@ -41,6 +43,14 @@ class DualSpaceMethod(DistillationMethod):
     def dual_space_terms(self, inputs: DistillationInputs) -> DualSpaceTerms:
         """One dual-space pass: sums and per-row divergences before scaling and normalisation."""
         raise NotImplementedError
+
+    def extra_losses(self, inputs: DistillationInputs, terms: DualSpaceTerms) -> dict[str, tuple[torch.Tensor, float]]:
+        """Further loss terms of a method built on a host: name -> (value already normalised, weight in the loss).
+
+        Each is logged as a part under its name (weight 0: logged only); a subclass may add statistics to
+        `terms.stats`.
+        """
+        return {}
 
     def dtw_teacher_hidden(self, inputs: DistillationInputs, terms: DualSpaceTerms) -> torch.Tensor:
         """(batch, m, d_s) teacher final states in student space for the hidden-state Soft-DTW term."""
@@ -78,6 +88,10 @@ class DualSpaceMethod(DistillationMethod):
         w_ce, w_kd = self.loss_weights()
         loss = w_ce * ce + w_kd * kd
         parts = {"ce": ce, "t2s_ce": t2s_ce, "t2s_kd": t2s_kd, "s2t_kd": s2t_kd, "kd": kd}
+        for name, (value, weight) in self.extra_losses(inputs, terms).items():
+            if weight:  # weight 0: logged only
+                loss = loss + weight * value
+            parts[name] = value
         stats = terms.stats
         if self.dwa is not None and self.dwa.dtw_layers():
             gamma = self.dwa.gamma_at(inputs.progress, inputs.step)

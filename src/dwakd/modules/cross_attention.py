@@ -64,6 +64,8 @@ class CrossModelAttention:
     teacher_hidden_norm: torch.Tensor  # (batch, m, d_t) at least fp32: Ĥ_t = h_t / std(h_t), no grad
     student_mask: torch.Tensor  # (batch, n) bool m_s
     teacher_mask: torch.Tensor  # (batch, m) bool m_t
+    queries: torch.Tensor | None = None  # (batch, n, 2·e_t) Q = query(S), dtype of the projector, with grad
+    keys: torch.Tensor | None = None  # (batch, m, 2·e_t) K = T / std(T), at least fp32, no grad
 
 
 def cross_model_attention(
@@ -113,4 +115,6 @@ def cross_model_attention(
         teacher_hidden_norm=teacher_hidden_norm,
         student_mask=m_s,
         teacher_mask=m_t,
+        queries=queries,
+        keys=keys,
     )
