@@ -66,6 +66,11 @@ class DistillationMethod(nn.Module):
 
     Subclasses set `name`, `Options`, the `needs_*` flags, and implement `compute_loss`.
     Register with `@register_method`. The `MethodContext` is for building only; a method keeps what it needs.
+
+    What a method reads of the teacher is declared too, so a teacher cache (docs/teacher-cache.md) can serve it:
+    `teacher_layers` (indices into `hidden_states` beyond the final one), `teacher_distribution` and
+    `teacher_temperature(options)`. The defaults match every method that reads softmax distributions of the teacher
+    at its `kd_temperature` and no intermediate layer.
     """
 
     name: ClassVar[str] = ""
@@ -73,10 +78,22 @@ class DistillationMethod(nn.Module):
     needs_teacher: ClassVar[bool] = True
     needs_hidden_states: ClassVar[bool] = False
     needs_teacher_hidden_states: ClassVar[bool] | None = None  # None: same as needs_hidden_states
+    # teacher hidden_states indices read besides the final one (0 = embedding output; negative count from the end)
+    teacher_layers: ClassVar[tuple[int, ...]] = ()
+    # what is read of the teacher's logits: "full" (softmax distributions: a top-k cache serves top-k + one tail
+    # bucket), "top-k" (only the largest entries, e.g. the argmax: exact from any top-k cache), "logits" (raw values
+    # over the whole row, e.g. their std: a lossless cache only) or "none"
+    teacher_distribution: ClassVar[str] = "full"
 
     def __init__(self, options: MethodOptions, context: MethodContext):
         super().__init__()
         self.options = options
+
+    @classmethod
+    def teacher_temperature(cls, options: MethodOptions) -> float:
+        """τ at which the method's divergences read the teacher's distribution (a top-k teacher cache stores its tail
+        mass there so those divergences see the exact mass outside the top k)."""
+        return float(getattr(options, "kd_temperature", 1.0))
 
     @classmethod
     def option_names(cls) -> list[str]:
