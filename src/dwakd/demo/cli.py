@@ -24,7 +24,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     output = args.output or ("runs/demo-quick" if args.quick else "runs/demo")
     result = run_demo(output, quick=args.quick, methods=args.methods, eval_seeds=args.seeds,
-                      train_seeds=args.train_seeds, force=args.force, show_progress=not args.no_progress)
+                      train_seeds=args.train_seeds, force=args.force, show_progress=not args.no_progress,
+                      teacher_cache_k=args.teacher_cache)
     return 0 if result.report.is_file() else 1
 
 
@@ -43,6 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", type=_int_list, metavar="S1,S2", help="sampling seeds of the evaluation (default 10,20,30)")
     p.add_argument("--train-seeds", type=_int_list, metavar="S1,S2",
                    help="students' training seeds; with several, a second table gives the spread over them (default 0)")
+    p.add_argument("--teacher-cache", nargs="?", const=64, type=lambda t: 0 if t == "vocab" else int(t), metavar="K",
+                   help="students read the teacher from a cache built once (`dwakd teacher-cache`; top-K logits, "
+                        "default 64; 'vocab': lossless) instead of running it every step")
     p.add_argument("--force", action="store_true", help="rebuild every stage instead of reusing cached ones")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

@@ -70,6 +70,7 @@ class DemoSettings:
     eval_batch_size: int = 32
     max_new_tokens: int = 128
     bf16: bool = True  # bf16 autocast on CPU: about 2x faster training steps on AVX-512 BF16 machines
+    teacher_cache_k: int | None = None  # students read the teacher from a `dwakd teacher-cache` (top-k; 0: lossless)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-friendly dict."""
@@ -319,6 +320,29 @@ class DemoPipeline:
         self.train_info = {"teacher": self._train(tree, self.out / "teacher", self.teacher_key, "teacher")}
         return self.out / "teacher"
 
+    def teacher_cache(self, student_tree: dict[str, Any]) -> Path:
+        """Run the teacher once over the students' data (`dwakd teacher-cache`; cached like a stage)."""
+        from dwakd.config import config_from_dict
+        from dwakd.teacher_cache import CacheSettings, build_teacher_cache
+
+        folder = self.out / "teacher_cache"
+        k = self.settings.teacher_cache_k or None  # 0: lossless
+        key = fingerprint(self.teacher_key, student_tree["data"], k, self.settings.bf16)
+        if getattr(self, "_teacher_cache_key", None) == key:  # built or checked earlier in this run
+            return folder
+        if not _cached(folder, key, self.force):
+            tree = {**student_tree, "method": {"name": "dskd"}}  # the method only picks default tail temperatures
+            started = time.perf_counter()
+            manifest = build_teacher_cache(config_from_dict(tree, "demo teacher cache"), folder, CacheSettings(k=k),
+                                           show_progress=self.show_progress)
+            self.timings["teacher cache"] = round(time.perf_counter() - started, 2)
+            _mark(folder, key, {"sizes": manifest["sizes"]})
+            self.echo(f"  teacher cache: {manifest['examples']['unique']} examples in "
+                      f"{self.timings['teacher cache']:.0f} s ({'lossless' if k is None else f'top-{k}'}); "
+                      "students read it instead of running the teacher")
+        self._teacher_cache_key = key
+        return folder
+
     def student_name(self, method: str, seed: int) -> str:
         """Folder / row name of a student: the method, plus `-seed<k>` beyond the first training seed."""
         return method if seed == self.settings.train_seeds[0] else f"{method}-seed{seed}"
@@ -336,6 +360,9 @@ class DemoPipeline:
                 uses_teacher = get_method(method)[0].needs_teacher
                 key = fingerprint(self.tokenizer_key, self.teacher_key if uses_teacher else None,
                                   {k: v for k, v in tree.items() if k != "teacher"})
+                if uses_teacher and self.settings.teacher_cache_k is not None:
+                    tree["teacher"]["cache"] = str(self.teacher_cache(tree))
+                    key = fingerprint(key, "teacher cache", self.settings.teacher_cache_k)
                 self.train_info[name] = self._timed(f"train {name}", lambda: self._train(tree, folder, key, name))
                 paths[name] = folder
         return paths
@@ -406,7 +433,8 @@ class DemoPipeline:
 
 def run_demo(output_dir: str | Path, *, quick: bool = False, methods: Sequence[str] | None = None,
              eval_seeds: Sequence[int] | None = None, train_seeds: Sequence[int] | None = None, force: bool = False,
-             show_progress: bool = True, echo: Callable[[str], None] = print) -> DemoResult:
+             show_progress: bool = True, echo: Callable[[str], None] = print,
+             teacher_cache_k: int | None = None) -> DemoResult:
     """Run the demo with the preset for `quick`, optionally other methods / seeds; returns its result."""
     settings = demo_settings(quick)
     if methods:
@@ -415,4 +443,5 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, methods: Sequence[s
         settings.eval_seeds = tuple(eval_seeds)
     if train_seeds:
         settings.train_seeds = tuple(train_seeds)
+    settings.teacher_cache_k = teacher_cache_k
     return DemoPipeline(settings, output_dir, force=force, show_progress=show_progress, echo=echo).run()
