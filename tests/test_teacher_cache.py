@@ -415,3 +415,82 @@ def test_build_killed_between_shards_resumes_to_the_same_cache(caches, tmp_path,
     assert _stable(json.loads((killed / "manifest.json").read_text())) == \
         _stable(json.loads((reference / "manifest.json").read_text()))
     assert verify_cache(killed) == []
+
+
+# ---- processes -------------------------------------------------------------------------------------------------------
+def _env() -> dict:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "dwakd.cli", *args]
+
+
+@pytest.mark.slow
+def test_sigkill_during_build_then_rerun_gives_the_uninterrupted_cache(caches, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    common = [str(caches["yaml"]), *FAST, "data.max_train_examples=12", "--k", "16", "--shard-mb", "0.000001",
+              "--no-progress"]
+    reference = tmp_path / "reference"
+    subprocess.run(_cli("teacher-cache", *common, "--out", str(reference)), env=_env(), check=True,
+                   capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("teacher-cache", *common, "--out", str(killed)), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            manifest = killed / "manifest.json"
+            if manifest.is_file() and len(json.loads(manifest.read_text())["shards"]) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the build finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    partial = json.loads((killed / "manifest.json").read_text())
+    assert partial["state"] == "building" and 2 <= len(partial["shards"]) < len(partial["plan"])
+    rerun = subprocess.run(_cli("teacher-cache", *common, "--out", str(killed)), env=_env(), capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _files(killed) == _files(reference)
+    assert _stable(json.loads((killed / "manifest.json").read_text())) == \
+        _stable(json.loads((reference / "manifest.json").read_text()))
+
+
+@pytest.mark.slow
+def test_two_processes_each_read_their_own_rows(caches, tmp_path):
+    """DDP over 2 CPU processes (gloo), 2 per device, from the cache == 1 process with 4 from the cache."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    common = [str(caches["yaml"]), *FAST, "method=dskd", "training.max_steps=1", "data.max_train_examples=4",
+              f"teacher.cache={caches['topk']}", "--no-progress"]
+    single = tmp_path / "single"
+    subprocess.run(_cli("train", *common, f"output_dir={single}"), env=_env(), check=True, capture_output=True,
+                   timeout=600)
+    multi = tmp_path / "multi"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         "--master_addr=127.0.0.1", "-m", "dwakd.cli", "train", *common, f"output_dir={multi}",
+         "training.per_device_train_batch_size=2", "training.ddp_backend=gloo"],
+        env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for key in ("loss", "ce", "t2s_ce", "s2t_kd"):
+        a, b = _log(single), _log(multi)
+        assert [e["step"] for e in a] == [e["step"] for e in b] == [1]
+        assert b[0][key] == pytest.approx(a[0][key], rel=1e-4), key
