@@ -142,10 +142,10 @@ def _unique_sides(datasets: dict[str, Any]) -> tuple[list[Any], list[int], dict[
     for split, dataset in datasets.items():
         counts[split] = 0 if dataset is None else len(dataset)
         for example in dataset.examples if dataset is not None else ():
-            key = example_key(example.student)  # the teacher encoding sits in the "student" slot here
+            key = example_key(example.teacher)
             if key not in seen:
                 seen.add(key)
-                sides.append(example.student)
+                sides.append(example.teacher)
                 keys.append(key)
     return sides, keys, counts
 
@@ -194,7 +194,8 @@ class CacheBuilder:
         if manifest is not None and manifest.get("state") == "complete":
             logger.info("teacher cache %s is complete and matches: nothing to do", self.out)
             return manifest
-        train, evaluation = load_datasets(config, self.tokenizer, None, self.show_progress)
+        # the teacher tokenizer on both sides: the same example selection and teacher encoding as training
+        train, evaluation = load_datasets(config, self.tokenizer, self.tokenizer, self.show_progress)
         sides, keys, counts = _unique_sides({"train": train, "eval": evaluation})
         teacher = self._load_teacher()
         if manifest is None:
