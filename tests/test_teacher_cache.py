@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["data.max_length=64", "data.max_prompt_length=32", "data.eval=null", "data.max_train_examples=4",
         "training.per_device_train_batch_size=4", "training.max_steps=1", "training.logging_steps=1"]
 EQUALITY_METHODS = ["dskd", "dwakd", "uld", "mined", "multilevel_ot", "dskdv2"]
-DEFAULT_EQUALITY = {"dskd", "dwakd", "uld"}  # the rest with -m slow (each builds a run with a 151k-token teacher)
+DEFAULT_EQUALITY = {"dskd", "dwakd"}  # the rest with -m slow (each builds a run with a 151k-token teacher)
 
 
 # ---- encodings ----------------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def _log(run_dir: Path) -> list[dict]:
 def test_training_from_cache_with_accumulation_and_resume_equals_live(caches, tmp_path):
     """4 optimizer steps of 2 accumulated micro-batches: live teacher == lossless cache, and a run resumed from the
     cache-trained checkpoint-2 logs the same steps 3-4."""
-    common = ["method=dwakd", "data.max_train_examples=4", "training.per_device_train_batch_size=1",
+    common = ["method=dskd", "data.max_train_examples=4", "training.per_device_train_batch_size=1",
               "training.gradient_accumulation_steps=2", "training.max_steps=4", "training.save_strategy=steps",
               "training.save_steps=2"]
     runs = {}
@@ -199,7 +199,7 @@ def test_training_from_cache_with_accumulation_and_resume_equals_live(caches, tm
     runs["resumed"] = _log(tmp_path / "resumed")
     assert [e["step"] for e in runs["live"]] == [e["step"] for e in runs["cached"]] == [1, 2, 3, 4]
     assert [e["step"] for e in runs["resumed"]] == [3, 4]
-    for key in ("loss", "ce", "t2s_kd", "s2t_kd", "dtw_hidden", "dtw_embedding"):
+    for key in ("loss", "ce", "t2s_ce", "t2s_kd", "s2t_kd"):
         for a, b in zip(runs["live"], runs["cached"]):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a["step"])
         for a, b in zip(runs["cached"][2:], runs["resumed"]):
@@ -207,8 +207,8 @@ def test_training_from_cache_with_accumulation_and_resume_equals_live(caches, tm
 
 
 # ---- top-k mode -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["dskd", "dwakd", "uld", *(pytest.param(m, marks=pytest.mark.slow)
-                                                             for m in ("mined", "dskdv2", "dwakdv2"))])
+@pytest.mark.parametrize("method", ["dwakd", *(pytest.param(m, marks=pytest.mark.slow)
+                                               for m in ("dskd", "uld", "mined", "dskdv2", "dwakdv2"))])
 def test_topk_cache_trains_every_distribution_method(caches, tmp_path, method):
     config = _config(caches["yaml"], tmp_path, f"method={method}", f"teacher.cache={caches['topk']}")
     run = build_training(config, show_progress=False)
@@ -267,6 +267,7 @@ def test_topk_cache_refuses_a_method_that_reads_raw_logit_rows(caches, tmp_path)
 # ---- refusals -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("overrides", "named"), [
     (["teacher.seed=2"], "teacher weights"),
+    (["teacher.tokenizer=builtin:gpt2"], "teacher tokenizer"),
     (["data.max_length=48"], "data.max_length: cache 64, this run 48"),
     (["data.max_prompt_length=24"], "data.max_prompt_length: cache 32, this run 24"),
     (["teacher.dtype=bfloat16"], "teacher compute setup"),
@@ -277,6 +278,7 @@ def test_cache_of_another_teacher_tokenizer_or_length_is_refused(caches, tmp_pat
         build_training(config, show_progress=False)
 
 
+@pytest.mark.slow
 def test_local_teacher_other_weights_or_tokenizer_json_is_refused(tmp_path, qwen_tokenizer):
     """A teacher saved as files: its weight files and the tokenizer's JSON are fingerprinted by content."""
     from dwakd.models import build_tiny_model

@@ -156,6 +156,12 @@ def _clear(out: Path) -> None:
             path.unlink()
 
 
+def _damaged(out: Path, manifest: dict[str, Any]) -> bool:
+    """Whether a file the manifest lists is missing or has another size."""
+    entries = ([manifest["tables"]] if manifest.get("tables") else []) + list(manifest.get("shards", []))
+    return any(not (out / e["file"]).is_file() or (out / e["file"]).stat().st_size != e["bytes"] for e in entries)
+
+
 def _write_atomic(path: Path, data: bytes) -> dict[str, Any]:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as handle:
@@ -192,8 +198,10 @@ class CacheBuilder:
         requested = _requested(self.settings, config)
         manifest = self._existing(fingerprint, requested)
         if manifest is not None and manifest.get("state") == "complete":
-            logger.info("teacher cache %s is complete and matches: nothing to do", self.out)
-            return manifest
+            if not _damaged(self.out, manifest):
+                logger.info("teacher cache %s is complete and matches: nothing to do", self.out)
+                return manifest
+            manifest["state"] = "building"  # a shard was removed or cut: rebuild from it
         # the teacher tokenizer on both sides: the same example selection and teacher encoding as training
         train, evaluation = load_datasets(config, self.tokenizer, self.tokenizer, self.show_progress)
         sides, keys, counts = _unique_sides({"train": train, "eval": evaluation})

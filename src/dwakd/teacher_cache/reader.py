@@ -72,6 +72,10 @@ class TeacherCache:
                                     "rerun the same `dwakd teacher-cache` command to finish it")
         self.settings = self.manifest["settings"]
         self.fingerprint = self.manifest["fingerprint"]
+        tables = self.directory / self.manifest["tables"]["file"]
+        if not tables.is_file() or tables.stat().st_size != self.manifest["tables"]["bytes"]:
+            raise TeacherCacheError(f"teacher cache file {tables} is missing or truncated; rerun `dwakd teacher-cache` "
+                                    "with the same arguments to rebuild it")
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
         keys, shard_of, local = [], [], []
