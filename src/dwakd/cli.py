@@ -43,7 +43,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 # Modules that add their own subcommands with `register(subparsers)`; missing ones are skipped.
-_EXTENSIONS = ("dwakd.evaluation.cli", "dwakd.demo.cli")
+_EXTENSIONS = ("dwakd.evaluation.cli", "dwakd.demo.cli", "dwakd.teacher_cache.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -311,6 +311,8 @@ def validate(config: RunConfig, source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: method.projector_lr must be positive")
     if not d.train:
         raise ConfigError(f"{source}: data.train is not set")
+    if config.student.cache is not None:
+        raise ConfigError(f"{source}: student.cache: only the teacher can come from a cache (teacher.cache)")
     try:
         check_method_options(config.method)
     except ConfigError as exc:

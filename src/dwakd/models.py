@@ -42,6 +42,7 @@ class ModelSpec:
     trust_remote_code: bool = False
     lora: LoraSpec | None = None  # student: train LoRA adapters instead of all weights
     adapter: str | None = None  # teacher: a LoRA adapter on top of the base (merged after loading)
+    cache: str | None = None  # teacher: a `dwakd teacher-cache` directory; the teacher's blocks are then never built
     seed: int = 0  # initialisation seed of tiny models
 
 

@@ -21,6 +21,7 @@ from dwakd.data import DistillationCollator, DualTokenizedDataset, encode_record
 from dwakd.data.records import LoadReport
 from dwakd.methods import MethodContext, build_method, build_options, get_method
 from dwakd.models import load_side_model, load_side_tokenizer, prepare_student, prepare_teacher
+from dwakd.teacher_cache.reader import TeacherCache
 from dwakd.tokenizers import cache_dir
 from dwakd.trainer import DistillationModel, DistillationTrainer
 
@@ -126,25 +127,39 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
     _check_local_paths(config, needs_teacher)
     student_tokenizer = _as_config_error(load_side_tokenizer, config.student, "student")
     teacher_tokenizer = _as_config_error(load_side_tokenizer, config.teacher, "teacher") if needs_teacher else None
+    # teacher.cache: the teacher's outputs come from a `dwakd teacher-cache` directory, checked before anything loads
+    cache = (_as_config_error(TeacherCache.for_run, config, teacher_tokenizer, args)
+             if needs_teacher and config.teacher.cache else None)
     train, evaluation = load_datasets(config, student_tokenizer, teacher_tokenizer, show_progress, annotator)
     if len(train) == 0:
         raise ConfigError("no training examples left after tokenization; check data.max_length and the data")
+    if cache is not None:
+        for name, dataset in (("training", train), ("evaluation", evaluation)):
+            if dataset is not None:
+                _as_config_error(cache.check_examples, [e.teacher for e in dataset.examples], name)
     with whole_models(args):
         student = _as_config_error(load_side_model, config.student, student_tokenizer, "student")
         _check_lengths(config, student, "student")
         student = prepare_student(student, config.student)
         teacher = None
-        if needs_teacher:
+        if cache is not None:  # embedding table, LM head and config only: the blocks are never built
+            teacher = _as_config_error(cache.teacher_module)
+            _check_lengths(config, teacher, "teacher")
+        elif needs_teacher:
             teacher = _as_config_error(load_side_model, config.teacher, teacher_tokenizer, "teacher")
             _check_lengths(config, teacher, "teacher")
             teacher = prepare_teacher(teacher, config.teacher)
         context = MethodContext(student.config, teacher.config if teacher is not None else None, student_tokenizer,
                                 teacher_tokenizer, student, teacher, str(cache_dir()))
         method = build_method(config.method.name, context, config.method.options)
+    if cache is not None:
+        _as_config_error(teacher.configure_for, method)
     model = DistillationModel(student, method, teacher, len(student_tokenizer),
                               len(teacher_tokenizer) if teacher_tokenizer is not None else None)
     collator = DistillationCollator(student_tokenizer.pad_token_id,
                                     teacher_tokenizer.pad_token_id if teacher_tokenizer is not None else None)
+    if cache is not None:
+        collator = cache.collator(collator)
     trainer = DistillationTrainer(model, args=args, train_dataset=train, eval_dataset=evaluation,
                                   data_collator=collator, processing_class=student_tokenizer,
                                   projector_lr=config.method.projector_lr, on_nonfinite=config.method.on_nonfinite)

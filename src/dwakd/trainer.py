@@ -29,6 +29,7 @@ from dwakd.checkpoints import METHOD_WEIGHTS_NAME, load_method_state, load_stude
 from dwakd.interface import DistillationInputs, ModelView, TokenView
 from dwakd.methods.base import DistillationMethod
 from dwakd.models import is_peft_model
+from dwakd.teacher_cache.view import CachedTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +86,11 @@ class DistillationModel(nn.Module):
             if teacher_view is None:
                 raise ValueError("the batch has no teacher view; build the dataset with the teacher tokenizer")
             with torch.no_grad():
-                teacher_model = self._run_side("teacher", self.teacher, teacher_view, teacher_hidden,
-                                               self.teacher_vocab_size)
+                if isinstance(self.teacher, CachedTeacher):  # teacher.cache: its outputs came with the batch
+                    teacher_model = self.teacher.model_view(batch, teacher_view, self.teacher_vocab_size)
+                else:
+                    teacher_model = self._run_side("teacher", self.teacher, teacher_view, teacher_hidden,
+                                                   self.teacher_vocab_size)
         if num_items_in_batch is None:
             num_items_in_batch = student_view.label_mask.sum()
         num_items = torch.as_tensor(num_items_in_batch, device=student_view.labels.device).clamp_min(1)

@@ -272,6 +272,7 @@ class ALM(DistillationMethod):
     """Binarised f-divergence between teacher and student likelihoods of co-terminating response chunks."""
 
     name = "alm"
+    teacher_distribution = "logits"  # the teacher's log-probability of each label token must be exact
     Options = ALMOptions
     needs_teacher = True
 
@@ -280,6 +281,9 @@ class ALM(DistillationMethod):
         if context.teacher_tokenizer is None:
             raise ValueError("alm needs the teacher's tokenizer (MethodContext.teacher_tokenizer)")
         self.needs_hidden_states = options.latents  # instance override of the class default
+        if options.latents:
+            self.teacher_cache_refusal = ("its latents term reads teacher hidden states at chunk ends, which a cache "
+                                          "does not hold at every position")
         need_space = options.append_space or options.merge_by_space_prob or options.chunks == "space"
         self.need_space = need_space
         if need_space:

@@ -68,6 +68,11 @@ class DistillationMethod(nn.Module):
     Register with `@register_method`. The `MethodContext` is for building only; a method keeps what it needs.
     Optional hooks: `text_annotator` (per-token text units computed once at tokenization time) and
     `param_groups` (optimizer settings for some of the method's own parameters).
+
+    What a method reads of the teacher is declared too, so a teacher cache (docs/teacher-cache.md) can serve it:
+    `teacher_layers` (indices into `hidden_states` beyond the final one), `teacher_distribution` and
+    `teacher_temperature(options)`. The defaults match every method that reads softmax distributions of the teacher
+    at its `kd_temperature` and no intermediate layer.
     """
 
     name: ClassVar[str] = ""
@@ -78,10 +83,25 @@ class DistillationMethod(nn.Module):
     # attention probabilities of both models in `ModelView.attentions` (the trainer switches them to eager
     # attention, the only implementation that returns them); an instance may set it from its options
     needs_attentions: ClassVar[bool] = False
+    # teacher hidden_states indices read besides the final one (0 = embedding output; negative count from the end)
+    teacher_layers: ClassVar[tuple[int, ...]] = ()
+    # what is read of the teacher's logits: "full" (softmax distributions: a top-k cache serves top-k + one tail
+    # bucket), "top-k" (only the largest entries, e.g. the argmax: exact from any top-k cache), "logits" (raw values
+    # over the whole row, e.g. their std: a lossless cache only) or "none"
+    teacher_distribution: ClassVar[str] = "full"
+    # why a teacher cache (which holds rows at the teacher's label positions only) cannot serve this method; empty:
+    # it can. An instance may set it from its options.
+    teacher_cache_refusal: ClassVar[str] = ""
 
     def __init__(self, options: MethodOptions, context: MethodContext):
         super().__init__()
         self.options = options
+
+    @classmethod
+    def teacher_temperature(cls, options: MethodOptions) -> float:
+        """τ at which the method's divergences read the teacher's distribution (a top-k teacher cache stores its tail
+        mass there so those divergences see the exact mass outside the top k)."""
+        return float(getattr(options, "kd_temperature", 1.0))
 
     @classmethod
     def option_names(cls) -> list[str]:

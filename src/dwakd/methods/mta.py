@@ -98,6 +98,8 @@ class MTA(DSKD):
     """DSKD-CMA + word/phrase-level structural (DSA) and representation (HRA) alignment along both depths."""
 
     name = "mta"
+    teacher_cache_refusal = ("it reads the teacher's intermediate layers at every word and phrase of prompt and "
+                             "response, and a cache holds response rows only")
     Options = MTAOptions
 
     @classmethod

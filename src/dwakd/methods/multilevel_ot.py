@@ -92,6 +92,7 @@ class MultiLevelOT(DistillationMethod):
 
     name = "multilevel_ot"
     Options = MultiLevelOTOptions
+    teacher_distribution = "logits"  # divides the teacher's logits by their std over the whole vocabulary
 
     def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
         o = self.options

@@ -104,6 +104,10 @@ class ULD(DistillationMethod):
     name = "uld"
     Options = MethodOptions
 
+    @classmethod
+    def teacher_temperature(cls, options: MethodOptions) -> float:
+        return 1.0  # ULD compares distributions without temperature
+
     def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
         s_out, t_out = inputs.student_out, inputs.teacher_out
         s_logits, s_index = s_out.label_logits(inputs.student)  # heads run at the label rows only

@@ -1,0 +1,275 @@
+"""Benchmark: the offline teacher (`dwakd teacher-cache`) — accuracy of top-k caches, sizes, speed, build time.
+
+    # accuracy of top-k caches vs the live (dense) teacher, per teacher token, for k / value bits / hidden dtypes
+    PYTHONPATH=src python benchmarks/teacher_cache.py accuracy configs/tiny-cpu.yaml --examples 32 \
+        --out benchmarks/results/teacher_cache_accuracy_tiny.json
+    PYTHONPATH=src python benchmarks/teacher_cache.py accuracy runs/demo/students/dskd/dwakd_config.yaml \
+        --student-dir runs/demo/students/dskd --examples 64 --out benchmarks/results/teacher_cache_accuracy_demo.json
+    # step time and peak memory (process RSS on CPU), live teacher vs cache, interleaved rounds
+    PYTHONPATH=src python benchmarks/teacher_cache.py speed configs/tiny-cpu.yaml --methods dskd dwakd --rounds 3
+    # hashing cost of teacher weight files (the fingerprint)
+    PYTHONPATH=src python benchmarks/teacher_cache.py fingerprint configs/bench/real-size-gpu.yaml
+
+accuracy: caches are built with the real builder for each variant (k, value bits, hidden dtype) over the first
+`--examples` training examples; for every batch the same student and method objects (optionally a trained student:
+`--student-dir`) run once with the live teacher and once with each cache. Per teacher token it records KL(p_τ ‖ p̂_τ)
+(how far the cached teacher distribution is from the dense one, τ = 1 and 2), the error of dskd's teacher-space KL
+term (s2t_div, at the method's τ = 2) and of the per-row weights DWA-KD computes from the teacher (u_j, τ = 1); per
+batch the relative error of the dskd and dwakd losses; and the bytes per teacher token of the logit and hidden parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from dwakd.config import load_config  # noqa: E402
+from dwakd.interface import DistillationInputs, TokenView  # noqa: E402
+from dwakd.run import build_training  # noqa: E402
+from dwakd.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache  # noqa: E402
+from dwakd.trainer import DistillationModel  # noqa: E402
+
+VIEW_KEYS = ("input_ids", "attention_mask", "labels", "input_offsets", "label_offsets")
+VARIANTS = [  # (k, value_bits, hidden_dtype)
+    (16, 13, "float16"), (64, 13, "float16"), (256, 13, "float16"),
+    (64, 10, "float16"), (64, 15, "float16"),
+    (64, 13, "bfloat16"), (64, 13, "int8"), (64, 13, "float32"),
+]
+
+
+def environment() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, "cpu": platform.processor()}
+
+
+def _inputs(model: DistillationModel, batch: dict, cached: bool) -> DistillationInputs:
+    """What DistillationModel.forward hands the method (both views), without the loss."""
+    student = TokenView(*(batch[k] for k in VIEW_KEYS))
+    teacher = TokenView(*(batch[f"teacher_{k}"] for k in VIEW_KEYS))
+    s_out = model._run_side("student", model.student, student, True, model.student_vocab_size)
+    if cached:
+        t_out = model.teacher.model_view(batch, teacher, model.teacher_vocab_size)
+    else:
+        t_out = model._run_side("teacher", model.teacher, teacher, True, model.teacher_vocab_size)
+    return DistillationInputs(student, teacher, s_out, t_out, student.label_mask.sum().clamp_min(1), 0.5, 0)
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "max": max(values), "n": len(values)} if values else {}
+
+
+@torch.no_grad()
+def _accuracy_one(runs: dict, cache_dir: Path, batches: list[list], vocab: int) -> dict:
+    """Errors of one cache against the live teacher, over `batches` of examples."""
+    from dwakd.modules.token_weights import teacher_token_weights
+
+    cache = TeacherCache(cache_dir)
+    teacher = cache.teacher_module()
+    out: dict = {"kl_1": [], "kl_2": [], "s2t_div_abs_err": [], "s2t_div_live": [], "u_abs_err": [],
+                 "loss_rel_err": {name: [] for name in runs}}
+    for name, run in runs.items():
+        teacher.configure_for(run.model.method)
+        cached = DistillationModel(run.model.student, run.model.method, teacher, run.model.student_vocab_size,
+                                   run.model.teacher_vocab_size)
+        collate = cache.collator(run.trainer.data_collator)
+        for examples in batches:
+            batch = collate(examples)
+            live_in, cache_in = _inputs(run.model, batch, False), _inputs(cached, batch, True)
+            live_loss = run.model.method(live_in).loss
+            cache_loss = run.model.method(cache_in).loss
+            out["loss_rel_err"][name].append(float((cache_loss - live_loss).abs() / live_loss.abs()))
+            if name != "dskd":
+                continue
+            live_terms = run.model.method.dual_space_terms(live_in)
+            cache_terms = run.model.method.dual_space_terms(cache_in)
+            out["s2t_div_abs_err"] += (cache_terms.s2t_div - live_terms.s2t_div).abs().tolist()
+            out["s2t_div_live"] += live_terms.s2t_div.tolist()
+            mask = live_terms.teacher_mask
+            u_live = teacher_token_weights(live_terms.teacher_logits, mask, vocab).weights[mask]
+            u_cache = teacher_token_weights(cache_terms.teacher_logits, mask, vocab).weights[mask]
+            out["u_abs_err"] += (u_cache - u_live).abs().tolist()
+            p = live_terms.teacher_logits[:, :vocab].double()
+            q = cache_terms.teacher_logits[:, :vocab].double()
+            for tau in (1.0, 2.0):
+                lp, lq = torch.log_softmax(p / tau, -1), torch.log_softmax(q / tau, -1)
+                out[f"kl_{int(tau)}"] += (lp.exp() * (lp - lq)).sum(-1).tolist()
+    sizes = cache.manifest["sizes"]
+    return {
+        "kl_tau1": _stats(out["kl_1"]), "kl_tau2": _stats(out["kl_2"]),
+        "s2t_kl_term_abs_err": _stats(out["s2t_div_abs_err"]), "s2t_kl_term_live": _stats(out["s2t_div_live"]),
+        "teacher_weight_abs_err": _stats(out["u_abs_err"]),
+        "loss_rel_err": {name: _stats(v) for name, v in out["loss_rel_err"].items()},
+        "logit_bytes_per_token": sizes["logit_bytes_per_token"],
+        "hidden_bytes_per_token": sizes["hidden_bytes_per_token"],
+        "build_seconds": cache.manifest["build_seconds"], "examples": cache.manifest["examples"]["unique"],
+    }
+
+
+def cmd_accuracy(args) -> dict:
+    overrides = [*args.overrides, "data.eval=null", f"data.max_train_examples={args.examples}",
+                 f"training.per_device_train_batch_size={args.batch_size}"]
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="dwakd-tcache-acc-"))
+    runs = {}
+    for method in ("dskd", "dwakd"):
+        config = load_config(args.config, [*overrides, f"method={method}", f"output_dir={work / method}",
+                                           "method.options={}"])
+        run = build_training(config, show_progress=False)
+        if args.student_dir:
+            from dwakd.checkpoints import load_method_state, load_student_weights
+
+            student_dir = Path(args.student_dir).parent / method
+            load_student_weights(run.model.student, student_dir)
+            load_method_state(run.model.method, student_dir)
+        run.model.eval()
+        runs[method] = run
+    config = runs["dskd"].config
+    dataset = runs["dskd"].train_dataset
+    batches = [[dataset[i] for i in range(s, min(len(dataset), s + args.batch_size))]
+               for s in range(0, len(dataset), args.batch_size)]
+    vocab = runs["dskd"].model.teacher_vocab_size
+    results = []
+    for k, value_bits, hidden_dtype in VARIANTS:
+        cache_dir = work / f"cache-k{k}-v{value_bits}-{hidden_dtype}"
+        started = time.perf_counter()
+        build_teacher_cache(config, cache_dir, CacheSettings(k=k, value_bits=value_bits, hidden_dtype=hidden_dtype),
+                            show_progress=False)
+        result = {"k": k, "value_bits": value_bits, "hidden_dtype": hidden_dtype,
+                  **_accuracy_one(runs, cache_dir, batches, vocab)}
+        result["measure_seconds"] = round(time.perf_counter() - started, 1)
+        results.append(result)
+        print(json.dumps({key: result[key] for key in ("k", "value_bits", "hidden_dtype", "kl_tau2",
+                                                         "s2t_kl_term_abs_err", "logit_bytes_per_token")}), flush=True)
+    return {"config": args.config, "overrides": args.overrides, "student_dir": args.student_dir,
+            "examples": len(dataset), "teacher_vocab": vocab, "environment": environment(), "results": results}
+
+
+def cmd_speed(args) -> dict:
+    """Step time and peak RSS of each method, live teacher vs cache, rounds interleaved (dwakd.evaluation.efficiency)."""
+    import yaml
+
+    from dwakd.config import apply_overrides, config_from_dict
+    from dwakd.evaluation.efficiency import bench_one
+
+    tree = apply_overrides(yaml.safe_load(Path(args.config).read_text()), [*args.overrides, "data.eval=null"])
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="dwakd-tcache-speed-"))
+    examples = args.batch_size * (args.warmup + args.steps)
+    cache_dir = work / "cache"
+    config = config_from_dict(apply_overrides(copy.deepcopy(tree), [f"data.max_train_examples={examples}",
+                                                                    f"training.output_dir={work / 'build'}"]))
+    started = time.perf_counter()
+    manifest = build_teacher_cache(config, cache_dir, CacheSettings(k=args.k), show_progress=False)
+    build = {"seconds": round(time.perf_counter() - started, 2), "build_seconds": manifest["build_seconds"],
+             "examples": manifest["examples"]["unique"], "rows": manifest["sizes"]["rows"],
+             "seconds_per_1000_examples": round(1000 * manifest["build_seconds"] / manifest["examples"]["unique"], 1)}
+    print(json.dumps({"build": build}), flush=True)
+    samples: dict = {}
+    for round_index in range(args.rounds):
+        for method in args.methods:
+            for mode in ("live", "cache"):
+                variant = copy.deepcopy(tree)
+                if mode == "cache":
+                    variant["teacher"]["cache"] = str(cache_dir)
+                result = bench_one(variant, method, args.batch_size, warmup=args.warmup, steps=args.steps,
+                                   work_dir=work / f"{method}-{mode}-{round_index}")
+                if result.error:
+                    raise RuntimeError(f"{method} {mode}: {result.error}")
+                entry = samples.setdefault(f"{method}/{mode}", {"median_step_s": [], "peak_rss_gib": [],
+                                                                 "load": []})
+                entry["median_step_s"].append(result.median_step_s)
+                entry["peak_rss_gib"].append(result.peak_mem_gib)
+                entry["load"].append(os.getloadavg()[0])
+                print(json.dumps({"round": round_index, "method": method, "mode": mode,
+                                  "median_step_s": result.median_step_s, "peak_rss_gib": result.peak_mem_gib}),
+                      flush=True)
+    summary = {key: {"median_step_s": statistics.median(v["median_step_s"]), "best_step_s": min(v["median_step_s"]),
+                     "peak_rss_gib": statistics.median(v["peak_rss_gib"])} for key, v in samples.items()}
+    return {"config": args.config, "overrides": args.overrides, "batch_size": args.batch_size, "k": args.k,
+            "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "build": build, "samples": samples,
+            "summary": summary, "environment": environment()}
+
+
+def cmd_fingerprint(args) -> dict:
+    """Time SHA-256 of the config's teacher saved as safetensors: first (cold) and remembered (stat cache)."""
+    from dwakd.models import load_side_model, load_side_tokenizer
+    from dwakd.teacher_cache.fingerprint import file_digest
+
+    config = load_config(args.config, args.overrides)
+    tokenizer = load_side_tokenizer(config.teacher, "teacher")
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="dwakd-tcache-fp-"))
+    started = time.perf_counter()
+    model = load_side_model(config.teacher, tokenizer, "teacher")
+    model.save_pretrained(work / "teacher")
+    del model
+    saved = time.perf_counter() - started
+    files = sorted((work / "teacher").glob("*.safetensors"))
+    size = sum(p.stat().st_size for p in files)
+    os.environ.setdefault("DWAKD_CACHE", str(work / "dwakd-cache"))
+    timings = {}
+    for label in ("first", "remembered"):
+        started = time.perf_counter()
+        for path in files:
+            file_digest(path)
+        timings[label] = time.perf_counter() - started
+    started = time.perf_counter()
+    for path in files:  # raw read speed of the same bytes (page cache warm), for scale
+        with open(path, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+    read_only = time.perf_counter() - started
+    started = time.perf_counter()
+    for path in files:
+        digest = hashlib.blake2b()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    blake = time.perf_counter() - started
+    return {"config": args.config, "bytes": size, "save_seconds": saved, "sha256_first_seconds": timings["first"],
+            "sha256_remembered_seconds": timings["remembered"], "read_only_seconds": read_only,
+            "blake2b_seconds": blake, "environment": environment()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("accuracy", "speed", "fingerprint"):
+        p = sub.add_parser(name)
+        p.add_argument("config")
+        p.add_argument("overrides", nargs="*")
+        p.add_argument("--out")
+        p.add_argument("--work-dir")
+        if name == "accuracy":
+            p.add_argument("--examples", type=int, default=32)
+            p.add_argument("--batch-size", type=int, default=4)
+            p.add_argument("--student-dir", help="a trained dskd student dir; dwakd's is read from its sibling")
+        if name == "speed":
+            p.add_argument("--methods", nargs="+", default=["dskd", "dwakd"])
+            p.add_argument("--batch-size", type=int, default=4)
+            p.add_argument("--warmup", type=int, default=2)
+            p.add_argument("--steps", type=int, default=5)
+            p.add_argument("--rounds", type=int, default=3)
+            p.add_argument("--k", type=int, default=64)
+    args = parser.parse_args()
+    result = {"accuracy": cmd_accuracy, "speed": cmd_speed, "fingerprint": cmd_fingerprint}[args.command](args)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text[-3000:])
+
+
+if __name__ == "__main__":
+    main()
