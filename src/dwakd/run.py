@@ -16,11 +16,19 @@ import yaml
 from transformers import TrainingArguments, set_seed
 
 from dwakd.checkpoints import checkpoint_problem, last_complete_checkpoint
-from dwakd.config import ConfigError, RunConfig, check_method_options, config_to_dict, training_arguments
+from dwakd.config import (
+    ConfigError,
+    RunConfig,
+    check_method_options,
+    check_on_policy,
+    config_to_dict,
+    training_arguments,
+)
 from dwakd.data import DistillationCollator, DualTokenizedDataset, encode_records, load_records, split_records
 from dwakd.data.records import LoadReport
 from dwakd.methods import MethodContext, build_method, get_method
 from dwakd.models import load_side_model, load_side_tokenizer, prepare_student, prepare_teacher
+from dwakd.on_policy import OnPolicySampler
 from dwakd.tokenizers import cache_dir
 from dwakd.trainer import DistillationModel, DistillationTrainer
 
@@ -114,6 +122,7 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
     set_seed(config.seed)
     args = training_arguments(config)
     check_method_options(config.method)
+    check_on_policy(config)
     method_cls, _ = get_method(config.method.name)
     needs_teacher = method_cls.needs_teacher
     if needs_teacher and config.teacher is None:
@@ -140,9 +149,15 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
                               len(teacher_tokenizer) if teacher_tokenizer is not None else None)
     collator = DistillationCollator(student_tokenizer.pad_token_id,
                                     teacher_tokenizer.pad_token_id if teacher_tokenizer is not None else None)
+    on_policy = None
+    if config.on_policy.enabled:
+        on_policy = OnPolicySampler(config.on_policy, student_tokenizer, teacher_tokenizer, collator,
+                                    max_prompt_length=config.data.max_prompt_length,
+                                    max_length=config.data.max_length, seed=args.seed)
     trainer = DistillationTrainer(model, args=args, train_dataset=train, eval_dataset=evaluation,
                                   data_collator=collator, processing_class=student_tokenizer,
-                                  projector_lr=config.method.projector_lr, on_nonfinite=config.method.on_nonfinite)
+                                  projector_lr=config.method.projector_lr, on_nonfinite=config.method.on_nonfinite,
+                                  on_policy=on_policy)
     return TrainingRun(config, trainer, model, student_tokenizer, teacher_tokenizer, train, evaluation)
 
 
