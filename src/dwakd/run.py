@@ -226,6 +226,11 @@ def train(config: RunConfig, show_progress: bool = True) -> dict[str, Any]:
                    "train_examples": len(run.train_dataset),
                    "tokenization": run.train_dataset.stats.summary() if run.train_dataset.stats else "",
                    "skipped_micro_batches": run.trainer.skipped_micro_batches}
+        if run.trainer.on_policy is not None:  # this process's sampling time and realised on-policy share
+            totals = dict(run.trainer.on_policy_totals)
+            totals["generate_seconds"] = round(totals["generate_seconds"], 3)
+            totals["train_seconds"] = round(result.metrics.get("train_runtime", 0.0), 3)
+            summary["on_policy"] = totals
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if config.student.lora is not None:
             merged = run.model.student.merge_and_unload() if hasattr(run.model.student, "merge_and_unload") else None

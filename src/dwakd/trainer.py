@@ -202,6 +202,7 @@ class DistillationTrainer(Trainer):
         self.on_nonfinite = on_nonfinite
         self.on_policy = on_policy  # None: off-policy (no micro-batch is ever replaced)
         self._generate_seconds = 0.0  # spent sampling since the last log
+        self.on_policy_totals = {"generate_seconds": 0.0, "micro_batches": 0, "on_policy_micro_batches": 0}
         self._log_clock: float | None = None  # perf_counter at the last log (or the first step)
         self._sample_writer: SampleWriter | None = None
         if model.teacher is not None:
@@ -234,7 +235,11 @@ class DistillationTrainer(Trainer):
             started = time.perf_counter()
             with student_for_generation(self) as student:
                 self.on_policy.replace(student, batches, chosen, step)
-            self._generate_seconds += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            self._generate_seconds += seconds
+            self.on_policy_totals["generate_seconds"] += seconds
+        self.on_policy_totals["micro_batches"] += len(batches)
+        self.on_policy_totals["on_policy_micro_batches"] += len(chosen)
         return super().get_batch_samples(iter(batches), len(batches), device)
 
     # ---- loss -------------------------------------------------------------------------------------
