@@ -14,6 +14,7 @@ import collections.abc
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import types
@@ -74,6 +75,62 @@ class MethodConfig:
     on_nonfinite: str = "stop"  # "stop" (raise, naming the part and step) or "skip" (drop that micro-batch)
 
 
+@dataclass
+class OnPolicyConfig:
+    """On-policy distillation (docs/methods.md#10-on-policy-distillation): with probability `fraction` per
+    micro-batch the student samples a response to each prompt, and the method trains on that text, dual-tokenized
+    like the data, with the teacher scoring its own tokenization of it. `fraction: 0` is the off-policy run.
+
+    Sampling settings are the student's generation settings for these samples (not the evaluation protocol's:
+    `no_repeat_ngram_size` is off unless set). `max_new_tokens: null` allows `data.max_length -
+    data.max_prompt_length` tokens, so prompt + sample never exceed `data.max_length`.
+    """
+
+    fraction: float = 0.0  # GKD's λ: probability that a micro-batch is replaced by the student's samples
+    max_new_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    no_repeat_ngram_size: int = 0  # 0 = off
+    save_samples: bool = False  # write every sample and its scores to OUTPUT_DIR/on_policy_samples.jsonl
+
+    def __post_init__(self) -> None:
+        def number(key: str, value: Any, integer: bool = False) -> None:
+            kinds = (int,) if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+                raise ConfigError(f"on_policy.{key}: expected {'an integer' if integer else 'a number'}, "
+                                  f"got {value!r}")
+
+        number("fraction", self.fraction)
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError(f"on_policy.fraction: must be in [0, 1] (the share of on-policy micro-batches); "
+                              f"got {self.fraction!r}")
+        if self.max_new_tokens is not None:
+            number("max_new_tokens", self.max_new_tokens, integer=True)
+            if self.max_new_tokens < 1:
+                raise ConfigError(f"on_policy.max_new_tokens: must be at least 1; got {self.max_new_tokens!r}")
+        number("temperature", self.temperature)
+        if self.temperature <= 0:
+            raise ConfigError(f"on_policy.temperature: must be > 0 (this is sampling); got {self.temperature!r}")
+        number("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"on_policy.top_p: must be in (0, 1]; got {self.top_p!r}")
+        number("top_k", self.top_k, integer=True)
+        if self.top_k < 0:
+            raise ConfigError(f"on_policy.top_k: must be ≥ 0 (0 = off); got {self.top_k!r}")
+        number("no_repeat_ngram_size", self.no_repeat_ngram_size, integer=True)
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError(f"on_policy.no_repeat_ngram_size: must be ≥ 0 (0 = off); "
+                              f"got {self.no_repeat_ngram_size!r}")
+        if not isinstance(self.save_samples, bool):
+            raise ConfigError(f"on_policy.save_samples: expected true or false, got {self.save_samples!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any micro-batch can be on-policy."""
+        return self.fraction > 0
+
+
 # Training defaults (the paper recipes' optimizer settings; docs/methods.md). A config's `training:` block is
 # laid over them key by key, so `RunConfig.training` always holds every value the run uses.
 TRAINING_DEFAULTS: dict[str, Any] = {
@@ -104,10 +161,13 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     training: dict[str, Any] = field(default_factory=dict)  # transformers.TrainingArguments kwargs
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     seed: int = 42
 
     def __post_init__(self) -> None:
         self.training = {**TRAINING_DEFAULTS, **(self.training or {})}
+        if self.on_policy is None:  # `on_policy: null` in a config
+            self.on_policy = OnPolicyConfig()
 
     def training_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the run's `TrainingArguments` (seed from `seed` unless `training.seed` is set)."""
@@ -315,9 +375,31 @@ def validate(config: RunConfig, source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: student.cache: only the teacher can come from a cache (teacher.cache)")
     try:
         check_method_options(config.method)
+        check_on_policy(config)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
     return config
+
+
+def check_on_policy(config: RunConfig) -> None:
+    """What `on_policy` needs from the rest of the config: a live teacher and a response budget that fits."""
+    policy, d = config.on_policy, config.data
+    if not policy.enabled:
+        return
+    from dwakd.methods import get_method
+
+    if not get_method(config.method.name)[0].needs_teacher:
+        raise ConfigError(f"on_policy.fraction: {policy.fraction} needs a method with a teacher to score the "
+                          f"student's samples; {config.method.name!r} has none (set on_policy.fraction=0)")
+    if config.teacher is not None and getattr(config.teacher, "cache", None):
+        # `teacher.cache` (a teacher-cache directory) holds outputs for the dataset's text only
+        raise ConfigError("on_policy.fraction: a cached teacher (teacher.cache) cannot score the student's new "
+                          "samples; set on_policy.fraction=0 or drop teacher.cache to run the teacher live")
+    budget = d.max_length - d.max_prompt_length
+    if policy.max_new_tokens is not None and policy.max_new_tokens > budget:
+        raise ConfigError(f"on_policy.max_new_tokens: {policy.max_new_tokens} is more than data.max_length - "
+                          f"data.max_prompt_length = {budget} tokens that can follow a prompt; lower it (or leave "
+                          "it unset for that budget)")
 
 
 def _training_error(exc: Exception, kwargs: dict[str, Any]) -> str:
@@ -380,6 +462,6 @@ def config_to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
 
 
-__all__ = ["TRAINING_DEFAULTS", "ConfigError", "DataConfig", "LoraSpec", "MethodConfig", "ModelSpec", "RunConfig",
-           "apply_overrides", "check_method_options", "config_from_dict", "config_to_dict", "load_config",
-           "training_arguments"]
+__all__ = ["TRAINING_DEFAULTS", "ConfigError", "DataConfig", "LoraSpec", "MethodConfig", "ModelSpec", "OnPolicyConfig",
+           "RunConfig", "apply_overrides", "check_method_options", "check_on_policy", "config_from_dict",
+           "config_to_dict", "load_config", "training_arguments"]

@@ -16,11 +16,19 @@ import yaml
 from transformers import TrainingArguments, set_seed
 
 from dwakd.checkpoints import checkpoint_problem, last_complete_checkpoint
-from dwakd.config import ConfigError, RunConfig, check_method_options, config_to_dict, training_arguments
+from dwakd.config import (
+    ConfigError,
+    RunConfig,
+    check_method_options,
+    check_on_policy,
+    config_to_dict,
+    training_arguments,
+)
 from dwakd.data import DistillationCollator, DualTokenizedDataset, encode_records, load_records, split_records
 from dwakd.data.records import LoadReport
 from dwakd.methods import MethodContext, build_method, build_options, get_method
 from dwakd.models import load_side_model, load_side_tokenizer, prepare_student, prepare_teacher
+from dwakd.on_policy import OnPolicySampler
 from dwakd.teacher_cache.reader import TeacherCache
 from dwakd.tokenizers import cache_dir
 from dwakd.trainer import DistillationModel, DistillationTrainer
@@ -118,6 +126,7 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
     set_seed(config.seed)
     args = training_arguments(config)
     check_method_options(config.method)
+    check_on_policy(config)
     method_cls, _ = get_method(config.method.name)
     # a method's text annotator (MTA's chunker) is built here: a missing optional dependency fails before any data
     annotator = method_cls.text_annotator(build_options(config.method.name, config.method.options))
@@ -160,9 +169,15 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
                                     teacher_tokenizer.pad_token_id if teacher_tokenizer is not None else None)
     if cache is not None:
         collator = cache.collator(collator)
+    on_policy = None
+    if config.on_policy.enabled:
+        on_policy = OnPolicySampler(config.on_policy, student_tokenizer, teacher_tokenizer, collator,
+                                    max_prompt_length=config.data.max_prompt_length,
+                                    max_length=config.data.max_length, seed=args.seed, annotator=annotator)
     trainer = DistillationTrainer(model, args=args, train_dataset=train, eval_dataset=evaluation,
                                   data_collator=collator, processing_class=student_tokenizer,
-                                  projector_lr=config.method.projector_lr, on_nonfinite=config.method.on_nonfinite)
+                                  projector_lr=config.method.projector_lr, on_nonfinite=config.method.on_nonfinite,
+                                  on_policy=on_policy)
     return TrainingRun(config, trainer, model, student_tokenizer, teacher_tokenizer, train, evaluation)
 
 
@@ -231,6 +246,11 @@ def train(config: RunConfig, show_progress: bool = True) -> dict[str, Any]:
                    "train_examples": len(run.train_dataset),
                    "tokenization": run.train_dataset.stats.summary() if run.train_dataset.stats else "",
                    "skipped_micro_batches": run.trainer.skipped_micro_batches}
+        if run.trainer.on_policy is not None:  # this process's sampling time and realised on-policy share
+            totals = dict(run.trainer.on_policy_totals)
+            totals["generate_seconds"] = round(totals["generate_seconds"], 3)
+            totals["train_seconds"] = round(result.metrics.get("train_runtime", 0.0), 3)
+            summary["on_policy"] = totals
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if config.student.lora is not None:
             merged = run.model.student.merge_and_unload() if hasattr(run.model.student, "merge_and_unload") else None

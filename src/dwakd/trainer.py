@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -26,9 +27,11 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from dwakd.checkpoints import METHOD_WEIGHTS_NAME, load_method_state, load_student_weights
+from dwakd.data.collator import META_KEYS
 from dwakd.interface import DistillationInputs, ModelView, TokenView
 from dwakd.methods.base import DistillationMethod
 from dwakd.models import is_peft_model
+from dwakd.on_policy import OnPolicySampler, SampleWriter, sequence_log_likelihood, student_for_generation
 from dwakd.teacher_cache.view import CachedTeacher
 
 logger = logging.getLogger(__name__)
@@ -74,7 +77,10 @@ class DistillationModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         self.student.gradient_checkpointing_enable(**kwargs)
 
-    def forward(self, num_items_in_batch: torch.Tensor | int | None = None, **batch: torch.Tensor) -> dict:
+    def forward(self, num_items_in_batch: torch.Tensor | int | None = None, sequence_scores: bool = False,
+                **batch: torch.Tensor) -> dict:
+        """The method's loss on one micro-batch; `sequence_scores=True` adds each row's summed label log-likelihood
+        and label count under the student and the teacher (on-policy samples written for inspection)."""
         student_view = _token_view(batch, "")
         teacher_view = _token_view(batch, "teacher_") if "teacher_input_ids" in batch else None
         hidden = self.method.needs_hidden_states
@@ -96,7 +102,12 @@ class DistillationModel(nn.Module):
         num_items = torch.as_tensor(num_items_in_batch, device=student_view.labels.device).clamp_min(1)
         result = self.method(DistillationInputs(student_view, teacher_view, student_model, teacher_model,
                                                 num_items, self.progress, self.step))
-        return {"loss": result.loss, "parts": result.parts, "stats": result.stats}
+        outputs = {"loss": result.loss, "parts": result.parts, "stats": result.stats}
+        if sequence_scores:
+            outputs["sequence_scores"] = {"student": sequence_log_likelihood(student_model, student_view)}
+            if teacher_model is not None:
+                outputs["sequence_scores"]["teacher"] = sequence_log_likelihood(teacher_model, teacher_view)
+        return outputs
 
     def _run_side(self, side: str, model: nn.Module, view: TokenView, want_hidden: bool,
                   vocab_size: int | None) -> ModelView:
@@ -212,10 +223,15 @@ class DistillationTrainer(Trainer):
     """`transformers.Trainer` for a `DistillationModel`: projector learning rate, named loss parts, HF checkpoints."""
 
     def __init__(self, model: DistillationModel, *args: Any, projector_lr: float = 1e-3,
-                 on_nonfinite: str = "stop", **kwargs: Any):
+                 on_nonfinite: str = "stop", on_policy: OnPolicySampler | None = None, **kwargs: Any):
         super().__init__(model, *args, **kwargs)
         self.projector_lr = projector_lr
         self.on_nonfinite = on_nonfinite
+        self.on_policy = on_policy  # None: off-policy (no micro-batch is ever replaced)
+        self._generate_seconds = 0.0  # spent sampling since the last log
+        self.on_policy_totals = {"generate_seconds": 0.0, "micro_batches": 0, "on_policy_micro_batches": 0}
+        self._log_clock: float | None = None  # perf_counter at the last log (or the first step)
+        self._sample_writer: SampleWriter | None = None
         if model.teacher is not None:
             model.teacher.to(self.args.device)
         self._part_sums: dict[str, float] = defaultdict(float)
@@ -226,6 +242,33 @@ class DistillationTrainer(Trainer):
         self.interrupt = SaveOnInterrupt()
         self.add_callback(self.interrupt)
 
+    # ---- on-policy batches ------------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The step's micro-batches, the on-policy ones replaced by the student's samples *before* the Trainer
+        counts the step's label tokens, so `num_items_in_batch` is exact for the batches actually trained on."""
+        if self.on_policy is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._log_clock is None:
+            self._log_clock = time.perf_counter()
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        step = self.state.global_step
+        chosen = [k for k in range(len(batches)) if self.on_policy.decide(step, k)]
+        if chosen:
+            started = time.perf_counter()
+            with student_for_generation(self) as student:
+                self.on_policy.replace(student, batches, chosen, step)
+            seconds = time.perf_counter() - started
+            self._generate_seconds += seconds
+            self.on_policy_totals["generate_seconds"] += seconds
+        self.on_policy_totals["micro_batches"] += len(batches)
+        self.on_policy_totals["on_policy_micro_batches"] += len(chosen)
+        return super().get_batch_samples(iter(batches), len(batches), device)
+
     # ---- loss -------------------------------------------------------------------------------------
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
@@ -235,8 +278,15 @@ class DistillationTrainer(Trainer):
         if self.state.max_steps:
             core.progress = min(1.0, self.state.global_step / self.state.max_steps)
         core.step = self.state.global_step
-        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+        meta = {key: inputs.pop(key) for key in META_KEYS if key in inputs}
+        on_policy = bool(meta.get("on_policy", False))
+        scores = on_policy and model.training and self.on_policy is not None and self.on_policy.config.save_samples
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch, **({"sequence_scores": True} if scores else {}))
         loss = outputs["loss"]
+        if self.on_policy is not None and model.training:
+            outputs["stats"] = {**outputs["stats"], "on_policy_fraction": float(on_policy)}  # realised share
+        if scores:
+            self._write_samples(meta["samples"], outputs["sequence_scores"])
         if not torch.isfinite(loss.detach()).all():
             loss = self._handle_nonfinite(loss, outputs)
         elif model.training:
@@ -244,6 +294,12 @@ class DistillationTrainer(Trainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and model.training:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the loss is a global-token sum
         return (loss, outputs) if return_outputs else loss
+
+    def _write_samples(self, samples: list[dict], scores: dict) -> None:
+        if self._sample_writer is None:
+            self._sample_writer = SampleWriter(self.args.output_dir, self.accelerator.process_index,
+                                               self.accelerator.num_processes)
+        self._sample_writer.write(self.state.global_step, samples, scores)
 
     def _handle_nonfinite(self, loss: torch.Tensor, outputs: dict) -> torch.Tensor:
         bad = [name for name, value in {**outputs["parts"], "loss": loss}.items()
@@ -276,6 +332,12 @@ class DistillationTrainer(Trainer):
                 steps = max(1, self.state.global_step - (self._last_logged_step or 0))
                 logs.update({name: round(total / steps, 6) for name, total in parts.items()})
                 logs.update({name: round(total / micro, 6) for name, total in stats.items()})
+            if self.on_policy is not None:  # this process's time sampling, and its share of the wall time
+                now = time.perf_counter()
+                elapsed = now - (self._log_clock or now)
+                logs["generate_seconds"] = round(self._generate_seconds, 3)
+                logs["generate_share"] = round(self._generate_seconds / elapsed, 4) if elapsed > 0 else 0.0
+                self._generate_seconds, self._log_clock = 0.0, now
             self._part_sums.clear()
             self._stat_sums.clear()
             self._micro_batches = 0

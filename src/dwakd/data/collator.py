@@ -10,6 +10,9 @@ import torch
 from dwakd.data.tokenization import IGNORE_INDEX, EncodedExample, EncodedSide
 
 PAD_OFFSET = (-1, -1)
+# Keys of a batch that are not model inputs: the prompt text and example index (on-policy training samples a
+# response to each prompt, seeded per example), and what on-policy sampling adds. The trainer pops them.
+META_KEYS = ("prompt_text", "example_index", "on_policy", "samples")
 
 
 def pad_sequences(
@@ -51,7 +54,7 @@ def collate_side(sides: Sequence[EncodedSide], pad_id: int, side: str = "right",
 @dataclass
 class DistillationCollator:
     """Batch `EncodedExample`s: student keys unprefixed (`labels` is what the Trainer counts), teacher keys
-    `teacher_*`."""
+    `teacher_*`, plus `prompt_text` (list of str) and `example_index` (batch,) (see META_KEYS)."""
 
     student_pad_id: int
     teacher_pad_id: int | None = None
@@ -66,4 +69,6 @@ class DistillationCollator:
                 raise ValueError("teacher views present but no teacher pad id given to the collator")
             batch.update(collate_side([e.teacher for e in examples], self.teacher_pad_id, self.padding_side,
                                       self.pad_to_multiple_of, prefix="teacher_"))
+        batch["prompt_text"] = [e.prompt for e in examples]
+        batch["example_index"] = torch.tensor([e.index for e in examples], dtype=torch.long)
         return batch

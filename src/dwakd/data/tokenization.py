@@ -39,11 +39,12 @@ class EncodedSide:
 
 @dataclass
 class EncodedExample:
-    """Both sides of one record."""
+    """Both sides of one record; `prompt` is the prompt text (on-policy training samples a response to it)."""
 
     student: EncodedSide
     teacher: EncodedSide | None
     index: int
+    prompt: str = ""
 
 
 @dataclass
@@ -148,7 +149,7 @@ def encode_records(
             ):
                 stats.dropped.append(f"{record.source}:{record.line}" if record.source else f"#{start + k}")
                 continue
-            examples.append(EncodedExample(student, teacher, start + k))
+            examples.append(EncodedExample(student, teacher, start + k, record.prompt))
         bar.update(len(chunk))
     bar.close()
     stats.examples = len(examples)

@@ -133,9 +133,9 @@ def encode_prompts(tokenizer: Any, records: Sequence[InstructionRecord], max_pro
     return [list(ids[:max_prompt_length]) for ids in encoded]
 
 
-def decode_response(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str, int, bool]:
+def decode_response(tokenizer: Any, token_ids: Sequence[int], strip: bool = True) -> tuple[str, int, bool]:
     """(text, tokens before EOS, stopped at EOS): cut at the first EOS id, decode without specials, cut at EOS text,
-    strip."""
+    strip (unless `strip=False`: on-policy training keeps the text as sampled)."""
     ids = list(token_ids)
     eos_ids = _eos_ids(tokenizer)
     stop = next((i for i, t in enumerate(ids) if t in eos_ids), None)
@@ -143,7 +143,7 @@ def decode_response(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str, int,
     text = tokenizer.decode(kept, skip_special_tokens=True)
     if tokenizer.eos_token and tokenizer.eos_token in text:
         text = text[: text.index(tokenizer.eos_token)]
-    return text.strip(), len(kept), stop is not None
+    return (text.strip() if strip else text), len(kept), stop is not None
 
 
 def _eos_ids(tokenizer: Any) -> set[int]:
@@ -169,6 +169,7 @@ def generate_batch(
     prompt_ids: Sequence[Sequence[int]],
     item_seeds: Sequence[int],
     settings: GenerationSettings,
+    strip: bool = True,
 ) -> list[tuple[str, int, bool]]:
     """Sample one response per prompt (left padded); returns (text, response tokens, stopped at EOS) per item."""
     if len(prompt_ids) != len(item_seeds):
@@ -202,7 +203,7 @@ def generate_batch(
             generation_config=config,
             logits_processor=LogitsProcessorList([PerItemSampler(generators, vocab_size, settings)]),
         )
-    return [decode_response(tokenizer, row[width:].tolist()) for row in sequences.cpu()]
+    return [decode_response(tokenizer, row[width:].tolist(), strip) for row in sequences.cpu()]
 
 
 def read_generation_file(path: str | Path) -> dict[int, dict]:
