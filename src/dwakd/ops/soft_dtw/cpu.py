@@ -1,14 +1,17 @@
 """Fast CPU Soft-DTW: numba kernels (see `_cpu_kernels`) behind a `torch.autograd.Function`, threads over sequences.
 
 Several cost batches ("groups", e.g. the cross and the two self terms of the divergence) run as one list of tasks,
-cut into chunks (longest first) that up to `torch.get_num_threads()` threads pull from a shared counter. Kernels
+cut into chunks (largest first) that up to `torch.get_num_threads()` threads pull from a shared counter. Kernels
 release the GIL, so plain Python threads give true parallelism without a second OpenMP pool competing with torch's,
 and pulling work (rather than a static split) keeps a descheduled thread on a busy machine from stalling the call:
-the calling thread simply takes the remaining chunks.
+the calling thread simply takes the remaining chunks. A group can be marked symmetric (C(i, j) = C(j, i) and
+n = m per sample, as for the divergence's self terms): its tasks sweep only the upper half of the grid.
 
-Memory kept for backward: the three softmin weights per cell of each task's (n+2)·(m+2) grid, in the compute dtype
-(12 bytes per cell in float32); nothing else. Working memory: one float64 R grid and one E grid per running thread's
-task. float32 and float64 are computed natively; other dtypes (bf16, fp16) are computed in float32.
+Memory kept for backward: the three softmin weights per computed cell (padded per diagonal, see `_cpu_kernels`), in
+the compute dtype (≈ 12 bytes per cell in float32); nothing else, and nothing at all when no cost requires a
+gradient (the forward then skips the weights). Working memory: rings of three diagonals per running task.
+float32 and float64 are computed natively; other dtypes (bf16, fp16) are computed in float32. Buffers come from
+NumPy (glibc reuses freed blocks of the same size; torch's CPU allocator page-faults each fresh block in again).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ import torch
 from dwakd.ops.soft_dtw.band import SoftBand
 
 _MIN_CELLS_PER_WORKER = 1 << 15
+# Zeroed slots after the last task's weights: the kernels' padded vector lanes may read up to two diagonals' worth
+# of planes past a task's block (values they never use, but they must be finite and in bounds).
+_WEIGHT_TAIL = 8 * 64
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -47,33 +53,42 @@ def _kernels():
 
 @dataclass
 class _TaskPlan:
-    """Flat description of every (group, sample) DP: lengths, grid offsets and the chunks threads pull."""
+    """Flat description of every (group, sample) DP: lengths, weight offsets and the chunks threads pull."""
 
     group: np.ndarray  # (tasks,) int64: which cost batch
     sample: np.ndarray  # (tasks,) int64: index in that batch
     lengths_n: np.ndarray  # (tasks,) int64
     lengths_m: np.ndarray  # (tasks,) int64
-    grid_offset: np.ndarray  # (tasks,) int64: start of the task's (n+2)(m+2) grid in the weight buffers
-    grid_cells: int  # total cells over all tasks
+    symmetric: np.ndarray  # (tasks,) bool: sweep only the upper half (a symmetric cost, n = m)
+    weight_offset: np.ndarray  # (tasks,) int64: start of the task's weights in the shared buffer
+    weight_cells: int  # weights over all tasks
     chunks: list[np.ndarray]  # task ids per chunk of work, largest first; threads pull chunks in order
     workers: int  # threads to use (1: run in the calling thread)
 
 
-def _plan(lengths: list[tuple[torch.Tensor, torch.Tensor]], workers: int) -> _TaskPlan:
-    """Build the task list for groups with per-sample (lengths_x, lengths_y)."""
-    groups, samples, ns, ms = [], [], [], []
+def _plan(
+    lengths: list[tuple[torch.Tensor, torch.Tensor]], workers: int, symmetric: tuple[bool, ...] = ()
+) -> _TaskPlan:
+    """Build the task list for groups with per-sample (lengths_x, lengths_y); `symmetric[g]` marks group g."""
+    groups, samples, ns, ms, syms = [], [], [], [], []
     for g, (lx, ly) in enumerate(lengths):
         lx_np = lx.detach().to("cpu", torch.int64).numpy()
         ly_np = ly.detach().to("cpu", torch.int64).numpy()
+        sym = g < len(symmetric) and symmetric[g]
+        if sym and not np.array_equal(lx_np, ly_np):
+            raise ValueError(f"group {g} is marked symmetric but its lengths differ: {lx_np} vs {ly_np}")
         groups.append(np.full(lx_np.shape[0], g, dtype=np.int64))
         samples.append(np.arange(lx_np.shape[0], dtype=np.int64))
+        syms.append(np.full(lx_np.shape[0], sym, dtype=np.bool_))
         ns.append(lx_np)
         ms.append(ly_np)
     group, sample = np.concatenate(groups), np.concatenate(samples)
     lengths_n, lengths_m = np.concatenate(ns).astype(np.int64), np.concatenate(ms).astype(np.int64)
-    cells = (lengths_n + 2) * (lengths_m + 2)
-    grid_offset = np.zeros_like(cells)
-    np.cumsum(cells[:-1], out=grid_offset[1:])
+    sym_tasks = np.concatenate(syms)
+    sizes = _kernels().weight_sizes(lengths_n, lengths_m, sym_tasks)
+    weight_offset = np.zeros_like(sizes)
+    np.cumsum(sizes[:-1], out=weight_offset[1:])
+    cells = np.where(sym_tasks, lengths_n * (lengths_m + 1) // 2, lengths_n * lengths_m)  # cells swept per task
     # a thread is worth its hand-off latency only with enough cells to sweep (~0.1 ms of work each)
     workers = max(1, min(workers, len(cells), int(cells.sum()) // _MIN_CELLS_PER_WORKER))
     chunks: list[np.ndarray] = []
@@ -90,7 +105,7 @@ def _plan(lengths: list[tuple[torch.Tensor, torch.Tensor]], workers: int) -> _Ta
     workers = min(workers, len(chunks))
     if workers == 1:
         chunks = [np.concatenate(chunks)]
-    return _TaskPlan(group, sample, lengths_n, lengths_m, grid_offset, int(cells.sum()), chunks, workers)
+    return _TaskPlan(group, sample, lengths_n, lengths_m, sym_tasks, weight_offset, int(sizes.sum()), chunks, workers)
 
 
 def _run(kernel, plan: _TaskPlan, *args) -> None:
@@ -115,7 +130,7 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, gamma: float, plan: _TaskPlan, band: SoftBand | None, *costs: torch.Tensor
+        ctx, gamma: float, plan: _TaskPlan, band: SoftBand | None, store: bool, *costs: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         k = _kernels()
         dtype = costs[0].dtype
@@ -130,35 +145,39 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
             center = width = np.zeros((1, 1), dtype=np.float64)
             band_group, penalty = -1, 0.0
         np_dtype = arrays[0].dtype
-        w_diag = np.empty(plan.grid_cells, dtype=np_dtype)
-        w_up = np.empty(plan.grid_cells, dtype=np_dtype)
-        w_left = np.empty(plan.grid_cells, dtype=np_dtype)
+        if store:
+            weights = np.empty(plan.weight_cells + _WEIGHT_TAIL, dtype=np_dtype)
+            weights[plan.weight_cells :] = 0
+        else:
+            weights = np.zeros(1, dtype=np_dtype)
         values = np.empty(plan.group.shape[0], dtype=np.float64)
         _run(k.soft_dtw_forward, plan, arrays[0], arrays[1], arrays[2], plan.group, plan.sample,
-             plan.lengths_n, plan.lengths_m, plan.grid_offset, center, width, penalty, band_group, float(gamma),
-             np_dtype == np.float32, w_diag, w_up, w_left, values)  # fmt: skip
+             plan.lengths_n, plan.lengths_m, plan.symmetric, plan.weight_offset, center, width, penalty,
+             band_group, float(gamma), store, np_dtype == np.float32, weights, values)  # fmt: skip
         ctx.plan = plan
-        ctx.weights = (w_diag, w_up, w_left)
+        ctx.weights = weights if store else None
         ctx.shapes = [tuple(c.shape) for c in costs]
-        ctx.dtype = dtype
+        ctx.np_dtype = np_dtype
         out = torch.from_numpy(values).to(dtype)
         return tuple(out[plan.group == g] for g in range(len(costs)))
 
     @staticmethod
     def backward(ctx, *grad_values: torch.Tensor):  # type: ignore[override]
+        if ctx.weights is None:
+            raise RuntimeError("Soft-DTW CPU forward ran without storing its weights (no input required a gradient)")
         k = _kernels()
         plan: _TaskPlan = ctx.plan
         scale = np.empty(plan.group.shape[0], dtype=np.float64)  # dL/dR(n_b, m_b) per task
         for g, gv in enumerate(grad_values):
             sel = plan.group == g
             scale[sel] = 0.0 if gv is None else gv.detach().to("cpu", torch.float64).numpy()
-        grads = [torch.empty(shape, dtype=ctx.dtype) for shape in ctx.shapes]
-        arrays = [t.numpy() for t in grads]
+        arrays = [np.empty(shape, dtype=ctx.np_dtype) for shape in ctx.shapes]  # NumPy: see the module docstring
+        grads = [torch.from_numpy(a) for a in arrays]
         while len(arrays) < 3:
             arrays.append(arrays[0])
-        _run(k.soft_dtw_backward, plan, plan.group, plan.sample, plan.lengths_n, plan.lengths_m,
-             plan.grid_offset, *ctx.weights, scale, arrays[0], arrays[1], arrays[2])  # fmt: skip
-        return (None, None, None, *grads)
+        _run(k.soft_dtw_backward, plan, plan.group, plan.sample, plan.lengths_n, plan.lengths_m, plan.symmetric,
+             plan.weight_offset, ctx.weights, scale, arrays[0], arrays[1], arrays[2])  # fmt: skip
+        return (None, None, None, None, *grads)
 
 
 def soft_dtw_cpu_groups(
@@ -166,19 +185,26 @@ def soft_dtw_cpu_groups(
     lengths: list[tuple[torch.Tensor, torch.Tensor]],
     gamma: float,
     band: SoftBand | None = None,
+    symmetric: tuple[bool, ...] = (),
 ) -> tuple[torch.Tensor, ...]:
     """Soft-DTW of up to three (batch_g, N_g, M_g) cost batches in one call; `band` applies to the first only.
 
     Inputs may live on any device (they are computed on the CPU and the results moved back). Lengths must already
-    be validated (1 ≤ n ≤ N). Returns one (batch_g,) tensor per group, differentiable w.r.t. each cost.
+    be validated (1 ≤ n ≤ N). `symmetric[g]` promises that group g's costs are symmetric with equal lengths per
+    sample (only their upper triangle is read). Returns one (batch_g,) tensor per group, differentiable w.r.t. each
+    cost.
     """
     if not 1 <= len(costs) <= 3:
         raise ValueError(f"soft_dtw_cpu_groups takes 1 to 3 cost batches, got {len(costs)}")
+    for g, sym in enumerate(symmetric):
+        if sym and costs[g].shape[1] != costs[g].shape[2]:
+            raise ValueError(f"group {g} is marked symmetric but its costs are not square: {tuple(costs[g].shape)}")
     device, dtype = costs[0].device, costs[0].dtype
     compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     cpu_costs = [c.to("cpu", compute) for c in costs]
-    plan = _plan(lengths, torch.get_num_threads())
-    values = _SoftDTWCPUFunction.apply(float(gamma), plan, band, *cpu_costs)
+    plan = _plan(lengths, torch.get_num_threads(), symmetric)
+    store = torch.is_grad_enabled() and any(c.requires_grad for c in costs)  # forward-only calls skip the weights
+    values = _SoftDTWCPUFunction.apply(float(gamma), plan, band, store, *cpu_costs)
     return tuple(v.to(device, dtype) for v in values)
 
 
