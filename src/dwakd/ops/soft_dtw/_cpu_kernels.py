@@ -13,7 +13,7 @@ Forward, per anti-diagonal d = i + j (all cells of a diagonal are independent):
 Passes 1–3 are separate loops over one diagonal so that pass 2 (≈ 80 % of the work) is a pure float32 loop: LLVM
 vectorises it at the full float32 width (8 lanes on AVX2, 16 on AVX-512) instead of the float64 width that one
 fused loop gets. For float32, 2^t and log2 are polynomial kernels (no libm call, vectorisable; relative error
-≤ 2e-7 for 2^t, absolute error ≤ 1e-7 for log2 on [1, 3]); for float64, libm (exact to double).
+≤ 2.5e-7 for 2^t, absolute error ≤ 2e-7 for log2 on [1, 3]); for float64, libm (exact to double).
 
 Strips. Reading an anti-diagonal straight from the row-major (N, M) cost touches one cache line per row, and
 rows 4·M bytes apart (a power of two for the usual lengths) share a handful of cache sets: that gather cost as much
@@ -48,6 +48,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 # Only contraction of a·b + c into one fused multiply-add (more accurate, not less); no reassociation and no
@@ -64,10 +65,10 @@ VL = 16
 STRIP = 16  # rows per strip of the skewed cost / E buffers (16 float32 = one cache line per strip and diagonal)
 
 _F = np.float32
-# 2^f = 1 + f·P(f) on f ∈ [−½, ½] (near-minimax fit of the relative error: 9e-8; ≤ 2e-7 evaluated in float32).
+# 2^f = 1 + f·P(f) on f ∈ [−½, ½] (near-minimax fit of the relative error: 9e-8; ≤ 2.5e-7 evaluated in float32).
 _E1, _E2, _E3, _E4, _E5 = (_F(0.6931470036506653), _F(0.24022242426872253), _F(0.05550733953714371),
                            _F(0.00967151578515768), _F(0.001326472614891827))  # fmt: skip
-# log2(1 + x) = x·Q(x) on x ∈ [−⅓, ⅓] (near-minimax fit of the absolute error: 4e-8; ≤ 1e-7 in float32).
+# log2(1 + x) = x·Q(x) on x ∈ [−⅓, ⅓] (near-minimax fit of the absolute error: 4e-8; ≤ 2e-7 in float32).
 _Q0, _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7 = (_F(1.442694067955017), _F(-0.7213439345359802), _F(0.4810197353363037),
                                           _F(-0.3609277009963989), _F(0.28458765149116516), _F(-0.2346794307231903),
                                           _F(0.25202834606170654), _F(-0.23198306560516357))  # fmt: skip
@@ -94,6 +95,20 @@ def _f32_as_i32(typingctx, value):  # noqa: ARG001
 
     def codegen(context, builder, signature, args):  # noqa: ARG001
         return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _fetch_add(typingctx, array, index):  # noqa: ARG001
+    """Atomically add 1 to the int64 array[index] and return its previous value (threads pulling chunks of work)."""
+    sig = types.int64(array, index)
+
+    def codegen(context, builder, signature, args):  # noqa: ARG001
+        array_type = signature.args[0]
+        ary = context.make_array(array_type)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, array_type, ary, [args[1]])
+        return builder.atomic_rmw("add", ptr, context.get_constant(types.int64, 1), "monotonic")
 
     return sig, codegen
 
@@ -163,21 +178,53 @@ def _plane_size(count):
     return _padded(count) + 2
 
 
+# Columns of the task table `tasks` (one int64 row per (group, sample) DP).
+GROUP, SAMPLE, ROWS, COLS, SYMMETRIC, WEIGHTS = range(6)
+
+
 @njit(**_OPTS)
-def weight_sizes(lengths_n, lengths_m, symmetric):
-    """(tasks,) int64: weights stored per task (3 planes per diagonal, padded), for sizing the shared buffer."""
-    sizes = np.empty(lengths_n.shape[0], dtype=np.int64)
-    for t in range(lengths_n.shape[0]):
-        n = lengths_n[t]
-        m = lengths_m[t]
-        total = 0
-        for d in range(2, n + m + 1):
-            last = min(n, d - 1)
-            if symmetric[t]:
-                last = min(last, d // 2)
-            total += 3 * _plane_size(last - max(1, d - m) + 1)
-        sizes[t] = total
-    return sizes
+def plan_tasks(lengths_n, lengths_m, group_sizes, symmetric_groups, min_cells):
+    """Task table, weight offsets and chunks of work for groups of per-sample lengths (concatenated).
+
+    Returns (tasks (T, 6) int64 [group, sample, n, m, symmetric, weight offset], total weights, order (T,) task ids
+    by decreasing work, bounds (chunks + 1,): chunk c is order[bounds[c]:bounds[c + 1]], total cells swept).
+    Small tasks are merged so that each chunk sweeps at least `min_cells` cells (a thread hand-off costs ~10 µs).
+    """
+    count = lengths_n.shape[0]
+    tasks = np.empty((count, 6), dtype=np.int64)
+    work = np.empty(count, dtype=np.int64)
+    t = 0
+    total = 0
+    for g in range(group_sizes.shape[0]):
+        for b in range(group_sizes[g]):
+            n = lengths_n[t]
+            m = lengths_m[t]
+            symmetric = symmetric_groups[g]
+            tasks[t, GROUP] = g
+            tasks[t, SAMPLE] = b
+            tasks[t, ROWS] = n
+            tasks[t, COLS] = m
+            tasks[t, SYMMETRIC] = symmetric
+            tasks[t, WEIGHTS] = total
+            for d in range(2, n + m + 1):
+                last = min(n, d - 1)
+                if symmetric:
+                    last = min(last, d // 2)
+                total += 3 * _plane_size(last - max(1, d - m) + 1)
+            work[t] = n * (m + 1) // 2 if symmetric else n * m
+            t += 1
+    order = np.argsort(-work, kind="mergesort")
+    bounds = np.empty(count + 1, dtype=np.int64)
+    bounds[0] = 0
+    chunks = 0
+    pending = 0
+    for k in range(count):
+        pending += work[order[k]]
+        if pending >= min_cells or k == count - 1:
+            chunks += 1
+            bounds[chunks] = k + 1
+            pending = 0
+    return tasks, total, order, bounds[: chunks + 1], work.sum()
 
 
 @njit(inline="always", **_OPTS)
@@ -371,37 +418,38 @@ def _forward_task(cost, n, m, symmetric, band_center, band_width, penalty, bande
 
 
 @njit(nogil=True, **_OPTS)
-def soft_dtw_forward(task_ids, costs0, costs1, costs2, group, sample, lengths_n, lengths_m, symmetric,
-                     weight_offset, band_center, band_width, penalty, band_group, gamma, store, poly32, weights,
-                     values):  # fmt: skip
-    """Forward of the tasks in `task_ids`, in order, without the GIL (callers run disjoint lists on threads).
+def soft_dtw_forward(order, bounds, counter, tasks, costs0, costs1, costs2, band_center, band_width, penalty,
+                     band_group, gamma, store, poly32, weights, values):  # fmt: skip
+    """Forward of chunks of tasks without the GIL; every calling thread pulls the next chunk from `counter`.
 
-    Task t reads costs{group[t]}[sample[t]] (its top-left (n, m) block; only i ≤ j if symmetric[t]), writes
-    values[t] = R(n, m) (float64) and, if `store`, its weights to weights[weight_offset[t]:]. The band applies to
-    group `band_group` only. `poly32`: float32 buffers, polynomial 2^t and log2 (see the module docstring).
+    Task t reads costs{g}[b] (g, b = its group and sample; its top-left (n, m) block, only i ≤ j if symmetric),
+    writes values[t] = R(n, m) (float64) and, if `store`, its weights from weights[offset]. The band applies to group
+    `band_group` only. `poly32`: float32 buffers, polynomial 2^t and log2 (see the module docstring).
     """
     scale = LOG2E / gamma
-    strips = _strip_workspace(task_ids, lengths_n, lengths_m, weights.dtype)
-    for t in task_ids:
-        g = group[t]
-        b = sample[t]
-        cost = costs0[b] if g == 0 else (costs1[b] if g == 1 else costs2[b])
-        banded = g == band_group
-        bb = b if banded else 0
-        block = weights[weight_offset[t] :] if store else weights
-        r_end = _forward_task(cost, lengths_n[t], lengths_m[t], symmetric[t], band_center[bb], band_width[bb],
-                              penalty, banded, scale, store, poly32, block, strips)  # fmt: skip
-        values[t] = r_end * (gamma * LN2)
+    strips = _strip_workspace(tasks, weights.dtype)
+    while True:
+        chunk = _fetch_add(counter, 0)
+        if chunk >= bounds.shape[0] - 1:
+            break
+        for k in range(bounds[chunk], bounds[chunk + 1]):
+            t = order[k]
+            g = tasks[t, GROUP]
+            b = tasks[t, SAMPLE]
+            cost = costs0[b] if g == 0 else (costs1[b] if g == 1 else costs2[b])
+            banded = g == band_group
+            bb = b if banded else 0
+            block = weights[tasks[t, WEIGHTS] :] if store else weights
+            r_end = _forward_task(cost, tasks[t, ROWS], tasks[t, COLS], tasks[t, SYMMETRIC] != 0, band_center[bb],
+                                  band_width[bb], penalty, banded, scale, store, poly32, block, strips)  # fmt: skip
+            values[t] = r_end * (gamma * LN2)
 
 
 @njit(**_OPTS)
-def _strip_workspace(task_ids, lengths_n, lengths_m, dtype):
-    """Zeroed strips for the largest (n, m) among `task_ids` (reused by every task of the call)."""
-    rows = 1
-    cols = 1
-    for t in task_ids:
-        rows = max(rows, lengths_n[t])
-        cols = max(cols, lengths_m[t])
+def _strip_workspace(tasks, dtype):
+    """Zeroed strips for the largest (n, m) of the task table (reused by every task a thread runs)."""
+    rows = max(1, tasks[:, ROWS].max())
+    cols = max(1, tasks[:, COLS].max())
     return np.zeros(((rows + STRIP - 1) // STRIP, cols + STRIP, STRIP), dtype=dtype)
 
 
@@ -445,12 +493,17 @@ def _backward_task(n, m, symmetric, weights, scale, grad, strips):
 
 
 @njit(nogil=True, **_OPTS)
-def soft_dtw_backward(task_ids, group, sample, lengths_n, lengths_m, symmetric, weight_offset, weights, scale,
-                      grads0, grads1, grads2):  # fmt: skip
-    """Backward of the tasks in `task_ids` without the GIL: grads{group[t]}[sample[t]] = scale[t]·dR(n, m)/dC."""
-    strips = _strip_workspace(task_ids, lengths_n, lengths_m, weights.dtype)
-    for t in task_ids:
-        g = group[t]
-        b = sample[t]
-        grad = grads0[b] if g == 0 else (grads1[b] if g == 1 else grads2[b])
-        _backward_task(lengths_n[t], lengths_m[t], symmetric[t], weights[weight_offset[t] :], scale[t], grad, strips)
+def soft_dtw_backward(order, bounds, counter, tasks, weights, scale, grads0, grads1, grads2):
+    """Backward of chunks of tasks without the GIL (chunks pulled from `counter`): grads{g}[b] = scale[t]·dR/dC."""
+    strips = _strip_workspace(tasks, weights.dtype)
+    while True:
+        chunk = _fetch_add(counter, 0)
+        if chunk >= bounds.shape[0] - 1:
+            break
+        for k in range(bounds[chunk], bounds[chunk + 1]):
+            t = order[k]
+            g = tasks[t, GROUP]
+            b = tasks[t, SAMPLE]
+            grad = grads0[b] if g == 0 else (grads1[b] if g == 1 else grads2[b])
+            _backward_task(tasks[t, ROWS], tasks[t, COLS], tasks[t, SYMMETRIC] != 0, weights[tasks[t, WEIGHTS] :],
+                           scale[t], grad, strips)  # fmt: skip

@@ -16,7 +16,6 @@ NumPy (glibc reuses freed blocks of the same size; torch's CPU allocator page-fa
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ _MIN_CELLS_PER_WORKER = 1 << 15
 # Zeroed slots after the last task's weights: the kernels' padded vector lanes may read up to two diagonals' worth
 # of planes past a task's block (values they never use, but they must be finite and in bounds).
 _WEIGHT_TAIL = 8 * 64
+_NO_BAND = np.zeros((1, 1), dtype=np.float64)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -53,74 +53,53 @@ def _kernels():
 
 @dataclass
 class _TaskPlan:
-    """Flat description of every (group, sample) DP: lengths, weight offsets and the chunks threads pull."""
+    """Every (group, sample) DP of one call: the kernels' task table and the chunks of work threads pull."""
 
-    group: np.ndarray  # (tasks,) int64: which cost batch
-    sample: np.ndarray  # (tasks,) int64: index in that batch
-    lengths_n: np.ndarray  # (tasks,) int64
-    lengths_m: np.ndarray  # (tasks,) int64
-    symmetric: np.ndarray  # (tasks,) bool: sweep only the upper half (a symmetric cost, n = m)
-    weight_offset: np.ndarray  # (tasks,) int64: start of the task's weights in the shared buffer
+    tasks: np.ndarray  # (T, 6) int64: group, sample, n, m, symmetric, weight offset (see _cpu_kernels.plan_tasks)
+    group_bounds: list[int]  # tasks of group g are rows group_bounds[g]:group_bounds[g + 1] (in group order)
     weight_cells: int  # weights over all tasks
-    chunks: list[np.ndarray]  # task ids per chunk of work, largest first; threads pull chunks in order
+    order: np.ndarray  # (T,) int64: task ids by decreasing work
+    bounds: np.ndarray  # (chunks + 1,) int64: chunk c is order[bounds[c]:bounds[c + 1]]
     workers: int  # threads to use (1: run in the calling thread)
+
+
+def _int64_numpy(values: torch.Tensor) -> np.ndarray:
+    """A CPU int64 NumPy view (or copy) of a lengths tensor."""
+    if values.device.type != "cpu" or values.dtype != torch.int64:
+        values = values.to("cpu", torch.int64)
+    return values.detach().numpy()
 
 
 def _plan(
     lengths: list[tuple[torch.Tensor, torch.Tensor]], workers: int, symmetric: tuple[bool, ...] = ()
 ) -> _TaskPlan:
     """Build the task list for groups with per-sample (lengths_x, lengths_y); `symmetric[g]` marks group g."""
-    groups, samples, ns, ms, syms = [], [], [], [], []
-    for g, (lx, ly) in enumerate(lengths):
-        lx_np = lx.detach().to("cpu", torch.int64).numpy()
-        ly_np = ly.detach().to("cpu", torch.int64).numpy()
-        sym = g < len(symmetric) and symmetric[g]
-        if sym and not np.array_equal(lx_np, ly_np):
-            raise ValueError(f"group {g} is marked symmetric but its lengths differ: {lx_np} vs {ly_np}")
-        groups.append(np.full(lx_np.shape[0], g, dtype=np.int64))
-        samples.append(np.arange(lx_np.shape[0], dtype=np.int64))
-        syms.append(np.full(lx_np.shape[0], sym, dtype=np.bool_))
-        ns.append(lx_np)
-        ms.append(ly_np)
-    group, sample = np.concatenate(groups), np.concatenate(samples)
-    lengths_n, lengths_m = np.concatenate(ns).astype(np.int64), np.concatenate(ms).astype(np.int64)
-    sym_tasks = np.concatenate(syms)
-    sizes = _kernels().weight_sizes(lengths_n, lengths_m, sym_tasks)
-    weight_offset = np.zeros_like(sizes)
-    np.cumsum(sizes[:-1], out=weight_offset[1:])
-    cells = np.where(sym_tasks, lengths_n * (lengths_m + 1) // 2, lengths_n * lengths_m)  # cells swept per task
+    ns = [_int64_numpy(lx) for lx, _ in lengths]
+    ms = [_int64_numpy(ly) for _, ly in lengths]
+    sym_groups = np.array([g < len(symmetric) and bool(symmetric[g]) for g in range(len(lengths))], dtype=np.int64)
+    for g in np.flatnonzero(sym_groups):
+        if not np.array_equal(ns[g], ms[g]):
+            raise ValueError(f"group {g} is marked symmetric but its lengths differ: {ns[g]} vs {ms[g]}")
+    sizes = np.array([len(n) for n in ns], dtype=np.int64)
+    tasks, weight_cells, order, bounds, cells = _kernels().plan_tasks(
+        np.concatenate(ns), np.concatenate(ms), sizes, sym_groups, _MIN_CELLS_PER_WORKER
+    )
     # a thread is worth its hand-off latency only with enough cells to sweep (~0.1 ms of work each)
-    workers = max(1, min(workers, len(cells), int(cells.sum()) // _MIN_CELLS_PER_WORKER))
-    chunks: list[np.ndarray] = []
-    pending: list[int] = []
-    pending_cells = 0
-    for t in np.argsort(-cells, kind="stable"):  # small tasks are merged so each chunk has enough work
-        pending.append(int(t))
-        pending_cells += int(cells[t])
-        if pending_cells >= _MIN_CELLS_PER_WORKER:
-            chunks.append(np.asarray(pending, dtype=np.int64))
-            pending, pending_cells = [], 0
-    if pending:
-        chunks.append(np.asarray(pending, dtype=np.int64))
-    workers = min(workers, len(chunks))
-    if workers == 1:
-        chunks = [np.concatenate(chunks)]
-    return _TaskPlan(group, sample, lengths_n, lengths_m, sym_tasks, weight_offset, int(sizes.sum()), chunks, workers)
+    workers = max(1, min(workers, len(bounds) - 1, int(cells) // _MIN_CELLS_PER_WORKER))
+    group_bounds = [0, *np.cumsum(sizes).tolist()]
+    return _TaskPlan(tasks, group_bounds, int(weight_cells), order, bounds, workers)
 
 
 def _run(kernel, plan: _TaskPlan, *args) -> None:
-    """Call `kernel(task_ids, *args)` on every chunk, pulled by up to `plan.workers` threads; re-raise errors."""
+    """Run `kernel(order, bounds, counter, tasks, *args)` in up to `plan.workers` threads (the calling one
+    included) that pull chunks from one atomic counter, so a descheduled thread never stalls the call."""
+    counter = np.zeros(1, dtype=np.int64)
+    call = (plan.order, plan.bounds, counter, plan.tasks, *args)
     if plan.workers == 1:
-        kernel(plan.chunks[0], *args)
+        kernel(*call)
         return
-    counter = itertools.count()  # next() on a count is atomic under the GIL
-
-    def work() -> None:
-        while (k := next(counter)) < len(plan.chunks):
-            kernel(plan.chunks[k], *args)
-
-    futures = [_pool().submit(work) for _ in range(plan.workers - 1)]
-    work()
+    futures = [_pool().submit(kernel, *call) for _ in range(plan.workers - 1)]
+    kernel(*call)
     for f in futures:
         f.result()
 
@@ -142,7 +121,7 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
             width = band.width.detach().to("cpu", torch.float64).contiguous().numpy()  # (batch, N)
             band_group, penalty = 0, float(band.penalty)
         else:
-            center = width = np.zeros((1, 1), dtype=np.float64)
+            center = width = _NO_BAND
             band_group, penalty = -1, 0.0
         np_dtype = arrays[0].dtype
         if store:
@@ -150,16 +129,16 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
             weights[plan.weight_cells :] = 0
         else:
             weights = np.zeros(1, dtype=np_dtype)
-        values = np.empty(plan.group.shape[0], dtype=np.float64)
-        _run(k.soft_dtw_forward, plan, arrays[0], arrays[1], arrays[2], plan.group, plan.sample,
-             plan.lengths_n, plan.lengths_m, plan.symmetric, plan.weight_offset, center, width, penalty,
-             band_group, float(gamma), store, np_dtype == np.float32, weights, values)  # fmt: skip
+        values = np.empty(plan.tasks.shape[0], dtype=np.float64)
+        _run(k.soft_dtw_forward, plan, arrays[0], arrays[1], arrays[2], center, width, penalty, band_group,
+             float(gamma), store, np_dtype == np.float32, weights, values)  # fmt: skip
         ctx.plan = plan
         ctx.weights = weights if store else None
         ctx.shapes = [tuple(c.shape) for c in costs]
         ctx.np_dtype = np_dtype
         out = torch.from_numpy(values).to(dtype)
-        return tuple(out[plan.group == g] for g in range(len(costs)))
+        b = plan.group_bounds
+        return tuple(out[b[g] : b[g + 1]] for g in range(len(costs)))
 
     @staticmethod
     def backward(ctx, *grad_values: torch.Tensor):  # type: ignore[override]
@@ -167,16 +146,16 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
             raise RuntimeError("Soft-DTW CPU forward ran without storing its weights (no input required a gradient)")
         k = _kernels()
         plan: _TaskPlan = ctx.plan
-        scale = np.empty(plan.group.shape[0], dtype=np.float64)  # dL/dR(n_b, m_b) per task
+        b = plan.group_bounds
+        scale = np.zeros(plan.tasks.shape[0], dtype=np.float64)  # dL/dR(n_b, m_b) per task
         for g, gv in enumerate(grad_values):
-            sel = plan.group == g
-            scale[sel] = 0.0 if gv is None else gv.detach().to("cpu", torch.float64).numpy()
+            if gv is not None:
+                scale[b[g] : b[g + 1]] = gv.detach().to("cpu", torch.float64).numpy()
         arrays = [np.empty(shape, dtype=ctx.np_dtype) for shape in ctx.shapes]  # NumPy: see the module docstring
         grads = [torch.from_numpy(a) for a in arrays]
         while len(arrays) < 3:
             arrays.append(arrays[0])
-        _run(k.soft_dtw_backward, plan, plan.group, plan.sample, plan.lengths_n, plan.lengths_m, plan.symmetric,
-             plan.weight_offset, ctx.weights, scale, arrays[0], arrays[1], arrays[2])  # fmt: skip
+        _run(k.soft_dtw_backward, plan, ctx.weights, scale, arrays[0], arrays[1], arrays[2])
         return (None, None, None, None, *grads)
 
 
@@ -201,11 +180,12 @@ def soft_dtw_cpu_groups(
             raise ValueError(f"group {g} is marked symmetric but its costs are not square: {tuple(costs[g].shape)}")
     device, dtype = costs[0].device, costs[0].dtype
     compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    cpu_costs = [c.to("cpu", compute) for c in costs]
+    on_cpu = device.type == "cpu" and dtype == compute
+    cpu_costs = costs if on_cpu and all(c.dtype == dtype for c in costs) else [c.to("cpu", compute) for c in costs]
     plan = _plan(lengths, torch.get_num_threads(), symmetric)
     store = torch.is_grad_enabled() and any(c.requires_grad for c in costs)  # forward-only calls skip the weights
     values = _SoftDTWCPUFunction.apply(float(gamma), plan, band, store, *cpu_costs)
-    return tuple(v.to(device, dtype) for v in values)
+    return values if on_cpu else tuple(v.to(device, dtype) for v in values)
 
 
 def soft_dtw_cpu(
