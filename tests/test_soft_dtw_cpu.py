@@ -171,6 +171,34 @@ def test_cpu_strip_edges_match_naive_loops(shape: tuple[int, int]) -> None:
     torch.testing.assert_close(got_g, want_g, rtol=1e-8, atol=1e-10)
 
 
+def test_cpu_uninitialised_workspace_never_leaks(monkeypatch) -> None:
+    # the weight workspace is np.empty (reused heap memory): fill it with NaN instead, and every ragged, symmetric or
+    # strip-edge case must still match the loops (a slot read before it is written would turn gradients into NaN)
+    import numpy as np
+
+    from dwakd.ops.soft_dtw import cpu
+
+    monkeypatch.setattr(cpu, "_new_workspace", lambda shape, dtype: np.full(shape, np.nan, dtype=dtype))
+    for n_rows, n_cols in ((16, 15), (17, 33), (1, 7), (40, 40)):
+        cost, _, _ = random_batch(3, n_rows, n_cols, seed=n_rows + n_cols, ragged=False)
+        lx = torch.tensor([n_rows, max(1, n_rows // 2), 1])
+        ly = torch.tensor([n_cols, max(1, n_cols - 3), max(1, n_cols // 3)])
+        got_v, got_g = _value_and_grad(cost, 0.1, lx, ly, None, "cpu")
+        want_v, want_g = naive_batch(cost, 0.1, lx, ly)
+        torch.testing.assert_close(got_v, want_v, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got_g, want_g, rtol=1e-8, atol=1e-10)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 33, 4, generator=gen, dtype=torch.float64)
+    cost = cosine_cost(x, x)
+    lengths = torch.tensor([33, 16, 17])
+    leaf = cost.clone().requires_grad_(True)
+    (value,) = soft_dtw_cpu_groups([leaf], [(lengths, lengths)], 0.1, symmetric=(True,))
+    (grad,) = torch.autograd.grad(value.sum(), leaf)
+    want_v, want_g = naive_batch(cost, 0.1, lengths, lengths)
+    torch.testing.assert_close(value, want_v, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, want_g, rtol=1e-8, atol=1e-10)
+
+
 def test_cpu_forward_only_call_gives_the_same_values() -> None:
     # without a gradient the forward skips the softmin weights: same values bit for bit, for one batch and the
     # divergence's three (symmetric self terms included)

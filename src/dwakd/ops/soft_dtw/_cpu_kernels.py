@@ -23,22 +23,27 @@ strips[p, j + k, k] = C̃(16p + k + 1, j), each cost row read once and contiguou
 diagonal is then a run of whole 16-row segments, one contiguous copy each. The backward writes E through the same
 layout and un-skews it into the (N, M) gradient strip by strip at the end.
 
-Storage. R' lives in a ring of three diagonals indexed by the row i (L1-resident); the only state kept for the
-backward is the three softmin weights of every cell, stored per diagonal in three planes (↖, ↑, ←) that each
-cover rows lo − 1 … hi + 1 of the diagonal (zero in the two end slots, so the backward needs no bounds logic) plus
+Storage. R' lives in a ring of three diagonals indexed by the row i (L1-resident); the three softmin weights of
+every cell (the E-recursion's input) are stored per diagonal in three planes (↖, ↑, ←) that each cover
+rows lo − 1 … hi + 1 of the diagonal (zero in the two end slots, so the backward needs no bounds logic) plus
 padding up to a multiple of `VL` cells: every vector loop runs over a whole number of vectors (the padding lanes
 compute junk that nothing reads) instead of ending in a scalar remainder loop.
 
-Backward: the expected-alignment recursion of Cuturi & Blondel (2017), E(i, j) = E(i+1, j)·w↑(i+1, j) +
+Gradient: the expected-alignment recursion of Cuturi & Blondel (2017), E(i, j) = E(i+1, j)·w↑(i+1, j) +
 E(i, j+1)·w←(i, j+1) + E(i+1, j+1)·w↖(i+1, j+1), multiply-adds only, E in a ring of three diagonals, copied into
-the strips and finally un-skewed (times dL/dR) into the (N, M) gradient.
+the strips and finally un-skewed into the (N, M) layout of the cost. E does not depend on dL/dR, so when a gradient
+is wanted it runs inside the forward call, task by task, right after the task's DP: the weights live in a per-thread
+workspace, written by the DP and read back in reverse diagonal order while they are still in cache, instead of
+travelling through memory (12 B/cell out and back in) to a later backward call. The forward then keeps only E
+(4 B/cell), and the backward multiplies it by dL/dR.
 
 Symmetric tasks (the divergence's self terms, C(i, j) = C(j, i), n = m): R and E are symmetric, so only the upper
 half i ≤ j is swept; on odd diagonals the one mirrored cell (k + 1, k) next to the half that the next diagonals read
 is copied from (k, k + 1) (R, E, and the weights with ↑ and ← swapped), and the gradient is written to both halves.
 Only the upper triangle of C is read.
 
-Workspaces (strips, rings) are allocated once per kernel call, sized for the largest task of the call.
+Workspaces (strips, rings) are allocated once per kernel call, sized for the largest task of the call; the weight
+workspace (one per thread) comes from the caller.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ _Q0, _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7 = (_F(1.442694067955017), _F(-0.721343934
 _T_MIN = _F(-125.0)  # 2^t is clamped at 2^−125 (keeps every result a normal float32)
 _TWO_THIRDS_BITS = np.int32(0x3F2AAAAB)  # bit pattern of float32(2/3): log2 splits s = 2^e·m with m ∈ [2/3, 4/3)
 _ONE = _F(1.0)
+_23 = np.int32(23)  # float32 mantissa bits
 
 
 @intrinsic
@@ -97,6 +103,28 @@ def _f32_as_i32(typingctx, value):  # noqa: ARG001
         return builder.bitcast(args[0], ir.IntType(32))
 
     return sig, codegen
+
+
+def _i32_binary(name: str, doc: str):
+    """An int32 ⊕ int32 → int32 intrinsic (numba promotes int32 arithmetic to int64; 64-bit vector shifts do not
+    exist on AVX2 and would be emulated with shuffles in the softmin loop)."""
+
+    def impl(typingctx, a, b):  # noqa: ARG001
+        sig = types.int32(types.int32, types.int32)
+
+        def codegen(context, builder, signature, args):  # noqa: ARG001
+            return getattr(builder, name)(args[0], args[1])
+
+        return sig, codegen
+
+    impl.__doc__ = doc
+    return intrinsic(impl)
+
+
+_i32_add = _i32_binary("add", "a + b in int32 (wrapping).")
+_i32_sub = _i32_binary("sub", "a − b in int32 (wrapping).")
+_i32_shl = _i32_binary("shl", "a << b in int32.")
+_i32_sar = _i32_binary("ashr", "a >> b in int32 (arithmetic).")
 
 
 @intrinsic
@@ -126,15 +154,15 @@ def _exp2_nonpos_f32(t):
     f = tc - k  # ∈ [−½, ½], exact
     f2 = f * f
     p = _ONE + f * ((_E1 + f * _E2) + f2 * ((_E3 + f * _E4) + f2 * _E5))  # Estrin: short dependency chain
-    return _i32_as_f32(_f32_as_i32(p) + (np.int32(k) << np.int32(23)))  # p·2^k, k ∈ [−125, 0]: stays normal
+    return _i32_as_f32(_i32_add(_f32_as_i32(p), _i32_shl(np.int32(k), _23)))  # p·2^k, k ∈ [−125, 0]: stays normal
 
 
 @njit(inline="always", **_OPTS)
 def _log2_pos_f32(s):
     """log2(s) for a normal float32 s > 0 without libm (used on s ∈ [1, 3]): s = 2^e·m, m ∈ [⅔, 4/3), polynomial."""
     bits = _f32_as_i32(s)
-    e = (bits - _TWO_THIRDS_BITS) >> np.int32(23)
-    x = _i32_as_f32(bits - (e << np.int32(23))) - _ONE  # m − 1 ∈ [−⅓, ⅓)
+    e = _i32_sar(_i32_sub(bits, _TWO_THIRDS_BITS), _23)
+    x = _i32_as_f32(_i32_sub(bits, _i32_shl(e, _23))) - _ONE  # m − 1 ∈ [−⅓, ⅓)
     x2 = x * x
     x4 = x2 * x2
     q = ((_Q0 + x * _Q1) + x2 * (_Q2 + x * _Q3)) + x4 * ((_Q4 + x * _Q5) + x2 * (_Q6 + x * _Q7))
@@ -179,22 +207,23 @@ def _plane_size(count):
 
 
 # Columns of the task table `tasks` (one int64 row per (group, sample) DP).
-GROUP, SAMPLE, ROWS, COLS, SYMMETRIC, WEIGHTS = range(6)
+GROUP, SAMPLE, ROWS, COLS, SYMMETRIC = range(5)
 
 
 @njit(**_OPTS)
 def plan_tasks(lengths_n, lengths_m, group_sizes, symmetric_groups, min_cells):
-    """Task table, weight offsets and chunks of work for groups of per-sample lengths (concatenated).
+    """Task table, weight workspace size and chunks of work for groups of per-sample lengths (concatenated).
 
-    Returns (tasks (T, 6) int64 [group, sample, n, m, symmetric, weight offset], total weights, order (T,) task ids
-    by decreasing work, bounds (chunks + 1,): chunk c is order[bounds[c]:bounds[c + 1]], total cells swept).
-    Small tasks are merged so that each chunk sweeps at least `min_cells` cells (a thread hand-off costs ~10 µs).
+    Returns (tasks (T, 5) int64 [group, sample, n, m, symmetric], the largest task's weight count (the per-thread
+    workspace), order (T,) task ids by decreasing work, bounds (chunks + 1,): chunk c is order[bounds[c]:bounds[c + 1]],
+    total cells swept). Small tasks are merged so that each chunk sweeps at least `min_cells` cells (a thread
+    hand-off costs ~10 µs).
     """
     count = lengths_n.shape[0]
-    tasks = np.empty((count, 6), dtype=np.int64)
+    tasks = np.empty((count, 5), dtype=np.int64)
     work = np.empty(count, dtype=np.int64)
     t = 0
-    total = 0
+    largest = 0
     for g in range(group_sizes.shape[0]):
         for b in range(group_sizes[g]):
             n = lengths_n[t]
@@ -205,12 +234,13 @@ def plan_tasks(lengths_n, lengths_m, group_sizes, symmetric_groups, min_cells):
             tasks[t, ROWS] = n
             tasks[t, COLS] = m
             tasks[t, SYMMETRIC] = symmetric
-            tasks[t, WEIGHTS] = total
+            size = 0
             for d in range(2, n + m + 1):
                 last = min(n, d - 1)
                 if symmetric:
                     last = min(last, d // 2)
-                total += 3 * _plane_size(last - max(1, d - m) + 1)
+                size += 3 * _plane_size(last - max(1, d - m) + 1)
+            largest = max(largest, size)
             work[t] = n * (m + 1) // 2 if symmetric else n * m
             t += 1
     order = np.argsort(-work, kind="mergesort")
@@ -224,7 +254,7 @@ def plan_tasks(lengths_n, lengths_m, group_sizes, symmetric_groups, min_cells):
             chunks += 1
             bounds[chunks] = k + 1
             pending = 0
-    return tasks, total, order, bounds[: chunks + 1], work.sum()
+    return tasks, largest, order, bounds[: chunks + 1], work.sum()
 
 
 @njit(inline="always", **_OPTS)
@@ -334,10 +364,9 @@ def _diagonal_to_strips(values, d, first, last, strips):
 
 
 @njit(**_OPTS)
-def _strips_to_grad(strips, n, m, symmetric, scale, grad):
-    """grad[i − 1, j − 1] = scale·E(i, j) from the strip-skewed E (both halves if symmetric), zero on padding."""
+def _strips_to_grad(strips, n, m, symmetric, grad):
+    """grad[i − 1, j − 1] = E(i, j) from the strip-skewed E (both halves if symmetric), zero on padding."""
     dt = grad.dtype.type
-    s = dt(scale)
     for p in range((n + STRIP - 1) // STRIP):
         src = strips[p]
         i0 = p * STRIP + 1
@@ -345,12 +374,12 @@ def _strips_to_grad(strips, n, m, symmetric, scale, grad):
             i = i0 + k
             row = grad[i - 1]
             for j in range(i if symmetric else 1, m + 1):
-                row[j - 1] = s * dt(src[j + k, k])
+                row[j - 1] = dt(src[j + k, k])
         if symmetric:  # the lower triangle of this strip's columns: one contiguous run per row
             for j in range(i0 + 1, m + 1):
                 row = grad[j - 1]
                 for k in range(min(STRIP, j - i0)):
-                    row[i0 + k - 1] = s * dt(src[j + k, k])
+                    row[i0 + k - 1] = dt(src[j + k, k])
     zero = dt(0.0)
     for i in range(n):
         grad[i, m:] = zero
@@ -400,10 +429,12 @@ def _forward_task(cost, n, m, symmetric, band_center, band_width, penalty, bande
         _pass2(t_diag, t_up, t_left, log_s, w_diag, w_up, w_left, store, poly32, lanes)
         _pass3(c_buf[first : first + lanes], scale, low[:lanes], log_s, r_out[first : first + lanes], lanes)
         last = first + count - 1
-        if store:  # end slots: rows first − 1 and last + 1 carry zero weight (or the mirrored cell, below)
+        if store:  # end slots: rows first − 1 and last + 1 carry zero weight (or the mirrored cell, below); the
+            # last slot (written by no lane when count < lanes) too, so that every slot of the block is written
             for p in range(3):
                 weights[base + p * plane] = dt(0.0)
                 weights[base + p * plane + count + 1] = dt(0.0)
+                weights[base + p * plane + lanes + 1] = dt(0.0)
         if symmetric and d % 2 == 1:
             # rows ≤ last = (d − 1)/2 were swept; the next diagonal reads (last + 1, last) = (last, last + 1)
             r_out[last + 1] = r_out[last]
@@ -419,14 +450,18 @@ def _forward_task(cost, n, m, symmetric, band_center, band_width, penalty, bande
 
 @njit(nogil=True, **_OPTS)
 def soft_dtw_forward(order, bounds, counter, tasks, costs0, costs1, costs2, band_center, band_width, penalty,
-                     band_group, gamma, store, poly32, weights, values):  # fmt: skip
-    """Forward of chunks of tasks without the GIL; every calling thread pulls the next chunk from `counter`.
+                     band_group, gamma, poly32, weights, values, grads0, grads1, grads2):  # fmt: skip
+    """Forward (and, with a gradient, the E-recursion) of chunks of tasks without the GIL; every calling thread
+    pulls the next chunk from `counter`.
 
-    Task t reads costs{g}[b] (g, b = its group and sample; its top-left (n, m) block, only i ≤ j if symmetric),
-    writes values[t] = R(n, m) (float64) and, if `store`, its weights from weights[offset]. The band applies to group
-    `band_group` only. `poly32`: float32 buffers, polynomial 2^t and log2 (see the module docstring).
+    Task t reads costs{g}[b] (g, b = its group and sample; its top-left (n, m) block, only i ≤ j if symmetric) and
+    writes values[t] = R(n, m) (float64). If `weights` has more than one element (a workspace of the largest task's
+    weight count, one per thread), the task's softmin weights go there and the E-recursion runs right away, while
+    they are still in cache: grads{g}[b] = dR(n, m)/dC (zero on padding). The band applies to group `band_group`
+    only. `poly32`: float32 buffers, polynomial 2^t and log2 (see the module docstring).
     """
     scale = LOG2E / gamma
+    store = weights.shape[0] > 1
     strips = _strip_workspace(tasks, weights.dtype)
     while True:
         chunk = _fetch_add(counter, 0)
@@ -436,13 +471,18 @@ def soft_dtw_forward(order, bounds, counter, tasks, costs0, costs1, costs2, band
             t = order[k]
             g = tasks[t, GROUP]
             b = tasks[t, SAMPLE]
+            n = tasks[t, ROWS]
+            m = tasks[t, COLS]
+            symmetric = tasks[t, SYMMETRIC] != 0
             cost = costs0[b] if g == 0 else (costs1[b] if g == 1 else costs2[b])
             banded = g == band_group
             bb = b if banded else 0
-            block = weights[tasks[t, WEIGHTS] :] if store else weights
-            r_end = _forward_task(cost, tasks[t, ROWS], tasks[t, COLS], tasks[t, SYMMETRIC] != 0, band_center[bb],
-                                  band_width[bb], penalty, banded, scale, store, poly32, block, strips)  # fmt: skip
+            r_end = _forward_task(cost, n, m, symmetric, band_center[bb], band_width[bb], penalty, banded, scale,
+                                  store, poly32, weights, strips)  # fmt: skip
             values[t] = r_end * (gamma * LN2)
+            if store:
+                grad = grads0[b] if g == 0 else (grads1[b] if g == 1 else grads2[b])
+                _backward_task(n, m, symmetric, weights, grad, strips)
 
 
 @njit(**_OPTS)
@@ -461,8 +501,8 @@ def _sweep_backward(e_down, w_up, e_right, w_left, e_diag, w_diag, e_out, count)
 
 
 @njit(**_OPTS)
-def _backward_task(n, m, symmetric, weights, scale, grad, strips):
-    """E-recursion of one task from its weights; writes scale·E into grad (N, M), zero on padding."""
+def _backward_task(n, m, symmetric, weights, grad, strips):
+    """E-recursion of one task from its weights; writes E = dR(n, m)/dC into grad (N, M), zero on padding."""
     lo_d, cnt_d, off_d = _layout(n, m, symmetric)
     ring = np.zeros((3, n + 2 * VL + 3), dtype=weights.dtype)  # E of diagonals d, d + 1, d + 2 (rows index)
     ring[(n + m) % 3, n] = 1.0  # E(n, m) = 1
@@ -474,7 +514,8 @@ def _backward_task(n, m, symmetric, weights, scale, grad, strips):
         # weight slot of row q on diagonal d + 1: base1 + plane·p + q (slot 0 is row lo − 1); same for d + 2
         plane1 = _plane_size(cnt_d[d + 1])
         base1 = off_d[d + 1] + 1 - lo_d[d + 1]
-        base2 = off_d[d + 2] + 1 - lo_d[d + 2] if d + 2 <= n + m else 0  # diagonal n + m + 1: E = 0 there
+        # diagonal n + m + 1 does not exist (E = 0 there): any written, finite weights of the block do
+        base2 = off_d[d + 2] + 1 - lo_d[d + 2] if d + 2 <= n + m else 0
         e_out = ring[d % 3]
         e_next = ring[(d + 1) % 3]
         e_next2 = ring[(d + 2) % 3]
@@ -489,21 +530,4 @@ def _backward_task(n, m, symmetric, weights, scale, grad, strips):
         e_out[first - 1] = 0.0  # rows outside [first, last] are the E = 0 boundary (or the mirrored cell)
         e_out[last + 1] = e_out[last] if symmetric and d % 2 == 1 else 0.0
         _diagonal_to_strips(e_out, d, first, last, strips)
-    _strips_to_grad(strips, n, m, symmetric, scale, grad)
-
-
-@njit(nogil=True, **_OPTS)
-def soft_dtw_backward(order, bounds, counter, tasks, weights, scale, grads0, grads1, grads2):
-    """Backward of chunks of tasks without the GIL (chunks pulled from `counter`): grads{g}[b] = scale[t]·dR/dC."""
-    strips = _strip_workspace(tasks, weights.dtype)
-    while True:
-        chunk = _fetch_add(counter, 0)
-        if chunk >= bounds.shape[0] - 1:
-            break
-        for k in range(bounds[chunk], bounds[chunk + 1]):
-            t = order[k]
-            g = tasks[t, GROUP]
-            b = tasks[t, SAMPLE]
-            grad = grads0[b] if g == 0 else (grads1[b] if g == 1 else grads2[b])
-            _backward_task(tasks[t, ROWS], tasks[t, COLS], tasks[t, SYMMETRIC] != 0, weights[tasks[t, WEIGHTS] :],
-                           scale[t], grad, strips)  # fmt: skip
+    _strips_to_grad(strips, n, m, symmetric, grad)

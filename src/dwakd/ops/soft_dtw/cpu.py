@@ -7,11 +7,14 @@ and pulling work (rather than a static split) keeps a descheduled thread on a bu
 the calling thread simply takes the remaining chunks. A group can be marked symmetric (C(i, j) = C(j, i) and
 n = m per sample, as for the divergence's self terms): its tasks sweep only the upper half of the grid.
 
-Memory kept for backward: the three softmin weights per computed cell (padded per diagonal, see `_cpu_kernels`), in
-the compute dtype (≈ 12 bytes per cell in float32); nothing else, and nothing at all when no cost requires a
-gradient (the forward then skips the weights). Working memory: rings of three diagonals per running task.
-float32 and float64 are computed natively; other dtypes (bf16, fp16) are computed in float32. Buffers come from
-NumPy (glibc reuses freed blocks of the same size; torch's CPU allocator page-faults each fresh block in again).
+With a gradient, the forward call also computes E = dR(n, m)/dC of every task (the E-recursion does not depend on
+dL/dR; running it right after each task's DP keeps the softmin weights in a per-thread, cache-hot workspace); the
+backward only multiplies E by dL/dR. Memory kept for backward: E in the layout of the costs, in the compute dtype
+(4 bytes per cost entry in float32); nothing at all when no cost requires a gradient (the forward then skips the
+weights and E). Working memory per thread: the weights of its largest task (≈ 12 bytes per cell in float32), the
+strip-skewed cost, rings of three diagonals. float32 and float64 are computed natively; other dtypes (bf16, fp16)
+are computed in float32. Buffers come from NumPy (glibc reuses freed blocks of the same size; torch's CPU
+allocator page-faults each fresh block in again).
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import torch
 from dwakd.ops.soft_dtw.band import SoftBand
 
 _MIN_CELLS_PER_WORKER = 1 << 15
-# Zeroed slots after the last task's weights: the kernels' padded vector lanes may read up to two diagonals' worth
-# of planes past a task's block (values they never use, but they must be finite and in bounds).
-_WEIGHT_TAIL = 8 * 64
+# Zeroed slots after a task's weights: the kernels' padded vector lanes may read a few planes past a task's block
+# (values they never use, but they must be finite and in bounds).
+_WEIGHT_TAIL = 8 * 64  # a few planes: the padded lanes of the last diagonals read past the task's weights
 _NO_BAND = np.zeros((1, 1), dtype=np.float64)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -44,6 +47,12 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def _new_workspace(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Uninitialised memory for the kernels' weights (a hook: the tests fill it with NaN to prove that no slot the
+    kernels read is left unwritten)."""
+    return np.empty(shape, dtype=dtype)
+
+
 def _kernels():
     """The numba kernel module, imported lazily (first import compiles or loads the on-disk cache)."""
     from dwakd.ops.soft_dtw import _cpu_kernels
@@ -55,9 +64,9 @@ def _kernels():
 class _TaskPlan:
     """Every (group, sample) DP of one call: the kernels' task table and the chunks of work threads pull."""
 
-    tasks: np.ndarray  # (T, 6) int64: group, sample, n, m, symmetric, weight offset (see _cpu_kernels.plan_tasks)
+    tasks: np.ndarray  # (T, 5) int64: group, sample, n, m, symmetric (see _cpu_kernels.plan_tasks)
     group_bounds: list[int]  # tasks of group g are rows group_bounds[g]:group_bounds[g + 1] (in group order)
-    weight_cells: int  # weights over all tasks
+    weight_cells: int  # weights of the largest task: the per-thread workspace of a call with a gradient
     order: np.ndarray  # (T,) int64: task ids by decreasing work
     bounds: np.ndarray  # (chunks + 1,) int64: chunk c is order[bounds[c]:bounds[c + 1]]
     workers: int  # threads to use (1: run in the calling thread)
@@ -76,36 +85,48 @@ def _plan(
     """Build the task list for groups with per-sample (lengths_x, lengths_y); `symmetric[g]` marks group g."""
     ns = [_int64_numpy(lx) for lx, _ in lengths]
     ms = [_int64_numpy(ly) for _, ly in lengths]
-    sym_groups = np.array([g < len(symmetric) and bool(symmetric[g]) for g in range(len(lengths))], dtype=np.int64)
-    for g in np.flatnonzero(sym_groups):
-        if not np.array_equal(ns[g], ms[g]):
-            raise ValueError(f"group {g} is marked symmetric but its lengths differ: {ns[g]} vs {ms[g]}")
-    sizes = np.array([len(n) for n in ns], dtype=np.int64)
+    sym_groups = np.zeros(len(lengths), dtype=np.int64)
+    for g, sym in enumerate(symmetric):
+        if sym:
+            if not np.array_equal(ns[g], ms[g]):
+                raise ValueError(f"group {g} is marked symmetric but its lengths differ: {ns[g]} vs {ms[g]}")
+            sym_groups[g] = 1
+    sizes = [len(n) for n in ns]
     tasks, weight_cells, order, bounds, cells = _kernels().plan_tasks(
-        np.concatenate(ns), np.concatenate(ms), sizes, sym_groups, _MIN_CELLS_PER_WORKER
+        np.concatenate(ns), np.concatenate(ms), np.array(sizes, dtype=np.int64), sym_groups, _MIN_CELLS_PER_WORKER
     )
     # a thread is worth its hand-off latency only with enough cells to sweep (~0.1 ms of work each)
     workers = max(1, min(workers, len(bounds) - 1, int(cells) // _MIN_CELLS_PER_WORKER))
-    group_bounds = [0, *np.cumsum(sizes).tolist()]
+    group_bounds = [0]
+    for size in sizes:
+        group_bounds.append(group_bounds[-1] + size)
     return _TaskPlan(tasks, group_bounds, int(weight_cells), order, bounds, workers)
 
 
-def _run(kernel, plan: _TaskPlan, *args) -> None:
-    """Run `kernel(order, bounds, counter, tasks, *args)` in up to `plan.workers` threads (the calling one
-    included) that pull chunks from one atomic counter, so a descheduled thread never stalls the call."""
+def _run(kernel, plan: _TaskPlan, args: tuple, per_thread: list | None = None) -> None:
+    """Run `kernel(order, bounds, counter, tasks, *args[:-?])` in up to `plan.workers` threads (the calling one
+    included) that pull chunks from one atomic counter, so a descheduled thread never stalls the call.
+
+    `per_thread[i]`, if given, is inserted at the position of the None in `args` for thread i (its workspace).
+    """
     counter = np.zeros(1, dtype=np.int64)
-    call = (plan.order, plan.bounds, counter, plan.tasks, *args)
+
+    def call(i: int) -> None:
+        own = args if per_thread is None else tuple(per_thread[i] if a is None else a for a in args)
+        kernel(plan.order, plan.bounds, counter, plan.tasks, *own)
+
     if plan.workers == 1:
-        kernel(*call)
+        call(0)
         return
-    futures = [_pool().submit(kernel, *call) for _ in range(plan.workers - 1)]
-    kernel(*call)
+    futures = [_pool().submit(call, i) for i in range(1, plan.workers)]
+    call(0)
     for f in futures:
         f.result()
 
 
 class _SoftDTWCPUFunction(torch.autograd.Function):
-    """Values R(n_b, m_b) of up to three cost batches in one threaded sweep; backward from stored softmin weights."""
+    """Values R(n_b, m_b) of up to three cost batches in one threaded sweep; with a gradient the same sweep also
+    computes E = dR/dC (see `_cpu_kernels`), and the backward scales it by dL/dR."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -125,37 +146,31 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
             band_group, penalty = -1, 0.0
         np_dtype = arrays[0].dtype
         if store:
-            weights = np.empty(plan.weight_cells + _WEIGHT_TAIL, dtype=np_dtype)
-            weights[plan.weight_cells :] = 0
+            # one weight workspace per thread (largest task + a zeroed tail for the padded vector lanes), and E
+            workspace = _new_workspace((plan.workers, plan.weight_cells + _WEIGHT_TAIL), np_dtype)
+            workspace[:, plan.weight_cells :] = 0
+            per_thread = list(workspace)
+            grads = [np.empty(c.shape, dtype=np_dtype) for c in costs]  # NumPy: see the module docstring
         else:
-            weights = np.zeros(1, dtype=np_dtype)
+            per_thread = [np.zeros(1, dtype=np_dtype)]  # a one-element "workspace" means: values only
+            grads = [np.zeros((1, 1, 1), dtype=np_dtype)]
+        outs = grads + [grads[0]] * (3 - len(grads))
         values = np.empty(plan.tasks.shape[0], dtype=np.float64)
-        _run(k.soft_dtw_forward, plan, arrays[0], arrays[1], arrays[2], center, width, penalty, band_group,
-             float(gamma), store, np_dtype == np.float32, weights, values)  # fmt: skip
-        ctx.plan = plan
-        ctx.weights = weights if store else None
-        ctx.shapes = [tuple(c.shape) for c in costs]
-        ctx.np_dtype = np_dtype
+        _run(k.soft_dtw_forward, plan, (arrays[0], arrays[1], arrays[2], center, width, penalty, band_group,
+             float(gamma), np_dtype == np.float32, None, values, *outs), per_thread)  # fmt: skip
+        ctx.expected_alignments = [torch.from_numpy(e) for e in grads] if store else None
         out = torch.from_numpy(values).to(dtype)
         b = plan.group_bounds
         return tuple(out[b[g] : b[g + 1]] for g in range(len(costs)))
 
     @staticmethod
     def backward(ctx, *grad_values: torch.Tensor):  # type: ignore[override]
-        if ctx.weights is None:
-            raise RuntimeError("Soft-DTW CPU forward ran without storing its weights (no input required a gradient)")
-        k = _kernels()
-        plan: _TaskPlan = ctx.plan
-        b = plan.group_bounds
-        scale = np.zeros(plan.tasks.shape[0], dtype=np.float64)  # dL/dR(n_b, m_b) per task
-        for g, gv in enumerate(grad_values):
-            if gv is not None:
-                scale[b[g] : b[g + 1]] = gv.detach().to("cpu", torch.float64).numpy()
-        arrays = [np.empty(shape, dtype=ctx.np_dtype) for shape in ctx.shapes]  # NumPy: see the module docstring
-        grads = [torch.from_numpy(a) for a in arrays]
-        while len(arrays) < 3:
-            arrays.append(arrays[0])
-        _run(k.soft_dtw_backward, plan, ctx.weights, scale, arrays[0], arrays[1], arrays[2])
+        if ctx.expected_alignments is None:
+            raise RuntimeError("Soft-DTW CPU forward ran without a gradient (no input required one)")
+        grads = tuple(
+            None if gv is None else e * gv.detach().to(e.dtype).view(-1, 1, 1)  # a fresh tensor: E is reused
+            for e, gv in zip(ctx.expected_alignments, grad_values)
+        )
         return (None, None, None, None, *grads)
 
 
