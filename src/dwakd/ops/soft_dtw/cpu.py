@@ -158,7 +158,7 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
         values = np.empty(plan.tasks.shape[0], dtype=np.float64)
         _run(k.soft_dtw_forward, plan, (arrays[0], arrays[1], arrays[2], center, width, penalty, band_group,
              float(gamma), np_dtype == np.float32, None, values, *outs), per_thread)  # fmt: skip
-        ctx.expected_alignments = [torch.from_numpy(e) for e in grads] if store else None
+        ctx.expected_alignments = grads if store else None  # (batch_g, N_g, M_g) NumPy arrays: E = dR(n, m)/dC
         out = torch.from_numpy(values).to(dtype)
         b = plan.group_bounds
         return tuple(out[b[g] : b[g + 1]] for g in range(len(costs)))
@@ -167,10 +167,15 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
     def backward(ctx, *grad_values: torch.Tensor):  # type: ignore[override]
         if ctx.expected_alignments is None:
             raise RuntimeError("Soft-DTW CPU forward ran without a gradient (no input required one)")
-        grads = tuple(
-            None if gv is None else e * gv.detach().to(e.dtype).view(-1, 1, 1)  # a fresh tensor: E is reused
-            for e, gv in zip(ctx.expected_alignments, grad_values)
-        )
+        grads = []
+        for e, gv in zip(ctx.expected_alignments, grad_values):
+            if gv is None:
+                grads.append(None)
+                continue
+            scale = gv.detach().to("cpu", torch.float64).numpy().astype(e.dtype)[:, None, None]  # (batch, 1, 1)
+            out = np.empty_like(e)  # a fresh array (E is kept for another backward), NumPy-allocated
+            np.multiply(e, scale, out=out)
+            grads.append(torch.from_numpy(out))
         return (None, None, None, None, *grads)
 
 
