@@ -242,17 +242,24 @@ def test_cpu_double_backward_pass_and_grad_scale() -> None:
 
 
 def test_cpu_result_independent_of_thread_count() -> None:
+    # threads pull chunks of tasks (with a gradient: each with its own weight workspace); forward-only calls too
     cost, lx, ly = random_batch(7, 120, 100, seed=12, dtype=torch.float32, ragged=False)
+    gen = torch.Generator().manual_seed(12)
+    x, y = torch.randn(5, 90, 6, generator=gen), torch.randn(5, 70, 6, generator=gen)
+    results = []
     previous = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        v1, g1 = _value_and_grad(cost, 0.1, lx, ly, None, "cpu")
-        torch.set_num_threads(2)
-        v2, g2 = _value_and_grad(cost, 0.1, lx, ly, None, "cpu")
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            value, grad = _value_and_grad(cost, 0.1, lx, ly, None, "cpu")
+            with torch.no_grad():
+                plain = soft_dtw(cost, 0.1, lx, ly, impl="cpu")
+                divergence = soft_dtw_divergence(x, y, 0.1, impl="cpu")
+            results.append((value, grad, plain, divergence))
     finally:
         torch.set_num_threads(previous)
-    torch.testing.assert_close(v1, v2, rtol=0, atol=0)
-    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    for one, two in zip(*results):
+        torch.testing.assert_close(one, two, rtol=0, atol=0)
 
 
 def test_cpu_bfloat16_costs_computed_in_float32() -> None:

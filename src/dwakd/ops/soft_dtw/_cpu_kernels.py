@@ -10,14 +10,14 @@ Forward, per anti-diagonal d = i + j (all cells of a diagonal are independent):
 2. pass 1 (float64): low and the three exponents t_k = low − R'_k ≤ 0, rounded to the compute dtype;
 3. pass 2 (compute dtype): 2^t_k, s = Σ_k 2^t_k ∈ [1, 3], log2 s and the three softmin weights 2^t_k / s;
 4. pass 3 (float64): R' = C̃·log2(e)/γ + low − log2 s.
-Passes 1–3 are separate loops over one diagonal so that pass 2 (≈ 80 % of the work) is a pure float32 loop: LLVM
+Passes 1–3 are separate loops over one diagonal so that pass 2 (the bulk of the work) is a pure float32 loop: LLVM
 vectorises it at the full float32 width (8 lanes on AVX2, 16 on AVX-512) instead of the float64 width that one
 fused loop gets. For float32, 2^t and log2 are polynomial kernels (no libm call, vectorisable; relative error
 ≤ 2.5e-7 for 2^t, absolute error ≤ 2e-7 for log2 on [1, 3]); for float64, libm (exact to double).
 
 Strips. Reading an anti-diagonal straight from the row-major (N, M) cost touches one cache line per row, and
 rows 4·M bytes apart (a power of two for the usual lengths) share a handful of cache sets: that gather cost as much
-as the softmin itself. So the cost is first skewed strip by strip: rows are grouped in strips of STRIP = 16,
+as the whole softmin pass. So the cost is first skewed strip by strip: rows are grouped in strips of STRIP = 16,
 strips[p, j + k, k] = C̃(16p + k + 1, j), each cost row read once and contiguously, the band penalty
 ρ·[|j − c_i| > w_i] added here (in float64, then rounded to the compute dtype like the reference's dense C̃). A
 diagonal is then a run of whole 16-row segments, one contiguous copy each. The backward writes E through the same
@@ -61,7 +61,8 @@ from numba.extending import intrinsic
 _FMA = {"contract"}
 _OPTS = {"cache": True, "error_model": "numpy", "fastmath": _FMA}
 
-# R' of the DP boundary (+inf) in the scaled units: 2^(low − BIG) is exactly 0 and BIG stays finite, so no inf − inf.
+# R' of the DP boundary (+inf) in the scaled units: 2^(low − BIG) underflows (float64) or is clamped to 2^−125 (the
+# float32 kernel), and BIG stays finite, so no inf − inf appears.
 BIG = 1e30
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

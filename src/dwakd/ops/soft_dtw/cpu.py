@@ -104,10 +104,10 @@ def _plan(
 
 
 def _run(kernel, plan: _TaskPlan, args: tuple, per_thread: list | None = None) -> None:
-    """Run `kernel(order, bounds, counter, tasks, *args[:-?])` in up to `plan.workers` threads (the calling one
-    included) that pull chunks from one atomic counter, so a descheduled thread never stalls the call.
+    """Run `kernel(order, bounds, counter, tasks, *args)` in up to `plan.workers` threads (the calling one included)
+    that pull chunks from one atomic counter, so a descheduled thread never stalls the call.
 
-    `per_thread[i]`, if given, is inserted at the position of the None in `args` for thread i (its workspace).
+    `per_thread[i]`, if given, replaces the None in `args` for thread i (its own workspace).
     """
     counter = np.zeros(1, dtype=np.int64)
 
@@ -152,7 +152,7 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
             per_thread = list(workspace)
             grads = [np.empty(c.shape, dtype=np_dtype) for c in costs]  # NumPy: see the module docstring
         else:
-            per_thread = [np.zeros(1, dtype=np_dtype)]  # a one-element "workspace" means: values only
+            per_thread = [np.zeros(1, dtype=np_dtype)] * plan.workers  # a one-element "workspace": values only
             grads = [np.zeros((1, 1, 1), dtype=np_dtype)]
         outs = grads + [grads[0]] * (3 - len(grads))
         values = np.empty(plan.tasks.shape[0], dtype=np.float64)
