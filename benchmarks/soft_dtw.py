@@ -1,20 +1,26 @@
 """Benchmark: Soft-DTW forward+backward of dwakd's fast path against every installable peer, on the same costs.
 
 Every implementation receives the *same* precomputed (batch, N, M) cosine-cost tensor (requires_grad) and is timed
-on `value.sum().backward()` (forward + backward + the framework glue each one needs). Rounds are interleaved across
-implementations so background load hits all of them alike; medians are reported, and ratios are measured in the
-same run. Accuracy: each implementation's values and gradients against a float64 reference computed on the same
-costs (dwakd's float64 CPU path, itself checked against the plain-PyTorch reference by the unit tests and, here,
-on every configuration with N ≤ --torch-ref-max-len).
+on `value.sum().backward()` (forward + backward + the framework glue each one needs, through each one's public
+autograd function). Rounds are interleaved across implementations so background load hits all of them alike;
+medians and best-of-N are reported, ratios are measured in the same run, and the load average is recorded before
+and after every configuration. Accuracy: each implementation's values and gradients against a float64 reference
+computed on the same costs (dwakd's float64 CPU path, itself checked against the plain-PyTorch reference by the unit
+tests and, here, on every configuration with N ≤ --torch-ref-max-len).
+
+`--divergence` times the Soft-DTW divergence D = sdtw(C_xy) − ½(sdtw(C_xx) + sdtw(C_yy)) of (batch, N, --dim)
+sequences instead, backward to both inputs: dwakd's `soft_dtw_divergence` (one call, the self terms on half grids)
+against each peer run on the three cosine-cost batches from the same `cosine_cost` (so only the DPs differ).
 
 Peers (optional, `pip install tslearn pysdtw ddtw dtw-loss-functions toml`): tslearn, pysdtw, ddtw (numba CPU /
 CUDA C++), dtw-loss-functions (Maghoumi's numba CPU/CUDA "mag", BGU's "ron"). Missing peers are recorded, not fatal.
 
     PYTHONPATH=src python benchmarks/soft_dtw.py                 # quick grid on CPU (a few minutes)
     PYTHONPATH=src python benchmarks/soft_dtw.py --grid full     # B ∈ {4,8,32}, N=M ∈ {128..1024}, γ ∈ {1,.1,.01}
+    PYTHONPATH=src python benchmarks/soft_dtw.py --configs 8,256,0.1 --repeats 31 --divergence  # one divergence
     PYTHONPATH=src python benchmarks/soft_dtw.py --device cuda   # ours = impl="cuda" (Triton); GPU peers
 
-Writes benchmarks/results/soft_dtw_<device>.json and .png.
+Writes benchmarks/results/soft_dtw_<device>.json and .png (or --out).
 """
 
 from __future__ import annotations
@@ -39,16 +45,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dwakd.ops.soft_dtw import cosine_cost, soft_dtw  # noqa: E402
+from dwakd.ops.soft_dtw import cosine_cost, soft_dtw, soft_dtw_divergence  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_GRID = [(b, n, g) for b, n, g in itertools.product((4, 8), (128, 256), (1.0, 0.1, 0.01))] + [(8, 512, 0.1)]
 FULL_GRID = list(itertools.product((4, 8, 32), (128, 256, 512, 1024), (1.0, 0.1, 0.01)))
 HEADLINE = {"cpu": (8, 256, 0.1), "cuda": (8, 512, 0.1)}
 
-# An implementation maps a leaf cost (batch, N, M) to a scalar whose backward gives d(Σ_b sdtw_b)/dC, and the
-# per-sample values it computed (or their mean, flagged by `mean_only`) for the accuracy check.
-Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# An implementation maps leaf inputs (a cost (batch, N, M), or the sequences x, y of the divergence) to a scalar whose
+# backward gives d(Σ_b value_b)/d inputs, and the per-sample values it computed (or their mean, flagged by
+# `mean_only`) for the accuracy check.
+Runner = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -78,14 +85,37 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _per_sample(fn: Callable[[torch.Tensor], torch.Tensor]) -> Runner:
-    """Runner for implementations returning (batch,) values."""
+def _per_sample(fn: Callable[..., torch.Tensor], inputs: int = 1) -> Runner:
+    """Runner for implementations returning (batch,) values (of one cost, or of `inputs` tensors)."""
 
-    def run(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        values = fn(cost)
+    def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert len(tensors) == inputs
+        values = fn(*tensors)
         return values.sum(), values
 
     return run
+
+
+def divergence_impl(impl: Impl) -> Impl:
+    """The divergence through `impl`: dwakd's own function, or a peer on the three cosine-cost batches."""
+    if impl.name.startswith("dwakd"):
+        path = "cuda" if "Triton" in impl.note else "cpu"
+        return Impl(impl.name, impl.package, lambda g: _per_sample(lambda x, y: soft_dtw_divergence(x, y, g, impl=path),
+                    inputs=2), note=f"soft_dtw_divergence impl={path!r}")  # fmt: skip
+
+    def make(g: float) -> Runner:
+        run = impl.make(g)
+
+        def divergence(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            (cross_total, cross), (sx_total, sx), (sy_total, sy) = (
+                run(cosine_cost(a, b)) for a, b in ((x, y), (x, x), (y, y))
+            )
+            return cross_total - 0.5 * (sx_total + sy_total), cross - 0.5 * (sx + sy)
+
+        return divergence
+
+    return Impl(impl.name, impl.package, make, mean_only=impl.mean_only, max_len=impl.max_len,
+                note=f"{impl.note}; 3 calls on dwakd.cosine_cost")  # fmt: skip
 
 
 def cpu_impls() -> tuple[list[Impl], dict[str, str]]:
@@ -204,12 +234,18 @@ def cuda_impls() -> tuple[list[Impl], dict[str, str]]:
     return impls, missing
 
 
-def make_costs(batch: int, length: int, device: str, seed: int, dim: int = 64) -> torch.Tensor:
-    """(batch, N, N) float32 cosine costs of smooth random sequences (neighbouring states correlated, as in LMs)."""
+def make_sequences(batch: int, length: int, seed: int, dim: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (batch, N, dim) float32 smooth random sequences (neighbouring states correlated, as in LMs), y ≈ x."""
     gen = torch.Generator().manual_seed(seed)
     steps = torch.randn(batch, length, dim, generator=gen)
     x = torch.cumsum(steps, dim=1) / math.sqrt(length) + 0.5 * torch.randn(batch, length, dim, generator=gen)
     y = x + 0.3 * torch.randn(batch, length, dim, generator=gen)
+    return x, y
+
+
+def make_costs(batch: int, length: int, device: str, seed: int, dim: int = 64) -> torch.Tensor:
+    """(batch, N, N) float32 cosine costs of `make_sequences`."""
+    x, y = make_sequences(batch, length, seed, dim)
     return cosine_cost(x, y).to(device).contiguous()
 
 
@@ -218,53 +254,64 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_once(runner: Runner, cost: torch.Tensor, device: str) -> tuple[float, torch.Tensor, torch.Tensor]:
+def run_once(runner: Runner, inputs: tuple[torch.Tensor, ...], device: str) -> tuple[float, torch.Tensor, tuple]:
     """Seconds for forward+backward (on CUDA: between two events on the stream, host launch gaps included), the
-    values and the gradient."""
-    leaf = cost.detach().clone().requires_grad_(True)
+    values and the gradients w.r.t. every input. Leaf copies are made outside the timed region."""
+    leaves = tuple(t.detach().clone().requires_grad_(True) for t in inputs)
     _sync(device)
     if device == "cuda":
         start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start_event.record()
-        total, values = runner(leaf)
+        total, values = runner(*leaves)
         total.backward()
         end_event.record()
         end_event.synchronize()
-        return start_event.elapsed_time(end_event) / 1e3, values.detach(), leaf.grad
+        return start_event.elapsed_time(end_event) / 1e3, values.detach(), tuple(t.grad for t in leaves)
     start = time.perf_counter()
-    total, values = runner(leaf)
+    total, values = runner(*leaves)
     total.backward()
     _sync(device)
-    return time.perf_counter() - start, values.detach(), leaf.grad
+    return time.perf_counter() - start, values.detach(), tuple(t.grad for t in leaves)
 
 
 def float64_reference(
-    cost: torch.Tensor, gamma: float, torch_ref_max_len: int
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Values and gradient in float64 (dwakd CPU float64 path), cross-checked against the PyTorch reference."""
-    leaf = cost.detach().double().cpu().requires_grad_(True)
-    values = soft_dtw(leaf, gamma, impl="cpu")
-    values.sum().backward()
+    inputs: tuple[torch.Tensor, ...], gamma: float, torch_ref_max_len: int, divergence: bool
+) -> tuple[torch.Tensor, tuple, dict]:
+    """Values and gradients in float64 (dwakd CPU float64 path), cross-checked against the PyTorch reference."""
+
+    def run(impl: str) -> tuple[torch.Tensor, tuple]:
+        leaves = tuple(t.detach().double().cpu().requires_grad_(True) for t in inputs)
+        values = soft_dtw_divergence(*leaves, gamma, impl=impl) if divergence else soft_dtw(*leaves, gamma, impl=impl)
+        values.sum().backward()
+        return values.detach(), tuple(t.grad for t in leaves)
+
+    values, grads = run("cpu")
     check: dict = {"reference": "dwakd cpu float64"}
-    if cost.shape[1] <= torch_ref_max_len:
-        ref_leaf = cost.detach().double().cpu().requires_grad_(True)
+    if inputs[0].shape[1] <= torch_ref_max_len:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # thousands of tiny ops: OpenMP hand-offs would dominate
         try:
-            ref_values = soft_dtw(ref_leaf, gamma, impl="reference")
-            ref_values.sum().backward()
+            ref_values, ref_grads = run("reference")
         finally:
             torch.set_num_threads(threads)
-        check["vs_torch_reference_value_abs"] = float((ref_values - values).detach().abs().max())
-        check["vs_torch_reference_grad_abs"] = float((ref_leaf.grad - leaf.grad).abs().max())
-    return values.detach(), leaf.grad, check
+        check["vs_torch_reference_value_abs"] = float((ref_values - values).abs().max())
+        check["vs_torch_reference_grad_abs"] = max(float((a - b).abs().max()) for a, b in zip(ref_grads, grads))
+    return values, grads, check
 
 
 def bench_config(impls: list[Impl], batch: int, length: int, gamma: float, args, first_call: dict) -> dict:
     """Time every implementation on one (batch, N=M, γ) configuration; accuracy against float64."""
-    cost = make_costs(batch, length, args.device, seed=batch * 100003 + length)
-    ref_values, ref_grad, check = float64_reference(cost, gamma, args.torch_ref_max_len)
-    entry: dict = {"batch": batch, "n": length, "m": length, "gamma": gamma, "accuracy_reference": check, "impls": {}}
+    seed = batch * 100003 + length
+    if args.divergence:
+        inputs = tuple(t.to(args.device) for t in make_sequences(batch, length, seed, args.dim))
+    else:
+        inputs = (make_costs(batch, length, args.device, seed=seed),)
+    entry: dict = {"batch": batch, "n": length, "m": length, "gamma": gamma, "impls": {},
+                   "load_average_before": _load()}  # fmt: skip
+    if args.divergence:
+        entry["dim"] = args.dim
+    ref_values, ref_grads, check = float64_reference(inputs, gamma, args.torch_ref_max_len, args.divergence)
+    entry["accuracy_reference"] = check
     entry["latency_steps"] = 2 * (2 * length - 1)  # dependent anti-diagonal steps of forward + backward
     runners: dict[str, Runner] = {}
     for impl in impls:
@@ -275,10 +322,10 @@ def bench_config(impls: list[Impl], batch: int, length: int, gamma: float, args,
             continue
         try:
             runner = impl.make(gamma)
-            seconds, values, grad = run_once(runner, cost, args.device)  # warm-up (first call compiles)
+            seconds, values, grads = run_once(runner, inputs, args.device)  # warm-up (first call compiles)
             first_call.setdefault(impl.name, seconds)
             for _ in range(args.warmup - 1):
-                run_once(runner, cost, args.device)
+                run_once(runner, inputs, args.device)
         except Exception as exc:  # noqa: BLE001
             record["error"] = f"{type(exc).__name__}: {exc}"
             if args.verbose:
@@ -287,15 +334,16 @@ def bench_config(impls: list[Impl], batch: int, length: int, gamma: float, args,
         want = ref_values.mean() if impl.mean_only else ref_values
         got = values.double().cpu()
         record["value_max_rel_err"] = float(((got - want).abs() / want.abs().clamp_min(1e-12)).max())
-        grad = grad.double().cpu()  # runners back-propagate the batch sum, so gradients compare directly
-        record["grad_max_abs_err"] = float((grad - ref_grad).abs().max())
-        record["finite"] = bool(torch.isfinite(got).all() and torch.isfinite(grad).all())
+        # runners back-propagate the batch sum, so gradients compare directly
+        record["grad_max_abs_err"] = max(float((g.double().cpu() - r).abs().max()) for g, r in zip(grads, ref_grads))
+        record["finite"] = bool(torch.isfinite(got).all() and all(torch.isfinite(g).all() for g in grads))
         record["times_s"] = []
         runners[impl.name] = runner
     for _ in range(args.repeats):  # interleaved rounds
         for name, runner in runners.items():
-            seconds, _, _ = run_once(runner, cost, args.device)
+            seconds, _, _ = run_once(runner, inputs, args.device)
             entry["impls"][name]["times_s"].append(seconds)
+    entry["load_average_after"] = _load()
     for name in runners:
         record = entry["impls"][name]
         record["median_s"] = statistics.median(record["times_s"])
@@ -310,18 +358,29 @@ def bench_config(impls: list[Impl], batch: int, length: int, gamma: float, args,
     return entry
 
 
+def _load() -> list[float] | None:
+    """1-, 5- and 15-minute load averages (None where the OS has none)."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def print_table(results: dict, ours: str) -> None:
     """One line per configuration: our median time, then each peer's median and ours/peer (×speed-up)."""
     names = [n for n in results["impl_names"] if n != ours]
     gpu = results["device"] == "cuda"
     steps = f"{'ns/step':>8} | " if gpu else ""  # time per step of the 2·(2N − 1)-step latency bound
-    print(f"\n{'B':>3} {'N':>5} {'γ':>5} | {ours + ' ms':>10} | {steps}" + " | ".join(f"{n[:26]:>26}" for n in names))
-    print("-" * (32 + 11 * gpu + 29 * len(names)))
+    what = "divergence (backward to x and y)" if results.get("divergence") else "forward + sum().backward()"
+    print(f"\n{what}, {results.get('threads', '?')} threads")
+    print(f"{'B':>3} {'N':>5} {'γ':>5} | {'load 1-min':>11} | {ours + ' ms':>14} | {steps}"
+          + " | ".join(f"{n[:26]:>26}" for n in names))  # fmt: skip
+    print("-" * (50 + 11 * gpu + 29 * len(names)))
     for entry in results["configs"]:
         impls = entry["impls"]
         mine = impls.get(ours, {})
         head = f"{entry['batch']:>3} {entry['n']:>5} {entry['gamma']:>5} | "
-        head += f"{mine['median_s'] * 1e3:>10.2f} | " if "median_s" in mine else f"{'n/a':>10} | "
+        before, after = entry.get("load_average_before"), entry.get("load_average_after")
+        head += f"{before[0]:>5.1f}→{after[0]:<5.1f} | " if before and after else f"{'n/a':>11} | "
+        head += (f"{mine['median_s'] * 1e3:>6.2f} ({mine['min_s'] * 1e3:>5.2f}) | " if "median_s" in mine
+                 else f"{'n/a':>14} | ")  # fmt: skip
         if gpu:
             n_steps = 2 * (2 * entry["n"] - 1)
             head += f"{mine['median_s'] * 1e9 / n_steps:>8.0f} | " if "median_s" in mine else f"{'n/a':>8} | "
@@ -335,8 +394,9 @@ def print_table(results: dict, ours: str) -> None:
             else:
                 cells.append(f"{'—':>26}")
         print(head + " | ".join(f"{c:>26}" for c in cells))
-    print(f"\ncells: peer median ms, ours/peer (medians), speed-up of {ours} on medians|on best-of-N; "
-          "accuracy and all samples in the JSON")  # fmt: skip
+    print(f"\n{ours} ms: median (best-of-N); cells: peer median ms, ours/peer (medians), speed-up of {ours} on "
+          "medians|on best-of-N; load: 1-minute load average before → after the configuration; accuracy and all "
+          "samples in the JSON")  # fmt: skip
     if gpu:
         print("ns/step: our median over the 2·(2N − 1) dependent anti-diagonal steps of forward + backward (the "
               "latency bound: no implementation can take fewer sequential steps)")  # fmt: skip
@@ -415,6 +475,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", nargs="*", help="restrict to these implementation names")
     parser.add_argument("--configs", nargs="*", help="explicit B,N,gamma triples instead of a grid, e.g. 8,256,0.1")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (PNG next to it)")
+    parser.add_argument("--divergence", action="store_true", help="time the divergence of sequences, not soft_dtw")
+    parser.add_argument("--dim", type=int, default=64, help="feature size of the divergence's sequences")
+    parser.add_argument("--threads", type=int, default=2, help="torch and numba threads (every implementation)")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--replot", type=Path, help="re-print the table and redraw the PNG of an existing JSON")
     args = parser.parse_args(argv)
@@ -428,9 +491,18 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
 
+    torch.set_num_threads(args.threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
     impls, missing = cpu_impls() if args.device == "cpu" else cuda_impls()
     if args.only:
         impls = [i for i in impls if i.name in args.only or i.name == args.ours]
+    if args.divergence:
+        impls = [divergence_impl(i) for i in impls]
     grid = QUICK_GRID if args.grid == "quick" else FULL_GRID
     if args.configs:
         grid = [(int(b), int(n), float(g)) for b, n, g in (c.split(",") for c in args.configs)]
@@ -442,6 +514,9 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": {i.name: _version(i.package) for i in impls},
         "missing_peers": missing,
         "repeats": args.repeats,
+        "threads": args.threads,
+        "divergence": args.divergence,
+        "command": " ".join(["python", *sys.argv]),
         "configs": [],
     }
     print(f"implementations: {results['impl_names']}; missing: {list(missing)}", flush=True)
@@ -454,7 +529,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"B={batch} N={length} γ={gamma}: ours {mine * 1e3 if mine else float('nan'):.2f} ms "
               f"({time.perf_counter() - started:.0f}s)", flush=True)  # fmt: skip
     results["first_call_s"] = first_call
-    out = args.out or RESULTS / f"soft_dtw_{args.device}.json"
+    suffix = "_divergence" if args.divergence else ""
+    out = args.out or RESULTS / f"soft_dtw_{args.device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     if len(grid) > 1:

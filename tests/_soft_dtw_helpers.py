@@ -113,3 +113,51 @@ def random_band(batch: int, n_rows: int, n_cols: int, seed: int, penalty: float 
     center = line.unsqueeze(0) + 2.0 * torch.randn(batch, n_rows, generator=gen, dtype=torch.float64)
     width = 1.0 + 3.0 * torch.rand(batch, n_rows, generator=gen, dtype=torch.float64)
     return SoftBand(center=center, width=width, penalty=penalty)
+
+
+def naive_soft_dtw_on_band(cost: np.ndarray, gamma: float, half_width: int) -> tuple[float, np.ndarray]:
+    """Value and gradient of soft-DTW restricted to the hard band |j − c_i| ≤ w, c_i = i·(m − 1)/(n − 1) (0-based),
+    by float64 forward and backward sums over paths (as `naive_soft_dtw`), touching only the band's cells.
+
+    Cells outside the band are +inf (their gradient is 0): this is the soft-DTW of `cost` with an infinite penalty
+    outside the band, which a kernel reproduces with a SoftBand of centre c_i, width w and a penalty ρ ≫ γ. Costs
+    O(n·w) Python steps: an independent reference for lengths where the dense O(n·m) loops would take minutes.
+    """
+    n, m = cost.shape
+    centers = np.arange(n) * (m - 1) / max(n - 1, 1)
+    # columns of the band per 0-based row: |j − c_i| ≤ w, as in SoftBand.outside (float64 compare)
+    lo = [max(0, math.ceil(c - half_width)) for c in centers]
+    hi = [min(m - 1, math.floor(c + half_width)) for c in centers]
+    inside = lambda i, j: 0 <= i < n and lo[i] <= j <= hi[i]  # noqa: E731
+
+    alpha: dict[tuple[int, int], float] = {}
+    for i in range(n):
+        for j in range(lo[i], hi[i] + 1):
+            if i == 0 and j == 0:
+                alpha[i, j] = float(cost[0, 0])
+                continue
+            prev = [alpha.get((i - 1, j - 1), math.inf), alpha.get((i - 1, j), math.inf), alpha.get((i, j - 1), math.inf)]
+            alpha[i, j] = float(cost[i, j]) + _softmin(prev, gamma)
+    beta: dict[tuple[int, int], float] = {}
+    for i in range(n - 1, -1, -1):
+        for j in range(hi[i], lo[i] - 1, -1):
+            if i == n - 1 and j == m - 1:
+                beta[i, j] = float(cost[i, j])
+                continue
+            nxt = [beta.get(q, math.inf) for q in ((i + 1, j + 1), (i + 1, j), (i, j + 1)) if inside(*q)]
+            beta[i, j] = float(cost[i, j]) + _softmin(nxt or [math.inf], gamma)
+    value = alpha[n - 1, m - 1]
+    grad = np.zeros((n, m))
+    for (i, j), a in alpha.items():
+        if math.isfinite(a) and math.isfinite(beta[i, j]):
+            grad[i, j] = math.exp(-(a + beta[i, j] - float(cost[i, j]) - value) / gamma)
+    return value, grad
+
+
+def diagonal_band(batch: int, n_rows: int, n_cols: int, half_width: float, penalty: float):
+    """A SoftBand along the straight diagonal c_i = i·(m − 1)/(n − 1) with a constant half-width (every sample)."""
+    from dwakd.ops.soft_dtw import SoftBand
+
+    center = (torch.arange(n_rows, dtype=torch.float64) * (n_cols - 1) / max(n_rows - 1, 1)).repeat(batch, 1)
+    return SoftBand(center=center, width=torch.full((batch, n_rows), float(half_width), dtype=torch.float64),
+                    penalty=penalty)  # fmt: skip

@@ -2,6 +2,9 @@
 
 Tolerances: float64 path 1e-9 (same maths, libm exp/log); float32 path ≤ 2e-5 relative on values and 2e-5
 absolute on gradients (gradients are alignment probabilities in [0, 1]); R is accumulated in float64 in both.
+The symmetric half-grid sweep of the divergence's self terms, the strip-skewed cost/gradient layout (16-row strips:
+lengths around multiples of 16 matter) and the forward-only path are each checked against an independent reference.
+First use compiles the numba kernels (≈ 1 min on the shared 2-core machine, then cached on disk).
 """
 
 from __future__ import annotations
@@ -9,8 +12,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _soft_dtw_helpers import naive_batch, random_band, random_batch, torch_threads
+from _soft_dtw_helpers import (
+    diagonal_band,
+    naive_batch,
+    naive_soft_dtw_on_band,
+    random_band,
+    random_batch,
+    torch_threads,
+)
 from dwakd.ops.soft_dtw import SoftBand, cosine_cost, soft_dtw, soft_dtw_divergence
+from dwakd.ops.soft_dtw.cpu import soft_dtw_cpu_groups
 
 F32_VALUE_RTOL = 2e-5
 F32_GRAD_ATOL = 2e-5
@@ -97,14 +108,113 @@ def test_cpu_unequal_lengths_larger_batch_float32() -> None:
     torch.testing.assert_close(got_g.double(), want_g, rtol=0, atol=F32_GRAD_ATOL)
 
 
-def test_cpu_length_2048_float32_is_finite_and_matches_float64() -> None:
-    # float64 path is exact (checked against the reference above); float32 must track it at the longest length
-    cost, lx, ly = random_batch(1, 2048, 2048, seed=4, dtype=torch.float32, ragged=False)
-    v32, g32 = _value_and_grad(cost, 0.01, lx, ly, None, "cpu")
-    v64, g64 = _value_and_grad(cost.double(), 0.01, lx, ly, None, "cpu")
-    assert torch.isfinite(v32).all() and torch.isfinite(g32).all()
-    torch.testing.assert_close(v32.double(), v64, rtol=F32_VALUE_RTOL, atol=0)
-    torch.testing.assert_close(g32.double(), g64, rtol=0, atol=F32_GRAD_ATOL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_length_2048_matches_float64_loop_on_a_band(dtype: torch.dtype) -> None:
+    # independent reference at the longest length: float64 path sums over the band's cells only (O(n·w) steps);
+    # a penalty ρ = 1e3 ≫ γ outside the band makes the kernel's soft band a hard one
+    n_rows, n_cols, half_width, gamma = 2048, 1536, 5, 0.01
+    cost, lx, ly = random_batch(1, n_rows, n_cols, seed=4, dtype=dtype, ragged=False)
+    band = diagonal_band(1, n_rows, n_cols, half_width, penalty=1e3)
+    got_v, got_g = _value_and_grad(cost, gamma, lx, ly, band, "cpu")
+    want_v, want_g = naive_soft_dtw_on_band(cost[0].double().numpy(), gamma, half_width)
+    assert torch.isfinite(got_v).all() and torch.isfinite(got_g).all()
+    value_rtol, grad_atol = (F32_VALUE_RTOL, F32_GRAD_ATOL) if dtype == torch.float32 else (1e-10, 1e-9)
+    torch.testing.assert_close(got_v.double(), torch.tensor([want_v], dtype=torch.float64), rtol=value_rtol, atol=0)
+    torch.testing.assert_close(got_g[0].double(), torch.from_numpy(want_g), rtol=0, atol=grad_atol)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.1, 0.01])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_symmetric_half_grid_matches_reference(gamma: float, dtype: torch.dtype) -> None:
+    # self-term costs (symmetric, equal lengths per sample): the kernel sweeps i ≤ j only and mirrors the gradient;
+    # lengths straddle the 16-row strips (1, 15, 16, 17, 33, 40)
+    gen = torch.Generator().manual_seed(int(gamma * 100) + 3)
+    x = torch.randn(6, 40, 5, generator=gen, dtype=torch.float64)
+    cost = cosine_cost(x, x).to(dtype)
+    cost = 0.5 * (cost + cost.transpose(1, 2))  # exactly symmetric in this dtype
+    lengths = torch.tensor([40, 1, 15, 16, 17, 33])
+    leaf = cost.clone().requires_grad_(True)
+    (value,) = soft_dtw_cpu_groups([leaf], [(lengths, lengths)], gamma, symmetric=(True,))
+    (grad,) = torch.autograd.grad(value.sum(), leaf)
+    want_v, want_g = _value_and_grad(cost.double(), gamma, lengths, lengths, None, "reference")
+    if dtype == torch.float64:
+        torch.testing.assert_close(value, want_v, rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(grad, want_g, rtol=1e-9, atol=1e-10)
+    else:
+        torch.testing.assert_close(value.double(), want_v, rtol=F32_VALUE_RTOL, atol=1e-5)
+        torch.testing.assert_close(grad.double(), want_g, rtol=0, atol=F32_GRAD_ATOL)
+
+
+def test_cpu_symmetric_flag_is_checked_and_never_assumed() -> None:
+    cost, _, _ = random_batch(2, 9, 9, seed=23)  # square, equal lengths, NOT symmetric
+    lengths = torch.tensor([9, 7])
+    with pytest.raises(ValueError, match="lengths differ"):
+        soft_dtw_cpu_groups([cost], [(lengths, torch.tensor([9, 6]))], 0.1, symmetric=(True,))
+    with pytest.raises(ValueError, match="not square"):
+        soft_dtw_cpu_groups([cost[:, :, :8]], [(lengths, torch.tensor([8, 7]))], 0.1, symmetric=(True,))
+    # the public function computes the full grid: it must match the loops on a square non-symmetric cost
+    got_v, got_g = _value_and_grad(cost, 0.1, lengths, lengths, None, "cpu")
+    want_v, want_g = naive_batch(cost, 0.1, lengths, lengths)
+    torch.testing.assert_close(got_v, want_v, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_g, want_g, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 20), (20, 1), (15, 16), (16, 15), (16, 16), (17, 33), (33, 17)])
+def test_cpu_strip_edges_match_naive_loops(shape: tuple[int, int]) -> None:
+    n_rows, n_cols = shape
+    cost, _, _ = random_batch(2, n_rows, n_cols, seed=n_rows * 100 + n_cols, ragged=False)
+    lx, ly = torch.tensor([n_rows, max(1, n_rows - 1)]), torch.tensor([n_cols, max(1, n_cols - 2)])
+    band = random_band(2, n_rows, n_cols, seed=n_cols, penalty=0.5)
+    got_v, got_g = _value_and_grad(cost, 0.05, lx, ly, band, "cpu")
+    want_v, want_g = naive_batch(cost, 0.05, lx, ly, band)
+    torch.testing.assert_close(got_v, want_v, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_g, want_g, rtol=1e-8, atol=1e-10)
+
+
+def test_cpu_uninitialised_workspace_never_leaks(monkeypatch) -> None:
+    # the weight workspace is np.empty (reused heap memory): fill it with NaN instead, and every ragged, symmetric or
+    # strip-edge case must still match the loops (a slot read before it is written would turn gradients into NaN)
+    import numpy as np
+
+    from dwakd.ops.soft_dtw import cpu
+
+    monkeypatch.setattr(cpu, "_new_workspace", lambda shape, dtype: np.full(shape, np.nan, dtype=dtype))
+    for n_rows, n_cols in ((16, 15), (17, 33), (1, 7), (40, 40)):
+        cost, _, _ = random_batch(3, n_rows, n_cols, seed=n_rows + n_cols, ragged=False)
+        lx = torch.tensor([n_rows, max(1, n_rows // 2), 1])
+        ly = torch.tensor([n_cols, max(1, n_cols - 3), max(1, n_cols // 3)])
+        got_v, got_g = _value_and_grad(cost, 0.1, lx, ly, None, "cpu")
+        want_v, want_g = naive_batch(cost, 0.1, lx, ly)
+        torch.testing.assert_close(got_v, want_v, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got_g, want_g, rtol=1e-8, atol=1e-10)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 33, 4, generator=gen, dtype=torch.float64)
+    cost = cosine_cost(x, x)
+    lengths = torch.tensor([33, 16, 17])
+    leaf = cost.clone().requires_grad_(True)
+    (value,) = soft_dtw_cpu_groups([leaf], [(lengths, lengths)], 0.1, symmetric=(True,))
+    (grad,) = torch.autograd.grad(value.sum(), leaf)
+    want_v, want_g = naive_batch(cost, 0.1, lengths, lengths)
+    torch.testing.assert_close(value, want_v, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, want_g, rtol=1e-8, atol=1e-10)
+
+
+def test_cpu_forward_only_call_gives_the_same_values() -> None:
+    # without a gradient the forward skips the softmin weights: same values bit for bit, for one batch and the
+    # divergence's three (symmetric self terms included)
+    cost, lx, ly = random_batch(5, 40, 35, seed=19, dtype=torch.float32)
+    band = random_band(5, 40, 35, seed=19)
+    with torch.no_grad():
+        plain = soft_dtw(cost, 0.1, lx, ly, band=band, impl="cpu")
+    graded = soft_dtw(cost.clone().requires_grad_(True), 0.1, lx, ly, band=band, impl="cpu")
+    torch.testing.assert_close(plain, graded.detach(), rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(19)
+    x, y = torch.randn(3, 30, 4, generator=gen), torch.randn(3, 21, 4, generator=gen)
+    with torch.no_grad():
+        plain = soft_dtw_divergence(x, y, 0.1, torch.tensor([30, 17, 2]), torch.tensor([21, 21, 9]), impl="cpu")
+    graded = soft_dtw_divergence(x.requires_grad_(True), y, 0.1, torch.tensor([30, 17, 2]), torch.tensor([21, 21, 9]),
+                                 impl="cpu")  # fmt: skip
+    torch.testing.assert_close(plain, graded.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.slow
@@ -132,17 +242,24 @@ def test_cpu_double_backward_pass_and_grad_scale() -> None:
 
 
 def test_cpu_result_independent_of_thread_count() -> None:
+    # threads pull chunks of tasks (with a gradient: each with its own weight workspace); forward-only calls too
     cost, lx, ly = random_batch(7, 120, 100, seed=12, dtype=torch.float32, ragged=False)
+    gen = torch.Generator().manual_seed(12)
+    x, y = torch.randn(5, 90, 6, generator=gen), torch.randn(5, 70, 6, generator=gen)
+    results = []
     previous = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        v1, g1 = _value_and_grad(cost, 0.1, lx, ly, None, "cpu")
-        torch.set_num_threads(2)
-        v2, g2 = _value_and_grad(cost, 0.1, lx, ly, None, "cpu")
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            value, grad = _value_and_grad(cost, 0.1, lx, ly, None, "cpu")
+            with torch.no_grad():
+                plain = soft_dtw(cost, 0.1, lx, ly, impl="cpu")
+                divergence = soft_dtw_divergence(x, y, 0.1, impl="cpu")
+            results.append((value, grad, plain, divergence))
     finally:
         torch.set_num_threads(previous)
-    torch.testing.assert_close(v1, v2, rtol=0, atol=0)
-    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    for one, two in zip(*results):
+        torch.testing.assert_close(one, two, rtol=0, atol=0)
 
 
 def test_cpu_bfloat16_costs_computed_in_float32() -> None:
@@ -155,8 +272,10 @@ def test_cpu_bfloat16_costs_computed_in_float32() -> None:
     torch.testing.assert_close(grad.double(), want_g, rtol=0, atol=1e-2)
 
 
+@pytest.mark.parametrize("gamma", [1.0, 0.1, 0.01])
 @pytest.mark.parametrize("banded", [False, True])
-def test_cpu_divergence_matches_reference(banded: bool) -> None:
+def test_cpu_divergence_matches_reference(banded: bool, gamma: float) -> None:
+    # the cross term (14×11, not symmetric) and the two self terms (symmetric half-grid sweeps, ragged lengths)
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(4, 14, 6, generator=gen, dtype=torch.float64)
     y = torch.randn(4, 11, 6, generator=gen, dtype=torch.float64)
@@ -165,11 +284,27 @@ def test_cpu_divergence_matches_reference(banded: bool) -> None:
     grads = []
     for impl in ("cpu", "reference"):
         xl, yl = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
-        value = soft_dtw_divergence(xl, yl, 0.1, lx, ly, band=band, impl=impl)
+        value = soft_dtw_divergence(xl, yl, gamma, lx, ly, band=band, impl=impl)
         gx, gy = torch.autograd.grad(value.sum(), (xl, yl))
         grads.append((value.detach(), gx, gy))
     for got, want in zip(grads[0], grads[1]):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_cpu_divergence_float32_matches_float64_reference() -> None:
+    gen = torch.Generator().manual_seed(10)
+    x, y = torch.randn(3, 37, 8, generator=gen), torch.randn(3, 33, 8, generator=gen)
+    lx, ly = torch.tensor([37, 16, 17]), torch.tensor([33, 33, 1])
+    xl, yl = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    got = soft_dtw_divergence(xl, yl, 0.01, lx, ly, impl="cpu")
+    gx, gy = torch.autograd.grad(got.sum(), (xl, yl))
+    xr, yr = x.double().requires_grad_(True), y.double().requires_grad_(True)
+    want = soft_dtw_divergence(xr, yr, 0.01, lx, ly, impl="reference")
+    wx, wy = torch.autograd.grad(want.sum(), (xr, yr))
+    torch.testing.assert_close(got.double(), want, rtol=F32_VALUE_RTOL, atol=1e-4)
+    # gradients w.r.t. the inputs go through the cosine cost's backward: absolute tolerance scaled accordingly
+    torch.testing.assert_close(gx.double(), wx, rtol=0, atol=1e-4)
+    torch.testing.assert_close(gy.double(), wy, rtol=0, atol=1e-4)
 
 
 def test_divergence_float32_batched_equals_three_calls() -> None:
@@ -212,3 +347,25 @@ def test_soft_band_is_applied_inside_kernel_like_dense_penalty() -> None:
     got, _ = _value_and_grad(cost, 0.1, lx, ly, band, "cpu")
     dense, _ = _value_and_grad(band.apply(cost), 0.1, lx, ly, None, "cpu")
     torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-6)
+
+
+def test_float32_exp2_and_log2_kernels_meet_their_documented_error() -> None:
+    # the polynomial 2^t (t ≤ 0) and log2 (s ∈ [1, 3]) of the float32 softmin against float64 NumPy, on a dense grid
+    import numpy as np
+    from numba import njit
+
+    from dwakd.ops.soft_dtw import _cpu_kernels as kernels
+
+    @njit
+    def run(t, s, exp_out, log_out):  # pragma: no cover - compiled
+        for k in range(t.shape[0]):
+            exp_out[k] = kernels._exp2_nonpos_f32(t[k])
+            log_out[k] = kernels._log2_pos_f32(s[k])
+
+    t = -np.linspace(0.0, 124.0, 400_001).astype(np.float32)
+    s = np.linspace(1.0, 3.0, 400_001).astype(np.float32)
+    exp_out, log_out = np.empty_like(t), np.empty_like(s)
+    run(t, s, exp_out, log_out)
+    want_exp = np.exp2(t.astype(np.float64))
+    assert (np.abs(exp_out - want_exp) / want_exp).max() <= 2.5e-7
+    assert np.abs(log_out - np.log2(s.astype(np.float64))).max() <= 2e-7

@@ -1,18 +1,49 @@
-"""Numba kernels of the CPU Soft-DTW path: anti-diagonal sweeps over a skewed grid, one sequence pair at a time.
+"""Numba kernels of the CPU Soft-DTW path: anti-diagonal sweeps, one sequence pair ("task") at a time.
 
-Layout. Each sequence pair (a "task") of lengths (n, m) owns a padded grid of (n+2)·(m+2) cells, 1-based interior
-i ∈ [1, n], j ∈ [1, m], row/column 0 the DP boundary and row n+1 / column m+1 the zero boundary of the backward
-pass. Cells are stored anti-diagonal by anti-diagonal (d = i + j), so every cell of a diagonal is independent of
-the others and its three predecessors sit at constant offsets in the two previous diagonals: the inner loops are
-contiguous and branch-free and LLVM vectorises them (AVX2/AVX-512). Cell (i, j) lives at `base[i + j] + i` with
-`base[d] = offset of diagonal d − first i on d`. Kernels take a list of task ids and release the GIL; `cpu.py`
-spreads the tasks over threads.
+Units. The DP runs in base-2 units scaled by 1/γ: R'(i, j) = R(i, j)·log2(e)/γ, so the softmin of a cell is
+R' = C' + low − log2(Σ_k 2^(low − R'_k)) with low = min_k R'_k, the three predecessors k ∈ {↖, ↑, ←} and
+C' = C·log2(e)/γ: no multiply by 1/γ per cell, exp2/log2 instead of exp/log. R' is float64 (so rounding in R never
+scales with 1/γ); values leave the kernel as R = R'·γ·ln 2.
 
-Forward: R is accumulated in float64 (so rounding in R never scales with 1/γ), the three exponentials and the log
-of the softmin run in the input dtype with vectorisable polynomial kernels for float32 (libm for float64); it stores
-the three softmin weights (transition probabilities) per cell in the input dtype, the only state kept for backward.
-Backward: the expected-alignment recursion of Cuturi & Blondel (2017), E(i,j) = Σ_successors E(q)·w_q(i,j), which is
-multiply-adds only, then un-skews E·grad_output into the (N, M) layout of the cost.
+Forward, per anti-diagonal d = i + j (all cells of a diagonal are independent):
+1. C̃(i, d − i) of the diagonal, copied from the strip-skewed cost (below);
+2. pass 1 (float64): low and the three exponents t_k = low − R'_k ≤ 0, rounded to the compute dtype;
+3. pass 2 (compute dtype): 2^t_k, s = Σ_k 2^t_k ∈ [1, 3], log2 s and the three softmin weights 2^t_k / s;
+4. pass 3 (float64): R' = C̃·log2(e)/γ + low − log2 s.
+Passes 1–3 are separate loops over one diagonal so that pass 2 (the bulk of the work) is a pure float32 loop: LLVM
+vectorises it at the full float32 width (8 lanes on AVX2, 16 on AVX-512) instead of the float64 width that one
+fused loop gets. For float32, 2^t and log2 are polynomial kernels (no libm call, vectorisable; relative error
+≤ 2.5e-7 for 2^t, absolute error ≤ 2e-7 for log2 on [1, 3]); for float64, libm (exact to double).
+
+Strips. Reading an anti-diagonal straight from the row-major (N, M) cost touches one cache line per row, and
+rows 4·M bytes apart (a power of two for the usual lengths) share a handful of cache sets: that gather cost as much
+as the whole softmin pass. So the cost is first skewed strip by strip: rows are grouped in strips of STRIP = 16,
+strips[p, j + k, k] = C̃(16p + k + 1, j), each cost row read once and contiguously, the band penalty
+ρ·[|j − c_i| > w_i] added here (in float64, then rounded to the compute dtype like the reference's dense C̃). A
+diagonal is then a run of whole 16-row segments, one contiguous copy each. The backward writes E through the same
+layout and un-skews it into the (N, M) gradient strip by strip at the end.
+
+Storage. R' lives in a ring of three diagonals indexed by the row i (L1-resident); the three softmin weights of
+every cell (the E-recursion's input) are stored per diagonal in three planes (↖, ↑, ←) that each cover
+rows lo − 1 … hi + 1 of the diagonal (zero in the two end slots, so the backward needs no bounds logic) plus
+padding up to a multiple of `VL` cells: every vector loop runs over a whole number of vectors (the padding lanes
+compute junk that nothing reads) instead of ending in a scalar remainder loop.
+
+Gradient: the expected-alignment recursion of Cuturi & Blondel (2017), E(i, j) = E(i+1, j)·w↑(i+1, j) +
+E(i, j+1)·w←(i, j+1) + E(i+1, j+1)·w↖(i+1, j+1), multiply-adds only, E in a ring of three diagonals, copied into
+the strips and finally un-skewed into the (N, M) layout of the cost. E does not depend on dL/dR, so when a gradient
+is wanted it runs inside the forward call, task by task, right after the task's DP: the weights live in a per-thread
+workspace, written by the DP and read back in reverse diagonal order while they are still in cache, instead of
+travelling through memory (12 B/cell out and back in) to a later backward call. The forward then keeps only E
+(4 B/cell), and the backward multiplies it by dL/dR.
+
+Symmetric tasks (the divergence's self terms, C(i, j) = C(j, i), n = m): R and E are symmetric, so only the upper
+half i ≤ j is swept; on odd diagonals the one mirrored cell (k + 1, k) next to the half that the next diagonals read
+is copied from (k, k + 1) (R, E, and the weights with ↑ and ← swapped), and the gradient is written to both halves.
+Only the upper triangle of C is read.
+
+Workspaces (strips, rings) are allocated once per kernel call, sized for the largest task of the call; the weight
+workspace (one per thread) comes from the caller.
 """
 
 from __future__ import annotations
@@ -22,36 +53,40 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 # Only contraction of a·b + c into one fused multiply-add (more accurate, not less); no reassociation and no
 # finite-math assumptions.
 _FMA = {"contract"}
+_OPTS = {"cache": True, "error_model": "numpy", "fastmath": _FMA}
 
-# Stand-in for +inf on the DP boundary: exp((min − BIG)/γ) is exactly 0 for any γ ≤ 1e6 (checked by the caller),
-# and BIG stays finite, so no inf − inf can appear.
-BIG = 1e10
+# R' of the DP boundary (+inf) in the scaled units: 2^(low − BIG) underflows (float64) or is clamped to 2^−125 (the
+# float32 kernel), and BIG stays finite, so no inf − inf appears.
+BIG = 1e30
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# Padding granularity of the weight planes and ring rows: a multiple of every vector width × interleave LLVM picks.
+VL = 16
+STRIP = 16  # rows per strip of the skewed cost / E buffers (16 float32 = one cache line per strip and diagonal)
 
 _F = np.float32
-# Cephes expf/logf constants (float32 minimax polynomials, ~1 ulp on the reduced ranges).
-_LOG2E = _F(1.4426950408889634)
-_LN2_HI = _F(0.693359375)
-_LN2_LO = _F(-2.12194440e-4)
-_EXP_P = (_F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3), _F(4.1665795894e-2),
-          _F(1.6666665459e-1), _F(5.0000001201e-1))  # fmt: skip
-_LOG_P = (_F(7.0376836292e-2), _F(-1.1514610310e-1), _F(1.1676998740e-1), _F(-1.2420140846e-1),
-          _F(1.4249322787e-1), _F(-1.6668057665e-1), _F(2.0000714765e-1), _F(-2.4999993993e-1),
-          _F(3.3333331174e-1))  # fmt: skip
-_X_MIN = _F(-87.0)  # below this exp underflows float32 normals; the kernel returns exactly 0
-_HALF = _F(0.5)
+# 2^f = 1 + f·P(f) on f ∈ [−½, ½] (near-minimax fit of the relative error: 9e-8; ≤ 2.5e-7 evaluated in float32).
+_E1, _E2, _E3, _E4, _E5 = (_F(0.6931470036506653), _F(0.24022242426872253), _F(0.05550733953714371),
+                           _F(0.00967151578515768), _F(0.001326472614891827))  # fmt: skip
+# log2(1 + x) = x·Q(x) on x ∈ [−⅓, ⅓] (near-minimax fit of the absolute error: 4e-8; ≤ 2e-7 in float32).
+_Q0, _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7 = (_F(1.442694067955017), _F(-0.7213439345359802), _F(0.4810197353363037),
+                                          _F(-0.3609277009963989), _F(0.28458765149116516), _F(-0.2346794307231903),
+                                          _F(0.25202834606170654), _F(-0.23198306560516357))  # fmt: skip
+_T_MIN = _F(-125.0)  # 2^t is clamped at 2^−125 (keeps every result a normal float32)
+_TWO_THIRDS_BITS = np.int32(0x3F2AAAAB)  # bit pattern of float32(2/3): log2 splits s = 2^e·m with m ∈ [2/3, 4/3)
 _ONE = _F(1.0)
-_ZERO = _F(0.0)
-_SQRT2 = _F(1.4142135623730951)
+_23 = np.int32(23)  # float32 mantissa bits
 
 
 @intrinsic
 def _i32_as_f32(typingctx, bits):  # noqa: ARG001
-    """Reinterpret int32 bits as a float32 (a vectorisable bitcast, used to build 2**k)."""
+    """Reinterpret int32 bits as a float32 (a vectorisable bitcast)."""
     sig = types.float32(types.int32)
 
     def codegen(context, builder, signature, args):  # noqa: ARG001
@@ -60,219 +95,440 @@ def _i32_as_f32(typingctx, bits):  # noqa: ARG001
     return sig, codegen
 
 
-@njit(cache=True, error_model="numpy", fastmath=_FMA, inline="always")
-def _exp_nonpos_f32(x: float) -> float:
-    """exp(x) for float32 x ≤ 0 without libm: Cephes range reduction + degree-6 polynomial; 0 below −87."""
-    xc = max(x, _X_MIN)
-    k = math.floor(xc * _LOG2E + _HALF)
-    r = xc - k * _LN2_HI - k * _LN2_LO
-    p0, p1, p2, p3, p4, p5 = _EXP_P
-    y = (((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5) * (r * r) + r + _ONE
-    y = y * _i32_as_f32((np.int32(k) + np.int32(127)) << np.int32(23))
-    return y if x >= _X_MIN else _ZERO
+@intrinsic
+def _f32_as_i32(typingctx, value):  # noqa: ARG001
+    """Reinterpret float32 bits as an int32 (a vectorisable bitcast)."""
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):  # noqa: ARG001
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
 
 
-@njit(cache=True, error_model="numpy", fastmath=_FMA, inline="always")
-def _log_1to3_f32(s: float) -> float:
-    """log(s) for float32 s ∈ [1, 3] (a sum of three softmin exponentials, one of them 1) without libm."""
-    high = s > _SQRT2
-    s = s * _HALF if high else s
-    e = _ONE if high else _ZERO
-    high = s > _SQRT2
-    s = s * _HALF if high else s
-    e = e + _ONE if high else e
-    x = s - _ONE
-    z = x * x
-    q0, q1, q2, q3, q4, q5, q6, q7, q8 = _LOG_P
-    y = ((((((((q0 * x + q1) * x + q2) * x + q3) * x + q4) * x + q5) * x + q6) * x + q7) * x + q8) * x * z
-    y = y + e * _LN2_LO - _HALF * z
-    return x + y + e * _LN2_HI
+def _i32_binary(name: str, doc: str):
+    """An int32 ⊕ int32 → int32 intrinsic (numba promotes int32 arithmetic to int64; 64-bit vector shifts do not
+    exist on AVX2 and would be emulated with shuffles in the softmin loop)."""
+
+    def impl(typingctx, a, b):  # noqa: ARG001
+        sig = types.int32(types.int32, types.int32)
+
+        def codegen(context, builder, signature, args):  # noqa: ARG001
+            return getattr(builder, name)(args[0], args[1])
+
+        return sig, codegen
+
+    impl.__doc__ = doc
+    return intrinsic(impl)
 
 
-@njit(cache=True, error_model="numpy", fastmath=_FMA, inline="always")
-def _sweep_poly32(r_diag, r_up, r_left, r_out, w_diag, w_up, w_left, gamma, inv_gamma):
-    """One anti-diagonal of the forward with float32 polynomial exp/log (vectorised): R += softmin, store weights."""
-    for t in range(r_out.shape[0]):
-        a = r_diag[t]
-        u = r_up[t]
-        lf = r_left[t]
-        low = a if a < u else u
-        low = low if low < lf else lf
-        ea = _exp_nonpos_f32(np.float32((low - a) * inv_gamma))
-        eu = _exp_nonpos_f32(np.float32((low - u) * inv_gamma))
-        el = _exp_nonpos_f32(np.float32((low - lf) * inv_gamma))
-        s = ea + eu + el
-        inv_s = _ONE / s
-        r_out[t] = r_out[t] + low - gamma * _log_1to3_f32(s)
-        w_diag[t] = ea * inv_s
-        w_up[t] = eu * inv_s
-        w_left[t] = el * inv_s
+_i32_add = _i32_binary("add", "a + b in int32 (wrapping).")
+_i32_sub = _i32_binary("sub", "a − b in int32 (wrapping).")
+_i32_shl = _i32_binary("shl", "a << b in int32.")
+_i32_sar = _i32_binary("ashr", "a >> b in int32 (arithmetic).")
 
 
-@njit(cache=True, error_model="numpy", fastmath=_FMA, inline="always")
-def _sweep_libm(r_diag, r_up, r_left, r_out, w_diag, w_up, w_left, gamma, inv_gamma):
-    """One anti-diagonal of the forward with libm exp/log in float64 (the float64 path, exact to double)."""
-    for t in range(r_out.shape[0]):
-        a = r_diag[t]
-        u = r_up[t]
-        lf = r_left[t]
-        low = a if a < u else u
-        low = low if low < lf else lf
-        ea = math.exp((low - a) * inv_gamma)
-        eu = math.exp((low - u) * inv_gamma)
-        el = math.exp((low - lf) * inv_gamma)
-        s = ea + eu + el
-        inv_s = 1.0 / s
-        r_out[t] = r_out[t] + low - gamma * math.log(s)
-        w_diag[t] = ea * inv_s
-        w_up[t] = eu * inv_s
-        w_left[t] = el * inv_s
+@intrinsic
+def _fetch_add(typingctx, array, index):  # noqa: ARG001
+    """Atomically add 1 to the int64 array[index] and return its previous value (threads pulling chunks of work)."""
+    sig = types.int64(array, index)
+
+    def codegen(context, builder, signature, args):  # noqa: ARG001
+        array_type = signature.args[0]
+        ary = context.make_array(array_type)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, array_type, ary, [args[1]])
+        return builder.atomic_rmw("add", ptr, context.get_constant(types.int64, 1), "monotonic")
+
+    return sig, codegen
 
 
-@njit(cache=True, error_model="numpy", fastmath=_FMA)
-def _diagonal_bases(n: int, m: int) -> np.ndarray:
-    """(n+m+3,) int64: base[d] such that cell (i, j) of the padded (n+2)×(m+2) grid is stored at base[i+j] + i."""
-    base = np.empty(n + m + 3, dtype=np.int64)
-    offset = 0
-    for d in range(n + m + 3):
-        lo = max(0, d - (m + 1))
-        hi = min(n + 1, d)
-        base[d] = offset - lo
-        offset += hi - lo + 1
-    return base
+@njit(inline="always", **_OPTS)
+def _exp2_nonpos_f32(t):
+    """2^t for float32 t ≤ 0 without libm: round-to-nearest split, degree-5 polynomial, exponent by integer add.
 
-
-@njit(cache=True, error_model="numpy", fastmath=_FMA)
-def _forward_task(cost, n, m, band_center, band_width, penalty, banded, gamma, poly32, w_diag, w_up, w_left):
-    """DP of one sequence pair; fills its weights (grid-sized views) and returns R(n, m) as float64."""
-    base = _diagonal_bases(n, m)
-    inv_gamma = 1.0 / gamma
-    size = (n + 2) * (m + 2)
-    r = np.empty(size, dtype=np.float64)  # accumulated costs R on the skewed grid, float64
-    zero = w_diag.dtype.type(0.0)
-    # DP boundary: R(0, 0) = 0, R(0, j) = R(i, 0) = +inf; zero weights on the backward boundary row/column.
-    for j in range(m + 2):
-        r[base[j]] = BIG
-    for i in range(1, n + 2):
-        r[base[i] + i] = BIG
-    r[0] = 0.0
-    for j in range(m + 2):
-        k = base[n + 1 + j] + n + 1
-        w_diag[k] = zero
-        w_up[k] = zero
-        w_left[k] = zero
-    for i in range(n + 2):
-        k = base[i + m + 1] + i
-        w_diag[k] = zero
-        w_up[k] = zero
-        w_left[k] = zero
-    # Skew the costs into the grid (row-major read, strided write); the band penalty is added on the fly.
-    for i in range(1, n + 1):
-        row = cost[i - 1]
-        if banded:
-            c = band_center[i - 1]
-            w = band_width[i - 1]
-            for j in range(1, m + 1):
-                r[base[i + j] + i] = row[j - 1] + (penalty if abs((j - 1) - c) > w else 0.0)
-        else:
-            for j in range(1, m + 1):
-                r[base[i + j] + i] = row[j - 1]
-    # Anti-diagonal sweep: every cell of diagonal d depends only on diagonals d−1 and d−2.
-    for d in range(2, n + m + 1):
-        lo = max(1, d - m)
-        hi = min(n, d - 1) + 1
-        k0 = base[d] + lo  # first cell (lo, d − lo) of this diagonal
-        k1 = base[d - 1] + lo  # (lo, d − lo − 1): left neighbour; k1 − 1 is the upper one
-        k2 = base[d - 2] + lo - 1  # (lo − 1, d − lo − 1): diagonal predecessor
-        count = hi - lo
-        r_diag = r[k2 : k2 + count]
-        r_up = r[k1 - 1 : k1 - 1 + count]
-        r_left = r[k1 : k1 + count]
-        r_out = r[k0 : k0 + count]
-        wd = w_diag[k0 : k0 + count]
-        wu = w_up[k0 : k0 + count]
-        wl = w_left[k0 : k0 + count]
-        if poly32:
-            _sweep_poly32(r_diag, r_up, r_left, r_out, wd, wu, wl, gamma, inv_gamma)
-        else:
-            _sweep_libm(r_diag, r_up, r_left, r_out, wd, wu, wl, gamma, inv_gamma)
-    return r[base[n + m] + n]
-
-
-@njit(nogil=True, cache=True, error_model="numpy", fastmath=_FMA)
-def soft_dtw_forward(task_ids, costs0, costs1, costs2, group, sample, lengths_n, lengths_m, grid_offset,
-                     band_center, band_width, penalty, band_group, gamma, poly32,
-                     w_diag, w_up, w_left, values):  # fmt: skip
-    """Forward of the tasks in `task_ids`, in order, without the GIL (callers run disjoint lists on threads).
-
-    Task t reads costs{group[t]}[sample[t]] (its top-left (n, m) block), writes values[t] (float64) and its weights
-    to w_*[grid_offset[t] : grid_offset[t] + (n+2)(m+2)]. The band applies to group `band_group` only.
+    t ≤ −125 (and NaN) give 2^−125·(1 ± ½): a weight of ~1e−38 for an unreachable (+inf) predecessor, whose E is
+    never computed, and nothing measurable in s ≥ 1, so no mask is spent on an exact 0. Branch-free: `x if c else y`
+    becomes a vector max; numba's builtin max() would not (it lowers to a switch that blocks vectorisation).
     """
-    for t in task_ids:
-        g = group[t]
-        b = sample[t]
-        n = lengths_n[t]
-        m = lengths_m[t]
-        lo = grid_offset[t]
-        hi = lo + (n + 2) * (m + 2)
-        cost = costs0[b] if g == 0 else (costs1[b] if g == 1 else costs2[b])
-        banded = g == band_group
-        bb = b if banded else 0
-        values[t] = _forward_task(cost, n, m, band_center[bb], band_width[bb], penalty, banded, gamma, poly32,
-                                  w_diag[lo:hi], w_up[lo:hi], w_left[lo:hi])  # fmt: skip
+    tc = t if t > _T_MIN else _T_MIN
+    k = np.rint(tc)
+    f = tc - k  # ∈ [−½, ½], exact
+    f2 = f * f
+    p = _ONE + f * ((_E1 + f * _E2) + f2 * ((_E3 + f * _E4) + f2 * _E5))  # Estrin: short dependency chain
+    return _i32_as_f32(_i32_add(_f32_as_i32(p), _i32_shl(np.int32(k), _23)))  # p·2^k, k ∈ [−125, 0]: stays normal
 
 
-@njit(cache=True, error_model="numpy", fastmath=_FMA, inline="always")
-def _sweep_backward(e_out, e_down, w_down, e_right, w_right, e_diag, w_diag):
-    """One anti-diagonal of the E-recursion: E(i,j) = E(i+1,j)·w↑ + E(i,j+1)·w← + E(i+1,j+1)·w↖ (multiply-adds)."""
-    for t in range(e_out.shape[0]):
-        e_out[t] = e_down[t] * w_down[t] + e_right[t] * w_right[t] + e_diag[t] * w_diag[t]
+@njit(inline="always", **_OPTS)
+def _log2_pos_f32(s):
+    """log2(s) for a normal float32 s > 0 without libm (used on s ∈ [1, 3]): s = 2^e·m, m ∈ [⅔, 4/3), polynomial."""
+    bits = _f32_as_i32(s)
+    e = _i32_sar(_i32_sub(bits, _TWO_THIRDS_BITS), _23)
+    x = _i32_as_f32(_i32_sub(bits, _i32_shl(e, _23))) - _ONE  # m − 1 ∈ [−⅓, ⅓)
+    x2 = x * x
+    x4 = x2 * x2
+    q = ((_Q0 + x * _Q1) + x2 * (_Q2 + x * _Q3)) + x4 * ((_Q4 + x * _Q5) + x2 * (_Q6 + x * _Q7))
+    return _F(e) + x * q
 
 
-@njit(cache=True, error_model="numpy", fastmath=_FMA)
-def _backward_task(n, m, w_diag, w_up, w_left, scale, grad):
-    """E-recursion of one task from its weights; writes scale·E into grad (N, M), zero on padding."""
-    base = _diagonal_bases(n, m)
-    e = np.empty((n + 2) * (m + 2), dtype=w_diag.dtype)
-    zero = w_diag.dtype.type(0.0)
-    for j in range(m + 2):
-        e[base[n + 1 + j] + n + 1] = zero
-    for i in range(n + 2):
-        e[base[i + m + 1] + i] = zero
-    e[base[n + m] + n] = w_diag.dtype.type(1.0)
+@njit(**_OPTS)
+def _layout(n, m, symmetric):
+    """Per diagonal d ∈ [2, n + m]: first row lo[d], cell count cnt[d] and offset off[d] of its weight block.
+
+    A block holds three planes (↖, ↑, ←) of `plane_size(cnt[d])` slots; slot 0 is row lo − 1 and slot q row lo + q − 1.
+    A symmetric task keeps rows i ≤ d/2 only. off[n + m + 1] is the task's total size.
+    """
+    lo = np.zeros(n + m + 3, dtype=np.int64)
+    cnt = np.zeros(n + m + 3, dtype=np.int64)
+    off = np.zeros(n + m + 3, dtype=np.int64)
+    total = 0
+    for d in range(2, n + m + 1):
+        first = max(1, d - m)
+        last = min(n, d - 1)
+        if symmetric:
+            last = min(last, d // 2)
+        lo[d] = first
+        cnt[d] = last - first + 1
+        off[d] = total
+        total += 3 * _plane_size(last - first + 1)
+    off[n + m + 1] = total
+    off[n + m + 2] = total
+    return lo, cnt, off
+
+
+@njit(inline="always", **_OPTS)
+def _padded(count):
+    """count rounded up to a multiple of VL (the lanes a vector loop over `count` cells runs)."""
+    return ((count + VL - 1) // VL) * VL
+
+
+@njit(inline="always", **_OPTS)
+def _plane_size(count):
+    """Slots per weight plane of a diagonal with `count` cells: rows lo − 1 … plus the padded lanes, plus hi + 1."""
+    return _padded(count) + 2
+
+
+# Columns of the task table `tasks` (one int64 row per (group, sample) DP).
+GROUP, SAMPLE, ROWS, COLS, SYMMETRIC = range(5)
+
+
+@njit(**_OPTS)
+def plan_tasks(lengths_n, lengths_m, group_sizes, symmetric_groups, min_cells):
+    """Task table, weight workspace size and chunks of work for groups of per-sample lengths (concatenated).
+
+    Returns (tasks (T, 5) int64 [group, sample, n, m, symmetric], the largest task's weight count (the per-thread
+    workspace), order (T,) task ids by decreasing work, bounds (chunks + 1,): chunk c is order[bounds[c]:bounds[c + 1]],
+    total cells swept). Small tasks are merged so that each chunk sweeps at least `min_cells` cells (a thread
+    hand-off costs ~10 µs).
+    """
+    count = lengths_n.shape[0]
+    tasks = np.empty((count, 5), dtype=np.int64)
+    work = np.empty(count, dtype=np.int64)
+    t = 0
+    largest = 0
+    for g in range(group_sizes.shape[0]):
+        for b in range(group_sizes[g]):
+            n = lengths_n[t]
+            m = lengths_m[t]
+            symmetric = symmetric_groups[g]
+            tasks[t, GROUP] = g
+            tasks[t, SAMPLE] = b
+            tasks[t, ROWS] = n
+            tasks[t, COLS] = m
+            tasks[t, SYMMETRIC] = symmetric
+            size = 0
+            for d in range(2, n + m + 1):
+                last = min(n, d - 1)
+                if symmetric:
+                    last = min(last, d // 2)
+                size += 3 * _plane_size(last - max(1, d - m) + 1)
+            largest = max(largest, size)
+            work[t] = n * (m + 1) // 2 if symmetric else n * m
+            t += 1
+    order = np.argsort(-work, kind="mergesort")
+    bounds = np.empty(count + 1, dtype=np.int64)
+    bounds[0] = 0
+    chunks = 0
+    pending = 0
+    for k in range(count):
+        pending += work[order[k]]
+        if pending >= min_cells or k == count - 1:
+            chunks += 1
+            bounds[chunks] = k + 1
+            pending = 0
+    return tasks, largest, order, bounds[: chunks + 1], work.sum()
+
+
+@njit(inline="always", **_OPTS)
+def _pass1(r_diag, r_up, r_left, low, t_diag, t_up, t_left, count):
+    """float64: low = min of the three predecessors, t_k = low − R'_k ≤ 0 rounded to the compute dtype."""
+    dt = t_diag.dtype.type
+    for t in range(count):
+        a = r_diag[t]
+        u = r_up[t]
+        lf = r_left[t]
+        mn = a if a < u else u
+        mn = mn if mn < lf else lf
+        low[t] = mn
+        t_diag[t] = dt(mn - a)
+        t_up[t] = dt(mn - u)
+        t_left[t] = dt(mn - lf)
+
+
+@njit(inline="always", **_OPTS)
+def _pass2(t_diag, t_up, t_left, log_s, w_diag, w_up, w_left, store, poly32, count):
+    """compute dtype: log2 of s = Σ 2^t_k into log_s and, if `store`, the weights 2^t_k / s.
+
+    `poly32` (float32 buffers): polynomial 2^t and log2; otherwise libm in float64.
+    """
+    if poly32:
+        if store:
+            for t in range(count):
+                ea = _exp2_nonpos_f32(np.float32(t_diag[t]))
+                eu = _exp2_nonpos_f32(np.float32(t_up[t]))
+                el = _exp2_nonpos_f32(np.float32(t_left[t]))
+                s = ea + eu + el
+                inv_s = _ONE / s
+                log_s[t] = _log2_pos_f32(s)
+                w_diag[t] = ea * inv_s
+                w_up[t] = eu * inv_s
+                w_left[t] = el * inv_s
+        else:
+            for t in range(count):
+                s = (_exp2_nonpos_f32(np.float32(t_diag[t])) + _exp2_nonpos_f32(np.float32(t_up[t]))
+                     + _exp2_nonpos_f32(np.float32(t_left[t])))
+                log_s[t] = _log2_pos_f32(s)
+    else:
+        for t in range(count):
+            ea = math.exp(t_diag[t] * LN2)
+            eu = math.exp(t_up[t] * LN2)
+            el = math.exp(t_left[t] * LN2)
+            s = ea + eu + el
+            log_s[t] = math.log(s) * LOG2E
+            if store:
+                w_diag[t] = ea / s
+                w_up[t] = eu / s
+                w_left[t] = el / s
+
+
+@njit(inline="always", **_OPTS)
+def _pass3(cost, scale, low, log_s, r_out, count):
+    """float64: R' = C̃·scale + low − log2 s."""
+    for t in range(count):
+        r_out[t] = np.float64(cost[t]) * scale + low[t] - log_s[t]
+
+
+@njit(**_OPTS)
+def _skew_strips(cost, n, m, symmetric, band_center, band_width, penalty, banded, strips):
+    """strips[p, j + k, k] = C̃(16p + k + 1, j) (1-based j; only j ≥ i if symmetric): each cost row read once and
+    contiguously, the writes inside one strip's (m + STRIP)·STRIP block."""
+    dt = strips.dtype.type
+    for p in range((n + STRIP - 1) // STRIP):
+        out = strips[p]
+        for k in range(min(STRIP, n - p * STRIP)):
+            i = p * STRIP + k + 1
+            row = cost[i - 1]
+            if banded:
+                c = band_center[i - 1]
+                w = band_width[i - 1]
+                for j in range(i if symmetric else 1, m + 1):
+                    value = np.float64(row[j - 1])
+                    if abs((j - 1) - c) > w:
+                        value += penalty
+                    out[j + k, k] = dt(value)
+            else:
+                for j in range(i if symmetric else 1, m + 1):
+                    out[j + k, k] = row[j - 1]
+
+
+@njit(inline="always", **_OPTS)
+def _diagonal_from_strips(strips, d, first, last, out):
+    """out[i] = strips[p, d − i0, i − i0] (i0 = 16p + 1) for the strips holding rows first … last of diagonal d,
+    whole strips at a time: the extra rows get values of cells off the grid, which only padding lanes read."""
+    for p in range((first - 1) // STRIP, (last - 1) // STRIP + 1):
+        i0 = p * STRIP + 1
+        src = strips[p, d - i0]
+        dst = out[i0 : i0 + STRIP]
+        for k in range(STRIP):
+            dst[k] = src[k]
+
+
+@njit(inline="always", **_OPTS)
+def _diagonal_to_strips(values, d, first, last, strips):
+    """strips[p, d − i0, k] = values[i0 + k] for the strips holding rows first … last of diagonal d, whole strips
+    at a time: the extra rows land in the slots of cells off the grid, which are never read."""
+    for p in range((first - 1) // STRIP, (last - 1) // STRIP + 1):
+        i0 = p * STRIP + 1
+        dst = strips[p, d - i0]
+        src = values[i0 : i0 + STRIP]
+        for k in range(STRIP):
+            dst[k] = src[k]
+
+
+@njit(**_OPTS)
+def _strips_to_grad(strips, n, m, symmetric, grad):
+    """grad[i − 1, j − 1] = E(i, j) from the strip-skewed E (both halves if symmetric), zero on padding."""
+    dt = grad.dtype.type
+    for p in range((n + STRIP - 1) // STRIP):
+        src = strips[p]
+        i0 = p * STRIP + 1
+        for k in range(min(STRIP, n - p * STRIP)):
+            i = i0 + k
+            row = grad[i - 1]
+            for j in range(i if symmetric else 1, m + 1):
+                row[j - 1] = dt(src[j + k, k])
+        if symmetric:  # the lower triangle of this strip's columns: one contiguous run per row
+            for j in range(i0 + 1, m + 1):
+                row = grad[j - 1]
+                for k in range(min(STRIP, j - i0)):
+                    row[i0 + k - 1] = dt(src[j + k, k])
+    zero = dt(0.0)
+    for i in range(n):
+        grad[i, m:] = zero
+    grad[n:, :] = zero
+
+
+@njit(**_OPTS)
+def _forward_task(cost, n, m, symmetric, band_center, band_width, penalty, banded, scale, store, poly32, weights,
+                  strips):  # fmt: skip
+    """DP of one pair in scaled units: returns R'(n, m); fills `weights` (this task's block) if `store`.
+
+    `strips`: a workspace of at least ((n + 15) // 16, m + 16, 16) in the compute dtype.
+    """
+    lo_d, cnt_d, off_d = _layout(n, m, symmetric)
+    dt = weights.dtype.type
+    width = n + 2 * VL + 2  # ring row: rows 0 … n + 1 plus the padded lanes past the last row
+    ring = np.full((3, width), BIG)  # R' of diagonals d, d − 1, d − 2 (rows index the columns)
+    ring[0, 0] = 0.0  # R(0, 0) = 0; everything else on the boundary is +inf
+    c_buf = np.zeros(width + STRIP, dtype=weights.dtype)  # C̃ of the current diagonal by row (stale values past it)
+    low = np.zeros(width)
+    # t↖, t↑, t←, log2 s of the current diagonal: four separate buffers (rows of one array defeat LLVM's
+    # dependence analysis and the pass-1 loop would not vectorise)
+    t_diag_buf = np.zeros(width, dtype=weights.dtype)
+    t_up_buf = np.zeros(width, dtype=weights.dtype)
+    t_left_buf = np.zeros(width, dtype=weights.dtype)
+    log_s_buf = np.zeros(width, dtype=weights.dtype)
+    _skew_strips(cost, n, m, symmetric, band_center, band_width, penalty, banded, strips)
+    for d in range(2, n + m + 1):
+        first = lo_d[d]
+        count = cnt_d[d]
+        lanes = _padded(count)
+        _diagonal_from_strips(strips, d, first, first + count - 1, c_buf)
+        r_out = ring[d % 3]
+        r_prev = ring[(d - 1) % 3]
+        r_prev2 = ring[(d - 2) % 3]
+        t_diag, t_up, t_left, log_s = t_diag_buf[:lanes], t_up_buf[:lanes], t_left_buf[:lanes], log_s_buf[:lanes]
+        _pass1(r_prev2[first - 1 : first - 1 + lanes], r_prev[first - 1 : first - 1 + lanes],
+               r_prev[first : first + lanes], low[:lanes], t_diag, t_up, t_left, lanes)  # fmt: skip
+        plane = _plane_size(count)
+        base = off_d[d]
+        if store:
+            w_diag = weights[base + 1 : base + 1 + lanes]
+            w_up = weights[base + plane + 1 : base + plane + 1 + lanes]
+            w_left = weights[base + 2 * plane + 1 : base + 2 * plane + 1 + lanes]
+        else:
+            w_diag = w_up = w_left = t_diag
+        _pass2(t_diag, t_up, t_left, log_s, w_diag, w_up, w_left, store, poly32, lanes)
+        _pass3(c_buf[first : first + lanes], scale, low[:lanes], log_s, r_out[first : first + lanes], lanes)
+        last = first + count - 1
+        if store:  # end slots: rows first − 1 and last + 1 carry zero weight (or the mirrored cell, below); the
+            # last slot (written by no lane when count < lanes) too, so that every slot of the block is written
+            for p in range(3):
+                weights[base + p * plane] = dt(0.0)
+                weights[base + p * plane + count + 1] = dt(0.0)
+                weights[base + p * plane + lanes + 1] = dt(0.0)
+        if symmetric and d % 2 == 1:
+            # rows ≤ last = (d − 1)/2 were swept; the next diagonal reads (last + 1, last) = (last, last + 1)
+            r_out[last + 1] = r_out[last]
+            if store:
+                weights[base + count + 1] = weights[base + count]
+                weights[base + plane + count + 1] = weights[base + 2 * plane + count]
+                weights[base + 2 * plane + count + 1] = weights[base + plane + count]
+        r_out[0] = BIG  # R(0, d) (the ring row held diagonal d − 3 before)
+        if d <= n:
+            r_out[d] = BIG  # R(d, 0), overwritten by padding lanes
+    return ring[(n + m) % 3, n]
+
+
+@njit(nogil=True, **_OPTS)
+def soft_dtw_forward(order, bounds, counter, tasks, costs0, costs1, costs2, band_center, band_width, penalty,
+                     band_group, gamma, poly32, weights, values, grads0, grads1, grads2):  # fmt: skip
+    """Forward (and, with a gradient, the E-recursion) of chunks of tasks without the GIL; every calling thread
+    pulls the next chunk from `counter`.
+
+    Task t reads costs{g}[b] (g, b = its group and sample; its top-left (n, m) block, only i ≤ j if symmetric) and
+    writes values[t] = R(n, m) (float64). If `weights` has more than one element (a workspace of the largest task's
+    weight count, one per thread), the task's softmin weights go there and the E-recursion runs right away, while
+    they are still in cache: grads{g}[b] = dR(n, m)/dC (zero on padding). The band applies to group `band_group`
+    only. `poly32`: float32 buffers, polynomial 2^t and log2 (see the module docstring).
+    """
+    scale = LOG2E / gamma
+    store = weights.shape[0] > 1
+    strips = _strip_workspace(tasks, weights.dtype)
+    while True:
+        chunk = _fetch_add(counter, 0)
+        if chunk >= bounds.shape[0] - 1:
+            break
+        for k in range(bounds[chunk], bounds[chunk + 1]):
+            t = order[k]
+            g = tasks[t, GROUP]
+            b = tasks[t, SAMPLE]
+            n = tasks[t, ROWS]
+            m = tasks[t, COLS]
+            symmetric = tasks[t, SYMMETRIC] != 0
+            cost = costs0[b] if g == 0 else (costs1[b] if g == 1 else costs2[b])
+            banded = g == band_group
+            bb = b if banded else 0
+            r_end = _forward_task(cost, n, m, symmetric, band_center[bb], band_width[bb], penalty, banded, scale,
+                                  store, poly32, weights, strips)  # fmt: skip
+            values[t] = r_end * (gamma * LN2)
+            if store:
+                grad = grads0[b] if g == 0 else (grads1[b] if g == 1 else grads2[b])
+                _backward_task(n, m, symmetric, weights, grad, strips)
+
+
+@njit(**_OPTS)
+def _strip_workspace(tasks, dtype):
+    """Zeroed strips for the largest (n, m) of the task table (reused by every task a thread runs)."""
+    rows = max(1, tasks[:, ROWS].max())
+    cols = max(1, tasks[:, COLS].max())
+    return np.zeros(((rows + STRIP - 1) // STRIP, cols + STRIP, STRIP), dtype=dtype)
+
+
+@njit(inline="always", **_OPTS)
+def _sweep_backward(e_down, w_up, e_right, w_left, e_diag, w_diag, e_out, count):
+    """One diagonal of the E-recursion: E(i,j) = E(i+1,j)·w↑ + E(i,j+1)·w← + E(i+1,j+1)·w↖ (multiply-adds)."""
+    for t in range(count):
+        e_out[t] = e_down[t] * w_up[t] + e_right[t] * w_left[t] + e_diag[t] * w_diag[t]
+
+
+@njit(**_OPTS)
+def _backward_task(n, m, symmetric, weights, grad, strips):
+    """E-recursion of one task from its weights; writes E = dR(n, m)/dC into grad (N, M), zero on padding."""
+    lo_d, cnt_d, off_d = _layout(n, m, symmetric)
+    ring = np.zeros((3, n + 2 * VL + 3), dtype=weights.dtype)  # E of diagonals d, d + 1, d + 2 (rows index)
+    ring[(n + m) % 3, n] = 1.0  # E(n, m) = 1
+    strips[(n - 1) // STRIP, m + (n - 1) % STRIP, (n - 1) % STRIP] = 1.0
     for d in range(n + m - 1, 1, -1):
-        lo = max(1, d - m)
-        hi = min(n, d - 1) + 1
-        k0 = base[d] + lo  # (lo, d − lo)
-        k1 = base[d + 1] + lo  # (lo, d − lo + 1): right successor; k1 + 1 is the lower one
-        k2 = base[d + 2] + lo + 1  # (lo + 1, d − lo + 1): diagonal successor
-        count = hi - lo
-        _sweep_backward(e[k0 : k0 + count],
-                        e[k1 + 1 : k1 + 1 + count], w_up[k1 + 1 : k1 + 1 + count],
-                        e[k1 : k1 + count], w_left[k1 : k1 + count],
-                        e[k2 : k2 + count], w_diag[k2 : k2 + count])  # fmt: skip
-    s = grad.dtype.type(scale)
-    n_rows, n_cols = grad.shape
-    for i in range(1, n + 1):
-        row = grad[i - 1]
-        for j in range(1, m + 1):
-            row[j - 1] = s * e[base[i + j] + i]
-        for j in range(m, n_cols):
-            row[j] = zero
-    for i in range(n, n_rows):
-        grad[i, :] = zero
-
-
-@njit(nogil=True, cache=True, error_model="numpy", fastmath=_FMA)
-def soft_dtw_backward(task_ids, group, sample, lengths_n, lengths_m, grid_offset, w_diag, w_up, w_left, scale,
-                      grads0, grads1, grads2):  # fmt: skip
-    """Backward of the tasks in `task_ids` without the GIL: grads{group[t]}[sample[t]] = scale[t]·dR(n, m)/dC."""
-    for t in task_ids:
-        g = group[t]
-        b = sample[t]
-        n = lengths_n[t]
-        m = lengths_m[t]
-        lo = grid_offset[t]
-        hi = lo + (n + 2) * (m + 2)
-        grad = grads0[b] if g == 0 else (grads1[b] if g == 1 else grads2[b])
-        _backward_task(n, m, w_diag[lo:hi], w_up[lo:hi], w_left[lo:hi], scale[t], grad)
+        first = lo_d[d]
+        count = cnt_d[d]
+        lanes = _padded(count)
+        # weight slot of row q on diagonal d + 1: base1 + plane·p + q (slot 0 is row lo − 1); same for d + 2
+        plane1 = _plane_size(cnt_d[d + 1])
+        base1 = off_d[d + 1] + 1 - lo_d[d + 1]
+        # diagonal n + m + 1 does not exist (E = 0 there): any written, finite weights of the block do
+        base2 = off_d[d + 2] + 1 - lo_d[d + 2] if d + 2 <= n + m else 0
+        e_out = ring[d % 3]
+        e_next = ring[(d + 1) % 3]
+        e_next2 = ring[(d + 2) % 3]
+        _sweep_backward(e_next[first + 1 : first + 1 + lanes],
+                        weights[base1 + plane1 + first + 1 : base1 + plane1 + first + 1 + lanes],
+                        e_next[first : first + lanes],
+                        weights[base1 + 2 * plane1 + first : base1 + 2 * plane1 + first + lanes],
+                        e_next2[first + 1 : first + 1 + lanes],
+                        weights[base2 + first + 1 : base2 + first + 1 + lanes],
+                        e_out[first : first + lanes], lanes)  # fmt: skip
+        last = first + count - 1
+        e_out[first - 1] = 0.0  # rows outside [first, last] are the E = 0 boundary (or the mirrored cell)
+        e_out[last + 1] = e_out[last] if symmetric and d % 2 == 1 else 0.0
+        _diagonal_to_strips(e_out, d, first, last, strips)
+    _strips_to_grad(strips, n, m, symmetric, grad)

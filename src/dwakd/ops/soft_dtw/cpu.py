@@ -1,19 +1,24 @@
 """Fast CPU Soft-DTW: numba kernels (see `_cpu_kernels`) behind a `torch.autograd.Function`, threads over sequences.
 
 Several cost batches ("groups", e.g. the cross and the two self terms of the divergence) run as one list of tasks,
-cut into chunks (longest first) that up to `torch.get_num_threads()` threads pull from a shared counter. Kernels
+cut into chunks (largest first) that up to `torch.get_num_threads()` threads pull from a shared counter. Kernels
 release the GIL, so plain Python threads give true parallelism without a second OpenMP pool competing with torch's,
 and pulling work (rather than a static split) keeps a descheduled thread on a busy machine from stalling the call:
-the calling thread simply takes the remaining chunks.
+the calling thread simply takes the remaining chunks. A group can be marked symmetric (C(i, j) = C(j, i) and
+n = m per sample, as for the divergence's self terms): its tasks sweep only the upper half of the grid.
 
-Memory kept for backward: the three softmin weights per cell of each task's (n+2)·(m+2) grid, in the compute dtype
-(12 bytes per cell in float32); nothing else. Working memory: one float64 R grid and one E grid per running thread's
-task. float32 and float64 are computed natively; other dtypes (bf16, fp16) are computed in float32.
+With a gradient, the forward call also computes E = dR(n, m)/dC of every task (the E-recursion does not depend on
+dL/dR; running it right after each task's DP keeps the softmin weights in a per-thread, cache-hot workspace); the
+backward only multiplies E by dL/dR. Memory kept for backward: E in the layout of the costs, in the compute dtype
+(4 bytes per cost entry in float32); nothing at all when no cost requires a gradient (the forward then skips the
+weights and E). Working memory per thread: the weights of its largest task (≈ 12 bytes per cell in float32), the
+strip-skewed cost, rings of three diagonals. float32 and float64 are computed natively; other dtypes (bf16, fp16)
+are computed in float32. Buffers come from NumPy (glibc reuses freed blocks of the same size; torch's CPU
+allocator page-faults each fresh block in again).
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +30,10 @@ import torch
 from dwakd.ops.soft_dtw.band import SoftBand
 
 _MIN_CELLS_PER_WORKER = 1 << 15
+# Zeroed slots after a task's weights: the kernels' padded vector lanes may read a few planes past a task's block
+# (values they never use, but they must be finite and in bounds).
+_WEIGHT_TAIL = 8 * 64  # a few planes: the padded lanes of the last diagonals read past the task's weights
+_NO_BAND = np.zeros((1, 1), dtype=np.float64)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -38,6 +47,12 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def _new_workspace(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Uninitialised memory for the kernels' weights (a hook: the tests fill it with NaN to prove that no slot the
+    kernels read is left unwritten)."""
+    return np.empty(shape, dtype=dtype)
+
+
 def _kernels():
     """The numba kernel module, imported lazily (first import compiles or loads the on-disk cache)."""
     from dwakd.ops.soft_dtw import _cpu_kernels
@@ -47,75 +62,75 @@ def _kernels():
 
 @dataclass
 class _TaskPlan:
-    """Flat description of every (group, sample) DP: lengths, grid offsets and the chunks threads pull."""
+    """Every (group, sample) DP of one call: the kernels' task table and the chunks of work threads pull."""
 
-    group: np.ndarray  # (tasks,) int64: which cost batch
-    sample: np.ndarray  # (tasks,) int64: index in that batch
-    lengths_n: np.ndarray  # (tasks,) int64
-    lengths_m: np.ndarray  # (tasks,) int64
-    grid_offset: np.ndarray  # (tasks,) int64: start of the task's (n+2)(m+2) grid in the weight buffers
-    grid_cells: int  # total cells over all tasks
-    chunks: list[np.ndarray]  # task ids per chunk of work, largest first; threads pull chunks in order
+    tasks: np.ndarray  # (T, 5) int64: group, sample, n, m, symmetric (see _cpu_kernels.plan_tasks)
+    group_bounds: list[int]  # tasks of group g are rows group_bounds[g]:group_bounds[g + 1] (in group order)
+    weight_cells: int  # weights of the largest task: the per-thread workspace of a call with a gradient
+    order: np.ndarray  # (T,) int64: task ids by decreasing work
+    bounds: np.ndarray  # (chunks + 1,) int64: chunk c is order[bounds[c]:bounds[c + 1]]
     workers: int  # threads to use (1: run in the calling thread)
 
 
-def _plan(lengths: list[tuple[torch.Tensor, torch.Tensor]], workers: int) -> _TaskPlan:
-    """Build the task list for groups with per-sample (lengths_x, lengths_y)."""
-    groups, samples, ns, ms = [], [], [], []
-    for g, (lx, ly) in enumerate(lengths):
-        lx_np = lx.detach().to("cpu", torch.int64).numpy()
-        ly_np = ly.detach().to("cpu", torch.int64).numpy()
-        groups.append(np.full(lx_np.shape[0], g, dtype=np.int64))
-        samples.append(np.arange(lx_np.shape[0], dtype=np.int64))
-        ns.append(lx_np)
-        ms.append(ly_np)
-    group, sample = np.concatenate(groups), np.concatenate(samples)
-    lengths_n, lengths_m = np.concatenate(ns).astype(np.int64), np.concatenate(ms).astype(np.int64)
-    cells = (lengths_n + 2) * (lengths_m + 2)
-    grid_offset = np.zeros_like(cells)
-    np.cumsum(cells[:-1], out=grid_offset[1:])
+def _int64_numpy(values: torch.Tensor) -> np.ndarray:
+    """A CPU int64 NumPy view (or copy) of a lengths tensor."""
+    if values.device.type != "cpu" or values.dtype != torch.int64:
+        values = values.to("cpu", torch.int64)
+    return values.detach().numpy()
+
+
+def _plan(
+    lengths: list[tuple[torch.Tensor, torch.Tensor]], workers: int, symmetric: tuple[bool, ...] = ()
+) -> _TaskPlan:
+    """Build the task list for groups with per-sample (lengths_x, lengths_y); `symmetric[g]` marks group g."""
+    ns = [_int64_numpy(lx) for lx, _ in lengths]
+    ms = [_int64_numpy(ly) for _, ly in lengths]
+    sym_groups = np.zeros(len(lengths), dtype=np.int64)
+    for g, sym in enumerate(symmetric):
+        if sym:
+            if not np.array_equal(ns[g], ms[g]):
+                raise ValueError(f"group {g} is marked symmetric but its lengths differ: {ns[g]} vs {ms[g]}")
+            sym_groups[g] = 1
+    sizes = [len(n) for n in ns]
+    tasks, weight_cells, order, bounds, cells = _kernels().plan_tasks(
+        np.concatenate(ns), np.concatenate(ms), np.array(sizes, dtype=np.int64), sym_groups, _MIN_CELLS_PER_WORKER
+    )
     # a thread is worth its hand-off latency only with enough cells to sweep (~0.1 ms of work each)
-    workers = max(1, min(workers, len(cells), int(cells.sum()) // _MIN_CELLS_PER_WORKER))
-    chunks: list[np.ndarray] = []
-    pending: list[int] = []
-    pending_cells = 0
-    for t in np.argsort(-cells, kind="stable"):  # small tasks are merged so each chunk has enough work
-        pending.append(int(t))
-        pending_cells += int(cells[t])
-        if pending_cells >= _MIN_CELLS_PER_WORKER:
-            chunks.append(np.asarray(pending, dtype=np.int64))
-            pending, pending_cells = [], 0
-    if pending:
-        chunks.append(np.asarray(pending, dtype=np.int64))
-    workers = min(workers, len(chunks))
-    if workers == 1:
-        chunks = [np.concatenate(chunks)]
-    return _TaskPlan(group, sample, lengths_n, lengths_m, grid_offset, int(cells.sum()), chunks, workers)
+    workers = max(1, min(workers, len(bounds) - 1, int(cells) // _MIN_CELLS_PER_WORKER))
+    group_bounds = [0]
+    for size in sizes:
+        group_bounds.append(group_bounds[-1] + size)
+    return _TaskPlan(tasks, group_bounds, int(weight_cells), order, bounds, workers)
 
 
-def _run(kernel, plan: _TaskPlan, *args) -> None:
-    """Call `kernel(task_ids, *args)` on every chunk, pulled by up to `plan.workers` threads; re-raise errors."""
+def _run(kernel, plan: _TaskPlan, args: tuple, per_thread: list | None = None) -> None:
+    """Run `kernel(order, bounds, counter, tasks, *args)` in up to `plan.workers` threads (the calling one included)
+    that pull chunks from one atomic counter, so a descheduled thread never stalls the call.
+
+    `per_thread[i]`, if given, replaces the None in `args` for thread i (its own workspace).
+    """
+    counter = np.zeros(1, dtype=np.int64)
+
+    def call(i: int) -> None:
+        own = args if per_thread is None else tuple(per_thread[i] if a is None else a for a in args)
+        kernel(plan.order, plan.bounds, counter, plan.tasks, *own)
+
     if plan.workers == 1:
-        kernel(plan.chunks[0], *args)
+        call(0)
         return
-    counter = itertools.count()  # next() on a count is atomic under the GIL
-
-    def work() -> None:
-        while (k := next(counter)) < len(plan.chunks):
-            kernel(plan.chunks[k], *args)
-
-    futures = [_pool().submit(work) for _ in range(plan.workers - 1)]
-    work()
+    futures = [_pool().submit(call, i) for i in range(1, plan.workers)]
+    call(0)
     for f in futures:
         f.result()
 
 
 class _SoftDTWCPUFunction(torch.autograd.Function):
-    """Values R(n_b, m_b) of up to three cost batches in one threaded sweep; backward from stored softmin weights."""
+    """Values R(n_b, m_b) of up to three cost batches in one threaded sweep; with a gradient the same sweep also
+    computes E = dR/dC (see `_cpu_kernels`), and the backward scales it by dL/dR."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, gamma: float, plan: _TaskPlan, band: SoftBand | None, *costs: torch.Tensor
+        ctx, gamma: float, plan: _TaskPlan, band: SoftBand | None, store: bool, *costs: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         k = _kernels()
         dtype = costs[0].dtype
@@ -127,38 +142,41 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
             width = band.width.detach().to("cpu", torch.float64).contiguous().numpy()  # (batch, N)
             band_group, penalty = 0, float(band.penalty)
         else:
-            center = width = np.zeros((1, 1), dtype=np.float64)
+            center = width = _NO_BAND
             band_group, penalty = -1, 0.0
         np_dtype = arrays[0].dtype
-        w_diag = np.empty(plan.grid_cells, dtype=np_dtype)
-        w_up = np.empty(plan.grid_cells, dtype=np_dtype)
-        w_left = np.empty(plan.grid_cells, dtype=np_dtype)
-        values = np.empty(plan.group.shape[0], dtype=np.float64)
-        _run(k.soft_dtw_forward, plan, arrays[0], arrays[1], arrays[2], plan.group, plan.sample,
-             plan.lengths_n, plan.lengths_m, plan.grid_offset, center, width, penalty, band_group, float(gamma),
-             np_dtype == np.float32, w_diag, w_up, w_left, values)  # fmt: skip
-        ctx.plan = plan
-        ctx.weights = (w_diag, w_up, w_left)
-        ctx.shapes = [tuple(c.shape) for c in costs]
-        ctx.dtype = dtype
+        if store:
+            # one weight workspace per thread (largest task + a zeroed tail for the padded vector lanes), and E
+            workspace = _new_workspace((plan.workers, plan.weight_cells + _WEIGHT_TAIL), np_dtype)
+            workspace[:, plan.weight_cells :] = 0
+            per_thread = list(workspace)
+            grads = [np.empty(c.shape, dtype=np_dtype) for c in costs]  # NumPy: see the module docstring
+        else:
+            per_thread = [np.zeros(1, dtype=np_dtype)] * plan.workers  # a one-element "workspace": values only
+            grads = [np.zeros((1, 1, 1), dtype=np_dtype)]
+        outs = grads + [grads[0]] * (3 - len(grads))
+        values = np.empty(plan.tasks.shape[0], dtype=np.float64)
+        _run(k.soft_dtw_forward, plan, (arrays[0], arrays[1], arrays[2], center, width, penalty, band_group,
+             float(gamma), np_dtype == np.float32, None, values, *outs), per_thread)  # fmt: skip
+        ctx.expected_alignments = grads if store else None  # (batch_g, N_g, M_g) NumPy arrays: E = dR(n, m)/dC
         out = torch.from_numpy(values).to(dtype)
-        return tuple(out[plan.group == g] for g in range(len(costs)))
+        b = plan.group_bounds
+        return tuple(out[b[g] : b[g + 1]] for g in range(len(costs)))
 
     @staticmethod
     def backward(ctx, *grad_values: torch.Tensor):  # type: ignore[override]
-        k = _kernels()
-        plan: _TaskPlan = ctx.plan
-        scale = np.empty(plan.group.shape[0], dtype=np.float64)  # dL/dR(n_b, m_b) per task
-        for g, gv in enumerate(grad_values):
-            sel = plan.group == g
-            scale[sel] = 0.0 if gv is None else gv.detach().to("cpu", torch.float64).numpy()
-        grads = [torch.empty(shape, dtype=ctx.dtype) for shape in ctx.shapes]
-        arrays = [t.numpy() for t in grads]
-        while len(arrays) < 3:
-            arrays.append(arrays[0])
-        _run(k.soft_dtw_backward, plan, plan.group, plan.sample, plan.lengths_n, plan.lengths_m,
-             plan.grid_offset, *ctx.weights, scale, arrays[0], arrays[1], arrays[2])  # fmt: skip
-        return (None, None, None, *grads)
+        if ctx.expected_alignments is None:
+            raise RuntimeError("Soft-DTW CPU forward ran without a gradient (no input required one)")
+        grads = []
+        for e, gv in zip(ctx.expected_alignments, grad_values):
+            if gv is None:
+                grads.append(None)
+                continue
+            scale = gv.detach().to("cpu", torch.float64).numpy().astype(e.dtype)[:, None, None]  # (batch, 1, 1)
+            out = np.empty_like(e)  # a fresh array (E is kept for another backward), NumPy-allocated
+            np.multiply(e, scale, out=out)
+            grads.append(torch.from_numpy(out))
+        return (None, None, None, None, *grads)
 
 
 def soft_dtw_cpu_groups(
@@ -166,20 +184,28 @@ def soft_dtw_cpu_groups(
     lengths: list[tuple[torch.Tensor, torch.Tensor]],
     gamma: float,
     band: SoftBand | None = None,
+    symmetric: tuple[bool, ...] = (),
 ) -> tuple[torch.Tensor, ...]:
     """Soft-DTW of up to three (batch_g, N_g, M_g) cost batches in one call; `band` applies to the first only.
 
     Inputs may live on any device (they are computed on the CPU and the results moved back). Lengths must already
-    be validated (1 ≤ n ≤ N). Returns one (batch_g,) tensor per group, differentiable w.r.t. each cost.
+    be validated (1 ≤ n ≤ N). `symmetric[g]` promises that group g's costs are symmetric with equal lengths per
+    sample (only their upper triangle is read). Returns one (batch_g,) tensor per group, differentiable w.r.t. each
+    cost.
     """
     if not 1 <= len(costs) <= 3:
         raise ValueError(f"soft_dtw_cpu_groups takes 1 to 3 cost batches, got {len(costs)}")
+    for g, sym in enumerate(symmetric):
+        if sym and costs[g].shape[1] != costs[g].shape[2]:
+            raise ValueError(f"group {g} is marked symmetric but its costs are not square: {tuple(costs[g].shape)}")
     device, dtype = costs[0].device, costs[0].dtype
     compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    cpu_costs = [c.to("cpu", compute) for c in costs]
-    plan = _plan(lengths, torch.get_num_threads())
-    values = _SoftDTWCPUFunction.apply(float(gamma), plan, band, *cpu_costs)
-    return tuple(v.to(device, dtype) for v in values)
+    on_cpu = device.type == "cpu" and dtype == compute
+    cpu_costs = costs if on_cpu and all(c.dtype == dtype for c in costs) else [c.to("cpu", compute) for c in costs]
+    plan = _plan(lengths, torch.get_num_threads(), symmetric)
+    store = torch.is_grad_enabled() and any(c.requires_grad for c in costs)  # forward-only calls skip the weights
+    values = _SoftDTWCPUFunction.apply(float(gamma), plan, band, store, *cpu_costs)
+    return values if on_cpu else tuple(v.to(device, dtype) for v in values)
 
 
 def soft_dtw_cpu(

@@ -107,8 +107,13 @@ def _run_groups(
     lengths: list[tuple[torch.Tensor, torch.Tensor]],
     gamma: float,
     band: SoftBand | None,
+    symmetric: tuple[bool, ...] = (),
 ) -> tuple[torch.Tensor, ...]:
-    """Soft-DTW of several cost batches on one path; the band applies to the first batch only."""
+    """Soft-DTW of several cost batches on one path; the band applies to the first batch only.
+
+    `symmetric[g]` says that batch g's costs are symmetric with equal lengths per sample (a self term): the CPU
+    path then sweeps only half of each grid; the other paths compute the full grid either way.
+    """
     if path == "reference":
         return tuple(
             soft_dtw_reference(c, gamma, lx, ly, band if g == 0 else None)
@@ -117,7 +122,7 @@ def _run_groups(
     if path == "cpu":
         from dwakd.ops.soft_dtw.cpu import soft_dtw_cpu_groups
 
-        return soft_dtw_cpu_groups(costs, lengths, gamma, band)
+        return soft_dtw_cpu_groups(costs, lengths, gamma, band, symmetric)
     from dwakd.ops.soft_dtw.cuda import soft_dtw_cuda_groups
 
     return soft_dtw_cuda_groups(costs, lengths, gamma, band)
@@ -170,12 +175,13 @@ def soft_dtw_divergence(
     cost_xx = cosine_cost(x, x)  # (batch, N, N)
     cost_yy = cosine_cost(y, y)  # (batch, M, M)
     path = _resolve_impl(impl, x.device, cost_xy.dtype)
-    # the three DPs run as one batch of 3·batch tasks on the fast paths
+    # the three DPs run as one batch of 3·batch tasks on the fast paths; the self terms are symmetric
     cross, self_x, self_y = _run_groups(
         path,
         [cost_xy, cost_xx, cost_yy],
         [(lengths_x, lengths_y), (lengths_x, lengths_x), (lengths_y, lengths_y)],
         float(gamma),
         band,
+        symmetric=(False, True, True),
     )
     return cross - 0.5 * (self_x + self_y)
