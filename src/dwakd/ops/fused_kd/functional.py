@@ -1,0 +1,465 @@
+"""Fused LM head + KL-family divergence: per-row divergence, CE and statistics from hidden states and head weights.
+
+One op for every "head + divergence" term of the dual-space methods: it takes the hidden states of a prediction
+side and of a target side with their LM-head weights, forms the (rows, V) logits chunk by chunk, and returns per
+row the divergence D(target → prediction) at temperature τ, the cross-entropy of either side, and τ = 1 statistics
+(entropy, peak probability, argmax) of either side, without ever holding a (rows × V) tensor for all rows.
+
+Design (what and why):
+- **Per-row outputs, weights applied outside.** The op returns (rows,) tensors; token weights, masks and the
+  per-sequence rescaling of DWA-KD are ordinary autograd outside (`(w * rows.divergence).sum()`). The weights
+  depend on statistics of the same logits (student entropy, teacher peak, argmax correctness), so they cannot be
+  known before the pass; a scalar-output op with the gradient formed in forward (Liger-Kernel's
+  `fused_linear_cross_entropy` / `fused_linear_jsd`) would need them up front, i.e. a second pass over the heads.
+- **Backward: store or recompute, picked per call** (`backward="auto"`).
+  *store*: when the prediction head weight takes no gradient (the frozen teacher head of the teacher-space term;
+  a frozen or LoRA student head), forward also forms, per chunk, the gradient of each differentiable per-row
+  output w.r.t. its hidden row — (rows, hidden) each, as Liger keeps `grad_input` — and backward is a weighted
+  sum of those: no second matmul over the vocabulary. This is the cheap path for the 151k-token teacher head.
+  *recompute*: when the prediction head weight is trained (the student head, often tied to the embeddings), its
+  gradient Σ_i a_i g_iᵀ h_i needs the output gradients a_i, known only in backward; forward keeps only its inputs
+  and backward recomputes each chunk's logits, forms g, and accumulates the head gradient in place
+  (`addmm_`) into one (V, hidden) buffer. Costs two extra head matmuls, no (rows, V) storage.
+- **Row chunks, no vocabulary chunks.** Chunks hold `chunk_elements // V` rows (a memory budget per (rows, V)
+  temporary; about six are alive at once). An online log-sum-exp over vocabulary blocks would not pay on CPU:
+  sfkl/srkl/js need normalised p and q inside the log-mixture and akl sorts whole rows, so those would need two
+  matmul passes, and the head matmul is the dominant cost here; rows of 50k–152k fp32 logits are 0.2–0.6 MB.
+- **Precision.** The matmul runs as the plain reference's `F.linear` would: in the autocast dtype when autocast
+  is on (bf16 logits, as the methods get today), else in the head weight's dtype (the hidden is cast to it).
+  Logits are then promoted to fp32 (float64 stays float64) and every softmax, divergence, CE and statistic is
+  computed there with autocast off. Gradients w.r.t. hidden states are matmuls in that same dtype; the head
+  gradient is accumulated in the head weight's dtype.
+- **Heads with padding rows.** Only the first `vocab_size` rows of each head enter (views, no copy); the head
+  gradient has the full head's shape with zeros on the padding rows. `target_bias` adds a constant per
+  vocabulary entry to the target logits (MinED's −1e5 on unmapped student tokens).
+- **What gets gradients.** The divergence and the prediction CE: w.r.t. `pred_hidden` and `pred_weight`. The
+  target CE: w.r.t. `target_hidden`. The divergence treats the target as a fixed distribution (no gradient to
+  `target_hidden`), and `target_weight` / `target_bias` never get one (pass them detached). Statistics carry none.
+
+The plain PyTorch reference is `dwakd.ops.fused_kd.reference.head_kd_reference` (dense logits, autograd).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+
+from dwakd.ops.fused_kd.chunk_math import (
+    DIVERGENCES,
+    DivergenceSpec,
+    cross_entropy_grad_,
+    cross_entropy_rows,
+    divergence_value_and_grad,
+    entropy_rows,
+    log_softmax_at,
+)
+
+CHUNK_ELEMENTS = 1 << 23  # elements per (rows, V) temporary: 32 MiB in fp32
+STATISTICS = ("pred_entropy", "pred_peak", "pred_argmax", "target_entropy", "target_peak", "target_argmax")
+BACKWARD_MODES = ("auto", "store", "recompute")
+_OUTPUTS = ("divergence", "pred_ce", "target_ce") + STATISTICS
+
+
+@dataclass
+class FusedKDRows:
+    """Per-row results (rows,) of `fused_head_kd`; a field is None when it was not asked for.
+
+    divergence, pred_ce and target_ce are differentiable (compute dtype: fp32, or float64 for float64 inputs);
+    entropies (nats) and peaks (max probability) are at τ = 1 on the real vocabulary, without gradient;
+    argmaxes are int64 token ids.
+    """
+
+    divergence: torch.Tensor | None = None
+    pred_ce: torch.Tensor | None = None
+    target_ce: torch.Tensor | None = None
+    pred_entropy: torch.Tensor | None = None
+    pred_peak: torch.Tensor | None = None
+    pred_argmax: torch.Tensor | None = None
+    target_entropy: torch.Tensor | None = None
+    target_peak: torch.Tensor | None = None
+    target_argmax: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the autograd function needs besides tensors."""
+
+    divergence: DivergenceSpec | None
+    vocab: int
+    ce_temperature: float
+    stats: frozenset[str]
+    chunk: int
+    store: bool  # form hidden-state gradients in forward (True) or recompute in backward (False)
+    pred_mm: torch.dtype  # matmul dtypes of the two heads
+    target_mm: torch.dtype | None
+    compute: torch.dtype  # dtype of logits once promoted: fp32 or float64
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The active autocast dtype on `device_type`, or None when autocast is off there."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: per-device functions
+        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    if not enabled:
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+def matmul_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Dtype `F.linear(hidden.to(weight.dtype), weight)` computes in here: autocast's if on (not for float64)."""
+    cast = _autocast_dtype(weight.device.type)
+    if cast is not None and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return cast
+    return weight.dtype
+
+
+def _no_autocast(x: torch.Tensor) -> torch.autocast:
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _head_rows(weight: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """(vocab, hidden) real-token rows of a head in the matmul dtype (a view when no cast is needed)."""
+    return weight[:vocab].to(dtype)
+
+
+def _logits(hidden: torch.Tensor, head: torch.Tensor, compute: torch.dtype,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(rows, vocab) logits of a chunk of hidden rows, promoted to the compute dtype (+ bias there)."""
+    out = torch.mm(hidden.to(head.dtype), head.t()).to(compute)
+    return out if bias is None else out.add_(bias)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """Whether `b` views exactly the same data as `a` (the student head used on both sides of the t2s term)."""
+    return (b is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+class _ChunkResult:
+    """What one chunk produced: per-row values and, in store mode, logit gradients per differentiable output."""
+
+    def __init__(self):
+        self.values: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+
+
+def _side_statistics(z: torch.Tensor, log_probs_1: torch.Tensor | None, prefix: str, stats: frozenset[str],
+                     out: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """τ = 1 statistics of one side's logits into `out`; returns the τ = 1 log-probabilities if it formed them."""
+    want_entropy = f"{prefix}_entropy" in stats
+    want_peak, want_argmax = f"{prefix}_peak" in stats, f"{prefix}_argmax" in stats
+    if not (want_entropy or want_peak or want_argmax):
+        return log_probs_1
+    if want_entropy and log_probs_1 is None:
+        log_probs_1 = log_softmax_at(z, 1.0)
+    if want_entropy:
+        out[f"{prefix}_entropy"] = entropy_rows(log_probs_1)
+    if want_peak or want_argmax:
+        if log_probs_1 is not None:  # max log-probability = log of the peak probability
+            top, arg = log_probs_1.max(-1)
+            top = top.exp()
+        else:
+            top, arg = z.max(-1)
+            top = (top - torch.logsumexp(z, -1)).exp()
+        if want_peak:
+            out[f"{prefix}_peak"] = top
+        if want_argmax:
+            out[f"{prefix}_argmax"] = arg
+    return log_probs_1
+
+
+def _chunk_forward(logits: list[torch.Tensor | None], pred_labels: torch.Tensor | None,
+                   target_labels: torch.Tensor | None, plan: _Plan, grads_for: frozenset[str]) -> _ChunkResult:
+    """Values (and in store mode the logit gradients named in `grads_for`) of one chunk.
+
+    `logits` is [pred (rows, V), target (rows, V) or None]; the list is emptied as soon as the logits are no
+    longer needed, so that they do not stay alive next to the divergence's temporaries.
+    """
+    res = _ChunkResult()
+    spec, tau_ce = plan.divergence, plan.ce_temperature
+    tau = spec.temperature if spec is not None else None
+    s, t = logits
+    # log-probabilities at τ for the divergence; the τ = 1 ones (statistics, CE) share them when τ = 1
+    log_q = log_softmax_at(s, tau) if spec is not None else None
+    log_p = log_softmax_at(t, tau) if spec is not None and t is not None else None
+    for side, z, log_tau, labels in (("pred", s, log_q, pred_labels), ("target", t, log_p, target_labels)):
+        if z is None:
+            continue
+        log_1 = log_tau if tau == 1.0 else None
+        log_1 = _side_statistics(z, log_1, side, plan.stats, res.values)
+        if labels is not None:
+            log_ce = log_1 if tau_ce == 1.0 and log_1 is not None else log_softmax_at(z, tau_ce)
+            res.values[f"{side}_ce"] = cross_entropy_rows(log_ce, labels)
+            if f"{side}_ce" in grads_for:
+                log_ce = log_ce.clone() if log_ce is log_tau else log_ce  # the divergence still reads log_tau
+                res.grads[f"{side}_ce"] = cross_entropy_grad_(log_ce, labels).div_(tau_ce)
+            del log_ce
+        del log_1, z
+    logits.clear()
+    del s, t
+    if spec is not None:
+        value, grad = divergence_value_and_grad(log_q, log_p, spec, True, "divergence" in grads_for)
+        res.values["divergence"] = value
+        if grad is not None:
+            res.grads["divergence"] = grad.div_(spec.temperature)
+    return res
+
+
+class _FusedHeadKD(torch.autograd.Function):
+    """Chunked head matmul + per-row divergence/CE/statistics; see the module docstring for the two backwards."""
+
+    @staticmethod
+    def forward(ctx, pred_hidden, pred_weight, target_hidden, target_weight, target_bias,  # type: ignore[override]
+                pred_labels, target_labels, plan: _Plan):
+        ctx.set_materialize_grads(False)
+        rows, device, compute = pred_hidden.shape[0], pred_hidden.device, plan.compute
+        # which per-row outputs carry a gradient to which input
+        pred_needs = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        target_needs = ctx.needs_input_grad[2] and target_labels is not None
+        grads_for = set()
+        if plan.store:
+            if pred_needs and plan.divergence is not None:
+                grads_for.add("divergence")
+            if pred_needs and pred_labels is not None:
+                grads_for.add("pred_ce")
+        if target_needs and plan.store:
+            grads_for.add("target_ce")
+        grads_for = frozenset(grads_for)
+
+        wanted = {"divergence": plan.divergence is not None, "pred_ce": pred_labels is not None,
+                  "target_ce": target_labels is not None, **{name: name in plan.stats for name in STATISTICS}}
+        outputs = {name: torch.empty(rows if want else 0, device=device,
+                                     dtype=torch.int64 if name.endswith("argmax") else compute)
+                   for name, want in wanted.items()}
+        hidden_grads = {name: torch.empty(rows, (pred_hidden if name != "target_ce" else target_hidden).shape[1],
+                                          device=device, dtype=compute) for name in grads_for}
+
+        with _no_autocast(pred_hidden), torch.no_grad():
+            pred_head = _head_rows(pred_weight, plan.vocab, plan.pred_mm)
+            target_head = None
+            if target_hidden is not None:
+                same = _same_tensor(pred_weight, target_weight) and plan.target_mm == plan.pred_mm
+                target_head = pred_head if same else _head_rows(target_weight, plan.vocab, plan.target_mm)
+            bias = None if target_bias is None else target_bias[: plan.vocab].to(compute)
+            for start in range(0, rows, plan.chunk):
+                end = min(rows, start + plan.chunk)
+                logits = [_logits(pred_hidden[start:end], pred_head, compute),
+                          None if target_head is None else
+                          _logits(target_hidden[start:end], target_head, compute, bias)]
+                res = _chunk_forward(
+                    logits, None if pred_labels is None else pred_labels[start:end],
+                    None if target_labels is None else target_labels[start:end], plan, grads_for,
+                )
+                for name, value in res.values.items():
+                    outputs[name][start:end] = value
+                for name, grad in res.grads.items():
+                    head = target_head if name == "target_ce" else pred_head
+                    hidden_grads[name][start:end] = torch.mm(grad.to(head.dtype), head).to(compute)
+                del res
+
+        ctx.plan = plan
+        ctx.grads_for = grads_for
+        if plan.store:
+            ctx.hidden_grad_names = tuple(hidden_grads)
+            ctx.save_for_backward(*hidden_grads.values())
+        else:
+            ctx.save_for_backward(pred_hidden, pred_weight, target_hidden, target_weight, target_bias,
+                                  pred_labels, target_labels)
+        ordered = tuple(outputs[name] for name in _OUTPUTS)
+        ctx.mark_non_differentiable(*[out for name, out in zip(_OUTPUTS, ordered, strict=True)
+                                      if not wanted[name] or name in STATISTICS])
+        return ordered
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):  # type: ignore[override]
+        plan: _Plan = ctx.plan
+        a_div, a_pce, a_tce = grad_outputs[:3]  # (rows,) or None when the output was not used
+        if plan.store:
+            saved = dict(zip(ctx.hidden_grad_names, ctx.saved_tensors, strict=True))
+            return (*_combine_stored(saved, a_div, a_pce, a_tce), None, None, None, None, None, None)
+        return _recompute_backward(ctx, a_div, a_pce, a_tce)
+
+
+def _combine_stored(saved: dict[str, torch.Tensor], a_div, a_pce, a_tce) -> tuple:
+    """(grad pred_hidden, None, grad target_hidden) as Σ_outputs a_i · (∂out_i/∂hidden_i) from forward."""
+    grad_pred = grad_target = None
+    for name, weight in (("divergence", a_div), ("pred_ce", a_pce)):
+        if weight is not None and name in saved:
+            term = saved[name] * weight.to(saved[name].dtype).unsqueeze(-1)
+            grad_pred = term if grad_pred is None else grad_pred.add_(term)
+    if a_tce is not None and "target_ce" in saved:
+        grad_target = saved["target_ce"] * a_tce.to(saved["target_ce"].dtype).unsqueeze(-1)
+    return grad_pred, None, grad_target
+
+
+def _recompute_backward(ctx, a_div, a_pce, a_tce) -> tuple:
+    """Recompute each chunk's logits, form the logit gradients weighted by the output gradients, and reduce them
+    into the hidden-state gradients and, in place, into the prediction head's gradient."""
+    plan: _Plan = ctx.plan
+    pred_hidden, pred_weight, target_hidden, target_weight, target_bias, pred_labels, target_labels = ctx.saved_tensors
+    need_ph, need_pw, need_th = ctx.needs_input_grad[:3]
+    pred_active = (a_div is not None and plan.divergence is not None) or (a_pce is not None and pred_labels is not None)
+    target_active = need_th and a_tce is not None and target_labels is not None
+    pred_active = pred_active and (need_ph or need_pw)
+    grad_ph = torch.zeros_like(pred_hidden) if need_ph else None
+    grad_pw = torch.zeros_like(pred_weight) if need_pw else None
+    grad_th = torch.zeros_like(target_hidden) if need_th else None
+    if not (pred_active or target_active) or pred_hidden.shape[0] == 0:
+        return grad_ph, grad_pw, grad_th, None, None, None, None, None
+    compute, rows = plan.compute, pred_hidden.shape[0]
+    spec = plan.divergence
+    with _no_autocast(pred_hidden), torch.no_grad():
+        pred_head = _head_rows(pred_weight, plan.vocab, plan.pred_mm)
+        target_head = None
+        need_target_logits = target_active or (pred_active and a_div is not None and spec is not None)
+        if need_target_logits:
+            same = _same_tensor(pred_weight, target_weight) and plan.target_mm == plan.pred_mm
+            target_head = pred_head if same else _head_rows(target_weight, plan.vocab, plan.target_mm)
+        bias = None if target_bias is None else target_bias[: plan.vocab].to(compute)
+        head_grad = grad_pw[: plan.vocab] if grad_pw is not None else None
+        accumulate_in_place = head_grad is not None and head_grad.dtype == pred_head.dtype
+        for start in range(0, rows, plan.chunk):
+            end = min(rows, start + plan.chunk)
+            t = None
+            if target_head is not None:
+                t = _logits(target_hidden[start:end], target_head, compute, bias)
+            if pred_active:
+                s = _logits(pred_hidden[start:end], pred_head, compute)
+                g = None
+                if a_div is not None and spec is not None:
+                    log_q, log_p = log_softmax_at(s, spec.temperature), log_softmax_at(t, spec.temperature)
+                    _, g = divergence_value_and_grad(log_q, log_p, spec, False, True)
+                    del log_q, log_p
+                    g.mul_((a_div[start:end].to(compute) / spec.temperature).unsqueeze(-1))
+                if a_pce is not None and pred_labels is not None:
+                    ce = cross_entropy_grad_(log_softmax_at(s, plan.ce_temperature), pred_labels[start:end])
+                    ce.mul_((a_pce[start:end].to(compute) / plan.ce_temperature).unsqueeze(-1))
+                    g = ce if g is None else g.add_(ce)
+                    del ce
+                del s
+                g_mm = g.to(pred_head.dtype)
+                del g
+                h = pred_hidden[start:end].to(pred_head.dtype)
+                if grad_ph is not None:
+                    grad_ph[start:end] = torch.mm(g_mm, pred_head).to(grad_ph.dtype)
+                if accumulate_in_place:
+                    head_grad.addmm_(g_mm.t(), h)  # Σ_rows g_iᵀ h_i, no (V, hidden) temporary
+                elif head_grad is not None:
+                    head_grad.add_(torch.mm(g_mm.t(), h))
+                del g_mm, h
+            if target_active:
+                ce = cross_entropy_grad_(log_softmax_at(t, plan.ce_temperature), target_labels[start:end])
+                ce.mul_((a_tce[start:end].to(compute) / plan.ce_temperature).unsqueeze(-1))
+                grad_th[start:end] = torch.mm(ce.to(target_head.dtype), target_head).to(grad_th.dtype)
+                del ce
+            del t
+    return grad_ph, grad_pw, grad_th, None, None, None, None, None
+
+
+def _check_rows(name: str, x: torch.Tensor | None, rows: int, dim: int | None = None) -> None:
+    if x is None:
+        return
+    if dim is None and x.shape != (rows,):
+        raise ValueError(f"{name} must have shape ({rows},) (one entry per row), got {tuple(x.shape)}")
+    if dim is not None and (x.dim() != 2 or x.shape[0] != rows):
+        raise ValueError(f"{name} must be (rows={rows}, hidden), got {tuple(x.shape)}")
+
+
+def fused_head_kd(
+    pred_hidden: torch.Tensor,
+    pred_weight: torch.Tensor,
+    target_hidden: torch.Tensor | None = None,
+    target_weight: torch.Tensor | None = None,
+    *,
+    vocab_size: int,
+    divergence: str | None = "fkl",
+    temperature: float = 1.0,
+    pred_labels: torch.Tensor | None = None,
+    target_labels: torch.Tensor | None = None,
+    ce_temperature: float = 1.0,
+    statistics: Collection[str] = (),
+    target_bias: torch.Tensor | None = None,
+    skew_lambda: float = 0.1,
+    akl_alpha: float = 0.5,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    backward: str = "auto",
+) -> FusedKDRows:
+    """Per-row D(softmax(t/τ) → softmax(s/τ)), CEs and τ = 1 statistics for s = h_p·W_pᵀ, t = h_t·W_tᵀ (+ bias).
+
+    pred_hidden (rows, d_p), pred_weight (H_p ≥ vocab_size, d_p); target_hidden (rows, d_t), target_weight
+    (H_t ≥ vocab_size, d_t), row i of one side paired with row i of the other; only the first `vocab_size` head
+    rows are used. `divergence`: fkl | rkl | sfkl | srkl | js | akl, or None for CE/statistics only (then the
+    target side may be omitted). `pred_labels` / `target_labels` (rows,) int64, −100 = ignored: each turns on the
+    cross-entropy of that side at `ce_temperature`, −log softmax(z/τ_ce)(y). `statistics`: names from
+    `STATISTICS`. `backward`: auto | store | recompute (see the module docstring; auto stores when `pred_weight`
+    takes no gradient). No τ² factor.
+    """
+    rows = pred_hidden.shape[0] if pred_hidden.dim() == 2 else -1
+    _check_rows("pred_hidden", pred_hidden, rows, dim=2)
+    if pred_weight.dim() != 2 or pred_weight.shape[1] != pred_hidden.shape[1]:
+        raise ValueError(f"pred_weight must be (head rows, {pred_hidden.shape[1]}), got {tuple(pred_weight.shape)}")
+    if not 1 <= vocab_size <= pred_weight.shape[0]:
+        raise ValueError(f"vocab_size must be in [1, {pred_weight.shape[0]}] (the head's rows), got {vocab_size}")
+    if (target_hidden is None) != (target_weight is None):
+        raise ValueError("pass target_hidden and target_weight together (or neither)")
+    if target_hidden is not None:
+        _check_rows("target_hidden", target_hidden, rows, dim=2)
+        if target_weight.dim() != 2 or target_weight.shape[1] != target_hidden.shape[1]:
+            raise ValueError(f"target_weight must be (head rows, {target_hidden.shape[1]}), "
+                             f"got {tuple(target_weight.shape)}")
+        if target_weight.shape[0] < vocab_size:
+            raise ValueError(f"target_weight has {target_weight.shape[0]} rows, fewer than vocab_size={vocab_size}")
+        if torch.is_grad_enabled() and (target_weight.requires_grad or
+                                        (target_bias is not None and target_bias.requires_grad)):
+            raise ValueError("the target head is fixed here: pass target_weight.detach() (and a detached bias)")
+    if target_bias is not None and (target_hidden is None or target_bias.dim() != 1
+                                    or target_bias.shape[0] < vocab_size):
+        raise ValueError(f"target_bias must be (≥ {vocab_size},) and needs a target side")
+    if divergence is not None:
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)} or None")
+        if target_hidden is None:
+            raise ValueError("a divergence needs the target side (target_hidden, target_weight)")
+    if not temperature > 0 or not ce_temperature > 0:
+        raise ValueError(f"temperatures must be > 0, got {temperature} and {ce_temperature}")
+    if not 0.0 <= skew_lambda < 1.0:
+        raise ValueError(f"skew_lambda must be in [0, 1), got {skew_lambda}")
+    _check_rows("pred_labels", pred_labels, rows)
+    _check_rows("target_labels", target_labels, rows)
+    if target_labels is not None and target_hidden is None:
+        raise ValueError("target_labels need the target side")
+    stats = frozenset(statistics)
+    unknown = sorted(stats - set(STATISTICS))
+    if unknown:
+        raise ValueError(f"unknown statistics {unknown}; choose from {STATISTICS}")
+    if target_hidden is None and any(name.startswith("target_") for name in stats):
+        raise ValueError("target statistics need the target side")
+    if backward not in BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
+    weight_grad = torch.is_grad_enabled() and pred_weight.requires_grad
+    if backward == "store" and weight_grad:
+        raise ValueError("backward='store' cannot give pred_weight a gradient; use 'recompute' or 'auto'")
+    store = backward == "store" or (backward == "auto" and not weight_grad)
+
+    pred_mm = matmul_dtype(pred_weight)
+    target_mm = None if target_weight is None else matmul_dtype(target_weight)
+    compute = torch.promote_types(torch.promote_types(pred_mm, target_mm or pred_mm), torch.float32)
+    spec = None if divergence is None else DivergenceSpec(divergence, float(temperature), float(skew_lambda),
+                                                          float(akl_alpha))
+    plan = _Plan(spec, int(vocab_size), float(ce_temperature), stats, max(1, chunk_elements // vocab_size), store,
+                 pred_mm, target_mm, compute)
+    outs = _FusedHeadKD.apply(pred_hidden, pred_weight, target_hidden, target_weight, target_bias,
+                              pred_labels, target_labels, plan)
+    named = dict(zip(_OUTPUTS, outs, strict=True))
+    return FusedKDRows(**{
+        name: value if (name in stats or (name == "divergence" and spec is not None)
+                        or (name == "pred_ce" and pred_labels is not None)
+                        or (name == "target_ce" and target_labels is not None)) else None
+        for name, value in named.items()
+    })
