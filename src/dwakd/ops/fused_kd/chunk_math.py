@@ -42,6 +42,14 @@ def log_softmax_at(z: torch.Tensor, tau: float) -> torch.Tensor:
     return out.clamp_(min=torch.finfo(out.dtype).min)
 
 
+def log_softmax_(z: torch.Tensor, tau: float) -> torch.Tensor:
+    """`log_softmax_at` computed in place in `z` (which it consumes): no second (rows, V) tensor stays alive."""
+    if tau != 1.0:
+        z.mul_(1.0 / tau)
+    z.sub_(torch.logsumexp(z, -1, keepdim=True))
+    return z.clamp_(min=torch.finfo(z.dtype).min)
+
+
 def _softmax_vjp_(q: torch.Tensor, a: torch.Tensor, q_dot_a: torch.Tensor | None = None) -> torch.Tensor:
     """q ⊙ (a − ⟨q, a⟩): the gradient w.r.t. the logits of f(q = softmax) given a = ∂f/∂q; in place in `a`."""
     inner = row_dot(q, a) if q_dot_a is None else q_dot_a
