@@ -144,6 +144,18 @@ def test_each_term_alone(terms, backward):
                        grads(weighted_loss(ref, weights, terms), inputs), rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("name", STATISTICS)
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_each_statistic_alone(name, tau):
+    """A statistic asked for alone (no CE, no entropy on its side) is read from the logits, not from τ log-probs."""
+    pred_hidden, pred_weight, target_hidden, target_weight, *_ = make_case()
+    kw = dict(vocab_size=VOCAB, divergence="fkl", temperature=tau, statistics=(name,))
+    fused = fused_head_kd(pred_hidden, pred_weight, target_hidden, target_weight, chunk_elements=CHUNK, **kw)
+    ref = head_kd_reference(pred_hidden, pred_weight, target_hidden, target_weight, **kw)
+    torch.testing.assert_close(getattr(fused, name), getattr(ref, name), rtol=1e-10, atol=1e-12)
+    assert all(getattr(fused, other) is None for other in STATISTICS if other != name)
+
+
 def test_ce_only_without_target_and_ce_temperature():
     """Prediction CE alone (the student CE, MinED's one-hot rows at τ) with statistics, no target side."""
     pred_hidden, pred_weight, _, _, labels, weights = make_case()
