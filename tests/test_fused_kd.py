@@ -297,15 +297,17 @@ def test_nothing_rows_by_vocab_is_saved_for_backward(backward):
         assert shape != (rows, vocab)
 
 
-def test_peak_memory_is_a_chunk_not_the_batch():
+@pytest.mark.parametrize("shared_head", [False, True])
+def test_peak_memory_is_a_chunk_not_the_batch(shared_head):
     """Allocator peak of forward + backward: well under one full (rows, V) fp32 tensor for the fused op (chunks of
-    rows/16), while the dense reference holds several of them."""
+    rows/16), while the dense reference holds several of them. `shared_head`: one head on both sides (the t2s and
+    s2t layout), where one matmul forms both sides' logits."""
     rows, vocab = 256, 8192
     g = torch.Generator().manual_seed(5)
     pred_hidden = torch.randn(rows, 16, generator=g, requires_grad=True)
     pred_weight = torch.randn(vocab, 16, generator=g, requires_grad=True)
     target_hidden = torch.randn(rows, 16, generator=g, requires_grad=True)
-    target_weight = torch.randn(vocab, 16, generator=g)
+    target_weight = pred_weight.detach() if shared_head else torch.randn(vocab, 16, generator=g)
     labels = torch.randint(0, vocab, (rows,), generator=g)
     full = rows * vocab * 4
     head_grad = pred_weight.numel() * 4

@@ -150,6 +150,40 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor | None) -> bool:
             and a.dtype == b.dtype)
 
 
+class _ChunkLogits:
+    """The two sides' logits of one chunk of rows, handed out once each (the caller owns and consumes them).
+
+    When both sides use the same head (the student head for z_s and t2s, the teacher head for s2t and z_t) and
+    both are needed, one matmul over the stacked rows forms them: the head is streamed once per chunk instead of
+    twice, which is most of the cost of a small-row product against a 50k–152k-row head on CPU.
+    """
+
+    def __init__(self, pred_rows: torch.Tensor, target_rows: torch.Tensor | None, pred_head: torch.Tensor,
+                 target_head: torch.Tensor | None, compute: torch.dtype, bias: torch.Tensor | None, joint: bool):
+        self.pred_rows, self.target_rows = pred_rows, target_rows
+        self.pred_head, self.target_head = pred_head, target_head
+        self.compute, self.bias = compute, bias
+        self.joint = joint and target_head is pred_head and target_rows is not None
+        self._target: torch.Tensor | None = None
+
+    def pred(self) -> torch.Tensor:
+        """(rows, V) prediction logits (and, when joint, the target ones kept for `target()`)."""
+        if not self.joint:
+            return _logits(self.pred_rows, self.pred_head, self.compute)
+        rows = self.pred_rows.shape[0]
+        stacked = torch.cat([self.pred_rows.to(self.pred_head.dtype), self.target_rows.to(self.pred_head.dtype)])
+        both = _logits(stacked, self.pred_head, self.compute)  # (2·rows, V)
+        self._target = both[rows:] if self.bias is None else both[rows:].add_(self.bias)
+        return both[:rows]
+
+    def target(self) -> torch.Tensor:
+        """(rows, V) target logits (+ bias)."""
+        if self._target is not None:
+            out, self._target = self._target, None
+            return out
+        return _logits(self.target_rows, self.target_head, self.compute, self.bias)
+
+
 GradSink = Callable[[str, torch.Tensor], None]
 
 
@@ -212,23 +246,22 @@ def _side_forward(z: torch.Tensor, prefix: str, labels: torch.Tensor | None, tau
     return log_tau
 
 
-def _chunk_forward(pred_logits: Callable[[], torch.Tensor], target_logits: Callable[[], torch.Tensor] | None,
-                   pred_labels: torch.Tensor | None, target_labels: torch.Tensor | None, plan: _Plan,
-                   grads_for: frozenset[str], sink: GradSink) -> dict[str, torch.Tensor]:
+def _chunk_forward(logits: _ChunkLogits, pred_labels: torch.Tensor | None, target_labels: torch.Tensor | None,
+                   plan: _Plan, grads_for: frozenset[str], sink: GradSink) -> dict[str, torch.Tensor]:
     """Per-row values of one chunk; in store mode the logit gradient of each output named in `grads_for` goes to
     `sink` as soon as it exists (which turns it into a hidden-state gradient and frees it).
 
-    The target logits are formed only once the prediction side is reduced to its log-probabilities, so about
-    four (rows, V) tensors at most are alive at a time.
+    Unless one matmul forms both sides, the target logits are formed only once the prediction side is reduced to
+    its log-probabilities; either way about four (rows, V) tensors at most are alive at a time.
     """
     values: dict[str, torch.Tensor] = {}
     spec = plan.divergence
     tau = spec.temperature if spec is not None else None
-    log_q = _side_forward(pred_logits(), "pred", pred_labels, tau, plan, values,
+    log_q = _side_forward(logits.pred(), "pred", pred_labels, tau, plan, values,
                           sink if "pred_ce" in grads_for else None)
     log_p = None
-    if target_logits is not None:
-        log_p = _side_forward(target_logits(), "target", target_labels, tau, plan, values,
+    if logits.target_rows is not None:
+        log_p = _side_forward(logits.target(), "target", target_labels, tau, plan, values,
                               sink if "target_ce" in grads_for else None)
     if spec is not None:
         value, grad = divergence_value_and_grad(log_q, log_p, spec, True, "divergence" in grads_for)
@@ -280,17 +313,14 @@ class _FusedHeadKD(torch.autograd.Function):
                     head = target_head if name == "target_ce" else pred_head
                     hidden_grads[name][start:end] = torch.mm(grad.to(head.dtype), head).to(compute)
 
-                def pred_logits(start=start, end=end) -> torch.Tensor:
-                    return _logits(pred_hidden[start:end], pred_head, compute)
-
-                def target_logits(start=start, end=end) -> torch.Tensor:
-                    return _logits(target_hidden[start:end], target_head, compute, bias)
-
+                logits = _ChunkLogits(pred_hidden[start:end],
+                                      None if target_hidden is None else target_hidden[start:end],
+                                      pred_head, target_head, compute, bias, joint=True)
                 values = _chunk_forward(
-                    pred_logits, None if target_head is None else target_logits,
-                    None if pred_labels is None else pred_labels[start:end],
+                    logits, None if pred_labels is None else pred_labels[start:end],
                     None if target_labels is None else target_labels[start:end], plan, frozenset(grads_for), sink,
                 )
+                del logits
                 for name, value in values.items():
                     outputs[name][start:end] = value
                 del values
@@ -357,15 +387,18 @@ def _recompute_backward(ctx, a_div, a_pce, a_tce) -> tuple:
         for start in range(0, rows, plan.chunk):
             end = min(rows, start + plan.chunk)
             g = log_q = None  # g: (rows, V) gradient w.r.t. the prediction logits, weighted by the output grads
+            logits = _ChunkLogits(pred_hidden[start:end], target_hidden[start:end] if target_head is not None
+                                  else None, pred_head, target_head, compute, bias,
+                                  joint=(div_active or pce_active) and (div_active or tce_active))
             if div_active or pce_active:
-                s = _logits(pred_hidden[start:end], pred_head, compute)
+                s = logits.pred()
                 if pce_active:
                     g = cross_entropy_grad_(log_softmax_at(s, tau_ce), pred_labels[start:end])
                     g.mul_((a_pce[start:end].to(compute) / tau_ce).unsqueeze(-1))
                 log_q = log_softmax_(s, spec.temperature) if div_active else None
                 del s
             if div_active or tce_active:
-                t = _logits(target_hidden[start:end], target_head, compute, bias)
+                t = logits.target()
                 if tce_active:
                     g_t = cross_entropy_grad_(log_softmax_at(t, tau_ce), target_labels[start:end])
                     g_t.mul_((a_tce[start:end].to(compute) / tau_ce).unsqueeze(-1))
@@ -378,6 +411,7 @@ def _recompute_backward(ctx, a_div, a_pce, a_tce) -> tuple:
                     g = g_div if g is None else g.add_(g_div)
                     del g_div
                 del t
+            del logits
             if g is None:
                 continue
             g_mm = g.to(pred_head.dtype)
