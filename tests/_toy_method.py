@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import nn
 
 from dwakd.methods import DistillationMethod, LossOutput, MethodOptions, register_method
-from dwakd.methods.sft import token_cross_entropy_sum
-from dwakd.models import hidden_size
+from dwakd.modules.projectors import model_dims
 
 
 @dataclass
@@ -26,12 +26,14 @@ class ToyProjectorKD(DistillationMethod):
 
     def __init__(self, options, context):
         super().__init__(options, context)
-        self.proj = nn.Linear(hidden_size(context.teacher_config), hidden_size(context.student_config))
+        self.proj = nn.Linear(model_dims(context.teacher_config).hidden, model_dims(context.student_config).hidden)
         self.calls = 0
 
     def compute_loss(self, inputs):
         self.calls += 1
-        ce = token_cross_entropy_sum(inputs.student_out.logits, inputs.student) / inputs.num_items
+        logits = inputs.student_out.logits  # dense on purpose: this method exercises the dense-logits path
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), inputs.student.labels.reshape(-1),
+                             ignore_index=-100, reduction="sum") / inputs.num_items
         s_mask = inputs.student.label_mask.unsqueeze(-1).float()
         t_mask = inputs.teacher.label_mask.unsqueeze(-1).float()
         s = (inputs.student_out.last_hidden * s_mask).sum(1) / s_mask.sum(1)

@@ -130,11 +130,11 @@ def test_model_dims_and_projector_shapes() -> None:
     assert model_dims(LlamaConfig(hidden_size=48, num_attention_heads=4)) == ModelDims(48, 48)
     # OPT-350m style: 1024 hidden, but embeddings, final hidden state and head are 512 wide
     assert model_dims(OPTConfig(hidden_size=64, word_embed_proj_dim=32)) == ModelDims(32, 32)
-    proj = DualSpaceProjectors(ModelDims(16, 12), ModelDims(24, 24), with_embedding=True)
+    proj = DualSpaceProjectors(ModelDims(16, 12), ModelDims(24, 24))
     shapes = {n: tuple(p.shape) for n, p in proj.named_parameters()}
     assert shapes == {
         "t2s.weight": (16, 24), "t2s.bias": (16,), "s2t.weight": (24, 16), "s2t.bias": (24,),
-        "query.weight": (48, 24), "query.bias": (48,), "embedding.weight": (12, 24), "embedding.bias": (12,),
+        "query.weight": (48, 24), "query.bias": (48,),
     }
     with pytest.raises(ValueError, match="widths must match"):
         DualSpaceProjectors(ModelDims(16, 16), ModelDims(24, 12))

@@ -17,7 +17,7 @@ from _baseline_helpers import (
 )
 
 from dwakd.methods import build_method, method_names
-from dwakd.methods.dwakdv2 import alignment_attention
+from dwakd.modules.band import alignment_attention
 
 # ---------------------------------------------------------------- naive references (plain Python)
 
@@ -58,30 +58,29 @@ def naive_band(rows, base=5.0, kappa=2.0, beta=0.7):
 
 
 def naive_cos_cost(xs, ys, band=None, penalty=1.0):
+    """Cosine-distance cost as a list of lists of 0-d tensors (differentiable), band penalty added outside."""
     cost = []
     for i, x in enumerate(xs):
         row = []
         for j, y in enumerate(ys):
-            c = 1.0 - float(x @ y) / (float(x.norm()) * float(y.norm()))
+            c = 1.0 - (x @ y) / (x.norm() * y.norm())
             if band is not None and abs(j - band[i][0]) > band[i][1]:
-                c += penalty
+                c = c + penalty
             row.append(c)
         cost.append(row)
     return cost
 
 
 def naive_soft_dtw(cost, gamma):
+    """R(n, m) of Soft-DTW by the textbook recursion over 0-d tensors (differentiable)."""
     n, m = len(cost), len(cost[0])
-    inf = float("inf")
-    r = [[inf] * (m + 1) for _ in range(n + 1)]
-    r[0][0] = 0.0
+    r = {(0, 0): torch.zeros((), dtype=torch.float64)}
     for i in range(1, n + 1):
         for j in range(1, m + 1):
-            prev = [r[i - 1][j - 1], r[i - 1][j], r[i][j - 1]]
-            lo = min(prev)
-            softmin = lo - gamma * math.log(sum(math.exp(-(p - lo) / gamma) for p in prev if p < inf))
-            r[i][j] = cost[i - 1][j - 1] + softmin
-    return r[n][m]
+            prev = [r[k] for k in ((i - 1, j - 1), (i - 1, j), (i, j - 1)) if k in r]
+            softmin = -gamma * torch.logsumexp(torch.stack([-p / gamma for p in prev]), 0)
+            r[(i, j)] = cost[i - 1][j - 1] + softmin
+    return r[(n, m)]
 
 
 def naive_dtw_divergence(xs, ys, gamma, band):
@@ -131,20 +130,21 @@ def naive_weighted_kd(setup, method, s_out, t_out, tau, gate=True):
     return t2s_ce, t2s_kd, s2t_kd
 
 
-def naive_dtw_terms(setup, method, s_out, t_out, gamma, banded):
+def naive_dtw_terms(setup, method, s_out, t_out, gamma, band_options=None):
+    """(Σ D_hid, Σ D_emb) over the batch by loops, differentiable w.r.t. the student and the projectors."""
     hidden = embedding = 0.0
-    s_table = setup.student.get_input_embeddings().weight.detach()
+    s_table = setup.student.get_input_embeddings().weight
     t_table = setup.teacher.get_input_embeddings().weight.detach()
-    proj = method.embedding_projector
+    proj = method.dwa.embedding
     for b in range(setup.s_view.labels.shape[0]):
         s_pos, t_pos = compact_positions(setup.s_view.labels, b), compact_positions(setup.t_view.labels, b)
-        band = naive_band(naive_attention_rows(setup, b)) if banded else None
-        xs = [s_out.hidden_states[-1][b, i].detach() for i in s_pos]
-        ys = [(method.t2s.weight @ t_out.hidden_states[-1][b, j]).detach() for j in t_pos]
-        hidden += naive_dtw_divergence(xs, ys, gamma, band)
+        band = naive_band(naive_attention_rows(setup, b), **band_options) if band_options is not None else None
+        xs = [s_out.hidden_states[-1][b, i] for i in s_pos]
+        ys = [method.t2s.weight @ t_out.hidden_states[-1][b, j].detach() for j in t_pos]
+        hidden = hidden + naive_dtw_divergence(xs, ys, gamma, band)
         xs = [s_table[int(setup.s_view.labels[b, i])] for i in s_pos]
-        ys = [(proj.weight @ t_table[int(setup.t_view.labels[b, j])] + proj.bias).detach() for j in t_pos]
-        embedding += naive_dtw_divergence(xs, ys, gamma, band)
+        ys = [proj.weight @ t_table[int(setup.t_view.labels[b, j])] + proj.bias for j in t_pos]
+        embedding = embedding + naive_dtw_divergence(xs, ys, gamma, band)
     return hidden, embedding
 
 
@@ -193,20 +193,41 @@ def test_weighted_kd_matches_naive(setup, tmp_path, gate):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("dtw", ["banded", "plain"])
-def test_dtw_terms_match_naive(setup, tmp_path, dtw):
-    method = build_method("dwakdv2", setup.context(tmp_path), {"dtw": dtw}).double()
-    inputs = setup.inputs(hidden=True, progress=0.25)
-    out = method(inputs)
-    gamma = 2.0 + (0.8 - 2.0) * 0.25
-    assert float(out.stats["dtw_gamma"]) == pytest.approx(gamma)
-    hidden, embedding = naive_dtw_terms(setup, method, inputs.student_out, inputs.teacher_out, gamma, dtw == "banded")
-    n = float(inputs.num_items)
-    assert float(out.parts["dtw_hidden"]) == pytest.approx(hidden / n, rel=1e-5, abs=1e-8)
-    assert float(out.parts["dtw_embedding"]) == pytest.approx(embedding / n, rel=1e-5, abs=1e-8)
-    weighted = out.parts["ce"] * 0.5 + out.parts["kd"] * 0.5
-    dtw = out.parts["dtw_hidden"] + out.parts["dtw_embedding"]
-    torch.testing.assert_close(out.loss.detach(), weighted + 0.2 * dtw)
+BINDING_BAND = {"band_base": 0.5, "band_sensitivity": 0.1}  # narrow enough to bind on the tiny sequences
+
+
+def test_dtw_terms_match_naive_values_and_gradients(setup, tmp_path):
+    """Soft-DTW terms (values and gradients w.r.t. the student and the projectors) against loops; banded ≠ plain."""
+    values = {}
+    for dtw in ("plain", "banded"):
+        options = {"dtw": dtw, "ce_weight": 0.0, "kd_weight": 0.0, **BINDING_BAND}
+        method = build_method("dwakdv2", setup.context(tmp_path), options).double()
+        inputs = setup.inputs(hidden=True, progress=0.25)
+        out = method(inputs)
+        gamma = 2.0 + (0.8 - 2.0) * 0.25
+        assert float(out.stats["dtw_gamma"]) == pytest.approx(gamma)
+        band = {"base": 0.5, "kappa": 0.1} if dtw == "banded" else None
+        with torch.set_grad_enabled(dtw == "banded"):  # gradients checked on the banded run (the full method)
+            hidden, embedding = naive_dtw_terms(setup, method, inputs.student_out, inputs.teacher_out, gamma, band)
+        n = float(inputs.num_items)
+        assert float(out.parts["dtw_hidden"]) == pytest.approx(float(hidden) / n, rel=1e-6, abs=1e-10)
+        assert float(out.parts["dtw_embedding"]) == pytest.approx(float(embedding) / n, rel=1e-6, abs=1e-10)
+        torch.testing.assert_close(out.loss.detach(), 0.2 * (out.parts["dtw_hidden"] + out.parts["dtw_embedding"]))
+        values[dtw] = (float(out.parts["dtw_hidden"]), float(out.parts["dtw_embedding"]))
+        if dtw == "plain":
+            continue
+        params = [p for p in [*setup.student.parameters(), *method.parameters()] if p.requires_grad]
+        got = torch.autograd.grad(out.loss, params, allow_unused=True, retain_graph=True)
+        want = torch.autograd.grad(0.2 * (hidden + embedding) / n, params, allow_unused=True)
+        nonzero = 0
+        for g, w in zip(got, want, strict=True):
+            g = torch.zeros_like(w) if g is None and w is not None else g
+            w = torch.zeros_like(g) if w is None and g is not None else w
+            if g is not None:
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-9)
+                nonzero += int(g.abs().sum() > 0)
+        assert nonzero >= 3  # student hidden path, embedding table, t2s and P_emb all receive gradient
+    assert all(abs(b - p) > 1e-3 * abs(p) for b, p in zip(values["banded"], values["plain"], strict=True))
 
 
 def test_weights_and_dtw_off_is_dskdv2(setup, tmp_path):
@@ -226,8 +247,7 @@ def test_gradients_reach_student_and_projectors_only(tmp_path):
     teacher_hidden = tuple(h.detach().clone().requires_grad_(True) for h in inputs.teacher_out.hidden_states)
     inputs.teacher_out.hidden_states = teacher_hidden
     method(inputs).loss.backward()
-    expected = trainable_names(setup.student) | {"1.t2s.weight", "1.embedding_projector.weight",
-                                                 "1.embedding_projector.bias"}
+    expected = trainable_names(setup.student) | {"1.t2s.weight", "1.dwa.embedding.weight", "1.dwa.embedding.bias"}
     assert params_with_grad(setup.student, method) == trainable_names(setup.student, method) == expected
     assert all(h.grad is None for h in teacher_hidden) and all(p.grad is None for p in setup.teacher.parameters())
 

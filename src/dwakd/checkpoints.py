@@ -1,4 +1,4 @@
-"""Which checkpoints are safe to resume from.
+"""Reading dwakd checkpoints: which ones are safe to resume from, and loading the student and method state.
 
 The Trainer writes a checkpoint in a fixed order — weights, method state, optimizer/scheduler, RNG — and
 `trainer_state.json` last. A process killed mid-way (SIGKILL, OOM, preemption) therefore leaves a folder
@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
 from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from dwakd.models import is_peft_model
 
 logger = logging.getLogger(__name__)
 
+METHOD_WEIGHTS_NAME = "distill_method.safetensors"  # the method's projectors/state, next to the student
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -62,3 +68,39 @@ def last_complete_checkpoint(output_dir: str | Path, need_optimizer: bool = True
             return folder
         logger.warning("skipping incomplete checkpoint %s: %s", folder, problem)
     return None
+
+
+def load_student_weights(student: nn.Module, checkpoint: str) -> None:
+    """Load a checkpoint's student weights in place; tied weights may be absent from the file."""
+    if is_peft_model(student):
+        from peft import load_peft_weights, set_peft_model_state_dict
+
+        set_peft_model_state_dict(student, load_peft_weights(checkpoint, device="cpu"))
+        return
+    single = os.path.join(checkpoint, "model.safetensors")
+    if os.path.isfile(single):
+        state = load_file(single)
+    elif os.path.isfile(os.path.join(checkpoint, "model.safetensors.index.json")):
+        index = json.loads(Path(checkpoint, "model.safetensors.index.json").read_text())
+        state = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            state.update(load_file(os.path.join(checkpoint, shard)))
+    else:
+        raise FileNotFoundError(f"{checkpoint}: no model.safetensors (or index) to resume the student from")
+    result = student.load_state_dict(state, strict=False)
+    loaded = {p.data_ptr() for n, p in student.state_dict().items() if n in state}
+    untied_missing = [k for k in result.missing_keys if student.state_dict()[k].data_ptr() not in loaded]
+    if untied_missing or result.unexpected_keys:
+        raise RuntimeError(f"{checkpoint}: student weights do not match the model "
+                           f"(missing {untied_missing[:5]}, unexpected {result.unexpected_keys[:5]})")
+
+
+def load_method_state(method: nn.Module, checkpoint: str) -> None:
+    """Load the method's projectors/state saved next to the student, if it has any."""
+    path = os.path.join(checkpoint, METHOD_WEIGHTS_NAME)
+    expected = method.state_to_save()
+    if not expected:
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{checkpoint}: missing {METHOD_WEIGHTS_NAME} for method {method.name!r}")
+    method.load_state_dict(load_file(path), strict=True)

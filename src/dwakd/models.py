@@ -115,12 +115,6 @@ def load_side_model(spec: ModelSpec, tokenizer, role: str) -> PreTrainedModel:
     return model
 
 
-def load_side(spec: ModelSpec, role: str):
-    """Load (model, tokenizer) for one side; `role` is 'student' or 'teacher' (used in messages)."""
-    tokenizer = load_side_tokenizer(spec, role)
-    return load_side_model(spec, tokenizer, role), tokenizer
-
-
 def check_vocab(model: nn.Module, tokenizer, role: str) -> None:
     """The head may have more rows than the tokenizer has tokens (normal); fewer rows is an error."""
     rows = model.get_input_embeddings().weight.shape[0]
@@ -129,6 +123,15 @@ def check_vocab(model: nn.Module, tokenizer, role: str) -> None:
             f"{role}: tokenizer has {len(tokenizer)} tokens but the model's embedding has only {rows} rows; "
             f"the {role}'s tokenizer does not belong to this model (or call model.resize_token_embeddings)"
         )
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` is a PEFT wrapper (LoRA student), whose weights are saved and loaded as an adapter."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraSpec) -> nn.Module:
@@ -162,18 +165,6 @@ def prepare_teacher(model: PreTrainedModel, spec: ModelSpec) -> nn.Module:
     return freeze(model)
 
 
-def load_student(spec: ModelSpec):
-    """Student (model, tokenizer): full fine-tuning, or LoRA when `spec.lora` is set."""
-    model, tokenizer = load_side(spec, "student")
-    return prepare_student(model, spec), tokenizer
-
-
-def load_teacher(spec: ModelSpec):
-    """Teacher (model, tokenizer), frozen; an optional LoRA adapter is merged into the base."""
-    model, tokenizer = load_side(spec, "teacher")
-    return prepare_teacher(model, spec), tokenizer
-
-
 def load_model_for_inference(path_or_name: str, *, dtype: str | None = None, device: str | None = None,
                              trust_remote_code: bool = False):
     """(model, tokenizer) in eval mode from a full checkpoint dir, a LoRA adapter dir, or a hub name."""
@@ -195,12 +186,3 @@ def load_model_for_inference(path_or_name: str, *, dtype: str | None = None, dev
     if device:
         model = model.to(device)
     return model.eval(), tokenizer
-
-
-def hidden_size(config) -> int:
-    """Hidden size of the final layer for any architecture (GPT-2 calls it n_embd)."""
-    return getattr(config, "hidden_size", None) or config.n_embd
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -21,15 +21,17 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from dwakd.methods.base import DistillationInputs, DistillationMethod, ModelView, TokenView
+from dwakd.checkpoints import METHOD_WEIGHTS_NAME, load_method_state, load_student_weights
+from dwakd.interface import DistillationInputs, ModelView, TokenView
+from dwakd.methods.base import DistillationMethod
+from dwakd.models import is_peft_model
 
 logger = logging.getLogger(__name__)
 
-METHOD_WEIGHTS_NAME = "distill_method.safetensors"
 _VIEW_KEYS = ("input_ids", "attention_mask", "labels", "input_offsets", "label_offsets")
 # Config fields of models whose logits are not just head(final hidden state) (soft-capping, scaling)
 _LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -37,14 +39,6 @@ _LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 class NonFiniteLossError(FloatingPointError):
     """A loss part became NaN/inf; the message names the part(s) and the step."""
-
-
-def _is_peft(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
 
 
 class DistillationModel(nn.Module):
@@ -62,6 +56,7 @@ class DistillationModel(nn.Module):
         self.student_vocab_size = student_vocab_size or student.get_input_embeddings().weight.shape[0]
         self.teacher_vocab_size = teacher_vocab_size
         self.progress = 0.0  # fraction of training done; the trainer updates it every step
+        self.step = 0  # optimizer steps done; the trainer updates it every step
         # Apply LM heads only at the rows a loss reads (prompt logits are never used); verified once per side.
         self.row_logits = row_logits
         self._head_checked: dict[str, bool | None] = {}
@@ -95,7 +90,7 @@ class DistillationModel(nn.Module):
             num_items_in_batch = student_view.label_mask.sum()
         num_items = torch.as_tensor(num_items_in_batch, device=student_view.labels.device).clamp_min(1)
         result = self.method(DistillationInputs(student_view, teacher_view, student_model, teacher_model,
-                                                num_items, self.progress))
+                                                num_items, self.progress, self.step))
         return {"loss": result.loss, "parts": result.parts, "stats": result.stats}
 
     def _run_side(self, side: str, model: nn.Module, view: TokenView, want_hidden: bool,
@@ -124,7 +119,7 @@ class DistillationModel(nn.Module):
             return None
         if self._head_checked.get(side):  # verified on the first step: skip the per-step inspection
             return model.get_output_embeddings()
-        base = model.get_base_model() if _is_peft(model) else model
+        base = model.get_base_model() if is_peft_model(model) else model
         config = getattr(base, "config", None)
         if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_TRANSFORM_KEYS):
             return None
@@ -212,6 +207,7 @@ class DistillationTrainer(Trainer):
             self._last_logged_step = self.state.global_step
         if self.state.max_steps:
             core.progress = min(1.0, self.state.global_step / self.state.max_steps)
+        core.step = self.state.global_step
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
         loss = outputs["loss"]
         if not torch.isfinite(loss.detach()).all():
@@ -339,41 +335,3 @@ def _alias_shared(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str
         if owner != name and owner in state and name in state:
             state[name] = state[owner]
     return state
-
-
-def load_student_weights(student: nn.Module, checkpoint: str) -> None:
-    """Load a checkpoint's student weights in place; tied weights may be absent from the file."""
-    if _is_peft(student):
-        from peft import load_peft_weights, set_peft_model_state_dict
-
-        set_peft_model_state_dict(student, load_peft_weights(checkpoint, device="cpu"))
-        return
-    single = os.path.join(checkpoint, "model.safetensors")
-    if os.path.isfile(single):
-        state = load_file(single)
-    elif os.path.isfile(os.path.join(checkpoint, "model.safetensors.index.json")):
-        import json
-
-        index = json.load(open(os.path.join(checkpoint, "model.safetensors.index.json")))
-        state = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_file(os.path.join(checkpoint, shard)))
-    else:
-        raise FileNotFoundError(f"{checkpoint}: no model.safetensors (or index) to resume the student from")
-    result = student.load_state_dict(state, strict=False)
-    loaded = {p.data_ptr() for n, p in student.state_dict().items() if n in state}
-    untied_missing = [k for k in result.missing_keys if student.state_dict()[k].data_ptr() not in loaded]
-    if untied_missing or result.unexpected_keys:
-        raise RuntimeError(f"{checkpoint}: student weights do not match the model "
-                           f"(missing {untied_missing[:5]}, unexpected {result.unexpected_keys[:5]})")
-
-
-def load_method_state(method: DistillationMethod, checkpoint: str) -> None:
-    """Load the method's projectors/state saved next to the student, if it has any."""
-    path = os.path.join(checkpoint, METHOD_WEIGHTS_NAME)
-    expected = method.state_to_save()
-    if not expected:
-        return
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{checkpoint}: missing {METHOD_WEIGHTS_NAME} for method {method.name!r}")
-    method.load_state_dict(load_file(path), strict=True)

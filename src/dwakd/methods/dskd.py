@@ -1,4 +1,4 @@
-"""DSKD with cross-model attention (DSKD-CMA, SPEC §4; Zhang et al. 2024): dual-space KD across tokenizers.
+"""DSKD with cross-model attention (DSKD-CMA; Zhang et al. 2024): dual-space KD across tokenizers.
 
 Per micro-batch, with every sum over valid response positions divided by `inputs.num_items`:
 
@@ -10,10 +10,8 @@ Per micro-batch, with every sum over valid response positions divided by `inputs
 
 t2s_logits = (a·V_t)·W_sᵀ and s2t_logits = (a'·V_s)·W_tᵀ with both heads detached and sliced to the real
 vocabulary; they are formed at valid positions only. KD terms use temperature τ on both sides, t2s_ce uses none
-(as DSKD's code). No τ² factor.
-
-`DSKD.dual_space_terms` is shared with DWA-KD, which only swaps the per-position scales of t2s_kd and s2t_kd; so
-DWA-KD with weights and DTW off runs exactly this code.
+(as DSKD's code). No τ² factor. The loss assembly is `DualSpaceMethod`'s; `dwakd` is this method with the DWA-KD
+component attached. Every choice and departure from the authors' code: docs/methods.md#4-dskd-cma.
 """
 
 from __future__ import annotations
@@ -23,18 +21,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dwakd.methods.base import (
-    DistillationInputs,
-    DistillationMethod,
-    LossOutput,
-    MethodContext,
-    MethodOptions,
-)
+from dwakd.methods.base import DistillationInputs, MethodContext, MethodOptions, OptionError, check_range
+from dwakd.methods.dual_space_base import DualSpaceMethod
 from dwakd.methods.registry import register_method
-from dwakd.modules.cross_attention import CrossModelAttention, cross_model_attention
+from dwakd.modules.cross_attention import CrossModelAttention, cross_model_attention, project
 from dwakd.modules.divergences import compute_dtype, divergence, resolve_divergence
+from dwakd.modules.dual_space import DualSpaceTerms
 from dwakd.modules.projectors import DualSpaceProjectors, model_dims
-from dwakd.modules.token_weights import valid_rows
+from dwakd.modules.rows import valid_rows
 
 
 @dataclass
@@ -45,58 +39,37 @@ class DSKDOptions(MethodOptions):
     skew_lambda: float = 0.1  # λ of the skewed KLs
     akl_alpha: float = 0.5  # head/tail split of adaptive KL
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            resolve_divergence(self.kd_objective)
+        except ValueError as exc:
+            raise OptionError("kd_objective", str(exc)) from None
+        check_range("skew_lambda", self.skew_lambda, 0.0, 1.0)
+        check_range("akl_alpha", self.akl_alpha, 0.0, 1.0)
+
 
 @dataclass
-class DualSpaceTerms:
-    """Unnormalised sums and intermediates of one DSKD-CMA pass (sums are fp32 scalars over the micro-batch)."""
+class CMATerms(DualSpaceTerms):
+    """DSKD-CMA's dual-space terms plus the cross-model attention pass they came from."""
 
-    ce: torch.Tensor
-    t2s_ce: torch.Tensor
-    t2s_kd: torch.Tensor
-    s2t_kd: torch.Tensor
-    cma: CrossModelAttention
-    t2s_logits: torch.Tensor  # (student positions, V_s) at valid student positions, with grad to query/t2s
-    t2s_correct: torch.Tensor  # (student positions,) bool: argmax(t2s_logits) == gold label
-    stats: dict[str, torch.Tensor]
-    student_logits: torch.Tensor | None = None  # (student positions, V_s) the student's own logits there
-    teacher_logits: torch.Tensor | None = None  # (teacher positions, V_t) the teacher's logits, detached
+    cma: CrossModelAttention | None = None
 
 
 @register_method
-class DSKD(DistillationMethod):
+class DSKD(DualSpaceMethod):
     """DSKD-CMA: cross-model attention aligns the two sequences; KD in the student and the teacher space."""
 
     name = "dskd"
     Options = DSKDOptions
-    needs_teacher = True
-    needs_hidden_states = True
 
     def __init__(self, options: DSKDOptions, context: MethodContext):
         super().__init__(options, context)
-        if context.teacher_config is None:
-            raise ValueError(f"method {self.name!r} needs a teacher: set `teacher:` in the config")
         self.kd_objective = resolve_divergence(options.kd_objective)
-        self.projectors = DualSpaceProjectors(
-            model_dims(context.student_config), model_dims(context.teacher_config), self.uses_embedding_projector()
-        )
+        self.projectors = DualSpaceProjectors(model_dims(context.student_config), model_dims(context.teacher_config))
 
-    def uses_embedding_projector(self) -> bool:
-        """Whether the projector set includes P_emb (DWA-KD's embedding Soft-DTW); never for DSKD."""
-        return False
-
-    # ---- per-position scales of the two KD terms (overridden by DWA-KD) -------------------------------------------
-    def kd_scales(
-        self, inputs: DistillationInputs, terms: DualSpaceTerms, student_rows: torch.Tensor, teacher_rows: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scale per valid student position for t2s_kd and per valid teacher position for s2t_kd (None = 1).
-
-        DSKD: t2s_kd counts only positions where the projected teacher's argmax is the gold token.
-        """
-        return terms.t2s_correct.float(), None
-
-    # ---- the shared dual-space computation -----------------------------------------------------------------------
-    def dual_space_terms(self, inputs: DistillationInputs) -> DualSpaceTerms:
-        """CE, t2s_ce, t2s_kd and s2t_kd sums (not yet divided by num_items) plus what DWA-KD reuses."""
+    def dual_space_terms(self, inputs: DistillationInputs) -> CMATerms:
+        """CE, t2s_ce and the per-row divergences at every valid position of each side."""
         opts: DSKDOptions = self.options
         student, teacher = inputs.student, inputs.teacher
         s_out, t_out = inputs.student_out, inputs.teacher_out
@@ -130,34 +103,22 @@ class DSKD(DistillationMethod):
         teacher_logits = t_out.logits_at(t_rows)[:, :v_t].detach()  # (Q, V_t)
         s2t_div = divergence(s2t_logits, teacher_logits, "fkl", opts.kd_temperature)  # (Q,)
 
-        zero = t2s_div.new_zeros(())
-        terms = DualSpaceTerms(ce, t2s_ce, zero, zero, cma, t2s_logits, t2s_correct, {}, student_logits,
-                               teacher_logits)
-        t2s_scale, s2t_scale = self.kd_scales(inputs, terms, s_rows, t_rows)
-        terms.t2s_kd = (t2s_div * t2s_scale).sum()
-        terms.s2t_kd = s2t_div.sum() if s2t_scale is None else (s2t_div * s2t_scale).sum()
         with torch.no_grad():
-            count = max(1, s_rows.numel())
-            terms.stats["t2s_acc"] = t2s_correct.float().sum() / count
-        return terms
+            stats = {"t2s_acc": t2s_correct.float().sum() / max(1, s_rows.numel())}
+        return CMATerms(
+            ce=ce, t2s_ce=t2s_ce, t2s_div=t2s_div, s2t_div=s2t_div, t2s_mask=t2s_correct, t2s_logits=t2s_logits,
+            student_rows=s_rows, teacher_rows=t_rows, student_mask=cma.student_mask, teacher_mask=cma.teacher_mask,
+            student_logits=student_logits, teacher_logits=teacher_logits, student_vocab=v_s, teacher_vocab=v_t,
+            stats=stats, cma=cma,
+        )
 
-    def loss_weights(self) -> tuple[float, float]:
-        """(weight of CE, weight of KD) in the total loss: (1 − kd_rate, kd_rate)."""
-        return 1.0 - self.options.kd_rate, self.options.kd_rate
+    def dtw_teacher_hidden(self, inputs: DistillationInputs, terms: CMATerms) -> torch.Tensor:
+        """t2s(h_t / std(h_t)) — the projector shared with the attention values — or t2s(h_t) (`raw`, reference)."""
+        if self.dwa is not None and self.dwa.options.dtw_hidden_input == "raw":
+            teacher_hidden = inputs.teacher_out.last_hidden.detach()
+            return project(self.projectors.t2s, teacher_hidden.to(terms.cma.teacher_hidden_norm.dtype))
+        return project(self.projectors.t2s, terms.cma.teacher_hidden_norm)  # (batch, m, d_s)
 
-    def dual_space_loss(
-        self, terms: DualSpaceTerms, num_items: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """w_ce·CE + w_kd·(t2s_ce + t2s_kd + s2t_kd) with every sum divided by num_items, and those parts."""
-        n = num_items
-        ce, t2s_ce, t2s_kd, s2t_kd = terms.ce / n, terms.t2s_ce / n, terms.t2s_kd / n, terms.s2t_kd / n
-        kd = t2s_ce + t2s_kd + s2t_kd
-        w_ce, w_kd = self.loss_weights()
-        loss = w_ce * ce + w_kd * kd
-        return loss, {"ce": ce, "t2s_ce": t2s_ce, "t2s_kd": t2s_kd, "s2t_kd": s2t_kd, "kd": kd}
-
-    def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
-        """(1 − kd_rate)·CE + kd_rate·(t2s_ce + t2s_kd + s2t_kd), every sum divided by num_items."""
-        terms = self.dual_space_terms(inputs)
-        loss, parts = self.dual_space_loss(terms, inputs.num_items)
-        return LossOutput(loss, {k: v.detach() for k, v in parts.items()}, terms.stats)
+    def dtw_band_attention(self, inputs: DistillationInputs, terms: CMATerms) -> torch.Tensor:
+        """The cross-model student→teacher attention a (batch, n, m)."""
+        return terms.cma.t2s_attn

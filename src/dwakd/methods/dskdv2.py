@@ -42,17 +42,15 @@ from torch import nn
 from dwakd.alignment.exact import exact_offset_alignment, exact_string_alignment
 from dwakd.alignment.token_strings import token_table
 from dwakd.alignment.vocab_map import exact_text_map
-from dwakd.methods.base import (
-    DistillationInputs,
-    DistillationMethod,
-    LossOutput,
-    MethodContext,
-    TokenView,
-)
+from dwakd.methods.base import DistillationInputs, MethodContext, OptionError, TokenView, check_choice
 from dwakd.methods.dskd import DSKDOptions
+from dwakd.methods.dual_space_base import DualSpaceMethod
 from dwakd.methods.registry import register_method
-from dwakd.methods.sft import label_cross_entropy_sum
+from dwakd.modules.band import alignment_attention
+from dwakd.modules.cross_attention import project
+from dwakd.modules.cross_entropy import label_cross_entropy_sum
 from dwakd.modules.divergences import compute_dtype, divergence, resolve_divergence
+from dwakd.modules.dual_space import DualSpaceTerms
 from dwakd.modules.projectors import model_dims
 
 ALIGNMENTS = ("auto", "offsets", "strings", "identity")
@@ -65,6 +63,13 @@ class DSKDv2Options(DSKDOptions):
     alignment: str = "auto"  # auto | offsets | strings | identity
     init_t2s: bool = True  # pseudo-inverse initialisation of t2s (the reference's --init-t2s-projector)
     shared_vocab_limit: int = -1  # use only the first k shared tokens for the pseudo-inverses (−1: all)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("alignment", self.alignment, ALIGNMENTS)
+        limit = self.shared_vocab_limit
+        if not isinstance(limit, int) or isinstance(limit, bool) or not (limit == -1 or limit > 0):
+            raise OptionError("shared_vocab_limit", f"must be −1 (all shared tokens) or a positive count; got {limit!r}")
 
 
 @dataclass
@@ -81,21 +86,10 @@ class AlignedPairs:
 
 
 @dataclass
-class DualSpaceV2Terms:
-    """Unnormalised sums and intermediates of one DSKDv2 pass."""
+class V2Terms(DualSpaceTerms):
+    """DSKDv2's dual-space terms plus the aligned pairs they live on."""
 
-    ce: torch.Tensor
-    t2s_ce: torch.Tensor
-    t2s_kd: torch.Tensor
-    s2t_kd: torch.Tensor
-    pairs: AlignedPairs
-    t2s_logits: torch.Tensor  # (P, V_s), grad to t2s
-    agreement: torch.Tensor  # (P,) bool: argmax t2s_logits == target
-    stats: dict[str, torch.Tensor]
-    student_logits: torch.Tensor | None = None  # (label rows, R_s) `ModelView.label_logits` of the student
-    student_index: torch.Tensor | None = None  # (batch·n,) flat position → row of student_logits, −1 off labels
-    teacher_logits: torch.Tensor | None = None  # (label rows, R_t) of the teacher, detached
-    teacher_index: torch.Tensor | None = None  # (batch·m,)
+    pairs: AlignedPairs | None = None
 
 
 def _head(model: nn.Module, vocab: int) -> torch.Tensor:
@@ -104,19 +98,15 @@ def _head(model: nn.Module, vocab: int) -> torch.Tensor:
 
 
 @register_method
-class DSKDv2(DistillationMethod):
+class DSKDv2(DualSpaceMethod):
     """DSKDv2 with exact token alignment: pinv-initialised t2s, head-derived frozen s2t, agreement-masked KD."""
 
     name = "dskdv2"
     Options = DSKDv2Options
-    needs_teacher = True
-    needs_hidden_states = True
 
     def __init__(self, options: DSKDv2Options, context: MethodContext):
         super().__init__(options, context)
-        if options.alignment not in ALIGNMENTS:
-            raise ValueError(f"method_options.alignment must be one of {ALIGNMENTS}, got {options.alignment!r}")
-        if context.teacher_tokenizer is None or context.teacher_config is None:
+        if context.teacher_tokenizer is None:
             raise ValueError(f"method {self.name!r} needs a teacher: set `teacher:` in the config")
         if context.student_model is None or context.teacher_model is None:
             raise ValueError(f"method {self.name!r} initialises its projectors from both LM heads: "
@@ -129,7 +119,7 @@ class DSKDv2(DistillationMethod):
         if self.alignment == "auto":
             self.alignment = "identity" if self.same_tokenizer else "offsets"
         if self.alignment == "identity" and not self.same_tokenizer:
-            raise ValueError("method_options.alignment=identity needs identical student and teacher tokenizers")
+            raise OptionError("alignment", "identity needs identical student and teacher tokenizers")
         self._tables = (s_table, t_table)
 
         exact = exact_text_map(t_table, s_table)  # (V_t,) teacher id -> student id or −1
@@ -228,19 +218,13 @@ class DSKDv2(DistillationMethod):
         return AlignedPairs(s_rows, t_rows, target.reshape(-1).index_select(0, s_rows), keep, t_mask, s2t, aligned)
 
     # ---- the dual-space computation ---------------------------------------------------------------------------
-    def kd_scales(
-        self, inputs: DistillationInputs, terms: DualSpaceV2Terms
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-pair scale of t2s_kd and s2t_kd (None = 1). DSKDv2: the agreement mask on t2s_kd only."""
-        return terms.agreement.float(), None
-
     def s2t_projection(self, student_head: torch.Tensor) -> torch.Tensor:
         """(d_s, d_t) teacher-space projector from the current (detached) student head; never trained."""
         part_s = student_head.index_select(0, self.shared_student_ids).T  # (d_s, K)
         return part_s.to(self.teacher_head_pinv.dtype) @ self.teacher_head_pinv
 
-    def dual_space_terms(self, inputs: DistillationInputs) -> DualSpaceV2Terms:
-        """CE, t2s_ce, t2s_kd and s2t_kd sums (not yet divided by num_items) plus what DWA-KDv2 reuses."""
+    def dual_space_terms(self, inputs: DistillationInputs) -> V2Terms:
+        """CE, t2s_ce and the per-pair divergences at the kept aligned pairs."""
         opts: DSKDv2Options = self.options
         s_out, t_out = inputs.student_out, inputs.teacher_out
         if inputs.teacher is None or t_out is None:
@@ -276,35 +260,24 @@ class DSKDv2(DistillationMethod):
                              teacher_rows=t_index.index_select(0, t_rows), skew_lambda=opts.skew_lambda,
                              akl_alpha=opts.akl_alpha)  # (P,)
 
-        zero = t2s_div.new_zeros(())
-        terms = DualSpaceV2Terms(ce, t2s_ce, zero, zero, pairs, t2s_logits, agreement, {}, s_logits, s_index,
-                                 t_logits, t_index)
-        t2s_scale, s2t_scale = self.kd_scales(inputs, terms)
-        terms.t2s_kd = (t2s_div * t2s_scale).sum()
-        terms.s2t_kd = s2t_div.sum() if s2t_scale is None else (s2t_div * s2t_scale).sum()
         with torch.no_grad():
             valid = max(1, int(inputs.student.label_mask.sum()))
             count = max(1, s_rows.numel())
-            terms.stats["aligned_fraction"] = torch.tensor(pairs.aligned / valid)
-            terms.stats["kept_fraction"] = torch.tensor(s_rows.numel() / valid)
-            terms.stats["t2s_agreement"] = agreement.float().sum() / count
-        return terms
+            stats = {"aligned_fraction": torch.tensor(pairs.aligned / valid),
+                     "kept_fraction": torch.tensor(s_rows.numel() / valid),
+                     "t2s_agreement": agreement.float().sum() / count}
+        return V2Terms(
+            ce=ce, t2s_ce=t2s_ce, t2s_div=t2s_div, s2t_div=s2t_div, t2s_mask=agreement, t2s_logits=t2s_logits,
+            student_rows=s_rows, teacher_rows=t_rows, student_mask=pairs.student_mask, teacher_mask=pairs.teacher_mask,
+            student_logits=s_logits, teacher_logits=t_logits, student_vocab=v_s, teacher_vocab=v_t,
+            student_index=s_index, teacher_index=t_index, stats=stats, pairs=pairs,
+        )
 
-    def loss_weights(self) -> tuple[float, float]:
-        """(weight of CE, weight of KD): (1 − kd_rate, kd_rate)."""
-        return 1.0 - self.options.kd_rate, self.options.kd_rate
+    def dtw_teacher_hidden(self, inputs: DistillationInputs, terms: V2Terms) -> torch.Tensor:
+        """t2s(h_t): DSKDv2's t2s has no bias, so this equals t2s(h_t / std(h_t)) in cosine (`dtw_hidden_input`
+        makes no difference here)."""
+        return project(self.t2s, inputs.teacher_out.last_hidden.detach())  # (batch, m, d_s)
 
-    def dual_space_loss(self, terms: DualSpaceV2Terms, num_items: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """w_ce·CE + w_kd·(t2s_ce + t2s_kd + s2t_kd), every sum divided by num_items, and the parts."""
-        n = num_items
-        ce, t2s_ce, t2s_kd, s2t_kd = terms.ce / n, terms.t2s_ce / n, terms.t2s_kd / n, terms.s2t_kd / n
-        kd = t2s_ce + t2s_kd + s2t_kd
-        w_ce, w_kd = self.loss_weights()
-        return w_ce * ce + w_kd * kd, {"ce": ce, "t2s_ce": t2s_ce, "t2s_kd": t2s_kd, "s2t_kd": s2t_kd, "kd": kd}
-
-    def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
-        """(1 − kd_rate)·CE + kd_rate·(t2s_ce + t2s_kd + s2t_kd), every sum divided by num_items."""
-        terms = self.dual_space_terms(inputs)
-        loss, parts = self.dual_space_loss(terms, inputs.num_items)
-        return LossOutput(loss, {k: v.detach() for k, v in parts.items()}, terms.stats)
-
+    def dtw_band_attention(self, inputs: DistillationInputs, terms: V2Terms) -> torch.Tensor:
+        """Pseudo-attention from the exact alignment (`alignment_attention`): DSKDv2 has no cross-model attention."""
+        return alignment_attention(terms.pairs.partner, inputs.student.label_mask, inputs.teacher.label_mask)

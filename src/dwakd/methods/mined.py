@@ -48,7 +48,7 @@ from dwakd.methods.base import (
     TokenView,
 )
 from dwakd.methods.registry import register_method
-from dwakd.methods.sft import label_cross_entropy_sum
+from dwakd.modules.cross_entropy import label_cross_entropy_sum
 from dwakd.modules.divergences import divergence, resolve_divergence
 
 UNMAPPED_LOGIT = -1e5  # logit of student tokens no teacher token maps onto (the reference's constant)

@@ -33,8 +33,8 @@ import torch
 
 from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodOptions
 from dwakd.methods.registry import register_method
-from dwakd.methods.sft import label_cross_entropy_sum
-from dwakd.methods.uld import paired_rows
+from dwakd.modules.cross_entropy import label_cross_entropy_sum
+from dwakd.modules.rows import paired_rows
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""Method registry: name -> (method class, option overrides). Presets reuse a class with other defaults."""
+"""Method registry: name -> (method class, option overrides). Presets reuse a class with other defaults.
+
+The built-in methods register themselves when `dwakd.methods` is imported, which Python always does before this
+module (it is inside that package), so every lookup here already sees them.
+"""
 
 from __future__ import annotations
 
@@ -34,19 +38,13 @@ def register_preset(name: str, cls: type[DistillationMethod], **defaults: Any) -
     _REGISTRY[name] = (cls, defaults)
 
 
-def _ensure_builtin() -> None:
-    import dwakd.methods  # noqa: F401  (imports every built-in method module, which registers it)
-
-
 def method_names() -> list[str]:
     """All registered method names, sorted."""
-    _ensure_builtin()
     return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> tuple[type[DistillationMethod], dict[str, Any]]:
     """Class and preset defaults for `name`; unknown names get the closest match in the error."""
-    _ensure_builtin()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""

@@ -21,21 +21,11 @@ import torch
 
 from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodOptions
 from dwakd.methods.registry import register_method
-from dwakd.methods.sft import label_cross_entropy_sum
+from dwakd.modules.cross_entropy import label_cross_entropy_sum
+from dwakd.modules.rows import paired_rows
 
 CHUNK_ELEMENTS = 1 << 24  # (rows × vocab) elements per chunk
 NUMPY_SORT_ON_CPU = True  # sort CPU tensors with NumPy (the torch path is what CUDA tensors use)
-
-
-def paired_rows(student_mask: torch.Tensor, teacher_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat row indices pairing the k-th valid student position with the k-th valid teacher position, k < min(n_b, m_b).
-
-    Masks are (batch, n) and (batch, m); returns two int64 (pairs,) tensors into the flattened grids.
-    """
-    count = torch.minimum(student_mask.sum(-1), teacher_mask.sum(-1)).view(-1, 1)  # (batch, 1)
-    s_keep = student_mask & (student_mask.long().cumsum(-1) <= count)  # the first `count` valid positions
-    t_keep = teacher_mask & (teacher_mask.long().cumsum(-1) <= count)
-    return s_keep.reshape(-1).nonzero().squeeze(1), t_keep.reshape(-1).nonzero().squeeze(1)
 
 
 def _descending(p: torch.Tensor, with_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

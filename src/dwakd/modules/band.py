@@ -9,7 +9,8 @@ position i of a sequence with n student and m teacher response tokens (0-based i
     width          w_i = base + κ·H_i,  H_i = −Σ_j a_ij log a_ij  (natural log, 0·log 0 = 0)   base 5, κ 2
     penalised cost C̃(i, j) = C(i, j) + ρ·[|j − c_i| > w_i]      ρ = 1 (applied by `dwakd.ops.soft_dtw.SoftBand`)
 
-The band is a constant: computed under no_grad from detached attention. Rows are renormalised over the valid
+`alignment_attention` gives hosts without cross-model attention (DSKDv2) a pseudo-attention from an exact token
+alignment to read the band from. The band is a constant: computed under no_grad from detached attention. Rows are renormalised over the valid
 teacher columns (they already sum to 1 up to rounding, since masked scores carry −1e5).
 """
 
@@ -56,3 +57,38 @@ def attention_band(
     center = torch.where(row_valid, center, torch.zeros_like(center))
     width = torch.where(row_valid, width, torch.full_like(width, base))
     return SoftBand(center=center, width=width, penalty=float(penalty))
+
+
+@torch.no_grad()
+def alignment_attention(partner: torch.Tensor, student_mask: torch.Tensor, teacher_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, n, m) fp32 pseudo-attention from an exact alignment: one-hot on the partner, uniform over the gap else.
+
+    `partner` (batch, n) holds the teacher position aligned to each student position (−1: none); alignments are
+    monotonic. Valid teacher positions must be one contiguous block per row (the response), as the collator makes them.
+    Rows of invalid student positions are zero.
+    """
+    batch, n = partner.shape
+    m = teacher_mask.shape[1]
+    device = partner.device
+    cols = torch.arange(m, device=device)
+    t_first = torch.where(teacher_mask, cols, torch.full_like(cols, m).expand_as(teacher_mask)).min(-1).values
+    t_last = torch.where(teacher_mask, cols, torch.full_like(cols, -1).expand_as(teacher_mask)).max(-1).values
+    anchored = (partner >= 0) & student_mask  # (batch, n)
+    # teacher partner of the nearest aligned student position strictly before / after each position
+    before = torch.where(anchored, partner, torch.full_like(partner, -1)).cummax(-1).values
+    prev_anchor = torch.cat([torch.full_like(before[:, :1], -1), before[:, :-1]], 1)
+    big = m + 1
+    after = torch.where(anchored, partner, torch.full_like(partner, big)).flip(-1).cummin(-1).values.flip(-1)
+    next_anchor = torch.cat([after[:, 1:], torch.full_like(after[:, :1], big)], 1)
+    first, last = t_first.view(batch, 1), t_last.view(batch, 1)
+    lo = torch.where(prev_anchor >= 0, prev_anchor + 1, first.expand_as(prev_anchor))
+    hi = torch.where(next_anchor < big, next_anchor - 1, last.expand_as(next_anchor))
+    empty = lo > hi  # no teacher token strictly between the two anchors: take the anchors themselves
+    lo = torch.where(empty, torch.maximum(prev_anchor, first), lo)
+    hi = torch.where(empty, torch.minimum(next_anchor, last), hi)
+    lo = torch.where(anchored, partner, lo).unsqueeze(-1)  # (batch, n, 1)
+    hi = torch.where(anchored, partner, hi).unsqueeze(-1)
+    inside = (cols.view(1, 1, m) >= lo) & (cols.view(1, 1, m) <= hi) & teacher_mask.unsqueeze(1)
+    inside &= student_mask.unsqueeze(-1)
+    attn = inside.float()
+    return attn / attn.sum(-1, keepdim=True).clamp_min(1.0)

@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from dwakd.interface import ModelView, TokenView
 from dwakd.modules.divergences import compute_dtype
-
-if TYPE_CHECKING:  # runtime import would be circular: dwakd.methods imports the methods that import this module
-    from dwakd.methods.base import ModelView, TokenView
-    from dwakd.modules.projectors import DualSpaceProjectors
+from dwakd.modules.projectors import DualSpaceProjectors
 
 MASK_VALUE = -1e5  # added to scores of pairs with an invalid side (DSKD's constant)
 

@@ -1,4 +1,4 @@
-"""Learnable projectors of DSKD-CMA and DWA-KD (SPEC §4, §5): t2s, s2t, query and the embedding projector.
+"""Learnable projectors of DSKD-CMA (docs/methods.md#4-dskd-cma): t2s, s2t and query, sized from the model configs.
 
 Sizes come from the model configs, so the projectors exist (and are in the optimiser) before the first batch.
 Two sizes are read per model, because they can differ:
@@ -50,14 +50,14 @@ def model_dims(config: Any) -> ModelDims:
 
 
 class DualSpaceProjectors(nn.Module):
-    """t2s Linear(d_t→d_s), s2t Linear(d_s→d_t), query Linear(2e_s→2e_t), optional embedding Linear(e_t→e_s).
+    """t2s Linear(d_t→d_s), s2t Linear(d_s→d_t), query Linear(2e_s→2e_t) of DSKD-CMA.
 
     d is the final-hidden width and e the embedding width of each side (equal except for some OPT sizes).
-    The creation order (t2s, s2t, query, embedding) is fixed so that two methods built after the same seed get
-    identical initial weights for the projectors they share. Default `nn.Linear` initialisation, all with bias.
+    The creation order (t2s, s2t, query) is fixed so that two methods built after the same seed get identical
+    initial weights for the projectors they share. Default `nn.Linear` initialisation, all with bias.
     """
 
-    def __init__(self, student: ModelDims, teacher: ModelDims, with_embedding: bool = False):
+    def __init__(self, student: ModelDims, teacher: ModelDims):
         super().__init__()
         if teacher.embedding != teacher.hidden:
             raise ValueError(
@@ -70,4 +70,3 @@ class DualSpaceProjectors(nn.Module):
         self.t2s = nn.Linear(teacher.hidden, student.hidden)
         self.s2t = nn.Linear(student.hidden, teacher.hidden)
         self.query = nn.Linear(2 * student.embedding, 2 * teacher.embedding)
-        self.embedding = nn.Linear(teacher.embedding, student.embedding) if with_embedding else None

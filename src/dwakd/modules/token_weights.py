@@ -26,11 +26,7 @@ from dwakd.modules.divergences import (
     no_autocast,
     row_dot,
 )
-
-
-def valid_rows(mask: torch.Tensor) -> torch.Tensor:
-    """int64 (positions,) indices of the True entries of a (batch, length) mask in the flattened grid, in order."""
-    return mask.reshape(-1).nonzero().squeeze(1)
+from dwakd.modules.rows import valid_rows
 
 
 def _rows_for(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
@@ -108,20 +104,25 @@ def student_token_weights(
     mask: torch.Tensor,
     vocab_size: int,
     gate: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> TokenWeights:
     """w_i = Ĥ_s(i)·g_i rescaled per sequence; `gate` is (positions,) at the valid positions, None means g ≡ 1.
 
-    `student_logits` is the dense (batch, n, V) tensor or the (positions, V) rows already gathered at the valid
-    positions of `mask` in row-major order.
+    `student_logits` is the dense (batch, n, V) tensor, or (K, V) rows: with `rows` (positions,) given, the rows
+    of it at the valid positions of `mask` in row-major order; without, exactly those rows in that order.
     """
-    entropy = normalized_entropy(student_logits, _rows_for(student_logits, mask), vocab_size)  # (positions,)
+    rows = _rows_for(student_logits, mask) if rows is None else rows
+    entropy = normalized_entropy(student_logits, rows, vocab_size)  # (positions,)
     raw_valid = entropy if gate is None else entropy * gate.detach().to(entropy.dtype)
     raw = scatter_valid(raw_valid, mask)
     return TokenWeights(weights=rescale_per_sequence(raw, mask), raw=raw)
 
 
-def teacher_token_weights(teacher_logits: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> TokenWeights:
-    """u_j = 1 − Ĥ_t(j) rescaled per sequence; logits dense (batch, m, V) or gathered (positions, V) as above."""
-    confidence = 1.0 - normalized_entropy(teacher_logits, _rows_for(teacher_logits, mask), vocab_size)
+def teacher_token_weights(
+    teacher_logits: torch.Tensor, mask: torch.Tensor, vocab_size: int, rows: torch.Tensor | None = None
+) -> TokenWeights:
+    """u_j = 1 − Ĥ_t(j) rescaled per sequence; logits and `rows` as for `student_token_weights`."""
+    rows = _rows_for(teacher_logits, mask) if rows is None else rows
+    confidence = 1.0 - normalized_entropy(teacher_logits, rows, vocab_size)
     raw = scatter_valid(confidence.clamp_min(0.0), mask)
     return TokenWeights(weights=rescale_per_sequence(raw, mask), raw=raw)

@@ -1,0 +1,90 @@
+"""The shared skeleton of the dual-space KD methods: DSKD-CMA (`dskd`), DSKDv2 (`dskdv2`) and their DWA-KD versions.
+
+A host computes one dual-space pass (`dual_space_terms` -> `DualSpaceTerms`: CE, t2s_ce and the per-row divergences
+t2s_div and s2t_div); this base scales the divergences (`kd_scales`), normalises every sum by the global student
+token count and assembles
+
+    loss = w_ce·CE + w_kd·(t2s_ce + Σ scale_i·t2s_div_i + Σ scale'_j·s2t_div_j)  [+ λ_dtw·(D_hid + D_emb)]
+
+A DWA-KD version of a host only attaches `DWAComponent` (`attach_dwa`) and says where its teacher sequence and band
+come from (`dtw_teacher_hidden`, `dtw_band_attention`); weights, Soft-DTW, loss weights and γ live in the component.
+See docs/methods.md#4-dskd-cma and #5-dwa-kd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodContext, MethodOptions
+from dwakd.modules.dual_space import DualSpaceTerms
+from dwakd.modules.dwa import DWAComponent
+from dwakd.modules.projectors import model_dims
+
+
+class DualSpaceMethod(DistillationMethod):
+    """Base of the dual-space methods; subclasses implement `dual_space_terms` (and the DTW hooks if DWA-KD)."""
+
+    needs_teacher = True
+    needs_hidden_states = True
+
+    def __init__(self, options: MethodOptions, context: MethodContext):
+        super().__init__(options, context)
+        if context.teacher_config is None:
+            raise ValueError(f"method {self.name!r} needs a teacher: set `teacher:` in the config")
+        self.dwa: DWAComponent | None = None
+
+    def attach_dwa(self, context: MethodContext) -> None:
+        """Turn this host into its DWA-KD version (call after the host's own projectors are built)."""
+        self.dwa = DWAComponent(self.options, model_dims(context.student_config), model_dims(context.teacher_config))
+
+    # ---- hooks -------------------------------------------------------------------------------------------------
+    def dual_space_terms(self, inputs: DistillationInputs) -> DualSpaceTerms:
+        """One dual-space pass: sums and per-row divergences before scaling and normalisation."""
+        raise NotImplementedError
+
+    def dtw_teacher_hidden(self, inputs: DistillationInputs, terms: DualSpaceTerms) -> torch.Tensor:
+        """(batch, m, d_s) teacher final states in student space for the hidden-state Soft-DTW term."""
+        raise NotImplementedError(f"{type(self).__name__} has no hidden-state Soft-DTW input")
+
+    def dtw_band_attention(self, inputs: DistillationInputs, terms: DualSpaceTerms) -> torch.Tensor:
+        """(batch, n, m) student→teacher attention the Soft-DTW band is read from."""
+        raise NotImplementedError(f"{type(self).__name__} has no band source")
+
+    # ---- shared assembly -----------------------------------------------------------------------------------------
+    def kd_scales(self, inputs: DistillationInputs, terms: DualSpaceTerms) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale per student-space row of t2s_div and per teacher-space row of s2t_div (None = 1).
+
+        DWA-KD with token weights on: its weights. Otherwise the host's t2s mask on t2s_div, s2t_div unscaled.
+        """
+        if self.dwa is not None and self.dwa.options.token_weights:
+            return self.dwa.kd_scales(terms, inputs.step)
+        return terms.t2s_mask.float(), None
+
+    def loss_weights(self) -> tuple[float, float]:
+        """(weight of CE, weight of KD) in the total loss."""
+        if self.dwa is not None:
+            return self.dwa.loss_weights(self.options.kd_rate)
+        return 1.0 - self.options.kd_rate, self.options.kd_rate
+
+    def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
+        """w_ce·CE + w_kd·(t2s_ce + t2s_kd + s2t_kd) [+ λ_dtw·ΣD], every sum divided by num_items."""
+        terms = self.dual_space_terms(inputs)
+        t2s_scale, s2t_scale = self.kd_scales(inputs, terms)
+        t2s_kd = (terms.t2s_div * t2s_scale).sum()
+        s2t_kd = terms.s2t_div.sum() if s2t_scale is None else (terms.s2t_div * s2t_scale).sum()
+        n = inputs.num_items
+        ce, t2s_ce, t2s_kd, s2t_kd = terms.ce / n, terms.t2s_ce / n, t2s_kd / n, s2t_kd / n
+        kd = t2s_ce + t2s_kd + s2t_kd
+        w_ce, w_kd = self.loss_weights()
+        loss = w_ce * ce + w_kd * kd
+        parts = {"ce": ce, "t2s_ce": t2s_ce, "t2s_kd": t2s_kd, "s2t_kd": s2t_kd, "kd": kd}
+        stats = terms.stats
+        if self.dwa is not None and self.dwa.dtw_layers():
+            gamma = self.dwa.gamma_at(inputs.progress, inputs.step)
+            attention = self.dtw_band_attention(inputs, terms) if self.dwa.options.dtw == "banded" else None
+            sums = self.dwa.dtw_sums(inputs, lambda: self.dtw_teacher_hidden(inputs, terms), attention, gamma)
+            dtw = {name: value / n for name, value in sums.items()}
+            loss = loss + self.dwa.options.dtw_weight * sum(dtw.values())
+            parts.update(dtw)
+            stats["dtw_gamma"] = torch.tensor(gamma)
+        return LossOutput(loss, {k: v.detach() for k, v in parts.items()}, stats)
