@@ -59,13 +59,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from dwakd.evaluation.memory import peak_bytes  # noqa: E402
 from dwakd.modules.divergences import compute_dtype, divergence  # noqa: E402
+from dwakd.modules.rows import valid_rows  # noqa: E402
 from dwakd.modules.token_weights import (  # noqa: E402
     peak_probability,
     rescale_per_sequence,
     scatter_valid,
     student_token_weights,
     teacher_token_weights,
-    valid_rows,
 )
 from dwakd.ops.fused_kd import fused_head_kd, head_kd_reference  # noqa: E402
 
@@ -163,7 +163,8 @@ def rescaled(raw: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def loss_dense(x: Inputs, term: str, tau: float, kd_rate: float) -> torch.Tensor:
-    """The KD terms exactly as `methods/dskd.py` and `methods/dwakd.py` build them today (dense logits at rows)."""
+    """The KD terms as `methods/dskd.py` (`dual_space_terms`) and `modules/dwa.py` (`kd_scales`) build them today:
+    dense logits at the valid rows, the chunked divergence op, token weights from those logits."""
     weights_on, gate_on = TERMS[term]
     v_s, v_t = x.student_vocab, x.teacher_vocab
     student_logits = F.linear(x.student_hidden, x.student_head)[:, :v_s]  # (P, V_s) `logits_at(rows)[:, :v_s]`
