@@ -19,11 +19,14 @@ Design (what and why):
   *recompute*: when the prediction head weight is trained (the student head, often tied to the embeddings), its
   gradient Σ_i a_i g_iᵀ h_i needs the output gradients a_i, known only in backward; forward keeps only its inputs
   and backward recomputes each chunk's logits, forms g, and accumulates the head gradient in place
-  (`addmm_`) into one (V, hidden) buffer. Costs two extra head matmuls, no (rows, V) storage.
+  (`addmm_`) into one (V, hidden) buffer. Costs one more pass over the head, no (rows, V) storage.
+- **One matmul for both sides when they share a head** (z_s and t2s use W_s, s2t and z_t use W_t): the two
+  chunks of hidden rows are stacked, so the head is streamed once per chunk, not twice.
 - **Row chunks, no vocabulary chunks.** Chunks hold `chunk_elements // V` rows (a memory budget per (rows, V)
-  temporary; about six are alive at once). An online log-sum-exp over vocabulary blocks would not pay on CPU:
-  sfkl/srkl/js need normalised p and q inside the log-mixture and akl sorts whole rows, so those would need two
-  matmul passes, and the head matmul is the dominant cost here; rows of 50k–152k fp32 logits are 0.2–0.6 MB.
+  temporary; about four are alive at once, plus akl's sort buffers). An online log-sum-exp over vocabulary
+  blocks would not pay on CPU: sfkl/srkl/js need normalised p and q inside the log-mixture and akl sorts whole
+  rows, so those would need two matmul passes, and the head matmul is the dominant cost here (rows of 50k–152k
+  fp32 logits are 0.2–0.6 MB, so a row chunk is never too big to hold).
 - **Precision.** The matmul runs as the plain reference's `F.linear` would: in the autocast dtype when autocast
   is on (bf16 logits, as the methods get today), else in the head weight's dtype (the hidden is cast to it).
   Logits are then promoted to fp32 (float64 stays float64) and every softmax, divergence, CE and statistic is
