@@ -57,17 +57,17 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from dwakd.evaluation.memory import peak_bytes  # noqa: E402
-from dwakd.modules.divergences import compute_dtype, divergence  # noqa: E402
-from dwakd.modules.rows import valid_rows  # noqa: E402
-from dwakd.modules.token_weights import (  # noqa: E402
+from dwakd.evaluation.memory import peak_bytes
+from dwakd.modules.divergences import compute_dtype, divergence
+from dwakd.modules.rows import valid_rows
+from dwakd.modules.token_weights import (
     peak_probability,
     rescale_per_sequence,
     scatter_valid,
     student_token_weights,
     teacher_token_weights,
 )
-from dwakd.ops.fused_kd import fused_head_kd, head_kd_reference  # noqa: E402
+from dwakd.ops.fused_kd import fused_head_kd, head_kd_reference
 
 TERMS = {  # name: (token weights on, gate on)
     "dskd": (False, False),

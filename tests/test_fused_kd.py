@@ -23,7 +23,8 @@ from dwakd.ops.fused_kd import DIVERGENCES, STATISTICS, fused_head_kd, head_kd_r
 from dwakd.ops.fused_kd.reference import reference_divergence
 
 ROWS, VOCAB, HEAD_ROWS, D_PRED, D_TARGET = 11, 37, 41, 6, 9  # 4 padding head rows; hidden sizes differ per side
-CHUNK = 4 * VOCAB  # 4 rows per chunk: three chunks, the last one partial
+# matmul chunks of 5 rows (5, 5, 1), elementwise blocks of 2 rows inside them
+SIZES = {"chunk_elements": 5 * VOCAB, "block_elements": 2 * VOCAB}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -108,7 +109,7 @@ def test_fused_matches_reference_float64(kind, tau, backward):
     pred_hidden, pred_weight, target_hidden, target_weight, labels, weights = case
     kw = dict(vocab_size=VOCAB, divergence=kind, temperature=tau, pred_labels=labels, target_labels=labels,
               statistics=STATISTICS)
-    fused = fused_head_kd(pred_hidden, pred_weight, target_hidden, target_weight, chunk_elements=CHUNK,
+    fused = fused_head_kd(pred_hidden, pred_weight, target_hidden, target_weight, **SIZES,
                           backward=backward, **kw)
     ref = head_kd_reference(pred_hidden, pred_weight, target_hidden, target_weight, **kw)
     for name in ("divergence", "pred_ce", "target_ce", "pred_entropy", "pred_peak", "target_entropy", "target_peak"):
@@ -133,7 +134,7 @@ def test_each_term_alone(terms, backward):
     kw = dict(vocab_size=VOCAB, divergence="js" if "divergence" in terms else None, temperature=1.5,
               pred_labels=labels if "pred_ce" in terms else None,
               target_labels=labels if "target_ce" in terms else None)
-    fused = fused_head_kd(pred_hidden, pred_weight, target_hidden, target_weight, chunk_elements=CHUNK,
+    fused = fused_head_kd(pred_hidden, pred_weight, target_hidden, target_weight, **SIZES,
                           backward=backward, **kw)
     ref = head_kd_reference(pred_hidden, pred_weight, target_hidden, target_weight, **kw)
     for name in ("divergence", "pred_ce", "target_ce"):
@@ -150,7 +151,7 @@ def test_each_statistic_alone(name, tau):
     """A statistic asked for alone (no CE, no entropy on its side) is read from the logits, not from τ log-probs."""
     pred_hidden, pred_weight, target_hidden, target_weight, *_ = make_case()
     kw = dict(vocab_size=VOCAB, divergence="fkl", temperature=tau, statistics=(name,))
-    fused = fused_head_kd(pred_hidden, pred_weight, target_hidden, target_weight, chunk_elements=CHUNK, **kw)
+    fused = fused_head_kd(pred_hidden, pred_weight, target_hidden, target_weight, **SIZES, **kw)
     ref = head_kd_reference(pred_hidden, pred_weight, target_hidden, target_weight, **kw)
     torch.testing.assert_close(getattr(fused, name), getattr(ref, name), rtol=1e-10, atol=1e-12)
     assert all(getattr(fused, other) is None for other in STATISTICS if other != name)
@@ -161,7 +162,7 @@ def test_ce_only_without_target_and_ce_temperature():
     pred_hidden, pred_weight, _, _, labels, weights = make_case()
     kw = dict(vocab_size=VOCAB, divergence=None, pred_labels=labels, ce_temperature=2.0,
               statistics=("pred_entropy", "pred_peak"))
-    fused = fused_head_kd(pred_hidden, pred_weight, chunk_elements=CHUNK, **kw)
+    fused = fused_head_kd(pred_hidden, pred_weight, **SIZES, **kw)
     ref = head_kd_reference(pred_hidden, pred_weight, **kw)
     torch.testing.assert_close(fused.pred_ce, ref.pred_ce)
     torch.testing.assert_close(fused.pred_entropy, ref.pred_entropy)
@@ -172,14 +173,14 @@ def test_ce_only_without_target_and_ce_temperature():
 
 def test_target_bias_and_shared_head():
     """MinED-style target (a bias of −1e5 on unmapped tokens) and the t2s layout (one head on both sides)."""
-    pred_hidden, pred_weight, target_hidden, _, labels, weights = make_case()
+    pred_hidden, pred_weight, _, _, labels, weights = make_case()
     bias = torch.zeros(HEAD_ROWS, dtype=torch.float64)
     bias[::3] = -1e5
     projected = torch.randn(ROWS, D_PRED, dtype=torch.float64, requires_grad=True)  # t2s hidden, student width
     for kind in ("fkl", "rkl", "js"):
         kw = dict(vocab_size=VOCAB, divergence=kind, temperature=2.0, pred_labels=labels, target_labels=labels,
                   target_bias=bias)
-        fused = fused_head_kd(pred_hidden, pred_weight, projected, pred_weight.detach(), chunk_elements=CHUNK, **kw)
+        fused = fused_head_kd(pred_hidden, pred_weight, projected, pred_weight.detach(), **SIZES, **kw)
         ref = head_kd_reference(pred_hidden, pred_weight, projected, pred_weight.detach(), **kw)
         torch.testing.assert_close(fused.divergence, ref.divergence, rtol=1e-10, atol=1e-10)
         inputs = [pred_hidden, pred_weight, projected]
@@ -194,7 +195,7 @@ def test_fp32_matches_float64_reference():
     as32 = [t.detach().float().requires_grad_(t.requires_grad) for t in case64[:4]]
     for kind in DIVERGENCES:
         kw = dict(vocab_size=VOCAB, divergence=kind, temperature=2.0, pred_labels=labels, target_labels=labels)
-        fused = fused_head_kd(*as32, chunk_elements=CHUNK, **kw)
+        fused = fused_head_kd(*as32, **SIZES, **kw)
         ref = head_kd_reference(pred_hidden, pred_weight, target_hidden, target_weight, **kw)
         assert fused.divergence.dtype == torch.float32
         torch.testing.assert_close(fused.divergence.double(), ref.divergence, rtol=1e-4, atol=2e-6)
@@ -213,7 +214,7 @@ def test_bf16_autocast_follows_the_reference():
     kw = dict(vocab_size=VOCAB, divergence="fkl", temperature=2.0, pred_labels=labels, target_labels=labels,
               statistics=("pred_entropy", "target_peak"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = fused_head_kd(pred_hidden, pred_weight, target_hidden, target_weight.detach(), chunk_elements=CHUNK,
+        fused = fused_head_kd(pred_hidden, pred_weight, target_hidden, target_weight.detach(), **SIZES,
                               **kw)
         ref = head_kd_reference(pred_hidden, pred_weight, target_hidden, target_weight, **kw)
         g_fused = grads(weighted_loss(fused, weights), inputs)
@@ -318,7 +319,7 @@ def test_peak_memory_is_a_chunk_not_the_batch(shared_head):
                  **extra)
         (out.divergence.sum() + out.pred_ce.sum() + out.target_ce.sum()).backward()
 
-    _, fused = peak_bytes(lambda: run(fused_head_kd, chunk_elements=16 * vocab))
+    _, fused = peak_bytes(lambda: run(fused_head_kd, chunk_elements=16 * vocab, block_elements=4 * vocab))
     _, dense = peak_bytes(lambda: run(head_kd_reference))
     assert fused - head_grad < 0.5 * full, (fused, full)
     assert dense > 4 * full, (dense, full)

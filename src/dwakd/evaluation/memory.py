@@ -19,7 +19,8 @@ import torch
 
 def _allocation_events(prof: Any) -> list[tuple[int, int, int]]:
     """(time ns, running total bytes, signed size) of every CPU allocator event in a finished profile."""
-    from torch._C._profiler import _EventType  # private, but the profiler's own memory tools read the same tree
+    # private, but torch.profiler's own memory tools read the same event tree
+    from torch._C._profiler import _EventType
 
     found: list[tuple[int, int, int]] = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())

@@ -5,7 +5,12 @@ holds a (rows × V) tensor for all rows; `head_kd_reference` is the dense plain-
 """
 
 from dwakd.ops.fused_kd.chunk_math import DIVERGENCES
-from dwakd.ops.fused_kd.functional import CHUNK_ELEMENTS, STATISTICS, FusedKDRows, fused_head_kd
+from dwakd.ops.fused_kd.functional import (
+    CHUNK_ELEMENTS,
+    STATISTICS,
+    FusedKDRows,
+    fused_head_kd,
+)
 from dwakd.ops.fused_kd.reference import head_kd_reference
 
 __all__ = ["CHUNK_ELEMENTS", "DIVERGENCES", "STATISTICS", "FusedKDRows", "fused_head_kd", "head_kd_reference"]

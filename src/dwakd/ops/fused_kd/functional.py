@@ -22,11 +22,17 @@ Design (what and why):
   (`addmm_`) into one (V, hidden) buffer. Costs one more pass over the head, no (rows, V) storage.
 - **One matmul for both sides when they share a head** (z_s and t2s use W_s, s2t and z_t use W_t): the two
   chunks of hidden rows are stacked, so the head is streamed once per chunk, not twice.
-- **Row chunks, no vocabulary chunks.** Chunks hold `chunk_elements // V` rows (a memory budget per (rows, V)
-  temporary; about four are alive at once, plus akl's sort buffers). An online log-sum-exp over vocabulary
-  blocks would not pay on CPU: sfkl/srkl/js need normalised p and q inside the log-mixture and akl sorts whole
-  rows, so those would need two matmul passes, and the head matmul is the dominant cost here (rows of 50k–152k
-  fp32 logits are 0.2–0.6 MB, so a row chunk is never too big to hold).
+- **Matmul chunks, elementwise blocks.** Rows go through the head in chunks of `chunk_elements // V` rows per
+  side: large, because a CPU BLAS streams (packs) the whole 50k–152k-row head once per call, so a product over
+  fewer than ~400 rows runs 1.3–1.6× slower per row than over 1024 (measured on the 2-core runner). Inside a
+  chunk, every softmax, divergence, CE and statistic runs on blocks of `block_elements // V` rows (8 MiB of
+  logits), whose temporaries are small and stay in cache; the logit gradients are written back in place of the
+  chunk's logits, and the chunk then meets the head in one matmul per gradient. Alive at a time: the chunk's
+  logits of both sides (2 × 128 MiB by default), the block temporaries, and in store mode a buffer per CE
+  gradient.
+- **No vocabulary chunks.** An online log-sum-exp over vocabulary blocks would not pay on CPU: sfkl/srkl/js need
+  normalised p and q inside the log-mixture and akl sorts whole rows, so those would need two matmul passes
+  over the head, which is the dominant cost here (a row of 50k–152k fp32 logits is only 0.2–0.6 MB).
 - **Precision.** The matmul runs as the plain reference's `F.linear` would: in the autocast dtype when autocast
   is on (bf16 logits, as the methods get today), else in the head weight's dtype (the hidden is cast to it).
   Logits are then promoted to fp32 (float64 stays float64) and every softmax, divergence, CE and statistic is
@@ -60,7 +66,8 @@ from dwakd.ops.fused_kd.chunk_math import (
     log_softmax_at,
 )
 
-CHUNK_ELEMENTS = 1 << 24  # elements per (rows, V) temporary: 64 MiB in fp32, as modules.divergences
+CHUNK_ELEMENTS = 1 << 25  # logits per side per matmul chunk: 128 MiB in fp32
+BLOCK_ELEMENTS = 1 << 21  # logits per block of the elementwise math inside a chunk: 8 MiB in fp32
 STATISTICS = ("pred_entropy", "pred_peak", "pred_argmax", "target_entropy", "target_peak", "target_argmax")
 BACKWARD_MODES = ("auto", "store", "recompute")
 _OUTPUTS = ("divergence", "pred_ce", "target_ce") + STATISTICS
@@ -94,7 +101,8 @@ class _Plan:
     vocab: int
     ce_temperature: float
     stats: frozenset[str]
-    chunk: int
+    chunk: int  # rows per matmul chunk
+    block: int  # rows per block of elementwise math inside a chunk
     store: bool  # form hidden-state gradients in forward (True) or recompute in backward (False)
     pred_mm: torch.dtype  # matmul dtypes of the two heads
     target_mm: torch.dtype | None
@@ -145,38 +153,34 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor | None) -> bool:
             and a.dtype == b.dtype)
 
 
-class _ChunkLogits:
-    """The two sides' logits of one chunk of rows, handed out once each (the caller owns and consumes them).
+def _chunk_logits(pred_rows: torch.Tensor | None, target_rows: torch.Tensor | None, pred_head: torch.Tensor,
+                  target_head: torch.Tensor | None, compute: torch.dtype, bias: torch.Tensor | None,
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(pred logits, target logits, joint storage) of one chunk; each side (rows, V), None when not asked for.
 
-    When both sides use the same head (the student head for z_s and t2s, the teacher head for s2t and z_t) and
-    both are needed, one matmul over the stacked rows forms them: the head is streamed once per chunk instead of
-    twice, which is most of the cost of a small-row product against a 50k–152k-row head on CPU.
+    When both sides are asked for and use the same head (the student head for z_s and t2s, the teacher head for
+    s2t and z_t), one matmul over the stacked rows forms them and the third value is that (2·rows, V) tensor
+    (pred rows first): the head is streamed once instead of twice, and backward can reuse the stacking.
     """
+    if pred_rows is not None and target_rows is not None and target_head is pred_head:
+        rows = pred_rows.shape[0]
+        stacked = torch.cat([pred_rows.to(pred_head.dtype), target_rows.to(pred_head.dtype)])  # (2·rows, d)
+        both = _logits(stacked, pred_head, compute)  # (2·rows, V)
+        target = both[rows:] if bias is None else both[rows:].add_(bias)
+        return both[:rows], target, both
+    pred = None if pred_rows is None else _logits(pred_rows, pred_head, compute)
+    target = None if target_rows is None else _logits(target_rows, target_head, compute, bias)
+    return pred, target, None
 
-    def __init__(self, pred_rows: torch.Tensor, target_rows: torch.Tensor | None, pred_head: torch.Tensor,
-                 target_head: torch.Tensor | None, compute: torch.dtype, bias: torch.Tensor | None, joint: bool):
-        self.pred_rows, self.target_rows = pred_rows, target_rows
-        self.pred_head, self.target_head = pred_head, target_head
-        self.compute, self.bias = compute, bias
-        self.joint = joint and target_head is pred_head and target_rows is not None
-        self._target: torch.Tensor | None = None
 
-    def pred(self) -> torch.Tensor:
-        """(rows, V) prediction logits (and, when joint, the target ones kept for `target()`)."""
-        if not self.joint:
-            return _logits(self.pred_rows, self.pred_head, self.compute)
-        rows = self.pred_rows.shape[0]
-        stacked = torch.cat([self.pred_rows.to(self.pred_head.dtype), self.target_rows.to(self.pred_head.dtype)])
-        both = _logits(stacked, self.pred_head, self.compute)  # (2·rows, V)
-        self._target = both[rows:] if self.bias is None else both[rows:].add_(self.bias)
-        return both[:rows]
+def _row_blocks(rows: int, block: int) -> list[slice]:
+    return [slice(start, min(rows, start + block)) for start in range(0, rows, block)]
 
-    def target(self) -> torch.Tensor:
-        """(rows, V) target logits (+ bias)."""
-        if self._target is not None:
-            out, self._target = self._target, None
-            return out
-        return _logits(self.target_rows, self.target_head, self.compute, self.bias)
+
+def _put(dest: torch.Tensor, value: torch.Tensor) -> None:
+    """Write a block result into its place in a chunk buffer, unless it was computed there in place."""
+    if value.data_ptr() != dest.data_ptr() or value.stride() != dest.stride():
+        dest.copy_(value)
 
 
 GradSink = Callable[[str, torch.Tensor], None]
@@ -211,10 +215,11 @@ def _cross_entropy_(log_probs: torch.Tensor, labels: torch.Tensor, tau_ce: float
 
 def _side_forward(z: torch.Tensor, prefix: str, labels: torch.Tensor | None, tau: float | None, plan: _Plan,
                   out: dict[str, torch.Tensor], ce_sink: GradSink | None) -> torch.Tensor | None:
-    """Statistics and CE of one side's chunk logits `z` (consumed); returns log softmax(z/τ) when τ is given.
+    """Statistics and CE of one side's block of logits `z`; returns log softmax(z/τ), formed in place in `z`,
+    when τ is given.
 
-    Everything that needs the raw logits runs first; then `z` becomes the τ log-probabilities in place, and τ = 1
-    statistics (and a CE at τ_ce = τ) read those instead of forming their own.
+    Everything that needs the raw logits runs first; τ = 1 statistics (and a CE at τ_ce = τ) then read the τ
+    log-probabilities instead of forming their own.
     """
     stats, tau_ce = plan.stats, plan.ce_temperature
     want_ce = labels is not None
@@ -241,26 +246,22 @@ def _side_forward(z: torch.Tensor, prefix: str, labels: torch.Tensor | None, tau
     return log_tau
 
 
-def _chunk_forward(logits: _ChunkLogits, pred_labels: torch.Tensor | None, target_labels: torch.Tensor | None,
-                   plan: _Plan, grads_for: frozenset[str], sink: GradSink) -> dict[str, torch.Tensor]:
-    """Per-row values of one chunk; in store mode the logit gradient of each output named in `grads_for` goes to
-    `sink` as soon as it exists (which turns it into a hidden-state gradient and frees it).
-
-    Unless one matmul forms both sides, the target logits are formed only once the prediction side is reduced to
-    its log-probabilities; either way about four (rows, V) tensors at most are alive at a time.
-    """
+def _block_forward(s: torch.Tensor, t: torch.Tensor | None, pred_labels: torch.Tensor | None,
+                   target_labels: torch.Tensor | None, plan: _Plan, grads_for: frozenset[str],
+                   sink: GradSink) -> dict[str, torch.Tensor]:
+    """Per-row values of one block of rows (logits `s`, `t` are views into the chunk and are overwritten: the
+    divergence's logit gradient ends up in place of `s` for fkl). In store mode each logit gradient named in
+    `grads_for` goes to `sink`."""
     values: dict[str, torch.Tensor] = {}
     spec = plan.divergence
     tau = spec.temperature if spec is not None else None
-    log_q = _side_forward(logits.pred(), "pred", pred_labels, tau, plan, values,
-                          sink if "pred_ce" in grads_for else None)
+    log_q = _side_forward(s, "pred", pred_labels, tau, plan, values, sink if "pred_ce" in grads_for else None)
     log_p = None
-    if logits.target_rows is not None:
-        log_p = _side_forward(logits.target(), "target", target_labels, tau, plan, values,
+    if t is not None:
+        log_p = _side_forward(t, "target", target_labels, tau, plan, values,
                               sink if "target_ce" in grads_for else None)
     if spec is not None:
         value, grad = divergence_value_and_grad(log_q, log_p, spec, True, "divergence" in grads_for)
-        del log_q, log_p
         values["divergence"] = value
         if grad is not None:
             sink("divergence", grad.div_(spec.temperature))
@@ -301,24 +302,28 @@ class _FusedHeadKD(torch.autograd.Function):
                 same = _same_tensor(pred_weight, target_weight) and plan.target_mm == plan.pred_mm
                 target_head = pred_head if same else _head_rows(target_weight, plan.vocab, plan.target_mm)
             bias = None if target_bias is None else target_bias[: plan.vocab].to(compute)
-            for start in range(0, rows, plan.chunk):
-                end = min(rows, start + plan.chunk)
+            for chunk in _row_blocks(rows, plan.chunk):
+                s, t, _ = _chunk_logits(pred_hidden[chunk], None if target_head is None else target_hidden[chunk],
+                                        pred_head, target_head, compute, bias)
+                # logit gradients of the whole chunk (store mode): the divergence's where `s` was
+                grad_bufs = {name: s if name == "divergence" else torch.empty_like(s) for name in grads_for}
+                for block in _row_blocks(s.shape[0], plan.block):
+                    def sink(name: str, grad: torch.Tensor, block=block, bufs=grad_bufs) -> None:
+                        _put(bufs[name][block], grad)
 
-                def sink(name: str, grad: torch.Tensor, start=start, end=end) -> None:
+                    values = _block_forward(
+                        s[block], None if t is None else t[block],
+                        None if pred_labels is None else pred_labels[chunk][block],
+                        None if target_labels is None else target_labels[chunk][block], plan,
+                        frozenset(grads_for), sink,
+                    )
+                    for name, value in values.items():
+                        outputs[name][chunk][block] = value
+                del t
+                for name, grad in grad_bufs.items():  # one matmul per output over the whole chunk
                     head = target_head if name == "target_ce" else pred_head
-                    hidden_grads[name][start:end] = torch.mm(grad.to(head.dtype), head).to(compute)
-
-                logits = _ChunkLogits(pred_hidden[start:end],
-                                      None if target_hidden is None else target_hidden[start:end],
-                                      pred_head, target_head, compute, bias, joint=True)
-                values = _chunk_forward(
-                    logits, None if pred_labels is None else pred_labels[start:end],
-                    None if target_labels is None else target_labels[start:end], plan, frozenset(grads_for), sink,
-                )
-                del logits
-                for name, value in values.items():
-                    outputs[name][start:end] = value
-                del values
+                    hidden_grads[name][chunk] = torch.mm(grad.to(head.dtype), head).to(compute)
+                del s, grad_bufs
 
         ctx.plan = plan
         if plan.store:
@@ -354,72 +359,89 @@ def _combine_stored(saved: dict[str, torch.Tensor], a_div, a_pce, a_tce) -> tupl
     return grad_pred, None, grad_target
 
 
+def _block_grads(s: torch.Tensor | None, t: torch.Tensor | None, plan: _Plan, pred_labels, target_labels,
+                 a_div, a_pce, a_tce) -> None:
+    """Logit gradients of one block, weighted by the output gradients, written in place: Σ over the prediction's
+    outputs into `s`, the target CE's into `t` (both are views into the chunk's logits and are overwritten)."""
+    spec, compute, tau_ce = plan.divergence, plan.compute, plan.ce_temperature
+    g_t = None
+    if a_tce is not None:  # from the raw target logits, before the divergence turns them into log-probabilities
+        g_t = cross_entropy_grad_(log_softmax_at(t, tau_ce), target_labels)
+        g_t.mul_((a_tce.to(compute) / tau_ce).unsqueeze(-1))
+    g = None
+    if a_pce is not None:
+        g = cross_entropy_grad_(log_softmax_at(s, tau_ce), pred_labels)
+        g.mul_((a_pce.to(compute) / tau_ce).unsqueeze(-1))
+    if a_div is not None:
+        log_q, log_p = log_softmax_(s, spec.temperature), log_softmax_(t, spec.temperature)
+        _, g_div = divergence_value_and_grad(log_q, log_p, spec, False, True)
+        g_div.mul_((a_div.to(compute) / spec.temperature).unsqueeze(-1))
+        g = g_div if g is None else g.add_(g_div)
+    if g is not None:
+        _put(s, g)
+    if g_t is not None:
+        _put(t, g_t)
+
+
 def _recompute_backward(ctx, a_div, a_pce, a_tce) -> tuple:
-    """Recompute each chunk's logits, form the logit gradients weighted by the output gradients, and reduce them
-    into the hidden-state gradients and, in place, into the prediction head's gradient."""
+    """Recompute each chunk's logits, form the logit gradients weighted by the output gradients block by block,
+    and reduce them with one matmul per chunk into the hidden-state gradients and, in place, the head gradient."""
     plan: _Plan = ctx.plan
     pred_hidden, pred_weight, target_hidden, target_weight, target_bias, pred_labels, target_labels = ctx.saved_tensors
     need_ph, need_pw, need_th = ctx.needs_input_grad[:3]
-    spec, compute, tau_ce = plan.divergence, plan.compute, plan.ce_temperature
-    div_active = a_div is not None and spec is not None and (need_ph or need_pw)
-    pce_active = a_pce is not None and pred_labels is not None and (need_ph or need_pw)
-    tce_active = a_tce is not None and target_labels is not None and need_th
+    spec, compute = plan.divergence, plan.compute
+    a_div = a_div if a_div is not None and spec is not None and (need_ph or need_pw) else None
+    a_pce = a_pce if a_pce is not None and pred_labels is not None and (need_ph or need_pw) else None
+    a_tce = a_tce if a_tce is not None and target_labels is not None and need_th else None
     grad_ph = torch.zeros_like(pred_hidden) if need_ph else None
     grad_pw = torch.zeros_like(pred_weight) if need_pw else None  # the full head: padding rows stay 0
     grad_th = torch.zeros_like(target_hidden) if need_th else None
     rows = pred_hidden.shape[0]
-    if not (div_active or pce_active or tce_active) or rows == 0:
+    pred_active, target_needed = a_div is not None or a_pce is not None, a_div is not None or a_tce is not None
+    if not (pred_active or a_tce is not None) or rows == 0:
         return grad_ph, grad_pw, grad_th, None, None, None, None, None
     with _no_autocast(pred_hidden), torch.no_grad():
         pred_head = _head_rows(pred_weight, plan.vocab, plan.pred_mm)
         target_head = None
-        if div_active or tce_active:
+        if target_needed:
             same = _same_tensor(pred_weight, target_weight) and plan.target_mm == plan.pred_mm
             target_head = pred_head if same else _head_rows(target_weight, plan.vocab, plan.target_mm)
         bias = None if target_bias is None else target_bias[: plan.vocab].to(compute)
         head_grad = grad_pw[: plan.vocab] if grad_pw is not None else None  # (V, d_p) view
         in_place = head_grad is not None and head_grad.dtype == pred_head.dtype
-        for start in range(0, rows, plan.chunk):
-            end = min(rows, start + plan.chunk)
-            g = log_q = None  # g: (rows, V) gradient w.r.t. the prediction logits, weighted by the output grads
-            logits = _ChunkLogits(pred_hidden[start:end], target_hidden[start:end] if target_head is not None
-                                  else None, pred_head, target_head, compute, bias,
-                                  joint=(div_active or pce_active) and (div_active or tce_active))
-            if div_active or pce_active:
-                s = logits.pred()
-                if pce_active:
-                    g = cross_entropy_grad_(log_softmax_at(s, tau_ce), pred_labels[start:end])
-                    g.mul_((a_pce[start:end].to(compute) / tau_ce).unsqueeze(-1))
-                log_q = log_softmax_(s, spec.temperature) if div_active else None
-                del s
-            if div_active or tce_active:
-                t = logits.target()
-                if tce_active:
-                    g_t = cross_entropy_grad_(log_softmax_at(t, tau_ce), target_labels[start:end])
-                    g_t.mul_((a_tce[start:end].to(compute) / tau_ce).unsqueeze(-1))
-                    grad_th[start:end] = torch.mm(g_t.to(target_head.dtype), target_head).to(grad_th.dtype)
-                    del g_t
-                if div_active:
-                    _, g_div = divergence_value_and_grad(log_q, log_softmax_(t, spec.temperature), spec, False, True)
-                    del log_q
-                    g_div.mul_((a_div[start:end].to(compute) / spec.temperature).unsqueeze(-1))
-                    g = g_div if g is None else g.add_(g_div)
-                    del g_div
-                del t
-            del logits
-            if g is None:
-                continue
-            g_mm = g.to(pred_head.dtype)
-            del g
-            if grad_ph is not None:
-                grad_ph[start:end] = torch.mm(g_mm, pred_head).to(grad_ph.dtype)
-            if head_grad is not None:
-                h = pred_hidden[start:end].to(pred_head.dtype)
+
+        def part(x, chunk, block):
+            return None if x is None else x[chunk][block]
+
+        for chunk in _row_blocks(rows, plan.chunk):
+            s, t, both = _chunk_logits(pred_hidden[chunk] if pred_active else None,
+                                       target_hidden[chunk] if target_needed else None,
+                                       pred_head, target_head, compute, bias)
+            for block in _row_blocks((s if s is not None else t).shape[0], plan.block):
+                _block_grads(part(s, slice(None), block), part(t, slice(None), block), plan,
+                             part(pred_labels, chunk, block), part(target_labels, chunk, block),
+                             part(a_div, chunk, block), part(a_pce, chunk, block), part(a_tce, chunk, block))
+            # s now holds the prediction logits' gradient, t the target CE's: one matmul each over the chunk,
+            # or one for both when they share the head and both are live
+            if both is not None and pred_active and a_tce is not None and grad_ph is not None:
+                hidden = torch.mm(both.to(pred_head.dtype), pred_head)  # (2·rows, d)
+                grad_ph[chunk] = hidden[: s.shape[0]].to(grad_ph.dtype)
+                grad_th[chunk] = hidden[s.shape[0]:].to(grad_th.dtype)
+                done_th = True
+            else:
+                if pred_active and grad_ph is not None:
+                    grad_ph[chunk] = torch.mm(s.to(pred_head.dtype), pred_head).to(grad_ph.dtype)
+                done_th = False
+            if a_tce is not None and not done_th:
+                grad_th[chunk] = torch.mm(t.to(target_head.dtype), target_head).to(grad_th.dtype)
+            if pred_active and head_grad is not None:
+                g_mm, h = s.to(pred_head.dtype), pred_hidden[chunk].to(pred_head.dtype)
                 if in_place:
                     head_grad.addmm_(g_mm.t(), h)  # Σ_rows g_iᵀ h_i into the one (V, d_p) buffer
                 else:  # e.g. the bf16 matmul under autocast for an fp32 head: add the chunk's product
                     head_grad.add_(torch.mm(g_mm.t(), h))
-            del g_mm
+                del g_mm
+            del s, t, both
     return grad_ph, grad_pw, grad_th, None, None, None, None, None
 
 
@@ -449,6 +471,7 @@ def fused_head_kd(
     skew_lambda: float = 0.1,
     akl_alpha: float = 0.5,
     chunk_elements: int = CHUNK_ELEMENTS,
+    block_elements: int = BLOCK_ELEMENTS,
     backward: str = "auto",
 ) -> FusedKDRows:
     """Per-row D(softmax(t/τ) → softmax(s/τ)), CEs and τ = 1 statistics for s = h_p·W_pᵀ, t = h_t·W_tᵀ (+ bias).
@@ -513,8 +536,9 @@ def fused_head_kd(
     compute = torch.promote_types(torch.promote_types(pred_mm, target_mm or pred_mm), torch.float32)
     spec = None if divergence is None else DivergenceSpec(divergence, float(temperature), float(skew_lambda),
                                                           float(akl_alpha))
-    plan = _Plan(spec, int(vocab_size), float(ce_temperature), stats, max(1, chunk_elements // vocab_size), store,
-                 pred_mm, target_mm, compute)
+    chunk = max(1, chunk_elements // vocab_size)
+    block = min(chunk, max(1, block_elements // vocab_size))
+    plan = _Plan(spec, int(vocab_size), float(ce_temperature), stats, chunk, block, store, pred_mm, target_mm, compute)
     outs = _FusedHeadKD.apply(pred_hidden, pred_weight, target_hidden, target_weight, target_bias,
                               pred_labels, target_labels, plan)
     named = dict(zip(_OUTPUTS, outs, strict=True))
