@@ -17,7 +17,8 @@ Variants: `fused` (two `dwakd.ops.fused_kd.fused_head_kd` calls: the student spa
 recomputed in backward; the teacher space with the frozen teacher head, hidden-state gradients formed in forward),
 `dense` (the methods' code today: `F.linear` logits at the valid rows, `F.cross_entropy`, the chunked
 `modules.divergences.divergence`, `modules.token_weights`), and `autograd` (the op's plain reference,
-`head_kd_reference`, everything by autograd; opt-in, it needs ≈ 10 GB at paper shapes).
+`head_kd_reference`, everything by autograd; opt-in: it keeps every intermediate, ≈ 1.4× the dense peak at the
+`--quick` shapes, and is slower still).
 
 Measured per (configuration, variant):
 - seconds of forward + backward (`loss.backward()`), rounds interleaved (the order of variants alternates from
