@@ -1,0 +1,16 @@
+"""Fused LM head + KL-family divergence (per-row divergence, CE and τ = 1 statistics from hidden states + heads).
+
+`fused_head_kd(pred_hidden, pred_weight, target_hidden, target_weight, vocab_size=..., divergence=...)` never
+holds a (rows × V) tensor for all rows; `head_kd_reference` is the dense plain-PyTorch ground truth.
+"""
+
+from dwakd.ops.fused_kd.chunk_math import DIVERGENCES
+from dwakd.ops.fused_kd.functional import (
+    CHUNK_ELEMENTS,
+    STATISTICS,
+    FusedKDRows,
+    fused_head_kd,
+)
+from dwakd.ops.fused_kd.reference import head_kd_reference
+
+__all__ = ["CHUNK_ELEMENTS", "DIVERGENCES", "STATISTICS", "FusedKDRows", "fused_head_kd", "head_kd_reference"]
