@@ -37,7 +37,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
                     "write report.md/.csv/.png. Rerunning with the same --out-dir resumes.")
     p.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
                    help="a checkpoint dir (full or LoRA adapter) or hub name; repeat for several rows")
-    p.add_argument("--dataset", action="append", default=None, metavar="SPEC",
+    p.add_argument("--dataset", action="append", default=None, metavar="DATASET",
                    help="ALIAS[:LIMIT] (dolly, selfinst, vicuna, sni; needs --data-root) or NAME=PATH[:LIMIT]; "
                         "repeatable; default: the four paper sets under --data-root")
     p.add_argument("--data-root", help="folder in MiniLLM's data layout: dolly/valid.jsonl (`dwakd data dolly "
@@ -75,7 +75,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError("model names must be unique")
         specs = args.dataset or (list(PAPER_DATASETS) if args.data_root else None)
         if not specs:
-            raise ValueError("give --dataset SPEC (repeatable) or --data-root for the four paper test sets")
+            raise ValueError("give --dataset DATASET (repeatable) or --data-root for the four paper test sets")
         datasets = load_eval_datasets(specs, args.data_root, args.limit)
         settings = GenerationSettings(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
