@@ -213,7 +213,7 @@ def naive_soft_dtw(cost: list[list[torch.Tensor]], gamma: float) -> torch.Tensor
 
 
 def naive_band(attn: list[list[float]], base: float, kappa: float, beta: float) -> tuple[list[float], list[float]]:
-    """Band centre and width per row from a row-stochastic n×m attention matrix (SPEC §5 formulas)."""
+    """Band centre and width per row from a row-stochastic n×m attention matrix (docs/methods.md §5.3 formulas)."""
     n, m = len(attn), len(attn[0])
     centres, widths = [], []
     for i, row in enumerate(attn):

@@ -1,4 +1,4 @@
-"""Attention-informed soft band (SPEC §5, paper Eq. 19–22): centre, width and penalty on hand-worked cases."""
+"""Attention-informed soft band (docs/methods.md §5.3, paper Eq. 19–22): centre, width, penalty on hand-worked cases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cross-model attention (SPEC §4): scores, masks, both softmax directions and the projectors, against loops."""
+"""Cross-model attention (docs/methods.md §4.1–4.3): scores, masks, both softmax directions, projectors, vs loops."""
 
 from __future__ import annotations
 

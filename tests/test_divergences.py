@@ -1,4 +1,4 @@
-"""KL family (SPEC §3): values against naive Python loops, gradients against dense float64 autograd, memory."""
+"""KL family (docs/methods.md §3): values against naive Python loops, gradients against float64 autograd, memory."""
 
 from __future__ import annotations
 

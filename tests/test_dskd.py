@@ -1,4 +1,4 @@
-"""DSKD-CMA (SPEC §4): loss, parts and gradients against a naive float64 reference; padding, bf16, LoRA, training."""
+"""DSKD-CMA (docs/methods.md §4): loss, parts, gradients vs a naive float64 reference; padding, bf16, LoRA, training."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DWA-KD (SPEC §5): equals DSKD with weights and DTW off; full method and ablations against a naive reference."""
+"""DWA-KD (docs/methods.md §5): equals DSKD with weights and DTW off; full method and ablations vs a naive reference."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Dual-space token weights (SPEC §5): entropy, gate, per-sequence rescaling, no gradient, padding rows excluded."""
+"""Token weights (docs/methods.md §5.1): entropy, gate, per-sequence rescaling, no gradient, padding rows excluded."""
 
 from __future__ import annotations
 

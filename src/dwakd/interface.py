@@ -36,7 +36,10 @@ class TokenView:
 
     @property
     def label_mask(self) -> torch.Tensor:
-        """Bool (batch, length): positions whose next token is a response token (m_s / m_t of SPEC)."""
+        """Bool (batch, length): positions whose next token is a response token.
+
+        m_s / m_t of docs/methods.md#notation.
+        """
         return self.labels.ne(-100)
 
 
@@ -62,7 +65,7 @@ class ModelView:
     ):
         if logits is None and (head is None or (last_hidden is None and not hidden_states)):
             raise ValueError("ModelView needs dense logits, or an LM head and the final hidden states")
-        self._logits = logits  # (batch, length, rows) — rows may exceed the tokenizer's vocab (SPEC §1)
+        self._logits = logits  # (batch, length, rows) — rows may exceed the tokenizer's vocab (docs/methods.md §1.4)
         self.hidden_states = hidden_states  # embeddings output first, final (post-norm) layer last; None if unasked
         self.model = model  # the (possibly PEFT-wrapped) causal LM, for embedding tables and heads
         self.vocab_size = vocab_size  # number of real tokenizer tokens; logits[..., vocab_size:] are padding rows

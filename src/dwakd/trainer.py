@@ -48,7 +48,7 @@ class NonFiniteLossError(FloatingPointError):
 class DistillationModel(nn.Module):
     """Student + method as one trainable module; forward returns {"loss", "parts", "stats"}."""
 
-    accepts_loss_kwargs = True  # the Trainer passes num_items_in_batch (global token count, SPEC §2)
+    accepts_loss_kwargs = True  # the Trainer passes num_items_in_batch (global token count, docs/methods.md §2.1)
 
     def __init__(self, student: nn.Module, method: DistillationMethod, teacher: nn.Module | None = None,
                  student_vocab_size: int | None = None, teacher_vocab_size: int | None = None,

@@ -2,7 +2,7 @@
 
 Two tokens, one per side, are aligned when they cover exactly the same piece of text. Two implementations:
 
-- `exact_offset_alignment` (used by the methods): from the character offsets the collator keeps (SPEC §1).
+- `exact_offset_alignment` (used by the methods): from the character offsets the collator keeps (docs/methods.md §1.2).
   A label token's piece of text is (end of the previous token, its own end); using the previous token's end
   instead of the token's own start makes the test immune to tokenizers that trim leading spaces from offsets.
   The first response token uses its own start (a prompt cut to max_prompt_length can end before it).

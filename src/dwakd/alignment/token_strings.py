@@ -8,7 +8,7 @@ a byte-level token holding half of a UTF-8 character keeps exactly that half.
 
 Everything is computed once per tokenizer (about 0.3 s for 150k tokens) and never at training time.
 
-Choices (documented where SPEC is silent):
+Choices (where the MinED paper is silent; docs/methods.md#63-mined):
 - The markers are *decoded* (to the space they stand for), not deleted, so " the" and "the" stay different
   tokens for the vocabulary map; `stripped_strings` deletes the spaces for the sequence alignment cost, which
   is what the MinED reference does with its `replace("Ġ", "")`.

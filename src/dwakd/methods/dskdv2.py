@@ -8,7 +8,7 @@ Built once from `MethodContext` (both tokenizers and both LM heads):
 - pinv(W_t,shared) (K, d_t), kept as a non-persistent buffer: every step the teacher-space projector is
   recomputed from the *current* student head, s2t = W_s,sharedᵀ-block · pinv(W_t,shared), and is not trained.
 
-Per micro-batch (every sum divided by `inputs.num_items`, SPEC §2):
+Per micro-batch (every sum divided by `inputs.num_items`, docs/methods.md §2.1):
 - exact token alignment of the label tokens (`dwakd.alignment.exact`): pairs (i, j) covering the same text;
   a pair is kept when the teacher's argmax at j maps to a student token by exact text (EOS ↔ EOS);
 - student space at kept pairs: t2s_logits_i = t2s(h_t,j)·W_sᵀ (W_s detached), target ŷ_i = mapped teacher argmax;
@@ -18,9 +18,9 @@ Per micro-batch (every sum divided by `inputs.num_items`, SPEC §2):
 - loss = (1 − kd_rate)·CE + kd_rate·(t2s_ce + t2s_kd + s2t_kd).
 
 Choices and differences from the reference (songmzhang/DSKDv2, `dual_space_kd_v2_with_exact_token_alignment.py`):
-- alignment by character offsets (SPEC §1), not by the greedy two-pointer over token strings; `alignment:
-  strings` selects the two-pointer (`exact_string_alignment`), `identity` the same-tokenizer path, `auto` (default)
-  identity when both tokenizers decode every id identically, offsets otherwise;
+- alignment by character offsets (docs/methods.md §1.2, §5.7), not by the greedy two-pointer over token strings;
+  `alignment: strings` selects the two-pointer (`exact_string_alignment`), `identity` the same-tokenizer path,
+  `auto` (default) identity when both tokenizers decode every id identically, offsets otherwise;
 - normalisation: all terms by the global student token count (the reference divides t2s_ce and s2t_kd by the
   number of aligned tokens and t2s_kd by the number of agreeing ones);
 - the shared vocabulary compares decoded bytes (the reference compares token strings after "Ġ" → "▁");

@@ -1,4 +1,4 @@
-"""MinED — minimum-edit-distance token and vocabulary alignment (FuseLLM, Wan et al. 2024), SPEC §6.
+"""MinED — minimum-edit-distance token and vocabulary alignment (FuseLLM, Wan et al. 2024), docs/methods.md#63-mined.
 
 1. Sequence alignment: per sequence, DTW over the response tokens of both sides with the edit distance
    between their token strings (spaces — the "Ġ"/"▁" markers — removed) as cost (`dwakd.alignment.dtw`).
@@ -21,7 +21,7 @@ Choices and differences from the reference code (DSKD's `min_edit_dis_kld.py`):
 - The reference builds the one-hot target as logits (100 / −1e5) and runs its KL on it; −log q_τ(y) is the
   same value without materialising the one-hot rows. With a divergence other than forward KL the one-hot
   positions still use −log q_τ(y) (reverse KL, JS, ... to a one-hot target are infinite or degenerate).
-- Sums are divided by the global student token count (SPEC §2); head padding rows are sliced off.
+- Sums are divided by the global student token count (docs/methods.md §2.1); head padding rows are sliced off.
 Per-step cost: one rapidfuzz edit-distance matrix and one compiled DTW per sequence on CPU, outside autograd:
 ≈0.5 ms for a 256 × 256 response pair, ≈1 ms for a batch of 4 Dolly examples (benchmarks/vocab_map.py).
 The vocabulary map is built once per tokenizer pair (Qwen × GPT-2: 33–44 s on a busy 2-core CPU) and then
@@ -58,7 +58,7 @@ UNMAPPED_LOGIT = -1e5  # logit of student tokens no teacher token maps onto (the
 class MinEDOptions(MethodOptions):
     """MinED knobs: the divergence at aligned positions and the threads used to build the vocabulary map."""
 
-    kd_objective: str = "fkl"  # SPEC §3 name (as in dskd / dskdv2); the reference uses forward KL
+    kd_objective: str = "fkl"  # a docs/methods.md §3 name (as in dskd / dskdv2); the reference uses forward KL
     map_workers: int = -1  # threads for the one-off vocabulary-map build (−1: all cores)
 
 

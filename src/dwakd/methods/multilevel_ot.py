@@ -1,4 +1,6 @@
-"""MultiLevelOT — multi-level optimal transport for cross-tokenizer KD (Cui et al., AAAI 2025), SPEC §6.
+"""MultiLevelOT — multi-level optimal transport for cross-tokenizer KD (Cui et al., AAAI 2025).
+
+docs/methods.md#64-multilevelot.
 
 Per side, at the response positions of the batch:
 1. logits are divided by their standard deviation over the vocabulary (+1e-4), then softmax at temperature T
@@ -15,7 +17,7 @@ Per side, at the response positions of the batch:
 distill = (Σ L1 + 0.1·Σ CE_log + 0.1·0.001·Σ Sinkhorn) / num_items; loss = 1·CE + 1.5·distill.
 
 Differences from the reference (2018cx/Multi-Level-OT, `models/distillation_model.py`, f = 1):
-- SPEC §2 normalisation: every sum is divided by the global student token count (the reference averages
+- normalisation (docs/methods.md §2.1): every sum is divided by the global student token count (the reference averages
   positions per sequence, sequences per batch, and adds the batch *sum* of Sinkhorn costs);
 - masks: padding and prompt positions never enter the column sums, the L1, CE_log or the Sinkhorn problem
   (the reference pads shorter answers with zero rows that then take part in CE_log and Sinkhorn);
@@ -39,7 +41,7 @@ from dwakd.modules.rows import paired_rows
 
 @dataclass
 class MultiLevelOTOptions(MethodOptions):
-    """Weights, top-k and Sinkhorn settings of MultiLevelOT (defaults: the reference / SPEC §6)."""
+    """Weights, top-k and Sinkhorn settings of MultiLevelOT (defaults: the reference / docs/methods.md §6.4)."""
 
     ce_weight: float = 1.0
     distill_weight: float = 1.5

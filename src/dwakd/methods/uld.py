@@ -1,12 +1,12 @@
-"""ULD — Universal Logit Distillation (Boizard et al., arXiv 2402.12030), SPEC §6.
+"""ULD — Universal Logit Distillation (Boizard et al., arXiv 2402.12030), docs/methods.md#62-uld.
 
 Per position, both distributions are taken without temperature, sorted in decreasing order, the smaller
 vocabulary zero-padded, and compared with an L1 distance (the closed form of the Wasserstein-1 distance the
 paper uses). Positions are paired index by index from the first response token of each side, for
 min(n, m) positions per sequence. loss = (1 − kd_rate)·CE + kd_rate·Σ L1 / num_items.
 
-Differences from the reference code (DSKD's `universal_logit_distillation.py`), all SPEC-driven:
-- the sum over positions is divided by the global student token count (SPEC §2), like every term here;
+Differences from the reference code (DSKD's `universal_logit_distillation.py`), listed in docs/methods.md#62-uld:
+- the sum over positions is divided by the global student token count (docs/methods.md §2.1), like every term here;
 - head rows beyond the tokenizer's vocabulary are dropped before the softmax (the reference keeps them);
 - `kd_temperature` is not used (the reference has no temperature in ULD either).
 Speed and memory: the gradient is formed during forward, chunk by chunk (`_SortedL1`), so sorted copies and

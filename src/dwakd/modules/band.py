@@ -1,10 +1,12 @@
-"""Attention-informed soft band for DWA-KD's Soft-DTW (SPEC §5, paper §3.3 Eq. 19–22, Table 5).
+"""Attention-informed soft band for DWA-KD's Soft-DTW (paper §3.3 Eq. 19–22, Table 5).
+
+docs/methods.md#53-attention-informed-band.
 
 From the cross-model student→teacher attention a (rows sum to 1 over the valid teacher positions), per student
 position i of a sequence with n student and m teacher response tokens (0-based indices):
 
     soft centre    c̃_i = Σ_j a_ij · j
-    linear centre  ℓ_i = i · (m − 1)/(n − 1)          (ℓ_i = 0 when n = 1: SPEC is silent, the only point)
+    linear centre  ℓ_i = i · (m − 1)/(n − 1)          (ℓ_i = 0 when n = 1: the paper is silent, the only point)
     centre         c_i = β·c̃_i + (1 − β)·ℓ_i           β = 0.7
     width          w_i = base + κ·H_i,  H_i = −Σ_j a_ij log a_ij  (natural log, 0·log 0 = 0)   base 5, κ 2
     penalised cost C̃(i, j) = C(i, j) + ρ·[|j − c_i| > w_i]      ρ = 1 (applied by `dwakd.ops.soft_dtw.SoftBand`)

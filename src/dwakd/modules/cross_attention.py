@@ -1,16 +1,18 @@
-"""Cross-model attention of DSKD-CMA (SPEC §4 steps 1–6): aligns student and teacher positions of one batch.
+"""Cross-model attention of DSKD-CMA: aligns student and teacher positions of one batch.
+
+docs/methods.md#4-dskd-cma, steps 1–6 of 4.2–4.3.
 
 Q = query([E_s(x_s); E_s(y_s)]), K = [E_t(x_t); E_t(y_t)] / std, V_t = t2s(h_t/std + E_t(y_t)/std), V_s = s2t(h_s).
 Scores A = QKᵀ/√(key width), −1e5 added to every pair where either side is not a response position; the student
 space reads softmax over teacher positions (a), the teacher space softmax over student positions of Aᵀ (a').
 Scores, both softmaxes and both attention products run in fp32 with autocast off.
 
-Choices where SPEC is silent:
+Choices where the paper is silent (docs/methods.md#45-choices-and-departures):
 - each "global std" is the unbiased standard deviation over all entries at the *valid response positions* of the
   micro-batch, so padding, the prompt and dynamic-padding length do not change it (DSKD's code takes
   `tensor.std()` over the whole padded tensor, prompt and padding included);
-- the score scale is √(key width) = √(2·e_t), the teacher's embedding width; SPEC's √(2·d_t) is the same number
-  whenever e_t = d_t, which `DualSpaceProjectors` requires of the teacher anyway;
+- the score scale is √(key width) = √(2·e_t), the teacher's embedding width; the paper's √(2·d_t) is the same
+  number whenever e_t = d_t, which `DualSpaceProjectors` requires of the teacher anyway;
 - inputs of the projectors are cast to the projector's dtype (a bf16 model without autocast feeding fp32 projectors).
 """
 
@@ -43,7 +45,10 @@ def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def masked_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """ids with every position where mask is False replaced by 0 (SPEC §4 step 1); -100 never reaches a table."""
+    """ids with every position where mask is False replaced by 0; -100 never reaches a table.
+
+    docs/methods.md#42-cross-model-attention step 1.
+    """
     return torch.where(mask, ids, torch.zeros_like(ids))
 
 
@@ -75,7 +80,10 @@ def cross_model_attention(
     student_out: ModelView,
     teacher_out: ModelView,
 ) -> CrossModelAttention:
-    """DSKD's cross-model attention between the response positions of both sides (SPEC §4 steps 1–4, 5a, 6a)."""
+    """DSKD's cross-model attention between the response positions of both sides.
+
+    docs/methods.md §4.2–4.3, steps 1–4, 5a, 6a.
+    """
     m_s = student.label_mask  # (batch, n)
     m_t = teacher.label_mask  # (batch, m)
     with torch.no_grad():

@@ -1,4 +1,6 @@
-"""The KL family of SPEC §3, per position, chunked over tokens so no (tokens, vocab) temporaries pile up.
+"""The KL family, per position, chunked over tokens so no (tokens, vocab) temporaries pile up.
+
+docs/methods.md#3-kl-family-divergences.
 
 With p = softmax(teacher / τ) and q = softmax(student / τ), each divergence returns one value per position so
 that token weights can multiply it before the caller sums. Names (aliases from DSKD's `--kd-objective` work too):
@@ -16,7 +18,8 @@ Memory: a custom autograd function evaluates the value in chunks of rows and rec
 so it keeps nothing alive but its inputs; the only full-size tensor it creates is the gradient of the student
 logits. Rows can be picked from a larger tensor by index (`student_rows`, `teacher_rows`), which lets callers
 pass the full (batch·length, rows) logits and compute at valid positions only, without gathering a copy first.
-No τ² factor (SPEC §2). Gradients flow to the student argument only; the teacher argument is a fixed target.
+No τ² factor (docs/methods.md#22-ce-and-kd-mix-and-temperature). Gradients flow to the student argument only;
+the teacher argument is a fixed target.
 """
 
 from __future__ import annotations

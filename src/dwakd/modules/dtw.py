@@ -1,9 +1,12 @@
-"""Sequence-level term of DWA-KD (SPEC §5): Soft-DTW divergence between the *response* trajectories of both sides.
+"""Sequence-level term of DWA-KD: Soft-DTW divergence between the *response* trajectories of both sides.
+
+docs/methods.md#52-sequence-level-soft-dtw.
 
 Each sequence's valid label positions are gathered to the front (prompt and padding dropped), and the per-sample
 lengths go to `dwakd.ops.soft_dtw.soft_dtw_divergence` with cosine costs, the band (if any) on the cross term only.
-Choice (SPEC silent): a sequence with no valid position on either side contributes 0.
-Choice (SPEC silent): costs and Soft-DTW run in fp32 with autocast off (float64 inputs stay float64).
+Choices where the paper is silent (docs/methods.md#56-choices-and-departures):
+- a sequence with no valid position on either side contributes 0;
+- costs and Soft-DTW run in fp32 with autocast off (float64 inputs stay float64).
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
-"""Dual-space token weights of DWA-KD (SPEC §5, paper §3.2): where the student is unsure and the teacher is sure.
+"""Dual-space token weights of DWA-KD (paper §3.2): where the student is unsure and the teacher is sure.
+
+docs/methods.md#51-token-weights.
 
 - student space, position i:  w_i = Ĥ_s(i) · g_i with Ĥ_s(i) = H(softmax(z_s,i)) / log V_s and the gate
   g_i = max_v softmax(t2s_logits_i)_v (the teacher's peak confidence projected into the student vocabulary);
 - teacher space, position j:  u_j = 1 − H(softmax(z_t,j)) / log V_t.
 
-Both are computed without gradient, at temperature 1 (SPEC writes them on the raw softmax), on the real vocabulary
+Both are computed without gradient, at temperature 1 (the paper writes them on the raw softmax), on the real vocabulary
 only (head padding rows sliced off), and rescaled per sequence so they sum to that sequence's valid-token count.
-Choice (SPEC silent): a sequence whose raw weights sum to 0 gets weight 1 on every valid token (plain average).
+Choice (the paper is silent; docs/methods.md#56-choices-and-departures): a sequence whose raw weights sum to 0
+gets weight 1 on every valid token (plain average).
 Everything is chunked over positions, so no (tokens, vocab) temporary outlives one chunk.
 """
 

@@ -1,4 +1,4 @@
-"""Soft-DTW operators (SPEC §5 "Sequence level"): value, divergence, cosine cost and the soft band.
+"""Soft-DTW operators (docs/methods.md#8-soft-dtw): value, divergence, cosine cost and the soft band.
 
 `soft_dtw(cost, gamma, lengths_x, lengths_y, band, impl)` returns R(n_b, m_b) per sample; `impl="auto"` picks
 the fastest path for the cost's device and `impl="reference"` the plain-PyTorch ground truth.

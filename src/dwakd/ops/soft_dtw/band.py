@@ -1,4 +1,6 @@
-"""The attention-informed soft band of DWA-KD as the Soft-DTW operators consume it (SPEC §5).
+"""The attention-informed soft band of DWA-KD as the Soft-DTW operators consume it.
+
+docs/methods.md#83-soft-band; how DWA-KD computes it: docs/methods.md#53-attention-informed-band.
 
 The band itself (centre and width from cross-model attention) is computed by the loss; this module only
 describes it and applies it: C̃(i, j) = C(i, j) + ρ·[|j − c_i| > w_i], 0-based i and j, no gradient.
