@@ -53,8 +53,9 @@ def timed(fn, *args, **kwargs):
 
 
 def default_data() -> Path:
-    shared = ROOT.parent / "shared" / "data" / "dolly_dskd" / "valid.jsonl"
-    return shared if shared.is_file() else ROOT / "data" / "dolly-tiny" / "train.jsonl"
+    """Dolly's 500-item test set as `dwakd data dolly --out data/dolly` writes it, else the bundled tiny set."""
+    dolly = ROOT / "data" / "dolly" / "valid.jsonl"
+    return dolly if dolly.is_file() else ROOT / "data" / "dolly-tiny" / "train.jsonl"
 
 
 def main() -> None:
