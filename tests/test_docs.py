@@ -99,3 +99,63 @@ def test_links_to_methods_doc_resolve() -> None:
 @pytest.mark.parametrize("anchor", ["4-dskd-cma", "5-dwa-kd", "8-soft-dtw", "notation"])
 def test_anchors_cited_by_the_code_exist(anchor: str) -> None:
     assert anchor in heading_anchors(METHODS_DOC.read_text(encoding="utf-8"))
+
+
+SECTION_REF = re.compile(r"docs/methods\.md §(\d+(?:\.\d+)?)")
+# Whole-word SPEC (not _SPEC or SPECIAL): the project's first brief, a file outside the repository that no reader has.
+BRIEF_REF = re.compile(r"\bSPEC\b")
+BRIEF_PATH = re.compile(r"(\.\./|/work/)shared\b")
+# test_config_checks asserts that recipes do not say SPEC; recorded benchmark results keep the path they ran on.
+BRIEF_REF_ALLOWED = {Path(__file__).resolve(), ROOT / "tests" / "test_config_checks.py"}
+RECORDED = ROOT / "benchmarks" / "results"
+
+
+def section_numbers(markdown: str) -> set[str]:
+    """Numbers of the numbered headings: "4" for '## 4. DSKD-CMA', "5.3" for '### 5.3 Attention-informed band'."""
+    return set(re.findall(r"^#{2,6} (\d+(?:\.\d+)*)\.? ", markdown, flags=re.M))
+
+
+def test_section_numbers_cited_by_the_code_exist() -> None:
+    """Every 'docs/methods.md §N' or '§N.M' citation names a numbered heading of docs/methods.md."""
+    numbers = section_numbers(METHODS_DOC.read_text(encoding="utf-8"))
+    assert {"1.2", "2.1", "4", "5.3", "6.4", "8"} <= numbers
+    broken = []
+    for path in _linking_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
+            cited = SECTION_REF.findall(line)
+            broken += [f"{path.relative_to(ROOT)}:{number}: §{n}" for n in cited if n not in numbers]
+    assert not broken, "citations of sections that docs/methods.md does not have:\n" + "\n".join(broken)
+
+
+def test_no_references_to_the_brief() -> None:
+    """Nothing cites SPEC (SPEC.md, "SPEC §5", ...) or a path under ../shared: neither is in the repository.
+
+    Cite the docs/methods.md section that covers the point instead (`docs/methods.md#53-attention-informed-band`
+    or `docs/methods.md §5.3`).
+    """
+    found = []
+    for path in _linking_files():
+        if path.resolve() in BRIEF_REF_ALLOWED or "egg-info" in str(path):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
+            if BRIEF_REF.search(line) or (BRIEF_PATH.search(line) and RECORDED not in path.parents):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not found, "references to files outside the repository (cite docs/methods.md):\n" + "\n".join(found)
+
+
+def test_brief_reference_patterns() -> None:
+    """The patterns above catch what they are meant to and leave identifiers alone."""
+    for line in ("(SPEC §5)", "see SPEC.md", "Choice (SPEC silent)", 'metavar="SPEC"'):
+        assert BRIEF_REF.search(line), line
+    for line in ("SPECIAL_IDS = {", "_SPEC = 1", "a spec string", "SPECS"):
+        assert not BRIEF_REF.search(line), line
+    assert BRIEF_PATH.search("../shared/data") and BRIEF_PATH.search("/work/shared/SPEC.md")
+    assert not BRIEF_PATH.search("shared/ memory") and not BRIEF_PATH.search("../shared_vocab")
