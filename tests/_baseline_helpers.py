@@ -9,7 +9,7 @@ The naive references used by the tests live in the test files and share no code 
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -37,7 +37,7 @@ EXAMPLES = [
 HEAD_PADDING = 3  # extra rows in every head beyond the tokenizer's tokens (must never count)
 
 
-@lru_cache(maxsize=None)
+@cache
 def teacher_tokenizer(vocab_size: int = 400):
     """Byte-level BPE ("Ġ" for spaces), EOS "<|endoftext|>"."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -52,7 +52,7 @@ def teacher_tokenizer(vocab_size: int = 400):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-@lru_cache(maxsize=None)
+@cache
 def student_tokenizer(vocab_size: int = 330):
     """Metaspace BPE ("▁" for spaces, a prefix space on the first word), EOS "</s>"."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -17,9 +17,8 @@ from itertools import pairwise
 
 import pytest
 import tiktoken
-from tiktoken_ext.openai_public import r50k_pat_str
-
 from _token_bytes import expected_spans, ranks
+from tiktoken_ext.openai_public import r50k_pat_str
 
 # (text, ids). Published ids: TOKENIZERS.md-style facts about the real vocabularies, restated as numbers.
 PINNED = {

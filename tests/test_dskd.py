@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from _kd_helpers import (
-    STUDENT_VOCAB,
     RefOptions,
+    aim_t2s_at_gold,
     context_for,
     grads_of,
     make_batch,
@@ -16,8 +16,6 @@ from _kd_helpers import (
     tiny_student,
     tiny_teacher,
     trainable,
-    aim_t2s_at_gold,
-    valid_positions,
 )
 
 from dwakd.methods import MethodContext, build_method, method_names

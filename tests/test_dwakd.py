@@ -7,9 +7,9 @@ import torch
 from _kd_helpers import (
     STUDENT_VOCAB,
     TEACHER_VOCAB,
-    aim_t2s_at_gold,
     Batch,
     RefOptions,
+    aim_t2s_at_gold,
     context_for,
     grads_of,
     make_batch,

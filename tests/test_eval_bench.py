@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from _eval_helpers import make_tokenizer
+
 from dwakd.cli import main
 from dwakd.evaluation.efficiency import bench_one
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from rouge_score import rouge_scorer
-
 from _eval_helpers import make_gpt2, make_tokenizer, save_checkpoint
 from _kd_helpers import one_thread
+from rouge_score import rouge_scorer
+
 from dwakd.cli import main
 from dwakd.data.records import load_records
 from dwakd.evaluation.generation import GenerationSettings, generate_seed_file

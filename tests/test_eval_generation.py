@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from _eval_helpers import make_gpt2, make_tokenizer, small_test_set
 from torch import nn
 
-from _eval_helpers import make_gpt2, make_tokenizer, small_test_set
 from dwakd.data.records import record_from_dict
 from dwakd.evaluation.generation import (
     GenerationSettings,

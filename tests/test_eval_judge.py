@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from _eval_helpers import write_jsonl
+
 from dwakd.evaluation.judge import (
     TEMPLATE_VERSION,
     ChatClient,

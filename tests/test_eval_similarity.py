@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from _eval_helpers import make_gpt2, make_llama, make_tokenizer
+
 from dwakd.evaluation.similarity import (
     chunk_assignment,
     common_chunks,
@@ -129,6 +129,7 @@ def test_report_files(pair, tmp_path):
 
 def test_similarity_command(pair, tmp_path, capsys):
     from _eval_helpers import save_checkpoint, write_jsonl
+
     from dwakd.cli import main
 
     student, teacher = pair

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _toy_method import ToyProjectorKD  # noqa: F401  (registers "toy-projector-test")
 from test_robustness import SMALL, cli, env, free_port, losses
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from _kd_helpers import one_thread
 from _stop_at_step import trainer_signalling_at
-from dwakd.cli import main
+from safetensors.torch import load_file
 from test_robustness import env
+
+from dwakd.cli import main
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

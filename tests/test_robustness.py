@@ -78,7 +78,6 @@ def single_process(tmp_path_factory) -> Path:
     query/t2s projectors differ by up to 1e-2 after 3 steps at projector_lr 1e-2).
     """
     import yaml
-
     from _kd_helpers import one_thread
     root = tmp_path_factory.mktemp("single")
     tree = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
@@ -158,6 +157,7 @@ def _existing_output(tmp_path: Path) -> tuple[Path, dict]:
 ])
 def test_hostile_inputs(tiny_yaml, tmp_path, capsys, monkeypatch, problem, overrides, message):
     import _toy_method  # noqa: F401  (registers the toy projector method)
+
     import dwakd.run
 
     files = {}

@@ -13,10 +13,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from _eval_helpers import make_gpt2, make_tokenizer
 from _kd_helpers import one_thread
+from torch import nn
+
 from dwakd.evaluation.generation import GenerationSettings, PerItemSampler, generate_batch
 
 LOGITS = [2.0, 1.5, 1.0, 0.5, -0.5, -1.5]  # a fixed small distribution, all tokens distinct in probability

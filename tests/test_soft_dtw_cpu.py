@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _soft_dtw_helpers import (
     diagonal_band,
     naive_batch,
@@ -20,6 +19,7 @@ from _soft_dtw_helpers import (
     random_batch,
     torch_threads,
 )
+
 from dwakd.ops.soft_dtw import SoftBand, cosine_cost, soft_dtw, soft_dtw_divergence
 from dwakd.ops.soft_dtw.cpu import soft_dtw_cpu_groups
 

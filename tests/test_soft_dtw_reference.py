@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _soft_dtw_helpers import naive_batch, random_band, random_batch, torch_threads
+
 from dwakd.ops.soft_dtw import SoftBand, cosine_cost, soft_dtw, soft_dtw_divergence, soft_dtw_reference
 
 

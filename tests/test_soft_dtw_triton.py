@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _soft_dtw_helpers import naive_batch, random_band, random_batch, torch_threads
+
 from dwakd.ops.soft_dtw import SoftBand, cosine_cost, soft_dtw, soft_dtw_divergence
 from dwakd.ops.soft_dtw.cuda import triton_available
 

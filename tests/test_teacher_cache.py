@@ -19,7 +19,6 @@ import yaml
 
 from dwakd.config import ConfigError, load_config
 from dwakd.run import build_training
-from dwakd.trainer import DistillationModel
 from dwakd.teacher_cache import (
     CacheSettings,
     TeacherCache,
@@ -29,7 +28,15 @@ from dwakd.teacher_cache import (
     verify_cache,
 )
 from dwakd.teacher_cache.builder import CacheBuilder
-from dwakd.teacher_cache.format import decode_neg_logp, decode_topk, encode_neg_logp, encode_topk, pack_bits, unpack_bits
+from dwakd.teacher_cache.format import (
+    decode_neg_logp,
+    decode_topk,
+    encode_neg_logp,
+    encode_topk,
+    pack_bits,
+    unpack_bits,
+)
+from dwakd.trainer import DistillationModel
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["data.max_length=64", "data.max_prompt_length=32", "data.eval=null", "data.max_train_examples=4",

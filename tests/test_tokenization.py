@@ -5,8 +5,8 @@ from __future__ import annotations
 from itertools import pairwise
 
 import pytest
-
 from _token_bytes import expected_spans
+
 from dwakd.data import DistillationCollator, InstructionRecord, build_prompt, encode_records, pad_sequences
 from dwakd.data.collator import collate_side
 from dwakd.data.tokenization import IGNORE_INDEX

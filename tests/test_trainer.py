@@ -7,14 +7,12 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from _toy_method import ToyProjectorKD  # noqa: F401  (registers "toy-projector-test")
+from safetensors.torch import load_file
 
 from dwakd.config import load_config
 from dwakd.run import build_training, train
 from dwakd.trainer import METHOD_WEIGHTS_NAME, NonFiniteLossError
-
 
 NO_DROPOUT = "{arch: gpt2, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_positions: 128, resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}"
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-
 from _kd_helpers import one_thread
 from _toy_method import ToyProjectorKD
+
 from dwakd.config import load_config
 from dwakd.methods import register_method
 from dwakd.run import build_training

@@ -16,7 +16,14 @@ from dwakd.methods.base import (
     ModelView,
     TokenView,
 )
-from dwakd.methods.registry import build_method, build_options, get_method, method_names, register_method, register_preset
+from dwakd.methods.registry import (
+    build_method,
+    build_options,
+    get_method,
+    method_names,
+    register_method,
+    register_preset,
+)
 
 _BUILTIN = ["sft", "dskd", "dwakd", "uld", "mined", "multilevel_ot", "dskdv2", "dwakdv2", "alm", "cdm", "dskd_cma_ga",
             "sra", "mta"]

@@ -12,6 +12,7 @@ from typing import Any
 
 from dwakd.methods.base import DistillationMethod, MethodContext, MethodOptions
 
+
 class UnknownMethodError(KeyError):
     """An unknown method name or option; the message suggests the closest valid one."""
 

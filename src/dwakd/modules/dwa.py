@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from dwakd.interface import DistillationInputs
-from dwakd.options import OptionError, check_choice, check_positive, check_range
 from dwakd.modules.cross_attention import lookup, project
 from dwakd.modules.dtw import response_dtw_divergence
 from dwakd.modules.dual_space import DualSpaceTerms
@@ -46,6 +45,7 @@ from dwakd.modules.projectors import ModelDims
 from dwakd.modules.rows import valid_rows
 from dwakd.modules.token_weights import peak_probability, student_token_weights, teacher_token_weights
 from dwakd.ops.soft_dtw.functional import IMPLS
+from dwakd.options import OptionError, check_choice, check_positive, check_range
 
 DTW_MODES = ("off", "plain", "banded")
 DTW_LAYERS = ("hidden", "embedding")
