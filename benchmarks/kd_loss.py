@@ -56,19 +56,19 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "src"))  # runs without PYTHONPATH=src: the dwakd imports below need it first
 
-from dwakd.evaluation.memory import peak_bytes
-from dwakd.modules.divergences import compute_dtype, divergence
-from dwakd.modules.rows import valid_rows
-from dwakd.modules.token_weights import (
+from dwakd.evaluation.memory import peak_bytes  # noqa: E402  (after the sys.path line above)
+from dwakd.modules.divergences import compute_dtype, divergence  # noqa: E402
+from dwakd.modules.rows import valid_rows  # noqa: E402
+from dwakd.modules.token_weights import (  # noqa: E402
     peak_probability,
     rescale_per_sequence,
     scatter_valid,
     student_token_weights,
     teacher_token_weights,
 )
-from dwakd.ops.fused_kd import fused_head_kd, head_kd_reference
+from dwakd.ops.fused_kd import fused_head_kd, head_kd_reference  # noqa: E402
 
 TERMS = {  # name: (token weights on, gate on)
     "dskd": (False, False),
@@ -284,7 +284,7 @@ def bench_term(term: str, x: Inputs, args: argparse.Namespace, device: torch.dev
                 entry["peak_bytes"].append(out["peak_bytes"])
             print(f"  {term:13s} {variant:8s} round {r}: {out['seconds']:.2f} s  (load {os.getloadavg()[0]:.1f})",
                   flush=True)
-    for variant, entry in result["variants"].items():
+    for entry in result["variants"].values():
         if entry["samples_s"]:
             entry["median_s"] = statistics.median(entry["samples_s"])
             entry["best_s"] = min(entry["samples_s"])

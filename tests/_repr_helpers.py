@@ -64,13 +64,13 @@ def naive_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def naive_structure(a: list[torch.Tensor], b: list[torch.Tensor], m: list[float]) -> torch.Tensor:
-    """Σ_{k≠l} m_k m_l (cos(a_k, a_l) − cos(b_k, b_l))² / Σ_{k≠l} m_k m_l (0 with fewer than two units)."""
+    """Σ_{k≠j} m_k m_j (cos(a_k, a_j) − cos(b_k, b_j))² / Σ_{k≠j} m_k m_j (0 with fewer than two units)."""
     num, den = torch.zeros((), dtype=torch.float64), 0.0
     for k in range(len(a)):
-        for l in range(len(a)):
-            if k != l:
-                num = num + m[k] * m[l] * (naive_cos(a[k], a[l]) - naive_cos(b[k], b[l])) ** 2
-                den += m[k] * m[l]
+        for j in range(len(a)):
+            if k != j:
+                num = num + m[k] * m[j] * (naive_cos(a[k], a[j]) - naive_cos(b[k], b[j])) ** 2
+                den += m[k] * m[j]
     return num / den if den > 0 else num
 
 

@@ -77,7 +77,7 @@ def naive_chunk_ids(student_view, teacher_view, tokenizers, responses, decoder):
             sides.append((positions, ends, complete, allowed))
         common = sorted(sides[0][3] & sides[1][3])
         both_complete = sides[0][2] and sides[1][2]
-        for (positions, ends, complete, _), out in zip(sides, (expected_s, expected_t)):
+        for (positions, ends, _complete, _), out in zip(sides, (expected_s, expected_t)):
             for k, p in enumerate(positions):
                 if k < len(ends):
                     local = next((c for c, e in enumerate(common) if ends[k] <= e), None)

@@ -42,7 +42,7 @@ def naive_attention_rows(setup, b) -> list[list[float]]:
             hi = nxt - 1 if nxt is not None else len(t_pos) - 1
             if lo > hi:
                 lo, hi = (prev if prev is not None else 0), (nxt if nxt is not None else len(t_pos) - 1)
-        rows.append([1.0 / (hi - lo + 1) if lo <= l <= hi else 0.0 for l in range(len(t_pos))])
+        rows.append([1.0 / (hi - lo + 1) if lo <= col <= hi else 0.0 for col in range(len(t_pos))])
     return rows
 
 

@@ -29,7 +29,8 @@ from dwakd.methods import MethodContext, build_method
 from dwakd.methods.base import OptionError
 
 spacy = pytest.importorskip("spacy")
-from dwakd.data.phrases import SpacyPhraseAnnotator, load_pipeline, phrase_matcher, phrases_and_words
+# after importorskip on purpose: without spaCy the module is skipped before its phrase code is imported
+from dwakd.data.phrases import SpacyPhraseAnnotator, load_pipeline, phrase_matcher, phrases_and_words  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_EXAMPLES = EXAMPLES + MORE_EXAMPLES
