@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     result = summarise(table, runs, settings, args)
     result.update({"settings": settings.to_dict(), "overrides": overrides, "splits": args.splits,
                    "on_policy": {"fraction": args.fraction, "temperature": args.temperature,
-                                 "max_new_tokens": args.max_new_tokens or settings.max_length - settings.max_prompt_length},
+                                 "max_new_tokens": (args.max_new_tokens
+                                                    or settings.max_length - settings.max_prompt_length)},
                    "teacher": pipe.train_info.get("teacher"), "wall_seconds": round(time.perf_counter() - started, 1),
                    "load_average_end": os.getloadavg(), "command": " ".join(sys.argv)})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -158,7 +158,10 @@ def cmd_accuracy(args) -> dict:
 
 
 def cmd_speed(args) -> dict:
-    """Step time and peak RSS of each method, live teacher vs cache, rounds interleaved (dwakd.evaluation.efficiency)."""
+    """Step time and peak RSS of each method, live teacher vs cache, rounds interleaved.
+
+    Measured as `dwakd.evaluation.efficiency` does.
+    """
     import yaml
 
     from dwakd.config import apply_overrides, config_from_dict

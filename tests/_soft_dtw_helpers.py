@@ -136,7 +136,8 @@ def naive_soft_dtw_on_band(cost: np.ndarray, gamma: float, half_width: int) -> t
             if i == 0 and j == 0:
                 alpha[i, j] = float(cost[0, 0])
                 continue
-            prev = [alpha.get((i - 1, j - 1), math.inf), alpha.get((i - 1, j), math.inf), alpha.get((i, j - 1), math.inf)]
+            prev = [alpha.get((i - 1, j - 1), math.inf), alpha.get((i - 1, j), math.inf),
+                    alpha.get((i, j - 1), math.inf)]
             alpha[i, j] = float(cost[i, j]) + _softmin(prev, gamma)
     beta: dict[tuple[int, int], float] = {}
     for i in range(n - 1, -1, -1):

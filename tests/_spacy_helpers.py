@@ -28,7 +28,8 @@ SENTENCES = [
      ["DET", "NOUN", "VERB", "DET", "ADJ", "NOUN", "PUNCT"], [1, 2, 2, 5, 5, 2, 2],
      ["det", "nsubj", "ROOT", "det", "amod", "dobj", "punct"]),
     (["Distillation", "moves", "knowledge", "from", "a", "large", "teacher", "to", "a", "small", "student", "."],
-     ["NOUN", "VERB", "NOUN", "ADP", "DET", "ADJ", "NOUN", "ADP", "DET", "ADJ", "NOUN", "PUNCT"], [1, 1, 1, 1, 6, 6, 3, 1, 10, 10, 7, 1],
+     ["NOUN", "VERB", "NOUN", "ADP", "DET", "ADJ", "NOUN", "ADP", "DET", "ADJ", "NOUN", "PUNCT"],
+     [1, 1, 1, 1, 6, 6, 3, 1, 10, 10, 7, 1],
      ["nsubj", "ROOT", "dobj", "prep", "det", "amod", "pobj", "prep", "det", "amod", "pobj", "punct"]),
 ]
 

@@ -177,7 +177,7 @@ def test_threads_follow_free_cores(monkeypatch):
     assert P.choose_threads() == 3
 
 
-# ---- statistics and ranking logic -------------------------------------------------------------------------------------
+# ---- statistics and ranking logic -----------------------------------------------------------------------------
 def test_paired_t_test_against_closed_forms_and_scipy():
     """One-sided paired t-test: the t density with 1 and 2 degrees of freedom has closed-form tails."""
     import math
@@ -307,7 +307,7 @@ def test_paper_and_ablation_tables():
     assert "-0.57 ± 0.03" in ablations  # w/ EW vs DWA-KD: -0.5, -0.6, -0.6
 
 
-# ---- data, caching, structure -------------------------------------------------------------------------------------------
+# ---- data, caching, structure ---------------------------------------------------------------------------------
 def test_in_domain_test_and_dev_share_no_record_with_training():
     train = S.generate_split("train", 6000)
     keys = {(r["instruction"], r["input"]) for r in train}

@@ -72,7 +72,8 @@ def naive_kq(method, inputs) -> tuple[torch.Tensor, torch.Tensor]:
     for b in range(batch):
         for i in valid_positions(s, b):
             index = torch.cat([E_s[s.input_ids[b, i]], E_s[s.labels[b, i]]]).detach()
-            fake = fake + naive_bce(naive_discriminator(method.discriminator, linear(method.projectors.query, index)), 0.0)
+            query = linear(method.projectors.query, index)
+            fake = fake + naive_bce(naive_discriminator(method.discriminator, query), 0.0)
     return real, fake
 
 
@@ -287,7 +288,8 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_yaml, tmp_path) -> Non
               "training.optim=sgd", "training.learning_rate=0.05", "method.projector_lr=0.05"]
     runs = []
     for name, extra in (("big", ["training.per_device_train_batch_size=4"]),
-                        ("small", ["training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2"])):
+                        ("small", ["training.per_device_train_batch_size=2",
+                                   "training.gradient_accumulation_steps=2"])):
         run = build_training(load_config(tiny_yaml, [*common, *extra, f"output_dir={tmp_path / name}"]),
                              show_progress=False)
         run.trainer.train()

@@ -60,7 +60,8 @@ def test_eval_command_on_paper_sets(checkpoints, tmp_path, capsys):
     for name in ("dolly", "selfinst", "vicuna", "sni"):
         for model in ("sft", "lora"):
             for seed in (10, 20):
-                rows = [json.loads(x) for x in (out / "generations" / model / name / f"seed{seed}.jsonl").read_text().splitlines()]
+                lines = (out / "generations" / model / name / f"seed{seed}.jsonl").read_text().splitlines()
+                rows = [json.loads(x) for x in lines]
                 assert [r["index"] for r in rows] == [0, 1]
     for suffix in ("md", "csv", "png"):
         assert (out / f"report.{suffix}").is_file()
@@ -72,9 +73,11 @@ def test_eval_command_on_paper_sets(checkpoints, tmp_path, capsys):
         for name in ("dolly", "selfinst", "vicuna", "sni"):
             per_seed = []
             for seed in (10, 20):
-                rows = [json.loads(x) for x in (out / "generations" / model / name / f"seed{seed}.jsonl").read_text().splitlines()]
+                lines = (out / "generations" / model / name / f"seed{seed}.jsonl").read_text().splitlines()
+                rows = [json.loads(x) for x in lines]
                 per_seed.append(statistics.fmean(
-                    100 * max(scorer.score(ref, r["response"])["rougeL"].fmeasure for ref in r["references"]) for r in rows))
+                    100 * max(scorer.score(ref, r["response"])["rougeL"].fmeasure for ref in r["references"])
+                    for r in rows))
             per_dataset[name] = per_seed
         cells = [f"{statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f}" for v in per_dataset.values()]
         avg = [statistics.fmean(vals) for vals in zip(*per_dataset.values())]
@@ -87,7 +90,8 @@ def test_eval_command_on_paper_sets(checkpoints, tmp_path, capsys):
     settings = GenerationSettings(max_prompt_length=48, max_length=64, max_new_tokens=10, batch_size=1)
     generate_seed_file(checkpoints["merged"], checkpoints["tokenizer"], records, 20, tmp_path / "merged.jsonl",
                        settings, progress=False)
-    assert (tmp_path / "merged.jsonl").read_bytes() == (out / "generations" / "lora" / "vicuna" / "seed20.jsonl").read_bytes()
+    merged_lora = (out / "generations" / "lora" / "vicuna" / "seed20.jsonl").read_bytes()
+    assert (tmp_path / "merged.jsonl").read_bytes() == merged_lora
 
     # A rerun resumes: nothing to generate, so no model is loaded, and the same table is printed.
     import dwakd.models

@@ -1,4 +1,4 @@
-"""Sampled generation: per-item reproducibility, batch invariance, EOS handling, padding rows, resume after interruption."""
+"""Sampled generation: per-item reproducibility, batch invariance, EOS handling, padding rows, resume after a stop."""
 
 from __future__ import annotations
 

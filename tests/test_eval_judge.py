@@ -111,7 +111,8 @@ def _assert_secret_nowhere(tmp_path: Path, *texts: str) -> None:
 
 
 def test_parse_verdict():
-    assert [parse_verdict(t) for t in ["A", " b\n", "[[A]]", '"Tie".', "tied", "**B**"]] == ["A", "B", "A", "tie", "tie", "B"]
+    verdicts = [parse_verdict(t) for t in ["A", " b\n", "[[A]]", '"Tie".', "tied", "**B**"]]
+    assert verdicts == ["A", "B", "A", "tie", "tie", "B"]
     assert parse_verdict("A is better because") is None and parse_verdict("") is None
 
 

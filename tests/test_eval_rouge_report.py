@@ -20,7 +20,8 @@ PAIRS = [
     ("Paris", ["London is big.", "The capital is Paris.", "paris"]),
     ("", "Nothing was generated."),
     ("Completely unrelated words here", ["Alpha beta.", "Gamma delta epsilon."]),
-    ("Water boils at 100 degrees Celsius at sea level.", ["Water boils at 100 °C.", "At sea level, water boils at 100 degrees."]),
+    ("Water boils at 100 degrees Celsius at sea level.",
+     ["Water boils at 100 °C.", "At sea level, water boils at 100 degrees."]),
 ]
 
 
@@ -77,10 +78,12 @@ def test_score_table_matches_naive_statistics(tmp_path):
             for seed, value in zip([10, 20, 30], values):
                 table.add(model, dataset, seed, value)
     sft = table.cell("sft", "sni")
-    assert (sft.mean, sft.std, sft.n) == (pytest.approx(12.1666666667), pytest.approx(statistics.stdev([10, 14, 12.5])), 3)
+    assert (sft.mean, sft.std, sft.n) == (pytest.approx(12.1666666667), pytest.approx(statistics.stdev([10, 14, 12.5])),
+                                          3)
     avg = table.average("dwakd")
     per_seed = [(a + b) / 2 for a, b in zip(scores["dwakd"]["dolly"], scores["dwakd"]["sni"])]
-    assert avg.mean == pytest.approx(statistics.fmean(per_seed)) and avg.std == pytest.approx(statistics.stdev(per_seed))
+    assert avg.mean == pytest.approx(statistics.fmean(per_seed))
+    assert avg.std == pytest.approx(statistics.stdev(per_seed))
     assert table.average("partial") is None and table.cell("partial", "dolly").std == 0.0
 
     markdown = table.to_markdown()

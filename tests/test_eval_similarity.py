@@ -135,15 +135,19 @@ def test_similarity_command(pair, tmp_path, capsys):
     student, teacher = pair
     t_dir = save_checkpoint(teacher[0], teacher[1], tmp_path / "teacher")
     s_dir = save_checkpoint(student[0], student[1], tmp_path / "student")
-    data = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "Name a capital.", "output": RESPONSE},
-                                                  {"instruction": "Boiling point?", "output": "Water boils at 100 degrees."},
-                                                  {"instruction": "Unused", "output": "Never read."}])
+    data = write_jsonl(tmp_path / "train.jsonl", [
+        {"instruction": "Name a capital.", "output": RESPONSE},
+        {"instruction": "Boiling point?", "output": "Water boils at 100 degrees."},
+        {"instruction": "Unused", "output": "Never read."},
+    ])
     code = main(["similarity", "--teacher", t_dir, "--student", f"sft={s_dir}", "--data", f"{data}:2",
                  "--out-dir", str(tmp_path / "sim"), "--device", "cpu", "--no-progress"])
     assert code == 0
     result = json.loads((tmp_path / "sim" / "similarity.json").read_text())["methods"]["sft"]
-    prompt = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nName a capital.\n\n### Response:\n"
+    prompt = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+              "request.\n\n### Instruction:\nName a capital.\n\n### Response:\n")
     d_cos, d_prod, _ = sentence_distances(student, teacher, prompt[:256], RESPONSE[:256])
     assert len(result["cosine"]) == 2
-    assert result["cosine"][0] == pytest.approx(d_cos, rel=1e-5) and result["inner_product"][0] == pytest.approx(d_prod, rel=1e-5)
+    assert result["cosine"][0] == pytest.approx(d_cos, rel=1e-5)
+    assert result["inner_product"][0] == pytest.approx(d_prod, rel=1e-5)
     assert "| sft | 2 |" in capsys.readouterr().out

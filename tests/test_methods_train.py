@@ -65,7 +65,8 @@ def test_method_runs_finite(tiny_yaml, tmp_path, method, request):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_method_50_steps_reduce_loss(tiny_yaml, tmp_path, method, request):
-    _, logged = run_steps(tiny_yaml, tmp_path, method, 50, ["training.learning_rate=2e-3", *method_extra(method, request)])
+    _, logged = run_steps(tiny_yaml, tmp_path, method, 50,
+                          ["training.learning_rate=2e-3", *method_extra(method, request)])
     assert len(logged) == 50 and all(math.isfinite(x) for x in logged)
     first, last = sum(logged[:10]) / 10, sum(logged[-10:]) / 10
     assert last < first, f"{method}: loss {first:.4f} -> {last:.4f}"

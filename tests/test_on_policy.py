@@ -120,7 +120,8 @@ def test_on_policy_choice_is_a_seeded_function_of_step_and_micro_batch():
     assert abs(sum(draws) / len(draws) - 0.3) < 0.03
     assert draws == [is_on_policy(0.3, 7, step, k) for step in range(1000) for k in range(4)]
     assert draws != [is_on_policy(0.3, 8, step, k) for step in range(1000) for k in range(4)]
-    assert not any(is_on_policy(0.0, 7, s, 0) for s in range(100)) and all(is_on_policy(1.0, 7, s, 0) for s in range(100))
+    assert not any(is_on_policy(0.0, 7, s, 0) for s in range(100))
+    assert all(is_on_policy(1.0, 7, s, 0) for s in range(100))
     assert sample_seed(1, 2, 3) == sample_seed(1, 2, 3) != sample_seed(1, 3, 3) != sample_seed(1, 2, 4)
 
 

@@ -334,14 +334,15 @@ def test_token_unit_ids_on_real_tokenizations(gpt2_tokenizer, qwen_tokenizer) ->
 
 
 def test_paper_recipes_layer_maps_fit_the_models() -> None:
-    """configs/paper/*-sra.yaml and *-mta.yaml name layers that exist in the hub models they use (depths written here)."""
+    """configs/paper/*-sra.yaml and *-mta.yaml name layers that exist in the hub models they use (depths below)."""
     from dwakd.config import load_config
     from dwakd.methods import build_options
 
     depth = {"openai-community/gpt2": 12, "runs/teacher-sft/qwen1.5-1.8b": 24,  # Qwen1.5-1.8B after its SFT
              "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": 22, "mistralai/Mistral-7B-v0.1": 32,
              "facebook/opt-2.7b": 32, "Qwen/Qwen2.5-7B-Instruct": 28}
-    recipes = sorted((ROOT / "configs" / "paper").glob("*-sra.yaml")) + sorted((ROOT / "configs" / "paper").glob("*-mta.yaml"))
+    paper = ROOT / "configs" / "paper"
+    recipes = sorted(paper.glob("*-sra.yaml")) + sorted(paper.glob("*-mta.yaml"))
     assert len(recipes) >= 4
     for path in recipes:
         config = load_config(path)

@@ -1,4 +1,5 @@
-"""Offline teacher (`dwakd teacher-cache`, `teacher.cache`): encodings, equality with the live teacher, refusals, resume.
+"""Offline teacher (`dwakd teacher-cache`, `teacher.cache`): encodings, equality with the live teacher, refusals,
+resume.
 
 References are independent of the implementation: float16 rounding by `math.frexp` in float64, bit packing by a
 Python loop over bits, the tail value by solving the mass equation in float64 per row, and — for the methods — the
@@ -156,7 +157,7 @@ def _loss_and_grads(model, batch):
     return values, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-# ---- lossless mode == live teacher ------------------------------------------------------------------------------------
+# ---- lossless mode == live teacher ----------------------------------------------------------------------------
 @pytest.mark.parametrize("method", [m if m in DEFAULT_EQUALITY else pytest.param(m, marks=pytest.mark.slow)
                                     for m in EQUALITY_METHODS])
 def test_lossless_cache_gives_the_live_teachers_loss_parts_and_gradients(caches, tmp_path, method):
@@ -382,7 +383,7 @@ def test_building_into_a_cache_of_other_settings_is_refused(caches, tmp_path):
         build_teacher_cache(config, caches["topk"], CacheSettings(k=16, layers=(1,)), show_progress=False)
 
 
-# ---- resume -----------------------------------------------------------------------------------------------------------
+# ---- resume ---------------------------------------------------------------------------------------------------
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
 

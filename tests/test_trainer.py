@@ -14,7 +14,8 @@ from dwakd.config import load_config
 from dwakd.run import build_training, train
 from dwakd.trainer import METHOD_WEIGHTS_NAME, NonFiniteLossError
 
-NO_DROPOUT = "{arch: gpt2, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_positions: 128, resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}"
+NO_DROPOUT = ("{arch: gpt2, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_positions: 128, "
+              "resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}")
 
 
 def tiny_config(tiny_yaml, *overrides):
@@ -22,7 +23,8 @@ def tiny_config(tiny_yaml, *overrides):
         "method=toy-projector-test", f"student.tiny={NO_DROPOUT}", "data.max_length=48", "data.max_prompt_length=24",
         "data.max_train_examples=24", "data.eval=null", "training.per_device_train_batch_size=4",
         "training.logging_steps=1", "training.max_steps=3",
-        "teacher.tiny={arch: qwen2, hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 64, max_positions: 128}",
+        "teacher.tiny={arch: qwen2, hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, "
+        "intermediate_size: 64, max_positions: 128}",
     ]
     return load_config(tiny_yaml, base + list(overrides))
 

@@ -55,7 +55,8 @@ def tiny_config(arch: str, vocab_size: int, **sizes: Any):
     from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
     s = {**_TINY_DEFAULTS, **sizes}
-    h, n_layer, n_head, ffn, pos = s["hidden_size"], s["num_layers"], s["num_heads"], s["intermediate_size"], s["max_positions"]
+    h, n_layer, n_head = s["hidden_size"], s["num_layers"], s["num_heads"]
+    ffn, pos = s["intermediate_size"], s["max_positions"]
     extra = {k: v for k, v in s.items() if k not in _TINY_DEFAULTS}
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=h, n_layer=n_layer, n_head=n_head, n_inner=ffn,

@@ -18,10 +18,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 # Split regexes of the original tokenizers (GPT-2: the classic one; Qwen: digits one by one).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 QWEN_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 CL100K_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 ENDOFTEXT = "<|endoftext|>"
 
@@ -75,7 +77,8 @@ def _load_builtin(name: str) -> PreTrainedTokenizerFast:
     if not cached.is_file():
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
-        backend = TikTokenConverter(vocab_file=str(vocab_file), pattern=pattern, extra_special_tokens=specials).converted()
+        backend = TikTokenConverter(vocab_file=str(vocab_file), pattern=pattern,
+                                    extra_special_tokens=specials).converted()
         if normalize:
             from tokenizers import normalizers
 

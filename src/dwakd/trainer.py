@@ -281,7 +281,8 @@ class DistillationTrainer(Trainer):
         meta = {key: inputs.pop(key) for key in META_KEYS if key in inputs}
         on_policy = bool(meta.get("on_policy", False))
         scores = on_policy and model.training and self.on_policy is not None and self.on_policy.config.save_samples
-        outputs = model(**inputs, num_items_in_batch=num_items_in_batch, **({"sequence_scores": True} if scores else {}))
+        extra = {"sequence_scores": True} if scores else {}
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch, **extra)
         loss = outputs["loss"]
         if self.on_policy is not None and model.training:
             outputs["stats"] = {**outputs["stats"], "on_policy_fraction": float(on_policy)}  # realised share

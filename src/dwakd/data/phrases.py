@@ -40,7 +40,8 @@ def load_pipeline(name: str = "auto") -> Any:
     try:
         import spacy
     except ImportError:
-        raise UnitsUnavailableError(f"method 'mta' needs the spaCy chunker, which is not installed: {INSTALL_HINT}") from None
+        raise UnitsUnavailableError(
+            f"method 'mta' needs the spaCy chunker, which is not installed: {INSTALL_HINT}") from None
     candidates = AUTO_PIPELINES if name == "auto" else (name,)
     for candidate in candidates:
         try:

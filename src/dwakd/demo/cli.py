@@ -40,14 +40,16 @@ def register(subparsers) -> None:
                     "instruction suite, a byte-level BPE teacher tokenizer and a WordPiece student tokenizer, a "
                     "Llama teacher (sft) and GPT-2 students (each method, same initialisation), sampled "
                     "evaluation with ROUGE-L. Stages are cached in the output folder, so a rerun reuses them.")
-    p.add_argument("--quick", action="store_true", help="tiny smoke version of the same pipeline (well under 2 minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny smoke version of the same pipeline (well under 2 minutes)")
     p.add_argument("--output", metavar="DIR", help="output folder (default runs/demo, or runs/demo-quick with --quick)")
     p.add_argument("--methods", type=_name_list, metavar="M1,M2",
                    help="student methods (default sft,dskd,dwakd; `all`: every registered method, see `dwakd methods`)")
     p.add_argument("--table", choices=["paper"],
                    help="paper: every registered method (the ablations included) -> Table 1 and Table 3 analogues "
                         "(same as --methods all; in runs/demo it reuses the teacher and students of `dwakd demo`)")
-    p.add_argument("--seeds", type=_int_list, metavar="S1,S2", help="sampling seeds of the evaluation (default 10,20,30)")
+    p.add_argument("--seeds", type=_int_list, metavar="S1,S2",
+                   help="sampling seeds of the evaluation (default 10,20,30)")
     p.add_argument("--train-seeds", type=_int_list, metavar="S1,S2",
                    help="students' training seeds; the claims are paired t-tests over them (default 0,1,2)")
     p.add_argument("--workers", type=int, metavar="N",

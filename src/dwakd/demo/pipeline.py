@@ -188,7 +188,7 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-# ---- jobs (run in this process or in a worker process) ----------------------------------------------------------------
+# ---- jobs (run in this process or in a worker process) --------------------------------------------------------
 def _worker_init(threads: int, log_file: str | None) -> None:
     """Worker process: its torch threads, and its log lines appended to the demo's log file."""
     import sys
@@ -394,7 +394,8 @@ class DemoPipeline:
         s = self.settings
         return {
             "student": {"tokenizer": str(tokenizers["teacher"]),
-                        "tiny": {**s.teacher_model, **self._special_ids(tokenizers["teacher"])}, "seed": s.teacher_init_seed},
+                        "tiny": {**s.teacher_model, **self._special_ids(tokenizers["teacher"])},
+                        "seed": s.teacher_init_seed},
             "data": {"train": str(data["train"]), "max_prompt_length": s.max_prompt_length, "max_length": s.max_length},
             "method": {"name": "sft"},
             "training": self._training_block(s.teacher_training, self.out / "teacher"),
@@ -407,11 +408,13 @@ class DemoPipeline:
         s = self.settings
         return {
             "student": {"tokenizer": str(tokenizers["student"]),
-                        "tiny": {**s.student_model, **self._special_ids(tokenizers["student"])}, "seed": s.student_init_seed},
+                        "tiny": {**s.student_model, **self._special_ids(tokenizers["student"])},
+                        "seed": s.student_init_seed},
             "teacher": {"name_or_path": str(teacher_dir)},
             "data": {"train": str(data["student_train"]), "max_prompt_length": s.max_prompt_length,
                      "max_length": s.max_length},
-            "method": {"name": method, "options": dict(s.method_options.get(method, {})), "projector_lr": s.projector_lr},
+            "method": {"name": method, "options": dict(s.method_options.get(method, {})),
+                       "projector_lr": s.projector_lr},
             "training": self._training_block(s.student_training, output_dir),
             "seed": seed,
         }

@@ -203,7 +203,10 @@ def ablation_methods(methods: Sequence[str]) -> list[str]:
 
 
 def ablation_table(scores: SeedScores, variants: Sequence[str]) -> str:
-    """Table 3 analogue: DSKD, each DWA-KD variant and DWA-KD; Avg over training seeds; paired Δ vs DSKD and vs DWA-KD."""
+    """Table 3 analogue: DSKD, each DWA-KD variant and DWA-KD.
+
+    Avg over training seeds; paired Δ vs DSKD and vs DWA-KD.
+    """
     header = ["Method", "Avg.", "Δ vs DSKD ± SE", "p (> DSKD)", "Δ vs DWA-KD ± SE", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for method in [BASELINE, *variants, "dwakd"]:
@@ -215,8 +218,9 @@ def ablation_table(scores: SeedScores, variants: Sequence[str]) -> str:
         vs_base = scores.compare(method, BASELINE) if method != BASELINE and scores.seeds(BASELINE) else None
         vs_full = scores.compare(method, "dwakd") if method != "dwakd" else None
         lines.append("| " + " | ".join([
-            display_name(method), avg, _fmt_diff(vs_base) if vs_base else "", _fmt_p(vs_base.p_value) if vs_base else "",
-            _fmt_diff(vs_full) if vs_full else "", str(len(seeds))]) + " |")
+            display_name(method), avg, _fmt_diff(vs_base) if vs_base else "",
+            _fmt_p(vs_base.p_value) if vs_base else "", _fmt_diff(vs_full) if vs_full else "",
+            str(len(seeds))]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -271,7 +275,7 @@ def plot_loss_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> Pat
     return path
 
 
-# ---- report.md --------------------------------------------------------------------------------------------------------
+# ---- report.md ------------------------------------------------------------------------------------------------
 @dataclass
 class DemoReport:
     """What `write_demo_report` produced."""
@@ -414,8 +418,8 @@ def _setup_lines(out: Path, s: DemoSettings, data: dict[str, Path], tokenizers: 
 def _time_lines(log: RunLog) -> list[str]:
     lines = ["", "## Time", "", f"Load average at the start: {log.load_at_start:.2f}. "
              + ", ".join(f"{k} {v}" for k, v in log.versions.items()) + ". CPU seconds count every thread of every "
-             "process of the stage; models are trained and evaluated as jobs on parallel worker processes, so the ↳ rows "
-             "overlap in time.", "",
+             "process of the stage; models are trained and evaluated as jobs on parallel worker processes, so the "
+             "↳ rows overlap in time.", "",
              "| stage | processes × threads | wall seconds | CPU seconds | cached |", "|---|---:|---:|---:|---|"]
     for stage, seconds in log.wall_seconds.items():
         cached = log.cached.get(stage)

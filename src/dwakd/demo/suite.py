@@ -221,7 +221,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("capital", ("What is the capital of {x}?", "Name the capital city of {x}.",
                        "Which city is the capital of {x}?"),
            ("Tell me the capital of {x}.", "I would like to know the capital city of {x}."), _capital),
-    Family("plural", ("What is the plural of {x}?", "Give the plural form of the word {x}.", "Write the plural of {x}."),
+    Family("plural", ("What is the plural of {x}?", "Give the plural form of the word {x}.",
+                      "Write the plural of {x}."),
            ("How do you write {x} in the plural?", "Turn the noun {x} into its plural."),
            _fact(W.PLURALS, "The plural of {x} is {y}.", "What are the plurals of {a} and {b}?")),
     Family("past", ("What is the past tense of {x}?", "Give the past tense of the verb {x}.",
@@ -448,7 +449,10 @@ def suite_stats(paths: dict[str, Path]) -> dict[str, dict]:
 
 
 def corpus_text(paths: dict[str, Path], limit: int | None = None) -> list[str]:
-    """Training texts for the tokenizers: prompts (Alpaca template) and references of the train split, plus the word banks."""
+    """Training texts for the tokenizers.
+
+    Prompts (Alpaca template) and references of the train split, plus the word banks.
+    """
     texts: list[str] = []
     for row in read_jsonl(paths["train"])[:limit]:
         refs = [row["output"]] if isinstance(row["output"], str) else row["output"]

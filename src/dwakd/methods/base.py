@@ -53,7 +53,8 @@ class MethodContext:
 class MethodOptions:
     """Base options shared by all methods; each method subclasses this dataclass with its own knobs."""
 
-    kd_rate: float = 0.5  # loss = (1 - kd_rate) * CE + kd_rate * KD (docs/methods.md#2-loss-normalisation-and-optimisation)
+    # loss = (1 - kd_rate) * CE + kd_rate * KD (docs/methods.md#2-loss-normalisation-and-optimisation)
+    kd_rate: float = 0.5
     kd_temperature: float = 2.0  # τ
 
     def __post_init__(self) -> None:

@@ -69,7 +69,8 @@ class DSKDv2Options(DSKDOptions):
         check_choice("alignment", self.alignment, ALIGNMENTS)
         limit = self.shared_vocab_limit
         if not isinstance(limit, int) or isinstance(limit, bool) or not (limit == -1 or limit > 0):
-            raise OptionError("shared_vocab_limit", f"must be −1 (all shared tokens) or a positive count; got {limit!r}")
+            raise OptionError("shared_vocab_limit",
+                              f"must be −1 (all shared tokens) or a positive count; got {limit!r}")
 
 
 @dataclass

@@ -85,7 +85,8 @@ class MTAOptions(DSKDOptions):
             ok = isinstance(self.hra_pairs, (list, tuple)) and all(
                 isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.hra_pairs)
             if not ok or (pairs is not None and any(k >= len(pairs) for k in self.hra_pairs)):
-                raise OptionError("hra_pairs", f"must be a list of layer-pair indices (0-based); got {self.hra_pairs!r}")
+                raise OptionError("hra_pairs",
+                                  f"must be a list of layer-pair indices (0-based); got {self.hra_pairs!r}")
         if not isinstance(self.dsa_projected, bool):
             raise OptionError("dsa_projected", f"must be true or false; got {self.dsa_projected!r}")
         check_choice("unit_scope", self.unit_scope, ("response", "all"))

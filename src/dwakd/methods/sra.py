@@ -91,7 +91,8 @@ class SRAOptions(MethodOptions):
             raise OptionError("kd_objective", str(exc)) from None
         pairs = check_layer_pairs("layer_pairs", self.layer_pairs, lowest=1)
         self.layer_pairs = None if pairs is None else [list(p) for p in pairs]
-        if not isinstance(self.num_layer_pairs, int) or isinstance(self.num_layer_pairs, bool) or self.num_layer_pairs < 1:
+        if (not isinstance(self.num_layer_pairs, int) or isinstance(self.num_layer_pairs, bool)
+                or self.num_layer_pairs < 1):
             raise OptionError("num_layer_pairs", f"must be a positive integer; got {self.num_layer_pairs!r}")
         if self.layer_weights is not None:
             ok = isinstance(self.layer_weights, (list, tuple)) and self.layer_weights and all(
@@ -139,7 +140,8 @@ class SRA(DistillationMethod):
         self.layer_lambdas = [w / sum(weights) for w in weights]
         self.projectors = nn.ModuleList()
         for s, t in pairs:
-            layer = nn.Linear(layer_width(context.student_config, s), layer_width(context.teacher_config, t), bias=False)
+            layer = nn.Linear(layer_width(context.student_config, s), layer_width(context.teacher_config, t),
+                              bias=False)
             nn.init.xavier_uniform_(layer.weight)
             self.projectors.append(layer)
         self.uses_logits = options.logit_weight > 0

@@ -12,8 +12,8 @@ position i of a sequence with n student and m teacher response tokens (0-based i
     penalised cost C̃(i, j) = C(i, j) + ρ·[|j − c_i| > w_i]      ρ = 1 (applied by `dwakd.ops.soft_dtw.SoftBand`)
 
 `alignment_attention` gives hosts without cross-model attention (DSKDv2) a pseudo-attention from an exact token
-alignment to read the band from. The band is a constant: computed under no_grad from detached attention. Rows are renormalised over the valid
-teacher columns (they already sum to 1 up to rounding, since masked scores carry −1e5).
+alignment to read the band from. The band is a constant: computed under no_grad from detached attention. Rows are
+renormalised over the valid teacher columns (they already sum to 1 up to rounding, since masked scores carry −1e5).
 """
 
 from __future__ import annotations

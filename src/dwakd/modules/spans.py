@@ -31,7 +31,10 @@ def response_input_mask(view: TokenView) -> torch.Tensor:
 
 
 def _clean_ends(offsets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(batch, length) bool: valid tokens after whose end the next valid token starts at or after it (or none follows)."""
+    """(batch, length) bool: valid tokens after whose end the next valid token starts at or after it.
+
+    Also True where no valid token follows.
+    """
     ends = offsets[..., 1]
     next_start = torch.full_like(ends, torch.iinfo(ends.dtype).max)
     next_start[:, :-1] = offsets[:, 1:, 0]

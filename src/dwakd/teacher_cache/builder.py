@@ -76,7 +76,8 @@ class CacheSettings:
         if not 6 <= self.value_bits <= 15:
             raise ValueError(f"value_bits must be in 6..15, got {self.value_bits}")
         if self.hidden_dtype not in ("auto", *HIDDEN_DTYPES):
-            raise ValueError(f"hidden_dtype must be auto or one of {', '.join(HIDDEN_DTYPES)}, got {self.hidden_dtype!r}")
+            raise ValueError(f"hidden_dtype must be auto or one of {', '.join(HIDDEN_DTYPES)}, "
+                             f"got {self.hidden_dtype!r}")
         if self.temperatures is not None and any(not t > 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be > 0, got {self.temperatures}")
         if self.batch_size < 1 or self.shard_mb <= 0:
@@ -438,8 +439,8 @@ class CacheBuilder:
                 "hidden_bytes_per_token_per_layer": hidden_part / max(1, len(s["layers"])),
                 "shard_bytes": sum(shard["bytes"] for shard in self.manifest["shards"]),
                 "table_bytes": (self.manifest.get("tables") or {}).get("bytes", 0),
-                "examples_per_second": round(self.manifest["examples"]["unique"] / max(1e-9,
-                                                                                      self.manifest["build_seconds"]), 3)}
+                "examples_per_second": round(
+                    self.manifest["examples"]["unique"] / max(1e-9, self.manifest["build_seconds"]), 3)}
 
 
 def build_teacher_cache(config, out_dir: str | Path, settings: CacheSettings | None = None, *,

@@ -187,7 +187,8 @@ def differences(cached: dict[str, Any], current: dict[str, Any]) -> list[str]:
         if old == new:
             continue
         if set(old) != set(new):
-            out.append(f"data.{split}: cache built from {sorted(old) or 'nothing'}, this run reads {sorted(new) or 'nothing'}")
+            out.append(f"data.{split}: cache built from {sorted(old) or 'nothing'}, "
+                       f"this run reads {sorted(new) or 'nothing'}")
             continue
         changed = [name for name in new if old[name] != new[name]]
         out.append(f"data.{split}: content of {', '.join(changed)} differs from when the cache was built")
