@@ -3,7 +3,7 @@
 This module sits below `dwakd.modules` and `dwakd.methods` (both import it; it imports neither), so shared pieces
 such as the cross-model attention can name these types without an upward import.
 
-Conventions (docs/methods.md, "Data and normalisation"):
+Conventions (docs/methods.md §1.2–1.3 and §2.1):
 - Labels are already shifted: `labels[b, i]` is the token predicted at position i, -100 where ignored
   (prompt and padding). Only response tokens + EOS carry labels.
 - Every per-token loss is a *sum* over tokens divided by `inputs.num_items`, the number of student
