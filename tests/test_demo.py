@@ -343,3 +343,44 @@ def test_code_fingerprint_covers_the_code_that_computes_stages(tmp_path: Path, m
     assert P.code_fingerprint() == base
     monkeypatch.setattr(P, "library_versions", lambda: {"torch": "0.0"})
     assert P.code_fingerprint() != base
+
+
+def test_a_worker_ends_when_the_demo_process_is_killed(tmp_path):
+    """A killed demo leaves no worker training on: `exit_with_parent` ends a process whose parent is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    parent_code = f"""
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", '''
+import os, time
+from dwakd.demo.pipeline import exit_with_parent
+exit_with_parent(os.getppid(), interval=0.1)
+open({str(pid_file)!r}, "w").write(str(os.getpid()))
+time.sleep(60)
+'''])
+while not os.path.exists({str(pid_file)!r}):
+    time.sleep(0.05)
+time.sleep(60)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", parent_code])
+    deadline = time.time() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline, "the child never started"
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)  # no cleanup runs in the parent
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the child outlived its killed parent by 10 s")

@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import resource
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -189,11 +190,24 @@ def _children_cpu() -> float:
 
 
 # ---- jobs (run in this process or in a worker process) --------------------------------------------------------
-def _worker_init(threads: int, log_file: str | None) -> None:
-    """Worker process: its torch threads, and its log lines appended to the demo's log file."""
+def exit_with_parent(parent: int, interval: float = 1.0) -> None:
+    """End this process once `parent` is no longer its parent (the demo was killed): no orphan keeps training."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="dwakd-parent-watch").start()
+
+
+def _worker_init(threads: int, log_file: str | None, parent: int | None = None) -> None:
+    """Worker process: its torch threads, its log lines appended to the demo's log file, and an end with the demo."""
     import sys
     import warnings
 
+    if parent is not None:
+        exit_with_parent(parent)
     set_threads(threads)
     warnings.filterwarnings("ignore")
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
@@ -249,7 +263,8 @@ class _Runner:
         self.pool = None
         if workers > 1:
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_worker_init, initargs=(threads, str(log_file or "")))
+                                            initializer=_worker_init,
+                                            initargs=(threads, str(log_file or ""), os.getpid()))
         else:
             set_threads(threads)
 
