@@ -152,6 +152,93 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys):
     assert again.evaluation.to_json()["scores"] == results["evaluation"]["scores"]
 
 
+def _step_losses(folder: Path) -> list[dict]:
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return [e for e in state["log_history"] if "loss" in e]
+
+
+def test_demo_teacher_cache_option_and_the_methods_it_serves():
+    """`--teacher-cache [K]`: K defaults to 64, 'vocab' is lossless (0); a method the cache cannot serve goes live."""
+    from dwakd.cli import build_parser
+    from dwakd.demo.pipeline import DemoPipeline
+    from dwakd.demo.settings import demo_settings
+
+    parse = build_parser().parse_args
+    assert parse(["demo", "--quick"]).teacher_cache is None
+    assert parse(["demo", "--teacher-cache", "--quick"]).teacher_cache == 64
+    assert parse(["demo", "--teacher-cache", "16"]).teacher_cache == 16
+    assert parse(["demo", "--teacher-cache", "vocab"]).teacher_cache == 0
+    with pytest.raises(SystemExit):
+        parse(["demo", "--teacher-cache", "0"])
+
+    def plan(k):
+        settings = demo_settings(quick=True)
+        settings.methods, settings.teacher_cache_k = ("all",), k
+        pipeline = DemoPipeline(settings, "unused", echo=lambda _: None)
+        return pipeline.teacher_cache_methods(), pipeline.cache_settings()
+
+    (served, live), stored = plan(0)
+    assert set(live) == {"mta", "sra"} and "sft" not in served and {"dskd", "dwakd", "alm", "uld"} <= set(served)
+    assert stored["k"] == 0 and 1.0 in stored["temperatures"] and 2.0 in stored["temperatures"]
+    (served, live), _ = plan(64)  # raw logit rows (alm, multilevel_ot) need a lossless cache
+    assert set(live) == {"mta", "sra", "alm", "multilevel_ot"} and {"dskd", "dwakd", "uld"} <= set(served)
+    assert "hidden states" in live["sra"] and "lossless" not in live["alm"]
+
+
+def test_demo_quick_teacher_cache_reproduces_the_live_teacher(tmp_path: Path, capsys):
+    """`dwakd demo --quick --teacher-cache vocab` after a live-teacher quick run in the same folder: the teacher and
+    the teacher-free students are reused, the distilled students retrain from the lossless cache (never reusing the
+    live ones) with the live run's losses at every step; sra, which a cache cannot serve, keeps its live students."""
+    import yaml
+
+    from dwakd.cli import main
+    from dwakd.demo.pipeline import run_demo
+
+    out = tmp_path / "demo"
+    methods = ["sft", "dskd", "dwakd", "sra"]
+    live = run_demo(out, quick=True, methods=methods, show_progress=False, echo=lambda _: None)
+    assert not live.log.teacher_cache and not (out / "teacher_cache").exists()
+    distilled = [f"{m}-seed{s}" for m in ("dskd", "dwakd") for s in (0, 1)]
+    live_losses = {name: _step_losses(out / "students" / name) for name in distilled}
+    assert all(len(steps) == 10 for steps in live_losses.values())
+
+    assert main(["demo", "--quick", "--no-progress", "--output", str(out), "--methods", ",".join(methods),
+                 "--teacher-cache", "vocab"]) == 0
+    printed = capsys.readouterr().out
+    assert "the cache cannot serve sra" in printed and "| DWA-KD |" in printed
+    assert yaml.safe_load((out / "demo_config.yaml").read_text())["teacher_cache_k"] == 0
+    manifest = json.loads((out / "teacher_cache" / "manifest.json").read_text())
+    assert manifest["state"] == "complete" and manifest["settings"]["k"] is None  # lossless
+    for name in distilled:
+        config = yaml.safe_load((out / "students" / name / "dwakd_config.yaml").read_text())
+        assert config["teacher"]["cache"] == str(out / "teacher_cache"), name
+        steps = _step_losses(out / "students" / name)
+        assert [e["step"] for e in steps] == [e["step"] for e in live_losses[name]] == list(range(1, 11))
+        for ours, theirs in zip(steps, live_losses[name]):  # the loss, its named parts, stats, grad norm
+            assert set(ours) == set(theirs) and {"loss", "ce", "grad_norm"} <= set(ours)
+            for key in set(theirs) - {"step", "epoch"}:
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), (name, key, ours["step"])
+    for name in ("sra-seed0", "sft-seed0"):
+        config = yaml.safe_load((out / "students" / name / "dwakd_config.yaml").read_text())
+        assert not (config.get("teacher") or {}).get("cache"), name
+
+    timings = json.loads((out / "timings.json").read_text())
+    cache = timings["teacher_cache"]
+    assert cache["served"] == ["dskd", "dwakd"] and list(cache["live"]) == ["sra"] and cache["examples"] > 0
+    report = (out / "report.md").read_text()
+    assert "read a lossless teacher cache" in report and "sra trained with the live teacher" in report
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ↳ ")}
+    assert rows["↳ build teacher cache (lossless)"].rstrip().endswith("| no |")  # built in this run, timed
+    for reused in ("teacher", "sft-seed0", "sra-seed1"):
+        assert "| yes (trained in" in rows[f"↳ train {reused}"], reused
+    for retrained in distilled:
+        assert rows[f"↳ train {retrained}"].rstrip().endswith("| no |"), retrained
+
+    # once more with the cache: every stage is reused, the cache too
+    again = run_demo(out, quick=True, methods=methods, show_progress=False, echo=lambda _: None, teacher_cache_k=0)
+    assert all(again.cached[stage] for stage in ("teacher", "teacher cache", "dskd-seed0", "dwakd-seed1", "sra-seed0"))
+
+
 def test_tokenizer_training_is_deterministic(tmp_path: Path):
     """Same corpus, same settings -> byte-identical tokenizers (the demo caches and compares runs by them)."""
     texts = S.corpus_text(S.build_suite(tmp_path / "data", S.SuiteSizes(train=800, student_train=10, dev=2, test=2)))

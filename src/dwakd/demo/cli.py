@@ -19,6 +19,19 @@ def _name_list(text: str) -> list[str]:
     return names
 
 
+def _cache_k(text: str) -> int:
+    """`--teacher-cache K`: top-K logits (K ≥ 1), or 'vocab' (0: lossless, every logit)."""
+    if text == "vocab":
+        return 0
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of logits or 'vocab', got {text!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"K must be ≥ 1 (or 'vocab' for a lossless cache), got {k}")
+    return k
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dwakd.demo.pipeline import run_demo
 
@@ -28,7 +41,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     default_output = "runs/demo-quick" if args.quick else "runs/demo"  # the table run reuses the default run's models
     result = run_demo(args.output or default_output, quick=args.quick, methods=methods, eval_seeds=args.seeds,
                       train_seeds=args.train_seeds, force=args.force, show_progress=not args.no_progress,
-                      workers=args.workers)
+                      workers=args.workers, teacher_cache_k=args.teacher_cache)
     return 0 if result.report.is_file() else 1
 
 
@@ -54,6 +67,11 @@ def register(subparsers) -> None:
                    help="students' training seeds; the claims are paired t-tests over them (default 0,1,2)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="parallel worker processes for training and evaluation (default: one per free core; 1: none)")
+    p.add_argument("--teacher-cache", nargs="?", const=64, type=_cache_k, metavar="K",
+                   help="the distilled students read the teacher from a cache built once after it is trained "
+                        "(`dwakd teacher-cache`: top-K logits, default 64; 'vocab': lossless) instead of running it "
+                        "every step; methods a cache cannot serve (mta, sra; alm and multilevel_ot with a top-K "
+                        "cache) train with the live teacher")
     p.add_argument("--force", action="store_true", help="rebuild every stage instead of reusing cached ones")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

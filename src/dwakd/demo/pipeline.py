@@ -19,11 +19,20 @@ evaluation as soon as it is trained, the distilled students as soon as the teach
 depend on the number of workers: every job seeds itself and sampling is seeded per item (the `--quick` demo
 gives identical tables with one worker and with two).
 
+Teacher cache (`--teacher-cache [K]`, `DemoSettings.teacher_cache_k`): one more job after the teacher's runs
+`dwakd teacher-cache` over the students' training data (top-K logits, or lossless), and the distilled students
+wait for it and train with `teacher.cache` set, so none of them runs the teacher. A method the cache cannot serve
+(`dwakd.teacher_cache.cache_refusal`: mta and sra read teacher hidden states or attentions at every position;
+alm and multilevel_ot need a lossless cache) trains with the live teacher, which the log and the report say. The
+cache's fingerprint (teacher, data, K, stored temperatures) is part of its students' fingerprints, so runs with
+and without the cache, or with another K, never reuse each other's students; live-teacher students are shared.
+
 Output folder:
     demo_config.yaml            the DemoSettings of the run
     data/                       the suite's splits as JSONL, suite.json (sizes, families, lengths, overlap)
     tokenizers/{teacher,student}  the two trained tokenizers, tokenizers.json (sizes, boundary agreement)
     teacher/                    the teacher checkpoint, its dwakd_config.yaml, trainer_state.json (logs)
+    teacher_cache/              with --teacher-cache: the teacher's outputs on the students' data (manifest.json)
     students/<method>-seed<k>/  one student per method and training seed, same layout
     eval/generations/...        every sampled response (resumable), per model / test set / seed
     report.md, results*.md/.csv/.png, results.json, loss_curves.png, timings.json, demo.log
@@ -51,6 +60,7 @@ import yaml
 from dwakd.demo.report import write_demo_report
 from dwakd.demo.settings import (
     ALL_METHODS,
+    CACHE_LABEL,
     DEFAULT_METHODS,
     DemoSettings,
     RunLog,
@@ -245,14 +255,30 @@ def eval_job(models: dict[str, str], datasets: list[tuple[str, str, str]], out_d
             "cpu_seconds": round(time.process_time() - cpu, 2)}
 
 
+def cache_job(tree: dict[str, Any], out_dir: str, settings: dict[str, Any], show_progress: bool = False
+              ) -> dict[str, Any]:
+    """Build the teacher cache of run config `tree` (`dwakd teacher-cache`); returns seconds, examples and sizes."""
+    from dwakd.config import config_from_dict
+    from dwakd.teacher_cache import CacheSettings, build_teacher_cache
+
+    started, cpu = time.perf_counter(), time.process_time()
+    cache_settings = CacheSettings(k=settings["k"] or None, layers=tuple(settings["layers"]),
+                                   temperatures=tuple(settings["temperatures"]))
+    manifest = build_teacher_cache(config_from_dict(tree, "demo teacher cache"), out_dir, cache_settings,
+                                   show_progress=show_progress)
+    return {"seconds": round(time.perf_counter() - started, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
+            "examples": manifest["examples"]["unique"], "sizes": manifest["sizes"]}
+
+
 @dataclass
 class _Job:
-    label: str  # "teacher" or a student name
+    label: str  # "teacher", a student name, or CACHE_LABEL
     method: str
     folder: Path
     key: str
     tree: dict[str, Any]
-    needs_teacher: bool
+    after: str | None  # the label of the job whose output it reads (teacher, teacher cache), if any
+    kind: str = "train"  # "train" (then evaluated) or "cache" (the teacher cache)
 
 
 class _Runner:
@@ -440,15 +466,53 @@ class DemoPipeline:
         if folder.exists():
             shutil.rmtree(folder)
 
+    def teacher_cache_methods(self) -> tuple[list[str], dict[str, str]]:
+        """With `--teacher-cache`: (the methods whose students read the cache, {method: why the cache cannot serve
+        it, so it trains with the live teacher}); methods without a teacher (sft) are in neither."""
+        from dwakd.methods import get_method
+        from dwakd.teacher_cache import cache_refusal
+
+        served: list[str] = []
+        live: dict[str, str] = {}
+        for method in self.methods:
+            method_cls = get_method(method)[0]
+            if not method_cls.needs_teacher:
+                continue
+            why = cache_refusal(method_cls, lossless=not self.settings.teacher_cache_k)
+            if why:
+                live[method] = why
+            else:
+                served.append(method)
+        return served, live
+
+    def cache_settings(self) -> dict[str, Any]:
+        """What the demo's teacher cache stores: K (0: lossless), and the hidden-state layers and tail temperatures
+        that any registered method reads with the demo's options — the same for every `--methods` choice, so
+        adding methods to a run never rebuilds the cache (nor retrains the students that read it)."""
+        from dwakd.methods import build_options, get_method, method_names
+
+        layers, temperatures = set(), {1.0, 2.0}
+        for name in method_names():
+            method_cls = get_method(name)[0]
+            if method_cls.needs_teacher:
+                layers |= set(method_cls.teacher_layers)
+                options = build_options(name, self.settings.method_options.get(name, {}))
+                temperatures.add(float(method_cls.teacher_temperature(options)))
+        return {"k": self.settings.teacher_cache_k, "layers": sorted(layers), "temperatures": sorted(temperatures)}
+
     def training_jobs(self, data: dict[str, Path], tokenizers: dict[str, Path]) -> list[_Job]:
-        """The teacher's job and one job per (method, training seed), each with its cache fingerprint."""
+        """The teacher's job, the teacher cache's (with `--teacher-cache`) and one job per (method, training seed),
+        each with its cache fingerprint."""
         from dwakd.methods import get_method
 
         teacher_dir = self.out / "teacher"
         tree = self.teacher_config(data, tokenizers)
         self.teacher_key = fingerprint(self.tokenizer_key, {k: v for k, v in tree.items() if k != "training"},
                                        {k: v for k, v in tree["training"].items() if k != "disable_tqdm"})
-        jobs = [_Job("teacher", "sft", teacher_dir, self.teacher_key, tree, False)]
+        jobs = [_Job("teacher", "sft", teacher_dir, self.teacher_key, tree, None)]
+        cache = self._cache_job(data, tokenizers, teacher_dir)
+        if cache is not None:
+            jobs.append(cache)
         for method in self.methods:  # method-major: a method's training seeds finish together
             for seed in self.settings.train_seeds:
                 name = student_name(method, seed)
@@ -459,8 +523,40 @@ class DemoPipeline:
                 training_part = {k: v for k, v in tree["training"].items() if k != "disable_tqdm"}
                 key = fingerprint(self.tokenizer_key, self.teacher_key if uses_teacher else None, settings_part,
                                   training_part)
-                jobs.append(_Job(name, method, folder, key, tree, uses_teacher))
+                after = "teacher" if uses_teacher else None
+                if cache is not None and method in self.log.teacher_cache["served"]:
+                    tree["teacher"]["cache"] = str(cache.folder)
+                    key = fingerprint(key, CACHE_LABEL, cache.key)
+                    after = CACHE_LABEL
+                jobs.append(_Job(name, method, folder, key, tree, after))
         return jobs
+
+    def _cache_job(self, data: dict[str, Path], tokenizers: dict[str, Path], teacher_dir: Path) -> _Job | None:
+        """With `--teacher-cache`: the job that builds the cache the students read (None when none reads one)."""
+        k = self.settings.teacher_cache_k
+        if k is None:
+            return None
+        served, live = self.teacher_cache_methods()
+        mode = "lossless" if not k else f"top-{k}"
+        folder = self.out / "teacher_cache"
+        settings = self.cache_settings()
+        self.log.teacher_cache = {"k": k, "mode": mode, "folder": folder.name, "served": served, "live": live,
+                                  "settings": settings}
+        for method, why in live.items():
+            message = (f"--teacher-cache: the cache cannot serve {method} ({why}); its students train with the "
+                       "live teacher")
+            self.echo(f"  {message}")
+            logger.warning(message)
+        if not served:
+            self.echo("  --teacher-cache: no method of this run reads a teacher cache; none is built")
+            return None
+        # the students' data and lengths; the method only names a default temperature, which `settings` fixes
+        tree = self.student_config(data, tokenizers, served[0], self.settings.train_seeds[0], teacher_dir, folder)
+        key = fingerprint(self.teacher_key, tree["teacher"], tree["data"], settings,
+                          {name: tree["training"][name] for name in ("use_cpu", "bf16")}, self.code_key)
+        self.echo(f"  --teacher-cache: students of {', '.join(served)} read a {mode} teacher cache ({folder}) built "
+                  "once after the teacher, instead of running it")
+        return _Job(CACHE_LABEL, "", folder, key, tree, "teacher", kind="cache")
 
     def _eval_setup(self, data: dict[str, Path], splits: Sequence[str], out_dir: Path) -> tuple[list, dict[str, Any]]:
         """(datasets as (name, path, title), generation settings) for `eval_job`; clears stale generations."""
@@ -496,6 +592,8 @@ class DemoPipeline:
         out_dir = str(out_dir or self.out / "eval")
         pending: list[_Job] = []
         for job in jobs:
+            if job.kind == "cache":  # decided below, once it is known whether any student needs it
+                continue
             self.log.cached[job.label] = _cached(job.folder, job.key, self.force)
             if self.log.cached[job.label]:
                 self.log.train_info[job.label] = _stage_info(job.folder)
@@ -503,13 +601,24 @@ class DemoPipeline:
             else:
                 self._forget_generations(job.label)
                 pending.append(job)
-        workers, threads = plan_workers(len(jobs), choose_threads(), self.workers)
+        for job in jobs:
+            if job.kind == "cache" and self._cache_needed(job, pending):
+                pending.insert(1 if pending and pending[0].label == "teacher" else 0, job)
+        models_to_train = [job for job in pending if job.kind == "train"]
+        evaluated = [job for job in jobs if job.kind == "train"]
+        workers, threads = plan_workers(len(evaluated), choose_threads(), self.workers)
         self.log.workers["models"], self.log.threads["models"] = workers, threads
-        self.echo(f"  {len(pending)} models to train, {len(jobs)} to evaluate, on {workers} worker process(es) × "
-                  f"{threads} torch thread(s)")
+        self.echo(f"  {len(models_to_train)} models to train, {len(evaluated)} to evaluate, on {workers} worker "
+                  f"process(es) × {threads} torch thread(s)")
         inline_progress = self.show_progress and workers == 1
         runner = _Runner(workers, threads, self.out / "demo.log")
-        waiting = [] if self.log.cached["teacher"] else [j for j in pending if j.needs_teacher]
+        # a job waits for the job it reads (teacher, teacher cache) only while that one is still to run
+        pending_labels = {job.label for job in pending}
+        waiting: dict[str, list[_Job]] = {}
+        for job in pending:
+            if job.after in pending_labels:
+                waiting.setdefault(job.after, []).append(job)
+        blocked = {job.label for queued in waiting.values() for job in queued}
         running: dict[Future, tuple[str, _Job]] = {}
         tables: dict[str, dict[str, Any]] = {}
 
@@ -518,11 +627,19 @@ class DemoPipeline:
                                    tuple(self.settings.eval_seeds), generation, inline_progress)
             running[future] = ("eval", job)
 
+        def submit(job: _Job) -> None:
+            if job.kind == "cache":
+                future = runner.submit(cache_job, job.tree, str(job.folder), self.log.teacher_cache["settings"],
+                                       inline_progress)
+            else:
+                future = runner.submit(train_job, job.tree, job.label, inline_progress)
+            running[future] = (job.kind, job)
+
         try:
             for job in jobs:
-                if job in pending and job not in waiting:
-                    running[runner.submit(train_job, job.tree, job.label, inline_progress)] = ("train", job)
-                elif job not in pending:
+                if job.label in pending_labels and job.label not in blocked:
+                    submit(job)
+                elif job.label not in pending_labels and job.kind == "train":
                     submit_eval(job)
             while running:
                 done, _ = wait(list(running), return_when=FIRST_COMPLETED)
@@ -534,23 +651,52 @@ class DemoPipeline:
                         self.log.train_info.setdefault(job.label, {})["eval_cpu_seconds"] = result["cpu_seconds"]
                         self.log.train_info[job.label]["eval_seconds"] = result["seconds"]
                         continue
-                    if not self._finish_training(job, future):
+                    if kind == "cache":
+                        self._finish_cache(job, future)
+                    elif self._finish_training(job, future):
+                        submit_eval(job)
+                    else:
                         continue
-                    submit_eval(job)
-                    if job.label == "teacher":
-                        for queued in waiting:
-                            running[runner.submit(train_job, queued.tree, queued.label, inline_progress)] = \
-                                ("train", queued)
-                        waiting = []
+                    for queued in waiting.pop(job.label, []):
+                        submit(queued)
         finally:
             runner.close()
-        models = {job.label: job.folder for job in jobs if job.label == "teacher" or job.method not in self.log.failed}
+        models = {job.label: job.folder for job in evaluated
+                  if job.label == "teacher" or job.method not in self.log.failed}
         table = ScoreTable([(name, title) for name, _, title in datasets])
         for name in models:  # rows in job order: teacher, then students by seed and method
             for dataset, per_seed in tables.get(name, {}).get("scores", {}).get(name, {}).items():
                 for seed, value in per_seed.items():
                     table.add(name, dataset, int(seed), value)
         return models, table
+
+    def _cache_needed(self, job: _Job, pending: list[_Job]) -> bool:
+        """Whether the teacher cache has to be built: not reusable, and some student to train reads it."""
+        teacher_retrained = any(queued.label == "teacher" for queued in pending)
+        reused = _cached(job.folder, job.key, self.force or teacher_retrained)
+        readers = [queued.label for queued in pending if queued.after == job.label]
+        if reused:
+            self.log.cached[job.label] = True
+            self.log.teacher_cache.update({k: v for k, v in _stage_info(job.folder).items() if k != "fingerprint"})
+            self.echo(f"  {job.label}: reusing {job.folder} (same teacher, data, settings and code)")
+            return False
+        if not readers:
+            self.echo(f"  {job.label}: not needed (every student that reads it is reused)")
+            return False
+        self.log.cached[job.label] = False
+        return True
+
+    def _finish_cache(self, job: _Job, future: Future) -> None:
+        """Record the finished teacher cache (a failed build stops the run: its students cannot train)."""
+        error = future.exception()
+        if error is not None:
+            raise error
+        info = future.result()
+        _mark(job.folder, job.key, info)
+        self.log.teacher_cache.update(info)
+        size = (info["sizes"]["shard_bytes"] + info["sizes"]["table_bytes"]) / 2**20
+        self.echo(f"  {job.label}: {info['examples']} examples in {info['seconds']:.0f} s "
+                  f"({info['cpu_seconds']:.0f} CPU-s), {self.log.teacher_cache['mode']}, {size:.1f} MiB")
 
     def _finish_training(self, job: _Job, future: Future) -> bool:
         """Record a finished training job; False when it failed and the run goes on without its method."""
@@ -604,9 +750,12 @@ class DemoPipeline:
 def run_demo(output_dir: str | Path, *, quick: bool = False, methods: Sequence[str] | None = None,
              eval_seeds: Sequence[int] | None = None, train_seeds: Sequence[int] | None = None, force: bool = False,
              show_progress: bool = True, echo: Callable[[str], None] = print, workers: int | None = None,
-             settings: DemoSettings | None = None) -> DemoResult:
-    """Run the demo with the preset for `quick` (or given settings), optionally other methods / seeds."""
+             settings: DemoSettings | None = None, teacher_cache_k: int | None = None) -> DemoResult:
+    """Run the demo with the preset for `quick` (or given settings), optionally other methods / seeds; with
+    `teacher_cache_k` (0: lossless) the students read a teacher cache built once (`--teacher-cache`)."""
     settings = settings or demo_settings(quick)
+    if teacher_cache_k is not None:
+        settings.teacher_cache_k = teacher_cache_k
     if methods:
         settings.methods = tuple(methods)
     if eval_seeds:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dwakd.demo.settings import DemoSettings, RunLog, student_name
+from dwakd.demo.settings import CACHE_LABEL, DemoSettings, RunLog, student_name
 from dwakd.demo.suite import TEST_SPLITS
 from dwakd.evaluation.report import ScoreTable, write_report
 from dwakd.evaluation.stats import PairedComparison, paired_comparison
@@ -313,7 +313,8 @@ def write_demo_report(out: Path, settings: DemoSettings, log: RunLog, full: Scor
     plot_loss_curves(curves, out / "loss_curves.png")
     (out / "timings.json").write_text(json.dumps({
         "wall_seconds": log.wall_seconds, "cpu_seconds": log.cpu_seconds, "threads": log.threads,
-        "workers": log.workers, "load_at_start": log.load_at_start, "versions": log.versions}, indent=2),
+        "workers": log.workers, "load_at_start": log.load_at_start, "versions": log.versions,
+        **({"teacher_cache": log.teacher_cache} if log.teacher_cache else {})}, indent=2),
         encoding="utf-8")
 
     pairs = [(c.better, c.worse) for c in checks]
@@ -329,6 +330,8 @@ def write_demo_report(out: Path, settings: DemoSettings, log: RunLog, full: Scor
              f"Students: mean ± std over training seeds {seeds_text}; each training seed's score is the mean over "
              f"sampling seeds {eval_text}. † The teacher is one model: mean ± std over sampling seeds. Δ: mean of the "
              f"per-seed paired differences of the Avg column ± its standard error; p: one-sided paired t-test.", ""]
+    if log.teacher_cache:
+        lines += [_cache_summary(log.teacher_cache) + " (see Setup).", ""]
     if variants:
         lines += ["**Ablations (paper Table 3 analogue)**", "", ablation_table(scores, variants), ""]
     if log.failed:
@@ -353,7 +356,7 @@ def write_demo_report(out: Path, settings: DemoSettings, log: RunLog, full: Scor
     lines += [f"| {m['claim']} ({m['better_mean']:.2f} vs {m['worse_mean']:.2f}) | {m['margin']:+.2f} | "
               f"{m['spread']:.2f} |" for m in margins]
     lines += ["", sampling.to_markdown(title=sampling_title)]
-    lines += _setup_lines(out, s, data, tokenizers, methods)
+    lines += _setup_lines(out, s, data, tokenizers, methods, log)
     lines += _time_lines(log)
     lines += ["", "## Files", "", "`demo_config.yaml` (settings), `data/` (suite), `tokenizers/`, `teacher/` and "
               "`students/<method>-seed<k>/` (checkpoints, `dwakd_config.yaml`, `trainer_state.json` logs), "
@@ -375,8 +378,41 @@ def write_demo_report(out: Path, settings: DemoSettings, log: RunLog, full: Scor
     return DemoReport(report, checks, seed_table, sampling)
 
 
+def _cache_summary(cache: dict[str, Any]) -> str:
+    """One sentence: which students read which teacher cache, and which ran the live teacher."""
+    what = ("a lossless teacher cache (every logit, as the live teacher computes it)" if cache["mode"] == "lossless"
+            else f"a {cache['mode']} teacher cache (the {cache['k']} likeliest tokens' log-probabilities and one tail "
+                 "bucket per position)")
+    def names(methods) -> str:
+        shown = [display_name(m) for m in methods]
+        return " and ".join([", ".join(shown[:-1]), shown[-1]] if len(shown) > 1 else shown) or "no"
+
+    if cache["served"]:
+        text = f"Teacher cache (`--teacher-cache`): the {names(cache['served'])} students read {what} instead of " \
+               "running the teacher"
+    else:
+        text = "Teacher cache (`--teacher-cache`): no method of this run can read one, so none was built"
+    if cache["live"]:
+        text += f"; {names(cache['live'])} trained with the live teacher, which the cache cannot stand in for"
+    return text
+
+
+def _cache_lines(cache: dict[str, Any]) -> list[str]:
+    if not cache:
+        return []
+    line = f"- {_cache_summary(cache)}."
+    if "examples" in cache:
+        size = (cache["sizes"]["shard_bytes"] + cache["sizes"]["table_bytes"]) / 2**20
+        line += (f" It is `{cache['folder']}/`, built once from the trained teacher over the students' training data: "
+                 f"{cache['examples']} examples, {size:.1f} MiB, {cache['seconds']:.1f} s; tail masses at τ = "
+                 f"{', '.join(f'{t:g}' for t in cache['settings']['temperatures'])}.")
+    lines = [line]
+    lines += [f"  - {display_name(m)}: the cache cannot serve it: {why}." for m, why in cache["live"].items()]
+    return lines
+
+
 def _setup_lines(out: Path, s: DemoSettings, data: dict[str, Path], tokenizers: dict[str, Path],
-                 methods: Sequence[str]) -> list[str]:
+                 methods: Sequence[str], log: RunLog) -> list[str]:
     suite = json.loads((data["train"].parent / "suite.json").read_text(encoding="utf-8"))
     toks = json.loads((tokenizers["teacher"].parent / "tokenizers.json").read_text(encoding="utf-8"))
     per_split = toks.get("split_agreement", {})
@@ -408,6 +444,7 @@ def _setup_lines(out: Path, s: DemoSettings, data: dict[str, Path], tokenizers: 
               f"- Students: {_model_line(s.student_model, student_dir)}, same initialisation (seed "
               f"{s.student_init_seed}); {_training_line(s.student_training)} on {s.suite.student_train} examples; "
               f"training seeds {', '.join(map(str, s.train_seeds))} (data order, projector initialisation).",
+              *_cache_lines(log.teacher_cache),
               f"- Method options: {json.dumps(s.method_options) if s.method_options else 'library defaults'}; "
               f"projector lr {s.projector_lr}.",
               f"- Evaluation: sampling (temperature 1.0, top-p 1.0), at most {s.max_new_tokens} new tokens, "
@@ -435,6 +472,11 @@ def _time_lines(log: RunLog) -> list[str]:
                 if "eval_seconds" in info:
                     lines.append(f"| ↳ evaluate {model} | | {info['eval_seconds']:.1f} | "
                                  f"{info['eval_cpu_seconds']:.1f} | |")
+                if model == "teacher" and "seconds" in log.teacher_cache:
+                    cache, reused = log.teacher_cache, log.cached.get(CACHE_LABEL)
+                    built = f"yes (built in {cache['seconds']:.0f} s)" if reused else "no"
+                    wall, cpu = ("", "") if reused else (f"{cache['seconds']:.1f}", f"{cache['cpu_seconds']:.1f}")
+                    lines.append(f"| ↳ build {CACHE_LABEL} ({cache['mode']}) | | {wall} | {cpu} | {built} |")
     return lines
 
 

@@ -14,6 +14,7 @@ from dwakd.demo.suite import SuiteSizes
 from dwakd.demo.tokenizers import TokenizerSettings
 
 DEFAULT_METHODS = ("sft", "dskd", "dwakd")
+CACHE_LABEL = "teacher cache"  # `--teacher-cache`: the cache-building job (time table, `RunLog.cached`)
 ALL_METHODS = "all"  # `--methods all`: every registered method, whatever is registered when the demo runs
 
 
@@ -49,6 +50,9 @@ class DemoSettings:
     # of the demo's student cost 5x, of its teacher 8.5x the CPU time of fp32 (benchmarks/demo_autocast.py,
     # benchmarks/results/demo_speed.json, measured at load 16), so fp32 is the default
     bf16: bool = False
+    # `--teacher-cache [K]`: the students read the teacher from a `dwakd teacher-cache` built once after it is trained
+    # (top-K logits; 0: lossless, every logit); None: they run the live teacher at every step
+    teacher_cache_k: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-friendly dict."""
@@ -68,7 +72,8 @@ def demo_settings(quick: bool = False) -> DemoSettings:
         student_model={"arch": "gpt2", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
                        "max_positions": 320},
         teacher_training={"max_steps": 30, "per_device_train_batch_size": 8, "learning_rate": 3e-3},
-        student_training={"max_steps": 10, "per_device_train_batch_size": 8, "learning_rate": 3e-3},
+        # every step logged: ten points per loss curve, and runs can be compared step by step (--teacher-cache test)
+        student_training={"max_steps": 10, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "logging_steps": 1},
         train_seeds=(0, 1),
         eval_seeds=(10, 20),
         eval_batch_size=16,
@@ -92,5 +97,7 @@ class RunLog:
     cached: dict[str, bool] = field(default_factory=dict)  # stage or model -> reused from an earlier run
     train_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> seconds, steps, loss
     failed: dict[str, str] = field(default_factory=dict)  # model -> error (`--methods all` goes on past one)
+    # `--teacher-cache`: k, folder, methods it serves / the live teacher runs (with why), build seconds, size
+    teacher_cache: dict[str, Any] = field(default_factory=dict)
     load_at_start: float = 0.0  # 1-minute load average when the run started
     versions: dict[str, str] = field(default_factory=dict)  # torch, transformers, ...

@@ -8,7 +8,7 @@ config only) instead of the teacher, and the collator adds each batch's cached r
 from dwakd.teacher_cache.builder import CacheSettings, build_teacher_cache, verify_cache
 from dwakd.teacher_cache.format import TeacherCacheError
 from dwakd.teacher_cache.reader import TeacherCache, TeacherCacheCollator, example_key
-from dwakd.teacher_cache.view import CachedModelView, CachedTeacher, topk_to_logits
+from dwakd.teacher_cache.view import CachedModelView, CachedTeacher, cache_refusal, topk_to_logits
 
 __all__ = [
     "CacheSettings",
@@ -18,6 +18,7 @@ __all__ = [
     "TeacherCacheCollator",
     "TeacherCacheError",
     "build_teacher_cache",
+    "cache_refusal",
     "example_key",
     "topk_to_logits",
     "verify_cache",

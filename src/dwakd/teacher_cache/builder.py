@@ -23,6 +23,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,9 @@ class _TeacherRunner:
 
         self._impl = DistillationModel
         self.row_logits = True
+        # what `_run_side` asks of the method: a cache never stores attention probabilities (methods reading them
+        # are refused by `cache_refusal`), so the teacher forward never computes them
+        self.method = SimpleNamespace(needs_attentions=False)
         self._head_checked: dict[str, bool | None] = {}
 
     def _deferred_head(self, side, model):

@@ -129,6 +129,20 @@ class CachedModelView(ModelView):
         return self._materialise(index), self._row_of
 
 
+def cache_refusal(method: Any, lossless: bool = True) -> str:
+    """Why a teacher cache cannot serve `method` (a method instance, or its class for the class-level answer), in
+    words ("it reads ..."); empty when it can. `lossless=False`: a top-k cache, which also lacks the raw logit
+    rows some methods read (`teacher_distribution == "logits"`). Hidden-state layers are checked against the cache
+    itself (`CachedTeacher.configure_for`)."""
+    refusal = getattr(method, "teacher_cache_refusal", "")
+    if not refusal and getattr(method, "needs_attentions", False):
+        refusal = "it reads the teacher's attention probabilities, which a cache does not hold"
+    if not refusal and not lossless and getattr(method, "teacher_distribution", "full") == "logits":
+        refusal = ("it reads the teacher's raw logit rows over the whole vocabulary (not only its distribution), which "
+                   "a top-k cache does not hold")
+    return refusal
+
+
 class CachedTeacher(nn.Module):
     """The teacher's embedding table, LM head and config from a cache; `model_view(batch, view)` serves its outputs.
 
@@ -174,9 +188,7 @@ class CachedTeacher(nn.Module):
     def configure_for(self, method: Any) -> None:
         """Check the cache serves `method` and pick the tail calibration temperature (raises TeacherCacheError)."""
         name = getattr(method, "name", type(method).__name__)
-        refusal = getattr(method, "teacher_cache_refusal", "")
-        if not refusal and getattr(method, "needs_attentions", False):
-            refusal = "it reads the teacher's attention probabilities, which a cache does not hold"
+        refusal = cache_refusal(method)
         if refusal:
             raise TeacherCacheError(f"method {name!r} cannot train from the teacher cache {self.directory}: {refusal}; "
                                     "train it with the live teacher (remove teacher.cache)")
@@ -190,9 +202,9 @@ class CachedTeacher(nn.Module):
         if self.lossless or needs in ("top-k", "none"):
             return
         if needs == "logits":
-            raise TeacherCacheError(
-                f"method {name!r} reads the teacher's raw logit rows over the whole vocabulary (not only its "
-                f"distribution), which a top-k cache does not hold; build a lossless cache (--k vocab) for it")
+            raise TeacherCacheError(f"method {name!r} cannot train from the top-k teacher cache {self.directory}: "
+                                    f"{cache_refusal(method, lossless=False)}; build a lossless cache (--k vocab) "
+                                    "for it")
         tau = float(method.teacher_temperature(method.options)) if hasattr(method, "teacher_temperature") else 1.0
         if any(abs(tau - t) < 1e-9 for t in self.temperatures):
             self.tail_column = next(i for i, t in enumerate(self.temperatures) if abs(tau - t) < 1e-9)
