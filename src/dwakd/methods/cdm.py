@@ -75,7 +75,7 @@ from dwakd.methods.base import (
 )
 from dwakd.methods.registry import register_method
 from dwakd.modules.cross_entropy import label_cross_entropy_sum
-from dwakd.modules.divergences import compute_dtype, divergence, no_autocast, resolve_divergence
+from dwakd.modules.divergences import check_divergence, compute_dtype, divergence, no_autocast
 
 UNMAPPED_LOGIT = -1e4  # logit of dropped columns on both sides (the reference's constant)
 CHUNK_ELEMENTS = 1 << 24  # fp32 elements per chunk when computing entropies
@@ -93,10 +93,7 @@ class CDMOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        try:
-            resolve_divergence(self.kd_objective)
-        except ValueError as exc:
-            raise OptionError("kd_objective", str(exc)) from None
+        check_divergence("kd_objective", self.kd_objective)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise OptionError("top_k", f"must be a positive integer; got {self.top_k!r}")
         check_range("similarity_threshold", self.similarity_threshold, 0.0, 1.0)

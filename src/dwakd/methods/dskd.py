@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dwakd.methods.base import DistillationInputs, MethodContext, MethodOptions, OptionError, check_range
+from dwakd.methods.base import DistillationInputs, MethodContext, MethodOptions, check_range
 from dwakd.methods.dual_space_base import DualSpaceMethod
 from dwakd.methods.registry import register_method
 from dwakd.modules.cross_attention import CrossModelAttention, cross_model_attention, project
-from dwakd.modules.divergences import compute_dtype, divergence, resolve_divergence
+from dwakd.modules.divergences import check_divergence, compute_dtype, divergence, resolve_divergence
 from dwakd.modules.dual_space import DualSpaceTerms
 from dwakd.modules.projectors import DualSpaceProjectors, model_dims
 from dwakd.modules.rows import valid_rows
@@ -41,10 +41,7 @@ class DSKDOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        try:
-            resolve_divergence(self.kd_objective)
-        except ValueError as exc:
-            raise OptionError("kd_objective", str(exc)) from None
+        check_divergence("kd_objective", self.kd_objective)
         check_range("skew_lambda", self.skew_lambda, 0.0, 1.0)
         check_range("akl_alpha", self.akl_alpha, 0.0, 1.0)
 

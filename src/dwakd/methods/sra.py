@@ -63,7 +63,7 @@ from dwakd.methods.base import (
 from dwakd.methods.registry import register_method
 from dwakd.modules.cross_attention import project
 from dwakd.modules.cross_entropy import label_cross_entropy_sum
-from dwakd.modules.divergences import divergence, resolve_divergence
+from dwakd.modules.divergences import check_divergence, divergence, resolve_divergence
 from dwakd.modules.layers import check_layer_pairs, check_pairs_fit, layer_width, num_layers, top_pairs
 from dwakd.modules.relational import last_token_attention, structure_loss, weighted_cosine_distance
 from dwakd.modules.spans import coterminal_span_ids, pool, token_weighted_mean
@@ -85,10 +85,7 @@ class SRAOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        try:
-            resolve_divergence(self.kd_objective)
-        except ValueError as exc:
-            raise OptionError("kd_objective", str(exc)) from None
+        check_divergence("kd_objective", self.kd_objective)
         pairs = check_layer_pairs("layer_pairs", self.layer_pairs, lowest=1)
         self.layer_pairs = None if pairs is None else [list(p) for p in pairs]
         if (not isinstance(self.num_layer_pairs, int) or isinstance(self.num_layer_pairs, bool)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dwakd.options import OptionError
+
 DIVERGENCES = ("fkl", "rkl", "sfkl", "srkl", "js", "akl")
 ALIASES = {
     "forward_kl": "fkl",
@@ -49,6 +51,14 @@ def resolve_divergence(name: str) -> str:
         choices = f"{', '.join(DIVERGENCES)} (or {', '.join(ALIASES)})"
         raise ValueError(f"unknown divergence {name!r}; choose one of {choices}")
     return key
+
+
+def check_divergence(option: str, name: str) -> None:
+    """Raise `OptionError` naming `method.options.<option>` unless `name` is a known divergence (for options)."""
+    try:
+        resolve_divergence(name)
+    except ValueError as exc:
+        raise OptionError(option, str(exc)) from None
 
 
 def chunk_rows(vocab: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
