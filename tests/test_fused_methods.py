@@ -109,11 +109,13 @@ def run(c: Case, method, autocast: bool = False) -> tuple:
         {k: float(v) for k, v in out.stats.items()}, grads
 
 
-def both(name: str, dtype: torch.dtype, cache_dir, autocast: bool = False, **options) -> tuple:
+def both(name: str, dtype: torch.dtype, cache_dir, autocast: bool = False, tweak=None, **options) -> tuple:
     c = case(name, dtype, cache_dir)
     dense = c.method(name, head_fusion="dense", **options)
     fused = c.method(name, head_fusion="fused", **options)
     fused.load_state_dict(dense.state_dict())
+    if tweak is not None:
+        tweak(dense), tweak(fused)
     result = run(c, fused, autocast), run(c, dense, autocast)
     mask_stat = result[1][2]["t2s_acc" if c.family == "cma" else "t2s_agreement"]
     assert 0.0 < mask_stat < 1.0  # the t2s mask (and the gate) really select
@@ -188,6 +190,19 @@ def test_fused_equals_dense_presets(name: str, cache_dir) -> None:
 def test_fused_equals_dense_gate_after_rescale_and_temperature(name: str, cache_dir) -> None:
     fused, dense = both(name, torch.float64, cache_dir, kd_objective="srkl", kd_temperature=2.0, gate_after_rescale=True,
                         dtw="off", kd_rate=0.3)
+    assert_same(fused, dense, RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("kind", ["fkl", "akl"])
+@pytest.mark.parametrize("name", V2_METHODS)
+def test_fused_equals_dense_when_aligned_pairs_are_dropped(name: str, kind: str, cache_dir) -> None:
+    """Pairs whose teacher argmax has no student counterpart are dropped after the fused teacher-space call."""
+
+    def unmap_half(method) -> None:  # every other teacher token loses its exact-text student counterpart
+        method.teacher_to_student[1::2] = -1
+
+    fused, dense = both(name, torch.float64, cache_dir, tweak=unmap_half, kd_objective=kind)
+    assert 0.0 < dense[2]["kept_fraction"] < dense[2]["aligned_fraction"]
     assert_same(fused, dense, RTOL[torch.float64])
 
 
