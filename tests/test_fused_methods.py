@@ -45,8 +45,8 @@ def forward(student, teacher, s_view, t_view, s_vocab: int, t_vocab: int) -> Dis
     with torch.no_grad():
         t_out = teacher(input_ids=t_view.input_ids, attention_mask=t_view.attention_mask, output_hidden_states=True,
                         use_cache=False)
-    return DistillationInputs(s_view, t_view, deferred_view(out, student, s_vocab), deferred_view(t_out, teacher, t_vocab),
-                              torch.as_tensor(s_view.label_mask.sum()))
+    return DistillationInputs(s_view, t_view, deferred_view(out, student, s_vocab),
+                              deferred_view(t_out, teacher, t_vocab), torch.as_tensor(s_view.label_mask.sum()))
 
 
 class Case:
@@ -188,8 +188,8 @@ def test_fused_equals_dense_presets(name: str, cache_dir) -> None:
 
 @pytest.mark.parametrize("name", ["dwakd", "dwakdv2"])
 def test_fused_equals_dense_gate_after_rescale_and_temperature(name: str, cache_dir) -> None:
-    fused, dense = both(name, torch.float64, cache_dir, kd_objective="srkl", kd_temperature=2.0, gate_after_rescale=True,
-                        dtw="off", kd_rate=0.3)
+    fused, dense = both(name, torch.float64, cache_dir, kd_objective="srkl", kd_temperature=2.0,
+                        gate_after_rescale=True, dtw="off", kd_rate=0.3)
     assert_same(fused, dense, RTOL[torch.float64])
 
 

@@ -10,8 +10,11 @@ Per micro-batch, with every sum over valid response positions divided by `inputs
 
 t2s_logits = (a·V_t)·W_sᵀ and s2t_logits = (a'·V_s)·W_tᵀ with both heads detached and sliced to the real
 vocabulary; they are formed at valid positions only. KD terms use temperature τ on both sides, t2s_ce uses none
-(as DSKD's code). No τ² factor. The loss assembly is `DualSpaceMethod`'s; `dwakd` is this method with the DWA-KD
-component attached. Every choice and departure from the authors' code: docs/methods.md#4-dskd-cma.
+(as DSKD's code). No τ² factor. With `head_fusion: fused` (default) each space is one `fused_head_kd` call on the
+hidden states and heads (no (rows × V) logits kept; DWA-KD's entropies and gate come from its statistics) wherever
+the model view defers its head; `dense` is the plain `F.linear` + `divergence` reference. The loss assembly is
+`DualSpaceMethod`'s; `dwakd` is this method with the DWA-KD component attached. Every choice and departure from
+the authors' code: docs/methods.md#4-dskd-cma.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ class DualSpaceTerms:
     t2s_div: torch.Tensor  # (P,) D(t2s → student) per student-space row
     s2t_div: torch.Tensor  # (Q,) D(teacher → s2t) per teacher-space row
     t2s_mask: torch.Tensor  # (P,) bool: DSKD's argmax-correctness / DSKDv2's agreement mask
-    t2s_logits: torch.Tensor | None  # (P, V_s) projected teacher in the student vocabulary, rows in `student_rows` order
+    t2s_logits: torch.Tensor | None  # (P, V_s) projected teacher in the student vocabulary, `student_rows` order
     student_rows: torch.Tensor  # (P,) int64 flat positions on the (batch, n) grid
     teacher_rows: torch.Tensor  # (Q,) int64 flat positions on the (batch, m) grid
     student_mask: torch.Tensor  # (batch, n) bool
