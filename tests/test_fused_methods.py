@@ -225,6 +225,21 @@ def test_dense_logits_keep_the_dense_path(fused_calls: list, cache_dir) -> None:
     assert fused_calls == []
 
 
+def test_partitioned_or_wrapped_heads_keep_the_dense_path(fused_calls: list, cache_dir, monkeypatch) -> None:
+    """A head DeepSpeed ZeRO-3 partitions (its weight has `ds_id`) or that has a bias is applied as a module."""
+    c = case("dskd", torch.float64, cache_dir)
+    method = c.method("dwakd")
+    monkeypatch.setattr(c.student.get_output_embeddings().weight, "ds_id", 7, raising=False)
+    inputs = c.inputs()
+    assert inputs.student_out.linear_head_weight() is None
+    teacher_head = c.teacher.get_output_embeddings()
+    monkeypatch.setattr(teacher_head, "bias", torch.nn.Parameter(torch.zeros(teacher_head.out_features,
+                                                                             dtype=c.dtype), requires_grad=False))
+    assert inputs.teacher_out.linear_head_weight() is None
+    method(inputs).loss.backward()
+    assert fused_calls == []
+
+
 def test_head_fusion_is_validated(cache_dir) -> None:
     c = case("dskd", torch.float64, cache_dir)
     with pytest.raises(OptionError, match="head_fusion"):

@@ -104,12 +104,15 @@ class ModelView:
         """(head rows, hidden) weight W when this view's logits are exactly `hidden_at(rows) @ Wᵀ`, else None.
 
         True when the trainer deferred the LM head (it checked once that the head reproduces the model's logits:
-        no logit scaling or soft-capping) and the head is a plain bias-free `nn.Linear` (not a LoRA wrapper).
+        no logit scaling or soft-capping) and the head is a plain bias-free `nn.Linear` (not a LoRA wrapper, not
+        partitioned by DeepSpeed ZeRO-3).
         Fused head + loss ops (`dwakd.ops.fused_kd`) read the hidden states and this weight instead of logits;
         a view built from dense logits returns None, and its logits are used as given.
         """
         head = self._head
         if head is None or type(head) is not nn.Linear or head.bias is not None:
+            return None
+        if getattr(head.weight, "ds_id", None) is not None:  # DeepSpeed ZeRO-3: whole only inside the head's forward
             return None
         return head.weight
 
