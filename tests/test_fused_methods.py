@@ -94,14 +94,23 @@ def case(method: str, dtype: torch.dtype, cache_dir) -> Case:
     return _CASES[key]
 
 
-def run(c: Case, method, autocast: bool = False) -> tuple:
+def densify(view: ModelView) -> None:
+    """Turn a deferred-head view into one with dense logits (as the teacher cache or a logit transform gives)."""
+    view.logits = view._head(view.last_hidden)
+    view._head = None
+
+
+def run(c: Case, method, autocast: bool = False, dense_side: str | None = None) -> tuple:
     """Loss, parts, stats and gradients (student's and method's parameters) of one forward + backward."""
     params = {f"student.{n}": p for n, p in c.student.named_parameters() if p.requires_grad}
     params.update({f"method.{n}": p for n, p in method.named_parameters() if p.requires_grad})
     for p in list(params.values()) + list(c.teacher.parameters()):
         p.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = method(c.inputs())
+        inputs = c.inputs()
+        if dense_side is not None:
+            densify(getattr(inputs, f"{dense_side}_out"))
+        out = method(inputs)
     out.loss.backward()
     assert all(p.grad is None for p in c.teacher.parameters()), "the teacher got a gradient"
     grads = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
@@ -109,14 +118,15 @@ def run(c: Case, method, autocast: bool = False) -> tuple:
         {k: float(v) for k, v in out.stats.items()}, grads
 
 
-def both(name: str, dtype: torch.dtype, cache_dir, autocast: bool = False, tweak=None, **options) -> tuple:
+def both(name: str, dtype: torch.dtype, cache_dir, autocast: bool = False, tweak=None, dense_side=None,
+         **options) -> tuple:
     c = case(name, dtype, cache_dir)
     dense = c.method(name, head_fusion="dense", **options)
     fused = c.method(name, head_fusion="fused", **options)
     fused.load_state_dict(dense.state_dict())
     if tweak is not None:
         tweak(dense), tweak(fused)
-    result = run(c, fused, autocast), run(c, dense, autocast)
+    result = run(c, fused, autocast, dense_side), run(c, dense, autocast)
     mask_stat = result[1][2]["t2s_acc" if c.family == "cma" else "t2s_agreement"]
     assert 0.0 < mask_stat < 1.0  # the t2s mask (and the gate) really select
     return result
@@ -213,14 +223,22 @@ def test_fused_equals_dense_bf16_autocast(name: str, cache_dir) -> None:
     assert_same(fused, dense, 5e-2, atol=1e-3, grad_rtol=5e-2)
 
 
+@pytest.mark.parametrize("dense_side", ["student", "teacher"])
+@pytest.mark.parametrize("name", ["dwakd", "dwakdv2"])
+def test_one_side_with_dense_logits(name: str, dense_side: str, fused_calls: list, cache_dir) -> None:
+    """A side without a deferred head keeps the dense path for its space; the other space is still fused."""
+    fused, dense = both(name, torch.float64, cache_dir, dense_side=dense_side, kd_objective="js")
+    assert fused_calls  # the other side went through the op
+    assert_same(fused, dense, RTOL[torch.float64])
+
+
 def test_dense_logits_keep_the_dense_path(fused_calls: list, cache_dir) -> None:
     """A view built from dense logits (no deferred head) is used as given, whatever head_fusion says."""
     c = case("dskd", torch.float64, cache_dir)
     method = c.method("dwakd")
     inputs = c.inputs()
     for view in (inputs.student_out, inputs.teacher_out):
-        view.logits = view._head(view.last_hidden)
-        view._head = None
+        densify(view)
     method(inputs).loss.backward()
     assert fused_calls == []
 
