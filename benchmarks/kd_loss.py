@@ -15,7 +15,7 @@ attention; DTW is not part of it):
 
 Variants: `fused` (two `dwakd.ops.fused_kd.fused_head_kd` calls: the student space with the trained student head,
 recomputed in backward; the teacher space with the frozen teacher head, hidden-state gradients formed in forward),
-`dense` (the methods' code today: `F.linear` logits at the valid rows, `F.cross_entropy`, the chunked
+`dense` (the methods' `head_fusion: dense` path: `F.linear` logits at the valid rows, `F.cross_entropy`, the chunked
 `modules.divergences.divergence`, `modules.token_weights`), and `autograd` (the op's plain reference,
 `head_kd_reference`, everything by autograd; opt-in: it keeps every intermediate, ≈ 1.4× the dense peak at the
 `--quick` shapes, and is slower still).

@@ -8,6 +8,9 @@ and the load average before and after.
 
     PYTHONPATH=src python benchmarks/method_steps.py                                   # dwakd, cdm, alm, dskd
     PYTHONPATH=src python benchmarks/method_steps.py --methods dwakd,cdm --batch-sizes 4,1 --rounds 9
+    PYTHONPATH=src python benchmarks/method_steps.py --methods dskd,dskd:head_fusion=dense,dwakd,dwakd:head_fusion=dense
+
+A method entry `name:key=value+key=value` sets method options for that entry only (`method.options.key=value`).
 
 Writes benchmarks/results/method_steps.json (or --out): every sample, medians, best-of-N, ratios to the first method.
 """
@@ -35,6 +38,8 @@ from dwakd.run import build_training  # noqa: E402
 
 def build(config_path: str, method: str, batch_size: int, overrides: list[str]):
     """(model, batches) of one method: the `dwakd train` run's model and its first training batches."""
+    method, _, options = method.partition(":")  # `name:key=value+key=value`: options of this entry only
+    overrides = [*overrides, *(f"method.options.{item}" for item in options.split("+") if item)]
     with tempfile.TemporaryDirectory() as out_dir:
         config = load_config(config_path, [f"method={method}", f"output_dir={out_dir}", "data.eval=null",
                                            "training.max_steps=1",

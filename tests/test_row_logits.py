@@ -23,7 +23,10 @@ FAST = ["data.max_length=64", "data.max_prompt_length=32", "data.eval=null", "tr
 
 
 def _build(tiny_yaml, tmp_path, method: str):
-    config = load_config(tiny_yaml, [f"method={method}", f"output_dir={tmp_path / method}", *FAST])
+    """`method`, or `method:fused` for a dual-space method with `head_fusion: fused` (the CPU default is dense)."""
+    name, _, fusion = method.partition(":")
+    extra = [f"method.options.head_fusion={fusion}"] if fusion else []
+    config = load_config(tiny_yaml, [f"method={name}", f"output_dir={tmp_path / name}", *FAST, *extra])
     run = build_training(config, show_progress=False)
     batch = next(iter(run.trainer.get_train_dataloader()))
     run.model.eval()  # no dropout: the two passes must see the same network
@@ -80,11 +83,11 @@ def _check_method(tiny_yaml, tmp_path, method: str) -> None:
         assert labels < batch[key].numel()  # prompts and padding exist, so dense logits would be more rows
         # the model's own pass computes one row per sequence (logits_to_keep=1), the loss at most the label rows
         assert rows[side][0] == batch_size and sum(rows[side][1:]) <= labels, (side, rows[side], labels)
-        if method == "dskd":
-            assert rows[side] == [batch_size, labels]
+        if method.endswith(":fused"):  # the fused op reads the head's weight and never calls the head module
+            assert rows[side] == [batch_size]
 
 
-@pytest.mark.parametrize("method", sorted(CLASSES))
+@pytest.mark.parametrize("method", [*sorted(CLASSES), "dskd:fused", "dwakd:fused"])
 def test_rows_equal_dense_and_skip_prompts(tiny_yaml, tmp_path, method):
     _check_method(tiny_yaml, tmp_path, method)
 

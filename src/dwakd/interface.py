@@ -103,6 +103,27 @@ class ModelView:
         index = torch.where(mask, mask.long().cumsum(0) - 1, torch.full_like(mask, -1, dtype=torch.long))
         return self.logits_at(mask.nonzero().squeeze(1)), index
 
+    def linear_head_weight(self) -> torch.Tensor | None:
+        """(head rows, hidden) weight W when this view's logits are exactly `hidden_at(rows) @ Wᵀ`, else None.
+
+        True when the trainer deferred the LM head (it checked once that the head reproduces the model's logits:
+        no logit scaling or soft-capping) and the head is a plain bias-free `nn.Linear` (not a LoRA wrapper, not
+        partitioned by DeepSpeed ZeRO-3).
+        Fused head + loss ops (`dwakd.ops.fused_kd`) read the hidden states and this weight instead of logits;
+        a view built from dense logits returns None, and its logits are used as given.
+        """
+        head = self._head
+        if head is None or type(head) is not nn.Linear or head.bias is not None:
+            return None
+        if getattr(head.weight, "ds_id", None) is not None:  # DeepSpeed ZeRO-3: whole only inside the head's forward
+            return None
+        return head.weight
+
+    def hidden_at(self, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), hidden) final hidden states (the LM head's input) at flat positions `rows`, in that order."""
+        hidden = self._head_input()
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+
     @property
     def last_hidden(self) -> torch.Tensor:
         """(batch, length, hidden): the final layer after the final norm."""

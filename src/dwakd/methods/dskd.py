@@ -10,8 +10,11 @@ Per micro-batch, with every sum over valid response positions divided by `inputs
 
 t2s_logits = (a·V_t)·W_sᵀ and s2t_logits = (a'·V_s)·W_tᵀ with both heads detached and sliced to the real
 vocabulary; they are formed at valid positions only. KD terms use temperature τ on both sides, t2s_ce uses none
-(as DSKD's code). No τ² factor. The loss assembly is `DualSpaceMethod`'s; `dwakd` is this method with the DWA-KD
-component attached. Every choice and departure from the authors' code: docs/methods.md#4-dskd-cma.
+(as DSKD's code). No τ² factor. With `head_fusion: fused` (default) each space is one `fused_head_kd` call on the
+hidden states and heads (no (rows × V) logits kept; DWA-KD's entropies and gate come from its statistics) wherever
+the model view defers its head; `dense` is the plain `F.linear` + `divergence` reference. The loss assembly is
+`DualSpaceMethod`'s; `dwakd` is this method with the DWA-KD component attached. Every choice and departure from
+the authors' code: docs/methods.md#4-dskd-cma.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dwakd.methods.base import DistillationInputs, MethodContext, MethodOptions, check_range
+from dwakd.methods.base import DistillationInputs, MethodContext, MethodOptions, check_choice, check_range
 from dwakd.methods.dual_space_base import DualSpaceMethod
 from dwakd.methods.registry import register_method
 from dwakd.modules.cross_attention import CrossModelAttention, cross_model_attention, project
@@ -29,6 +32,9 @@ from dwakd.modules.divergences import check_divergence, compute_dtype, divergenc
 from dwakd.modules.dual_space import DualSpaceTerms
 from dwakd.modules.projectors import DualSpaceProjectors, model_dims
 from dwakd.modules.rows import valid_rows
+from dwakd.ops.fused_kd import fused_head_kd
+
+HEAD_FUSIONS = ("auto", "fused", "dense")
 
 
 @dataclass
@@ -38,9 +44,12 @@ class DSKDOptions(MethodOptions):
     kd_objective: str = "fkl"  # fkl | rkl | sfkl | srkl | js | akl (DSKD's long names accepted)
     skew_lambda: float = 0.1  # λ of the skewed KLs
     akl_alpha: float = 0.5  # head/tail split of adaptive KL
+    # fused: LM head + divergence in one op, no (rows × V) logits | dense: F.linear logits | auto: fused on GPU
+    head_fusion: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)
         check_divergence("kd_objective", self.kd_objective)
         check_range("skew_lambda", self.skew_lambda, 0.0, 1.0)
         check_range("akl_alpha", self.akl_alpha, 0.0, 1.0)
@@ -79,26 +88,51 @@ class DSKD(DualSpaceMethod):
         # student space: teacher information read at each valid student position (= every label position)
         s_rows = valid_rows(cma.student_mask)  # (P,)
         targets = student.labels.reshape(-1).index_select(0, s_rows)  # (P,)
-        student_logits = s_out.logits_at(s_rows)[:, :v_s]  # (P, V_s): the head runs at these rows only
-        ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
-        head_s = s_out.output_head_weight()[:v_s].detach()  # (V_s, d_s)
         t2s_hidden = cma.t2s_hidden.reshape(-1, cma.t2s_hidden.shape[-1]).index_select(0, s_rows)  # (P, d_s)
-        t2s_logits = F.linear(t2s_hidden.to(head_s.dtype), head_s)  # (P, V_s)
-        t2s_ce = F.cross_entropy(t2s_logits.to(compute_dtype(t2s_logits)), targets, reduction="sum")
-        with torch.no_grad():
-            t2s_correct = t2s_logits.argmax(-1).eq(targets)  # (P,)
-        t2s_div = divergence(
-            student_logits, t2s_logits.detach(), self.kd_objective, opts.kd_temperature,
-            skew_lambda=opts.skew_lambda, akl_alpha=opts.akl_alpha,
-        )  # (P,)
+        head_w = s_out.linear_head_weight() if self.fused_heads(student.input_ids.device) else None
+        want_stats = self.token_statistics()
+        student_entropy = t2s_peak = teacher_entropy = None
+        if head_w is not None:  # fused: z_s and t2s_logits only chunk by chunk inside the op
+            rows = fused_head_kd(
+                s_out.hidden_at(s_rows), head_w, t2s_hidden, head_w.detach(), vocab_size=v_s,
+                divergence=self.kd_objective, temperature=opts.kd_temperature, pred_labels=targets,
+                target_labels=targets, skew_lambda=opts.skew_lambda, akl_alpha=opts.akl_alpha,
+                statistics=("target_argmax", "pred_entropy", "target_peak") if want_stats else ("target_argmax",),
+            )
+            ce, t2s_ce, t2s_div = rows.pred_ce.sum(), rows.target_ce.sum(), rows.divergence  # (P,) divergence
+            t2s_correct = rows.target_argmax.eq(targets)  # (P,)
+            student_entropy, t2s_peak = rows.pred_entropy, rows.target_peak
+            student_logits = t2s_logits = None
+        else:
+            student_logits = s_out.logits_at(s_rows)[:, :v_s]  # (P, V_s): the head runs at these rows only
+            ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
+            head_s = s_out.output_head_weight()[:v_s].detach()  # (V_s, d_s)
+            t2s_logits = F.linear(t2s_hidden.to(head_s.dtype), head_s)  # (P, V_s)
+            t2s_ce = F.cross_entropy(t2s_logits.to(compute_dtype(t2s_logits)), targets, reduction="sum")
+            with torch.no_grad():
+                t2s_correct = t2s_logits.argmax(-1).eq(targets)  # (P,)
+            t2s_div = divergence(
+                student_logits, t2s_logits.detach(), self.kd_objective, opts.kd_temperature,
+                skew_lambda=opts.skew_lambda, akl_alpha=opts.akl_alpha,
+            )  # (P,)
 
         # teacher space: student information read at each valid teacher position
         t_rows = valid_rows(cma.teacher_mask)  # (Q,)
-        head_t = t_out.output_head_weight()[:v_t].detach()  # (V_t, d_t)
         s2t_hidden = cma.s2t_hidden.reshape(-1, cma.s2t_hidden.shape[-1]).index_select(0, t_rows)  # (Q, d_t)
-        s2t_logits = F.linear(s2t_hidden.to(head_t.dtype), head_t)  # (Q, V_t)
-        teacher_logits = t_out.logits_at(t_rows)[:, :v_t].detach()  # (Q, V_t)
-        s2t_div = divergence(s2t_logits, teacher_logits, "fkl", opts.kd_temperature)  # (Q,)
+        teacher_w = t_out.linear_head_weight() if self.fused_heads(teacher.input_ids.device) else None
+        if teacher_w is not None:  # fused: the frozen teacher head on both sides, one matmul per chunk
+            teacher_w = teacher_w.detach()
+            rows = fused_head_kd(
+                s2t_hidden, teacher_w, t_out.hidden_at(t_rows).detach(), teacher_w, vocab_size=v_t,
+                divergence="fkl", temperature=opts.kd_temperature,
+                statistics=("target_entropy",) if want_stats else (),
+            )
+            s2t_div, teacher_entropy, teacher_logits = rows.divergence, rows.target_entropy, None  # (Q,)
+        else:
+            head_t = t_out.output_head_weight()[:v_t].detach()  # (V_t, d_t)
+            s2t_logits = F.linear(s2t_hidden.to(head_t.dtype), head_t)  # (Q, V_t)
+            teacher_logits = t_out.logits_at(t_rows)[:, :v_t].detach()  # (Q, V_t)
+            s2t_div = divergence(s2t_logits, teacher_logits, "fkl", opts.kd_temperature)  # (Q,)
 
         with torch.no_grad():
             stats = {"t2s_acc": t2s_correct.float().sum() / max(1, s_rows.numel())}
@@ -106,7 +140,7 @@ class DSKD(DualSpaceMethod):
             ce=ce, t2s_ce=t2s_ce, t2s_div=t2s_div, s2t_div=s2t_div, t2s_mask=t2s_correct, t2s_logits=t2s_logits,
             student_rows=s_rows, teacher_rows=t_rows, student_mask=cma.student_mask, teacher_mask=cma.teacher_mask,
             student_logits=student_logits, teacher_logits=teacher_logits, student_vocab=v_s, teacher_vocab=v_t,
-            stats=stats, cma=cma,
+            stats=stats, cma=cma, student_entropy=student_entropy, t2s_peak=t2s_peak, teacher_entropy=teacher_entropy,
         )
 
     def dtw_teacher_hidden(self, inputs: DistillationInputs, terms: CMATerms) -> torch.Tensor:

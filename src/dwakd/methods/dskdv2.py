@@ -52,6 +52,7 @@ from dwakd.modules.cross_entropy import label_cross_entropy_sum
 from dwakd.modules.divergences import compute_dtype, divergence, resolve_divergence
 from dwakd.modules.dual_space import DualSpaceTerms
 from dwakd.modules.projectors import model_dims
+from dwakd.ops.fused_kd import fused_head_kd
 
 ALIGNMENTS = ("auto", "offsets", "strings", "identity")
 
@@ -203,10 +204,32 @@ class DSKDv2(DualSpaceMethod):
         with torch.no_grad():
             label_pred = teacher_logits[:, :v_t].argmax(-1)  # (label rows,)
             t_pred = label_pred.index_select(0, teacher_index.clamp_min(0)).view(teacher.labels.shape)  # (batch, m)
-            vocab_map = self.teacher_to_student
-            t_pred = torch.where(t_pred < vocab_map.numel(), t_pred, torch.zeros_like(t_pred))
-            mapped = vocab_map[t_pred]  # (batch, m) student id or −1
+            mapped = self.map_to_student(t_pred)  # (batch, m) student id or −1
             mapped = torch.where(teacher_index.view(teacher.labels.shape) >= 0, mapped, -1)  # labels only
+        return self.pairs_from_mapped(inputs, s2t, aligned, mapped)
+
+    def map_to_student(self, teacher_ids: torch.Tensor) -> torch.Tensor:
+        """Student id of each teacher id by exact text, −1 where none."""
+        vocab_map = self.teacher_to_student
+        teacher_ids = torch.where(teacher_ids < vocab_map.numel(), teacher_ids, torch.zeros_like(teacher_ids))
+        return vocab_map[teacher_ids]
+
+    def candidate_rows(self, inputs: DistillationInputs, s2t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C,) flat student rows aligned to a teacher label position and (C,) those teacher rows, student order:
+        the pairs `aligned_pairs` keeps once the teacher's argmax at them maps to a student token."""
+        teacher = inputs.teacher
+        n, m = s2t.shape[1], teacher.labels.shape[1]
+        with torch.no_grad():
+            candidate = (s2t >= 0) & teacher.label_mask.gather(1, s2t.clamp_min(0))  # (batch, n)
+            s_rows = candidate.reshape(-1).nonzero().squeeze(1)  # (C,) increasing
+            t_rows = (s_rows // n) * m + s2t.reshape(-1).index_select(0, s_rows)
+        return s_rows, t_rows
+
+    def pairs_from_mapped(self, inputs: DistillationInputs, s2t: torch.Tensor, aligned: int,
+                          mapped: torch.Tensor) -> AlignedPairs:
+        """AlignedPairs from the alignment and the (batch, m) mapped teacher argmax (−1: none or not a label)."""
+        teacher = inputs.teacher
+        with torch.no_grad():
             partner = s2t.clamp_min(0)
             target = mapped.gather(1, partner)  # (batch, n): mapped teacher argmax at the partner
             keep = (s2t >= 0) & (target >= 0)
@@ -231,35 +254,85 @@ class DSKDv2(DualSpaceMethod):
         if inputs.teacher is None or t_out is None:
             raise ValueError(f"method {self.name!r} needs the teacher's view and outputs in the batch")
         v_s, v_t = s_out.vocab_size, t_out.vocab_size
-        s_logits, s_index = s_out.label_logits(inputs.student)  # heads run at the label rows only
-        t_logits, t_index = t_out.label_logits(inputs.teacher)
-        t_logits = t_logits.detach()
-        ce = label_cross_entropy_sum(s_logits, inputs.student, v_s)
-        pairs = self.aligned_pairs(inputs, t_logits, t_index)
+        fused = self.fused_heads(inputs.student.input_ids.device)
+        head_w = s_out.linear_head_weight() if fused else None
+        teacher_w = t_out.linear_head_weight() if fused else None
+        want_stats = self.token_statistics()
+        kd = dict(divergence=self.kd_objective, temperature=opts.kd_temperature, skew_lambda=opts.skew_lambda,
+                  akl_alpha=opts.akl_alpha)
+        head_s = s_out.output_head_weight()[:v_s].detach()  # (V_s, d_s)
+        s2t = self.s2t_projection(head_s)  # (d_s, d_t)
+        s_hidden_all = s_out.last_hidden
+        s_hidden_all = s_hidden_all.reshape(-1, s_hidden_all.shape[-1])  # (batch·n, d_s)
+
+        # teacher side first: the teacher's argmax decides which aligned pairs are kept
+        teacher_entropy = None
+        if teacher_w is not None:  # fused: teacher logits only chunk by chunk, at the aligned candidates
+            teacher_w = teacher_w.detach()
+            s2t_pos, aligned = self.align(inputs.student, inputs.teacher)
+            c_s_rows, c_t_rows = self.candidate_rows(inputs, s2t_pos)  # (C,)
+            c_hidden = s_hidden_all.index_select(0, c_s_rows)  # (C, d_s)
+            rows = fused_head_kd(
+                (c_hidden.to(s2t.dtype) @ s2t), teacher_w, t_out.hidden_at(c_t_rows).detach(), teacher_w,
+                vocab_size=v_t, statistics=("target_argmax", "target_entropy") if want_stats else ("target_argmax",),
+                **kd,
+            )
+            with torch.no_grad():
+                c_mapped = self.map_to_student(rows.target_argmax)  # (C,)
+                mapped = torch.full((inputs.teacher.labels.numel(),), -1, dtype=c_mapped.dtype,
+                                    device=c_mapped.device)
+                mapped = mapped.index_copy(0, c_t_rows, c_mapped).view(inputs.teacher.labels.shape)
+                kept = c_mapped.ge(0).nonzero().squeeze(1)  # candidates kept, in student order
+            pairs = self.pairs_from_mapped(inputs, s2t_pos, aligned, mapped)
+            s2t_div = rows.divergence.index_select(0, kept)  # (P,)
+            if want_stats:
+                teacher_entropy = rows.target_entropy.index_select(0, kept)
+            t_logits = t_index = None
+        else:
+            t_logits, t_index = t_out.label_logits(inputs.teacher)  # the head runs at the label rows only
+            t_logits = t_logits.detach()
+            pairs = self.aligned_pairs(inputs, t_logits, t_index)
         s_rows, t_rows = pairs.student_rows, pairs.teacher_rows
+        if teacher_w is None:  # teacher space: student states through the head-derived projector
+            s_hidden = s_hidden_all.index_select(0, s_rows)  # (P, d_s)
+            head_t = t_out.output_head_weight()[:v_t].detach()  # (V_t, d_t)
+            s2t_logits = F.linear((s_hidden.to(s2t.dtype) @ s2t).to(head_t.dtype), head_t)  # (P, V_t)
+            s2t_div = divergence(s2t_logits, t_logits[:, :v_t], self.kd_objective, opts.kd_temperature,
+                                 teacher_rows=t_index.index_select(0, t_rows), skew_lambda=opts.skew_lambda,
+                                 akl_alpha=opts.akl_alpha)  # (P,)
 
         # student space: projected teacher states at the kept pairs
         t_hidden = t_out.last_hidden.detach()
         t_hidden = t_hidden.reshape(-1, t_hidden.shape[-1]).index_select(0, t_rows)  # (P, d_t)
-        head_s = s_out.output_head_weight()[:v_s].detach()  # (V_s, d_s)
         t2s_hidden = self.t2s(t_hidden.to(self.t2s.weight.dtype))  # (P, d_s)
-        t2s_logits = F.linear(t2s_hidden.to(head_s.dtype), head_s)  # (P, V_s)
-        t2s_ce = F.cross_entropy(t2s_logits.to(compute_dtype(t2s_logits)), pairs.targets, reduction="sum")
-        with torch.no_grad():
-            agreement = t2s_logits.argmax(-1).eq(pairs.targets)  # (P,)
-        t2s_div = divergence(s_logits[:, :v_s], t2s_logits.detach(), self.kd_objective, opts.kd_temperature,
-                             student_rows=s_index.index_select(0, s_rows), skew_lambda=opts.skew_lambda,
-                             akl_alpha=opts.akl_alpha)  # (P,)
-
-        # teacher space: student states through the head-derived projector
-        s_hidden = s_out.last_hidden
-        s_hidden = s_hidden.reshape(-1, s_hidden.shape[-1]).index_select(0, s_rows)  # (P, d_s)
-        s2t = self.s2t_projection(head_s)  # (d_s, d_t)
-        head_t = t_out.output_head_weight()[:v_t].detach()  # (V_t, d_t)
-        s2t_logits = F.linear((s_hidden.to(s2t.dtype) @ s2t).to(head_t.dtype), head_t)  # (P, V_t)
-        s2t_div = divergence(s2t_logits, t_logits[:, :v_t], self.kd_objective, opts.kd_temperature,
-                             teacher_rows=t_index.index_select(0, t_rows), skew_lambda=opts.skew_lambda,
-                             akl_alpha=opts.akl_alpha)  # (P,)
+        student_entropy = t2s_peak = None
+        if head_w is not None:  # fused: z_s and t2s_logits only chunk by chunk inside the op
+            labels = inputs.student.labels.reshape(-1)
+            rows = fused_head_kd(
+                s_out.hidden_at(s_rows), head_w, t2s_hidden, head_w.detach(), vocab_size=v_s,
+                pred_labels=labels.index_select(0, s_rows), target_labels=pairs.targets,
+                statistics=("target_argmax", "pred_entropy", "target_peak") if want_stats else ("target_argmax",),
+                **kd,
+            )
+            t2s_ce, t2s_div, student_entropy, t2s_peak = rows.target_ce.sum(), rows.divergence, rows.pred_entropy, \
+                rows.target_peak
+            agreement = rows.target_argmax.eq(pairs.targets)  # (P,)
+            ce = rows.pred_ce.sum()  # CE at the kept pairs, then at the other label positions
+            rest = (inputs.student.label_mask & ~pairs.student_mask).reshape(-1).nonzero().squeeze(1)
+            if rest.numel():
+                ce = ce + fused_head_kd(s_out.hidden_at(rest), head_w, vocab_size=v_s, divergence=None,
+                                        pred_labels=labels.index_select(0, rest)).pred_ce.sum()
+            s_logits = s_index = t2s_logits = None
+        else:
+            s_logits, s_index = s_out.label_logits(inputs.student)  # the head runs at the label rows only
+            ce = label_cross_entropy_sum(s_logits, inputs.student, v_s)
+            t2s_logits = F.linear(t2s_hidden.to(head_s.dtype), head_s)  # (P, V_s)
+            t2s_ce = F.cross_entropy(t2s_logits.to(compute_dtype(t2s_logits)), pairs.targets, reduction="sum")
+            with torch.no_grad():
+                agreement = t2s_logits.argmax(-1).eq(pairs.targets)  # (P,)
+            t2s_div = divergence(s_logits[:, :v_s], t2s_logits.detach(), self.kd_objective, opts.kd_temperature,
+                                 student_rows=s_index.index_select(0, s_rows), skew_lambda=opts.skew_lambda,
+                                 akl_alpha=opts.akl_alpha)  # (P,)
 
         with torch.no_grad():
             valid = max(1, int(inputs.student.label_mask.sum()))
@@ -271,7 +344,8 @@ class DSKDv2(DualSpaceMethod):
             ce=ce, t2s_ce=t2s_ce, t2s_div=t2s_div, s2t_div=s2t_div, t2s_mask=agreement, t2s_logits=t2s_logits,
             student_rows=s_rows, teacher_rows=t_rows, student_mask=pairs.student_mask, teacher_mask=pairs.teacher_mask,
             student_logits=s_logits, teacher_logits=t_logits, student_vocab=v_s, teacher_vocab=v_t,
-            student_index=s_index, teacher_index=t_index, stats=stats, pairs=pairs,
+            student_index=s_index, teacher_index=t_index, stats=stats, pairs=pairs, student_entropy=student_entropy,
+            t2s_peak=t2s_peak, teacher_entropy=teacher_entropy,
         )
 
     def dtw_teacher_hidden(self, inputs: DistillationInputs, terms: V2Terms) -> torch.Tensor:

@@ -39,6 +39,19 @@ class DualSpaceMethod(DistillationMethod):
         """Turn this host into its DWA-KD version (call after the host's own projectors are built)."""
         self.dwa = DWAComponent(self.options, model_dims(context.student_config), model_dims(context.teacher_config))
 
+    def fused_heads(self, device: torch.device) -> bool:
+        """Whether the KD terms use the fused LM head + divergence op where the model views allow it
+        (`head_fusion: fused`, or `auto` on a GPU); otherwise dense logits (`dense`, the plain reference path).
+
+        `auto` is dense on CPU: there the fused op's chunked elementwise passes cost 1.1-1.4x the dense step
+        (benchmarks/README.md), while its memory saving (2.6x at the tiny recipe) is what GPUs need."""
+        mode = getattr(self.options, "head_fusion", "dense")
+        return mode == "fused" or (mode == "auto" and device.type != "cpu")
+
+    def token_statistics(self) -> bool:
+        """Whether the fused path must return the τ = 1 statistics DWA-KD's token weights read (entropies, gate)."""
+        return self.dwa is not None and bool(self.dwa.options.token_weights)
+
     # ---- hooks -------------------------------------------------------------------------------------------------
     def dual_space_terms(self, inputs: DistillationInputs) -> DualSpaceTerms:
         """One dual-space pass: sums and per-row divergences before scaling and normalisation."""

@@ -24,6 +24,10 @@ class DualSpaceTerms:
     weight rescaling runs over them). `student_logits` holds the student's logits at (at least) those positions:
     `student_index` maps a flat position to its row (−1 elsewhere), or is None when the rows are exactly the True
     entries of `student_mask` in row-major order. The same for the teacher.
+
+    With the fused LM head + divergence op (`head_fusion: fused`) the logits of a space are never formed: its
+    logits fields are None and the τ = 1 statistics DWA-KD's token weights need come per row instead
+    (`student_entropy` and `t2s_peak` in `student_rows` order, `teacher_entropy` in `teacher_rows` order, nats).
     """
 
     ce: torch.Tensor  # scalar: Σ −log q_s(y) over every student label token
@@ -31,15 +35,18 @@ class DualSpaceTerms:
     t2s_div: torch.Tensor  # (P,) D(t2s → student) per student-space row
     s2t_div: torch.Tensor  # (Q,) D(teacher → s2t) per teacher-space row
     t2s_mask: torch.Tensor  # (P,) bool: DSKD's argmax-correctness / DSKDv2's agreement mask
-    t2s_logits: torch.Tensor  # (P, V_s) projected teacher in the student vocabulary, rows in `student_rows` order
+    t2s_logits: torch.Tensor | None  # (P, V_s) projected teacher in the student vocabulary, `student_rows` order
     student_rows: torch.Tensor  # (P,) int64 flat positions on the (batch, n) grid
     teacher_rows: torch.Tensor  # (Q,) int64 flat positions on the (batch, m) grid
     student_mask: torch.Tensor  # (batch, n) bool
     teacher_mask: torch.Tensor  # (batch, m) bool
-    student_logits: torch.Tensor  # (rows, ≥V_s) student logits (head padding rows allowed)
-    teacher_logits: torch.Tensor  # (rows, ≥V_t) teacher logits, detached
+    student_logits: torch.Tensor | None  # (rows, ≥V_s) student logits (head padding rows allowed)
+    teacher_logits: torch.Tensor | None  # (rows, ≥V_t) teacher logits, detached
     student_vocab: int
     teacher_vocab: int
     student_index: torch.Tensor | None = None  # (batch·n,) flat position → row of student_logits
     teacher_index: torch.Tensor | None = None  # (batch·m,) flat position → row of teacher_logits
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    student_entropy: torch.Tensor | None = None  # (P,) H(softmax(z_s)) at τ = 1, when student_logits is None
+    t2s_peak: torch.Tensor | None = None  # (P,) max softmax(t2s_logits), when t2s_logits is None
+    teacher_entropy: torch.Tensor | None = None  # (Q,) H(softmax(z_t)) at τ = 1, when teacher_logits is None

@@ -31,6 +31,7 @@ over the head's padding rows.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,7 +44,12 @@ from dwakd.modules.dtw import response_dtw_divergence
 from dwakd.modules.dual_space import DualSpaceTerms
 from dwakd.modules.projectors import ModelDims
 from dwakd.modules.rows import valid_rows
-from dwakd.modules.token_weights import peak_probability, student_token_weights, teacher_token_weights
+from dwakd.modules.token_weights import (
+    peak_probability,
+    student_token_weights,
+    teacher_token_weights,
+    weights_at_rows,
+)
 from dwakd.ops.soft_dtw.functional import IMPLS
 from dwakd.options import OptionError, check_choice, check_positive, check_range
 
@@ -155,12 +161,23 @@ class DWAComponent(nn.Module):
         """(P,) weights w_i for t2s_div and (Q,) weights u_j for s2t_div, in the order of the terms' rows."""
         opts = self.options
         s_mask, t_mask = terms.student_mask, terms.teacher_mask
-        gate = peak_probability(terms.t2s_logits.detach()) if opts.gate else None  # (P,) in student_rows order
-        s_rows = None if terms.student_index is None else terms.student_index.index_select(0, valid_rows(s_mask))
-        t_rows = None if terms.teacher_index is None else terms.teacher_index.index_select(0, valid_rows(t_mask))
+        gate = None
+        if opts.gate:  # (P,) in student_rows order
+            gate = terms.t2s_peak if terms.t2s_logits is None else peak_probability(terms.t2s_logits.detach())
         inner_gate = None if opts.gate_after_rescale else gate
-        w = student_token_weights(terms.student_logits, s_mask, terms.student_vocab, inner_gate, rows=s_rows)
-        u = teacher_token_weights(terms.teacher_logits, t_mask, terms.teacher_vocab, rows=t_rows)
+        if terms.student_logits is None:  # fused head: per-row entropies instead of logits
+            raw = terms.student_entropy / math.log(terms.student_vocab)
+            raw = raw if inner_gate is None else raw * inner_gate.to(raw.dtype)
+            w = weights_at_rows(raw, s_mask, terms.student_rows)
+        else:
+            s_rows = None if terms.student_index is None else terms.student_index.index_select(0, valid_rows(s_mask))
+            w = student_token_weights(terms.student_logits, s_mask, terms.student_vocab, inner_gate, rows=s_rows)
+        if terms.teacher_logits is None:
+            confidence = (1.0 - terms.teacher_entropy / math.log(terms.teacher_vocab)).clamp_min(0.0)
+            u = weights_at_rows(confidence, t_mask, terms.teacher_rows)
+        else:
+            t_rows = None if terms.teacher_index is None else terms.teacher_index.index_select(0, valid_rows(t_mask))
+            u = teacher_token_weights(terms.teacher_logits, t_mask, terms.teacher_vocab, rows=t_rows)
         student_scale = w.weights.reshape(-1).index_select(0, terms.student_rows)  # (P,)
         teacher_scale = u.weights.reshape(-1).index_select(0, terms.teacher_rows)  # (Q,)
         if gate is not None and opts.gate_after_rescale:

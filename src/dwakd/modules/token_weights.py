@@ -121,6 +121,15 @@ def student_token_weights(
     return TokenWeights(weights=rescale_per_sequence(raw, mask), raw=raw)
 
 
+def weights_at_rows(raw_rows: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> TokenWeights:
+    """Raw weights given per row (K,) at flat positions `rows` of `mask`'s (batch, length) grid, rescaled per
+    sequence like `student_token_weights` (for weights from per-row statistics instead of logits; every row must
+    be a True entry of `mask`, and the rows together cover it)."""
+    raw = torch.zeros(mask.numel(), dtype=raw_rows.dtype, device=raw_rows.device)
+    raw = raw.index_copy(0, rows, raw_rows.detach()).view(mask.shape)
+    return TokenWeights(weights=rescale_per_sequence(raw, mask), raw=raw)
+
+
 def teacher_token_weights(
     teacher_logits: torch.Tensor, mask: torch.Tensor, vocab_size: int, rows: torch.Tensor | None = None
 ) -> TokenWeights:
