@@ -209,10 +209,15 @@ def test_discriminator_has_its_own_optimizer_group(tiny_yaml, tmp_path) -> None:
 
 
 def test_resume_after_kill_restores_discriminator_and_its_optimizer(tiny_yaml, tmp_path) -> None:
-    """SIGKILL after checkpoint-2, resume: per-step losses and parts, and the final discriminator weights and Adam
-    moments, equal an uninterrupted run's (the discriminator trains with dropout, so RNG state matters too)."""
+    """SIGKILL at the end of step 3 (after checkpoint-2), resume: per-step losses and parts, and the final
+    discriminator weights and Adam moments, equal an uninterrupted run's (the discriminator trains with dropout, so
+    RNG state matters too). The kill comes from inside the training loop at a chosen step (tests/_stop_at_step.py),
+    not from a timer."""
+    import sys
+    from pathlib import Path
+
     from safetensors.torch import load_file
-    from test_robustness import SMALL, _wait_for, cli, env, losses
+    from test_robustness import SMALL, cli, env, losses
 
     common = [str(tiny_yaml), *SMALL, "method=dskd-cma-ga", "method.options={disc_hidden: 16, disc_lr: 0.002}",
               "training.max_steps=4", "training.save_strategy=steps", "training.save_steps=2",
@@ -220,14 +225,11 @@ def test_resume_after_kill_restores_discriminator_and_its_optimizer(tiny_yaml, t
     ref = tmp_path / "ref"
     subprocess.run(cli(*common, f"output_dir={ref}"), env=env(), check=True, capture_output=True, timeout=600)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cli(*common, f"output_dir={out}"), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        assert _wait_for(lambda: (out / "checkpoint-2" / "trainer_state.json").is_file(), proc)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    stopper = Path(__file__).resolve().parent / "_stop_at_step.py"
+    killed = subprocess.run([sys.executable, str(stopper), "3", "KILL", *common, f"output_dir={out}"], env=env(),
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     saved = load_file(str(out / "checkpoint-2" / "distill_method.safetensors"))
     assert any(k.startswith("discriminator.") for k in saved)
     resumed = subprocess.run(cli(*common, f"output_dir={out}", "training.resume_from_checkpoint=last"),
