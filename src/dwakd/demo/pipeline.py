@@ -229,13 +229,24 @@ def _worker_init(threads: int, log_file: str | None, parent: int | None = None) 
         logging.getLogger().setLevel(logging.INFO)
 
 
-def train_job(tree: dict[str, Any], label: str, show_progress: bool = False) -> dict[str, Any]:
-    """Train one model from its `dwakd train` config tree; returns wall/CPU seconds, steps and the mean loss."""
+def train_job(tree: dict[str, Any], label: str, show_progress: bool = False, threads: int | None = None
+              ) -> dict[str, Any]:
+    """Train one model from its `dwakd train` config tree; returns wall/CPU seconds, steps and the mean loss.
+
+    `threads`: torch threads for this job only (the worker's own setting is restored after it)."""
+    import torch
+
     from dwakd.config import config_from_dict
     from dwakd.run import train
 
+    previous = torch.get_num_threads()
+    if threads:
+        set_threads(threads)
     started, cpu = time.perf_counter(), time.process_time()
-    result = train(config_from_dict(tree, f"demo {label}"), show_progress=show_progress)
+    try:
+        result = train(config_from_dict(tree, f"demo {label}"), show_progress=show_progress)
+    finally:
+        set_threads(previous)
     return {"seconds": round(time.perf_counter() - started, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
             "global_step": result["global_step"], "train_loss": result["train_loss"]}
 
@@ -632,7 +643,10 @@ class DemoPipeline:
                 future = runner.submit(cache_job, job.tree, str(job.folder), self.log.teacher_cache["settings"],
                                        inline_progress)
             else:
-                future = runner.submit(train_job, job.tree, job.label, inline_progress)
+                # the teacher is the critical path: every distilled student waits for it, and once the few
+                # students that need no teacher are done the other workers idle, so it gets every core
+                teacher_threads = workers * threads if job.label == "teacher" and workers > 1 else None
+                future = runner.submit(train_job, job.tree, job.label, inline_progress, teacher_threads)
             running[future] = (job.kind, job)
 
         try:
