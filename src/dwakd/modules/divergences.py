@@ -120,13 +120,20 @@ def log_probs(x: torch.Tensor, tau: float) -> torch.Tensor:
     return out.clamp_(min=torch.finfo(out.dtype).min)
 
 
-def _softmax_vjp_(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """∂/∂s of f(q = softmax(s)) given a = ∂f/∂q: q ⊙ (a − ⟨q, a⟩), computed in place in `a`."""
-    return a.sub_(row_dot(q, a).unsqueeze(-1)).mul_(q)
+def softmax_vjp_(q: torch.Tensor, a: torch.Tensor, q_dot_a: torch.Tensor | None = None) -> torch.Tensor:
+    """∂/∂s of f(q = softmax(s)) given a = ∂f/∂q: q ⊙ (a − ⟨q, a⟩), computed in place in `a`.
+
+    `q_dot_a`: ⟨q, a⟩ when the caller has it already (often the divergence value itself)."""
+    inner = row_dot(q, a) if q_dot_a is None else q_dot_a
+    return a.sub_(inner.unsqueeze(-1)).mul_(q)
 
 
-def _akl_mix(p: torch.Tensor, q: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head and tail mixing weights (rows,) of adaptive KL; ½/½ where p and q coincide (no gap at all)."""
+def akl_mix(p: torch.Tensor, q: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head and tail mixing weights (rows,) of adaptive KL; ½/½ where p and q coincide (no gap at all).
+
+    With the target probabilities sorted ascending, the tail is the tokens whose cumulative mass is ≤ α; the
+    weights are the summed |p − q| gaps on the head and on the tail, normalised to sum to 1.
+    """
     sorted_p, order = p.sort(-1)  # ascending teacher probabilities
     gap = (sorted_p - q.gather(-1, order)).abs_()
     tail = sorted_p.cumsum_(-1).le_(alpha)
@@ -157,7 +164,7 @@ def _value(s: torch.Tensor, t: torch.Tensor, spec: _Spec) -> torch.Tensor:
         return 0.5 * row_dot(log_p.exp(), log_p - log_mid) + 0.5 * row_dot(log_q.exp(), log_q - log_mid)
     if kind == "akl":
         p, q = log_p.exp(), log_q.exp()
-        w_head, w_tail = _akl_mix(p, q, spec.akl_alpha)
+        w_head, w_tail = akl_mix(p, q, spec.akl_alpha)
         diff = log_p.sub_(log_q)  # log p − log q
         return w_head * row_dot(p, diff) - w_tail * row_dot(q, diff)
     raise ValueError(kind)  # pragma: no cover - resolve_divergence guards this
@@ -171,21 +178,21 @@ def _grad(s: torch.Tensor, t: torch.Tensor, spec: _Spec) -> torch.Tensor:
     if kind == "fkl":
         return q.sub_(log_p.exp_())  # q − p
     if kind == "rkl":
-        return _softmax_vjp_(q, log_q.sub_(log_p))  # the "+1" of ∂(q log q)/∂q cancels in the softmax Jacobian
+        return softmax_vjp_(q, log_q.sub_(log_p))  # the "+1" of ∂(q log q)/∂q cancels in the softmax Jacobian
     if kind == "sfkl":
         log_m = torch.logaddexp(log_p + math.log(lam), log_q + math.log1p(-lam)) if lam > 0 else log_q
-        return _softmax_vjp_(q, log_p.sub_(log_m).exp_().mul_(-(1.0 - lam)))  # ∂/∂q = −(1−λ) p/m
+        return softmax_vjp_(q, log_p.sub_(log_m).exp_().mul_(-(1.0 - lam)))  # ∂/∂q = −(1−λ) p/m
     if kind == "srkl":
         log_m = torch.logaddexp(log_p + math.log1p(-lam), log_q + math.log(lam)) if lam > 0 else log_p
         ratio = (log_q - log_m).exp_().mul_(lam)  # λ q/m
-        return _softmax_vjp_(q, log_q.sub_(log_m).sub_(ratio))  # ∂/∂q = log q − log m + 1 − λ q/m
+        return softmax_vjp_(q, log_q.sub_(log_m).sub_(ratio))  # ∂/∂q = log q − log m + 1 − λ q/m
     if kind == "js":
         log_mid = torch.logaddexp(log_p, log_q).sub_(math.log(2.0))
-        return _softmax_vjp_(q, log_q.sub_(log_mid).mul_(0.5))  # p/M and q/M terms cancel: (p + q)/(2M) = 1
+        return softmax_vjp_(q, log_q.sub_(log_mid).mul_(0.5))  # p/M and q/M terms cancel: (p + q)/(2M) = 1
     if kind == "akl":
         p = log_p.exp()
-        w_head, w_tail = _akl_mix(p, q, spec.akl_alpha)
-        rkl_grad = _softmax_vjp_(q, log_q.sub_(log_p))
+        w_head, w_tail = akl_mix(p, q, spec.akl_alpha)
+        rkl_grad = softmax_vjp_(q, log_q.sub_(log_p))
         return rkl_grad.mul_(w_tail.unsqueeze(-1)).add_((q - p).mul_(w_head.unsqueeze(-1)))
     raise ValueError(kind)  # pragma: no cover
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dwakd.modules.divergences import akl_mix, row_dot, softmax_vjp_
+
 DIVERGENCES = ("fkl", "rkl", "sfkl", "srkl", "js", "akl")
 
 
@@ -31,46 +33,13 @@ class DivergenceSpec:
     akl_alpha: float = 0.5
 
 
-def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_v a·b per row (rows,), without a (rows, V) product temporary."""
-    return torch.einsum("rv,rv->r", a, b)
-
-
-def log_softmax_at(z: torch.Tensor, tau: float) -> torch.Tensor:
-    """log softmax(z / τ) as a new tensor, −inf clamped to the dtype's lowest finite value (0·log 0 stays 0)."""
-    out = torch.log_softmax(z * (1.0 / tau) if tau != 1.0 else z, -1)
-    return out.clamp_(min=torch.finfo(out.dtype).min)
-
-
 def log_softmax_(z: torch.Tensor, tau: float) -> torch.Tensor:
-    """`log_softmax_at` computed in place in `z` (which it consumes): no second (rows, V) tensor stays alive."""
+    """`dwakd.modules.divergences.log_probs` computed in place in `z` (which it consumes): no second (rows, V)
+    tensor stays alive."""
     if tau != 1.0:
         z.mul_(1.0 / tau)
     z.sub_(torch.logsumexp(z, -1, keepdim=True))
     return z.clamp_(min=torch.finfo(z.dtype).min)
-
-
-def _softmax_vjp_(q: torch.Tensor, a: torch.Tensor, q_dot_a: torch.Tensor | None = None) -> torch.Tensor:
-    """q ⊙ (a − ⟨q, a⟩): the gradient w.r.t. the logits of f(q = softmax) given a = ∂f/∂q; in place in `a`."""
-    inner = row_dot(q, a) if q_dot_a is None else q_dot_a
-    return a.sub_(inner.unsqueeze(-1)).mul_(q)
-
-
-def akl_mix(p: torch.Tensor, q: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head and tail weights (rows,) of adaptive KL; ½/½ where p and q coincide (no gap at all).
-
-    With the target probabilities sorted ascending, the tail is the tokens whose cumulative mass is ≤ α; the
-    weights are the summed |p − q| gaps on the head and on the tail, normalised to sum to 1.
-    """
-    sorted_p, order = p.sort(-1)
-    gap = (sorted_p - q.gather(-1, order)).abs_()
-    tail = sorted_p.cumsum_(-1).le_(alpha)
-    g_tail = row_dot(gap, tail.to(gap.dtype))
-    g_head = gap.sum(-1) - g_tail
-    total = g_head + g_tail
-    safe = total.clamp_min(torch.finfo(total.dtype).tiny)
-    half = torch.full_like(total, 0.5)
-    return torch.where(total > 0, g_head / safe, half), torch.where(total > 0, g_tail / safe, half)
 
 
 def divergence_value_and_grad(
@@ -95,7 +64,7 @@ def divergence_value_and_grad(
         q = log_q.exp_()
         value = row_dot(q, a)  # = ⟨q, a⟩, needed by the gradient too
         if want_grad:
-            grad = _softmax_vjp_(q, a, value)
+            grad = softmax_vjp_(q, a, value)
         return (value if want_value else None), grad
     if kind in ("sfkl", "srkl"):
         if kind == "sfkl":  # log m = log(λ p + (1 − λ) q)
@@ -104,7 +73,7 @@ def divergence_value_and_grad(
                 value = row_dot(log_p.exp(), log_p - log_m)
             if want_grad:
                 a = log_p.sub_(log_m).exp_().mul_(-(1.0 - lam))  # ∂D/∂q = −(1 − λ) p / m
-                grad = _softmax_vjp_(log_q.exp_(), a)
+                grad = softmax_vjp_(log_q.exp_(), a)
             return value, grad
         # srkl: log m = log((1 − λ) p + λ q)
         log_m = torch.logaddexp(log_p + math.log1p(-lam), log_q + math.log(lam)) if lam > 0 else log_p
@@ -114,7 +83,7 @@ def divergence_value_and_grad(
             value = row_dot(q, d)
         if want_grad:
             a = d.sub_(d.exp().mul_(lam)) if lam > 0 else d  # ∂D/∂q − 1 = log q − log m − λ q / m
-            grad = _softmax_vjp_(q, a)
+            grad = softmax_vjp_(q, a)
         return value, grad
     if kind == "js":
         log_mid = torch.logaddexp(log_p, log_q).sub_(math.log(2.0))
@@ -125,7 +94,7 @@ def divergence_value_and_grad(
         if want_value:
             value = value + 0.5 * row_dot(q, a)
         if want_grad:
-            grad = _softmax_vjp_(q, a.mul_(0.5))
+            grad = softmax_vjp_(q, a.mul_(0.5))
         return value, grad
     if kind == "akl":
         p, q = log_p.exp(), log_q.exp()
@@ -135,7 +104,7 @@ def divergence_value_and_grad(
         if want_value:
             value = w_head * fkl + w_tail * rkl
         if want_grad:
-            rkl_grad = _softmax_vjp_(q, diff.neg_(), rkl)  # a = log q − log p, ⟨q, a⟩ = rkl
+            rkl_grad = softmax_vjp_(q, diff.neg_(), rkl)  # a = log q − log p, ⟨q, a⟩ = rkl
             grad = rkl_grad.mul_(w_tail.unsqueeze(-1)).add_((q - p).mul_(w_head.unsqueeze(-1)))
         return value, grad
     raise ValueError(f"unknown divergence {kind!r}")  # pragma: no cover - the wrapper validates

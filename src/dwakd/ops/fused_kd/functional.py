@@ -55,6 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dwakd.modules.divergences import log_probs
 from dwakd.ops.fused_kd.chunk_math import (
     DIVERGENCES,
     DivergenceSpec,
@@ -63,7 +64,6 @@ from dwakd.ops.fused_kd.chunk_math import (
     divergence_value_and_grad,
     entropy_rows,
     log_softmax_,
-    log_softmax_at,
 )
 
 CHUNK_ELEMENTS = 1 << 25  # logits per side per matmul chunk: 128 MiB in fp32
@@ -227,11 +227,11 @@ def _side_forward(z: torch.Tensor, prefix: str, labels: torch.Tensor | None, tau
     ce_after = want_ce and tau is not None and tau_ce == tau
     log_1 = None
     if not share and (f"{prefix}_entropy" in stats or (want_ce and not ce_after and tau_ce == 1.0)):
-        log_1 = log_softmax_at(z, 1.0)
+        log_1 = log_probs(z, 1.0)
     if not share:
         _statistics_(log_1, z, prefix, stats, out)
     if want_ce and not ce_after:
-        log_ce = log_1 if tau_ce == 1.0 else log_softmax_at(z, tau_ce)
+        log_ce = log_1 if tau_ce == 1.0 else log_probs(z, tau_ce)
         log_1 = None
         _cross_entropy_(log_ce, labels, tau_ce, f"{prefix}_ce", True, out, ce_sink)
         del log_ce
@@ -366,11 +366,11 @@ def _block_grads(s: torch.Tensor | None, t: torch.Tensor | None, plan: _Plan, pr
     spec, compute, tau_ce = plan.divergence, plan.compute, plan.ce_temperature
     g_t = None
     if a_tce is not None:  # from the raw target logits, before the divergence turns them into log-probabilities
-        g_t = cross_entropy_grad_(log_softmax_at(t, tau_ce), target_labels)
+        g_t = cross_entropy_grad_(log_probs(t, tau_ce), target_labels)
         g_t.mul_((a_tce.to(compute) / tau_ce).unsqueeze(-1))
     g = None
     if a_pce is not None:
-        g = cross_entropy_grad_(log_softmax_at(s, tau_ce), pred_labels)
+        g = cross_entropy_grad_(log_probs(s, tau_ce), pred_labels)
         g.mul_((a_pce.to(compute) / tau_ce).unsqueeze(-1))
     if a_div is not None:
         log_q, log_p = log_softmax_(s, spec.temperature), log_softmax_(t, spec.temperature)
