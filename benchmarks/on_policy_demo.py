@@ -8,10 +8,11 @@ and scored by the demo's evaluation (the `dwakd eval` code path: per-item seeded
 every score, the per-seed paired differences (on − off), and the time cost: wall and CPU seconds per run and the
 seconds spent generating as logged by the trainer (`generate_seconds`).
 
-Settings are the demo's (`dwakd.demo.pipeline.demo_settings`) unless overridden on the command line; overrides
-exist to make the measurement fit a loaded machine and are recorded in the JSON. Runs are cached by a fingerprint
-of their config, so an interrupted measurement resumes; on and off runs of one seed are trained back to back
-(alternating which goes first) so that background load hits both alike.
+Settings are the demo's (`dwakd.demo.settings.demo_settings`) unless overridden on the command line; overrides
+exist to make the measurement fit a machine and are recorded in the JSON. The on-policy twins are ordinary jobs of
+the demo's worker pool (each right after its off-policy run, so background load hits both alike) and are cached by
+the demo's stage fingerprints, so an interrupted measurement resumes and an earlier `dwakd demo` in the same folder
+supplies the teacher and the off-policy students.
 
     PYTHONPATH=src python benchmarks/on_policy_demo.py --demo-dir runs/on-policy-demo \\
         --out benchmarks/results/on_policy_demo.json
@@ -20,9 +21,10 @@ of their config, so an interrupted measurement resumes; on and off runs of one s
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dwakd.demo.pipeline import DemoPipeline, demo_settings, fingerprint
+from dwakd.demo.settings import student_name
 from dwakd.demo.suite import TEST_SPLITS
 
 
@@ -48,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher-steps", type=int, default=None, help="override the demo's teacher max_steps")
     parser.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="override the demo's sampling seeds")
     parser.add_argument("--splits", nargs="+", default=list(TEST_SPLITS), choices=list(TEST_SPLITS))
+    parser.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: the demo's)")
     parser.add_argument("--bf16", choices=["demo", "on", "off"], default="demo",
                         help="bf16 autocast on CPU (the demo's default, or forced)")
     return parser.parse_args(argv)
@@ -73,66 +77,77 @@ def settings_from(args: argparse.Namespace):
     return settings, overrides
 
 
-def logged_generation(folder: Path) -> dict[str, Any]:
-    """What the run's train_summary.json says about sampling: seconds generating, realised on-policy share."""
+class OnPolicyDemo(DemoPipeline):
+    """The demo pipeline with, next to every (method, training seed) student, its on-policy twin: same config, same
+    initialisation and data order, plus the `on_policy` block. The twins are ordinary jobs of the demo's pool
+    (parallel workers, stage cache keyed by the config, evaluation as soon as a model is trained)."""
+
+    def __init__(self, settings, output_dir: Path, on_policy: dict[str, Any], **kwargs: Any):
+        super().__init__(settings, output_dir, **kwargs)
+        self.on_policy = on_policy
+
+    def training_jobs(self, data, tokenizers):
+        jobs = []
+        for job in super().training_jobs(data, tokenizers):
+            jobs.append(job)
+            if job.kind != "train" or job.label == "teacher":
+                continue
+            seed = job.tree["seed"]
+            label = on_policy_name(job.method, seed)
+            folder = self.out / "students" / label
+            tree = copy.deepcopy(job.tree)
+            tree["training"]["output_dir"] = str(folder)
+            tree["on_policy"] = dict(self.on_policy)
+            jobs.append(dataclasses.replace(job, label=label, folder=folder, tree=tree,
+                                            key=fingerprint(job.key, "on_policy", self.on_policy)))
+        return jobs
+
+
+def on_policy_name(method: str, seed: int) -> str:
+    return f"{method}-onpolicy-seed{seed}"
+
+
+def run_info(pipe: DemoPipeline, label: str, folder: Path) -> dict[str, Any]:
+    """Training seconds (wall, CPU) from the demo's log and, from the run's train_summary.json, sampling time and the
+    realised on-policy share."""
+    info = {k: pipe.log.train_info.get(label, {}).get(k) for k in ("seconds", "cpu_seconds", "global_step")}
     summary = json.loads((folder / "train_summary.json").read_text(encoding="utf-8"))
     totals = summary.get("on_policy", {})
     batches = totals.get("micro_batches", 0)
-    return {"generate_seconds": totals.get("generate_seconds", 0.0),
-            "train_runtime": summary["metrics"].get("train_runtime"),
-            "on_policy_fraction": round(totals["on_policy_micro_batches"] / batches, 4) if batches else 0.0}
-
-
-def train_student(pipe: DemoPipeline, data, tokenizers, teacher_dir: Path, method: str, seed: int, mode: str,
-                  args: argparse.Namespace, root: Path, eval_dir: Path) -> tuple[str, Path, dict[str, Any]]:
-    name = f"{method}-{mode}-seed{seed}"
-    folder = root / name
-    tree = pipe.student_config(data, tokenizers, method, seed, teacher_dir, folder)
-    if mode == "on":
-        tree["on_policy"] = {"fraction": args.fraction, "temperature": args.temperature,
-                             "max_new_tokens": args.max_new_tokens}
-    key = fingerprint(pipe.tokenizer_key, pipe.teacher_key, {k: v for k, v in tree.items() if k != "teacher"})
-    load_before = os.getloadavg()[0]
-    cpu = time.process_time()
-    info = pipe._train(tree, folder, key, name)  # cached by fingerprint (the demo's stage cache)
-    if not pipe.cached[name]:
-        info["cpu_seconds"] = round(time.process_time() - cpu, 2)
-        info["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-        (folder / "demo_stage.json").write_text(json.dumps({"fingerprint": key, **info}, indent=2), encoding="utf-8")
-        shutil.rmtree(eval_dir / "generations" / name, ignore_errors=True)  # retrained: old samples are stale
-    return name, folder, {**info, **logged_generation(folder)}
+    info.update({"generate_seconds": totals.get("generate_seconds", 0.0),
+                 "train_runtime": summary["metrics"].get("train_runtime"),
+                 "on_policy_fraction": round(totals["on_policy_micro_batches"] / batches, 4) if batches else 0.0})
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings, overrides = settings_from(args)
-    out_dir = Path(args.demo_dir)
-    pipe = DemoPipeline(settings, out_dir, show_progress=False, echo=lambda line: print(line, flush=True))
+    on_policy = {"fraction": args.fraction, "temperature": args.temperature}
+    if args.max_new_tokens:
+        on_policy["max_new_tokens"] = args.max_new_tokens
+    pipe = OnPolicyDemo(settings, Path(args.demo_dir), on_policy, show_progress=False, workers=args.workers,
+                        echo=lambda line: print(line, flush=True))
     started = time.perf_counter()
-    print(f"load average at start: {os.getloadavg()}", flush=True)
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start}", flush=True)
     data = pipe.build_data()
     tokenizers = pipe.build_tokenizers(data)
-    teacher_dir = pipe.train_teacher(data, tokenizers)
-    root, eval_dir = out_dir / "on_policy", out_dir / "on_policy_eval"
+    models, table = pipe.train_and_evaluate(data, tokenizers, splits=tuple(args.splits))
     runs: dict[str, dict[str, Any]] = {}
-    models: dict[str, Path] = {"teacher": teacher_dir}
-    for i, seed in enumerate(settings.train_seeds):
-        for j, method in enumerate(settings.methods):
-            order = ("off", "on") if (i + j) % 2 == 0 else ("on", "off")
-            for mode in order:
-                name, folder, info = train_student(pipe, data, tokenizers, teacher_dir, method, seed, mode, args,
-                                                   root, eval_dir)
-                runs[name] = {"method": method, "seed": seed, "mode": mode, **info}
-                models[name] = folder
-                print(f"  {name}: {json.dumps(runs[name])}", flush=True)
-    table = pipe.evaluate(models, data, splits=tuple(args.splits), out_dir=eval_dir)
+    for method in settings.methods:
+        for seed in settings.train_seeds:
+            for mode, label in (("off", student_name(method, seed)), ("on", on_policy_name(method, seed))):
+                runs[label] = {"method": method, "seed": seed, "mode": mode, **run_info(pipe, label, models[label])}
     result = summarise(table, runs, settings, args)
     result.update({"settings": settings.to_dict(), "overrides": overrides, "splits": args.splits,
-                   "on_policy": {"fraction": args.fraction, "temperature": args.temperature,
-                                 "max_new_tokens": (args.max_new_tokens
-                                                    or settings.max_length - settings.max_prompt_length)},
-                   "teacher": pipe.train_info.get("teacher"), "wall_seconds": round(time.perf_counter() - started, 1),
-                   "load_average_end": os.getloadavg(), "command": " ".join(sys.argv)})
+                   "on_policy": {**on_policy, "max_new_tokens": on_policy.get(
+                       "max_new_tokens", settings.max_length - settings.max_prompt_length)},
+                   "teacher": pipe.log.train_info.get("teacher"), "cached": pipe.log.cached,
+                   "workers": pipe.log.workers, "threads": pipe.log.threads,
+                   "wall_seconds": round(time.perf_counter() - started, 1), "load_average_start": load_start,
+                   "load_average_end": os.getloadavg(), "versions": pipe.log.versions,
+                   "command": " ".join(sys.argv)})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(markdown(result))
@@ -148,13 +163,13 @@ def summarise(table, runs: dict[str, dict[str, Any]], settings, args: argparse.N
                         "average": round(statistics.fmean(per_split.values()), 3)}
     paired: dict[str, Any] = {}
     for method in settings.methods:
-        diffs = {key: [scores[f"{method}-on-seed{s}"][key] - scores[f"{method}-off-seed{s}"][key]
+        diffs = {key: [scores[on_policy_name(method, s)][key] - scores[student_name(method, s)][key]
                        for s in settings.train_seeds] for key in [*args.splits, "average"]}
-        cost = [runs[f"{method}-on-seed{s}"]["seconds"] / runs[f"{method}-off-seed{s}"]["seconds"]
+        cost = [runs[on_policy_name(method, s)]["seconds"] / runs[student_name(method, s)]["seconds"]
                 for s in settings.train_seeds]
-        cpu = [runs[f"{method}-on-seed{s}"].get("cpu_seconds", float("nan"))
-               / runs[f"{method}-off-seed{s}"].get("cpu_seconds", float("nan")) for s in settings.train_seeds]
-        share = [runs[f"{method}-on-seed{s}"]["generate_seconds"] / runs[f"{method}-on-seed{s}"]["train_runtime"]
+        cpu = [runs[on_policy_name(method, s)].get("cpu_seconds", float("nan"))
+               / runs[student_name(method, s)].get("cpu_seconds", float("nan")) for s in settings.train_seeds]
+        share = [runs[on_policy_name(method, s)]["generate_seconds"] / runs[on_policy_name(method, s)]["train_runtime"]
                  for s in settings.train_seeds]
         paired[method] = {
             "on_minus_off": {k: [round(x, 3) for x in v] for k, v in diffs.items()},
@@ -168,8 +183,8 @@ def summarise(table, runs: dict[str, dict[str, Any]], settings, args: argparse.N
         if len(settings.train_seeds) > 2:
             from scipy import stats
 
-            test = stats.ttest_rel([scores[f"{method}-on-seed{s}"]["average"] for s in settings.train_seeds],
-                                   [scores[f"{method}-off-seed{s}"]["average"] for s in settings.train_seeds])
+            test = stats.ttest_rel([scores[on_policy_name(method, s)]["average"] for s in settings.train_seeds],
+                                   [scores[student_name(method, s)]["average"] for s in settings.train_seeds])
             paired[method]["paired_t_two_sided_p"] = round(float(test.pvalue), 4)
     return {"rouge_l": scores, "runs": runs, "paired": paired}
 
