@@ -62,6 +62,16 @@ def test_every_registered_method_is_listed() -> None:
     assert not missing, f"add these methods to docs/methods.md 'Methods at a glance': {missing}"
 
 
+def test_readme_lists_every_method() -> None:
+    """The README's methods table names every registered method (in a row's first cell, alone or with presets)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = re.search(r"^## Methods\n(.*?)(?=^## |\Z)", readme, flags=re.S | re.M)
+    assert table, "README.md has no '## Methods' section"
+    first_cells = " ".join(line.split("|")[1] for line in table.group(1).splitlines() if line.startswith("| `"))
+    missing = [name for name in builtin_method_names() if f"`{name}`" not in first_cells]
+    assert not missing, f"add these methods to the README's methods table: {missing}"
+
+
 def test_every_option_is_named() -> None:
     """Each option of each registered method appears in backticks somewhere in docs/methods.md."""
     doc = METHODS_DOC.read_text(encoding="utf-8")
