@@ -455,8 +455,11 @@ def machine_info(device: str) -> dict:
     }
     try:
         with open("/proc/cpuinfo") as f:
-            models = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-            info["cpu_model"] = next(models, None)
+            lines = f.read().splitlines()
+        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
+        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+        # the vector width the kernels get (AVX2: 8 float32 lanes, AVX-512: 16) decides our speed, not the peers'
+        info["vector_isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16") if f in flags]
     except OSError:
         pass
     if device == "cuda":
