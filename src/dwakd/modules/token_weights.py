@@ -10,7 +10,8 @@ Both are computed without gradient, at temperature 1 (the paper writes them on t
 only (head padding rows sliced off), and rescaled per sequence so they sum to that sequence's valid-token count.
 Choice (the paper is silent; docs/methods.md#56-choices-and-departures): a sequence whose raw weights sum to 0
 gets weight 1 on every valid token (plain average).
-Everything is chunked over positions, so no (tokens, vocab) temporary outlives one chunk.
+Entropies and peaks come from `dwakd.ops.row_stats` (one pass per row on CPU; chunked over rows elsewhere), so no
+(tokens, vocab) temporary outlives one chunk.
 """
 
 from __future__ import annotations
@@ -20,16 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dwakd.modules.divergences import (
-    chunk_rows,
-    compute_dtype,
-    flat_rows,
-    iter_row_chunks,
-    log_probs,
-    no_autocast,
-    row_dot,
-)
+from dwakd.modules.divergences import compute_dtype, flat_rows
 from dwakd.modules.rows import valid_rows
+from dwakd.ops.row_stats import row_entropy_peak
 
 
 def _rows_for(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
@@ -49,14 +43,8 @@ def normalized_entropy(
     vocab = logits.shape[-1] if vocab_size is None else vocab_size
     if vocab < 2:
         raise ValueError(f"normalised entropy needs a vocabulary of at least 2 tokens, got {vocab}")
-    flat = flat_rows(logits)[:, :vocab]
-    total = flat.shape[0] if rows is None else rows.numel()
-    out = torch.empty(total, dtype=compute_dtype(logits), device=logits.device)
-    with no_autocast(logits):
-        for start, end, z in iter_row_chunks(flat, rows, chunk_rows(vocab)):
-            log_p = log_probs(z, 1.0)  # −inf clamped: 0·log 0 stays 0
-            out[start:end] = -row_dot(log_p.exp(), log_p) / math.log(vocab)
-    return out
+    entropy, _ = row_entropy_peak(flat_rows(logits), rows, vocab)
+    return entropy / math.log(vocab)
 
 
 @torch.no_grad()
@@ -65,14 +53,8 @@ def peak_probability(
 ) -> torch.Tensor:
     """max_v softmax(z)_v per selected row (positions,), fp32, no grad."""
     vocab = logits.shape[-1] if vocab_size is None else vocab_size
-    flat = flat_rows(logits)[:, :vocab]
-    total = flat.shape[0] if rows is None else rows.numel()
-    out = torch.empty(total, dtype=compute_dtype(logits), device=logits.device)
-    with no_autocast(logits):
-        for start, end, z in iter_row_chunks(flat, rows, chunk_rows(vocab)):
-            # max softmax = exp(max z − logsumexp z)
-            out[start:end] = torch.exp(z.max(-1).values - torch.logsumexp(z, -1))
-    return out
+    _, peak = row_entropy_peak(flat_rows(logits), rows, vocab)
+    return peak
 
 
 def scatter_valid(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

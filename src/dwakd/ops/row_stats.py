@@ -1,0 +1,155 @@
+"""Per-row entropy and peak probability of softmax(z) over a vocabulary, without a (rows, V) temporary.
+
+DWA-KD weighs tokens by H(softmax(z)) of the student and the teacher and gates by max softmax of the projected
+teacher, at every response row and over vocabularies of 50k-150k entries. The plain PyTorch path
+(`row_entropy_peak_reference`: log_softmax, exp, a row dot product, chunked over rows) makes five passes over each
+chunk and two exponentials per entry; on CPU that cost dwakd about 15 % of a dskd step on the tiny recipe.
+
+The fast CPU path is two numba passes per row, the maximum m and then:
+with t_v = (z_v − m)·log2(e) ≤ 0 and e_v = 2^t_v (a vectorised polynomial, `ops/_numba_math.py`),
+    Z = Σ_v e_v,   H = ln Z − ln 2 · (Σ_v e_v·t_v) / Z,   peak = 1 / Z   (the maximum contributes e = 1).
+Sums are float32 with reassociation allowed (vector partial sums); entries below 2^−125 relative to the maximum
+count as 2^−125 (at most V·2^−125 ≈ 4e−33 of Z). A row with a NaN, a +inf, or only −inf entries gives NaN, as the
+reference does. Rows are split over up to `torch.get_num_threads()` Python threads (the kernel releases the GIL; no
+second OpenMP pool). Measured on 110 × 151,646 float32 rows, one thread, AVX2 (under load): 31 ms against the
+reference's 217 ms; entropy error ≤ 1e−4 nats against the reference's 1.2e−3 (both vs float64).
+
+`row_entropy_peak` picks the fast path for float32 CPU tensors (other dtypes and devices: the reference).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a thread hand-off costs more than it saves
+_CHUNK_ELEMENTS = 1 << 24  # reference path: fp32 elements per (rows, V) temporary
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="row_stats")
+        return _POOL
+
+
+def _kernel():
+    """The numba kernel, compiled on first use (or loaded from numba's on-disk cache)."""
+    global _ROW_STATS
+    if _ROW_STATS is None:
+        from numba import njit
+
+        from dwakd.ops._numba_math import _exp2_nonpos_f32
+
+        log2e, ln2 = np.float32(math.log2(math.e)), np.float32(math.log(2.0))
+        t_min = np.float32(-125.0)
+        zero = np.float32(0.0)
+        neg_inf = np.float32(-np.inf)  # float32: a float64 m would turn the whole pass into float64
+
+        @njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract", "reassoc"})
+        def row_stats(x, rows, vocab, start, end, entropy, peak):  # pragma: no cover - compiled
+            lanes = np.empty(16, dtype=np.float32)
+            for k in range(start, end):
+                row = x[rows[k]]
+                # max over 16 interleaved lanes (vectorises; a NaN is caught by the count below)
+                lanes[:] = neg_inf
+                whole = vocab - vocab % 16
+                for b in range(0, whole, 16):
+                    for lane in range(16):
+                        z = row[b + lane]
+                        lanes[lane] = z if z > lanes[lane] else lanes[lane]
+                m = neg_inf
+                for lane in range(16):
+                    m = lanes[lane] if lanes[lane] > m else m
+                for v in range(whole, vocab):
+                    m = row[v] if row[v] > m else m
+                if not (m > neg_inf and m < -neg_inf):  # +inf, or every entry −inf
+                    entropy[k] = np.nan
+                    peak[k] = np.nan
+                    continue
+                total = zero
+                weighted = zero
+                nans = 0
+                for v in range(vocab):
+                    z = row[v]
+                    nans += z != z
+                    t = (z - m) * log2e
+                    t = t if t > t_min else t_min
+                    e = _exp2_nonpos_f32(t)
+                    total += e
+                    weighted += e * t
+                if nans:
+                    entropy[k] = np.nan
+                    peak[k] = np.nan
+                else:
+                    entropy[k] = math.log(total) - ln2 * weighted / total
+                    peak[k] = 1.0 / total
+
+        _ROW_STATS = row_stats
+    return _ROW_STATS
+
+
+_ROW_STATS = None
+
+
+def row_entropy_peak_reference(
+    flat: torch.Tensor, rows: torch.Tensor | None, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H(softmax(z)) in nats, max softmax(z)) per selected row of a (N, ≥ vocab) tensor over its first `vocab`
+    columns, in at least float32, chunked over rows (plain PyTorch)."""
+    from dwakd.modules.divergences import iter_row_chunks, log_probs, no_autocast, row_dot
+
+    total = flat.shape[0] if rows is None else rows.numel()
+    dtype = torch.promote_types(flat.dtype, torch.float32)
+    entropy = torch.empty(total, dtype=dtype, device=flat.device)
+    peak = torch.empty(total, dtype=dtype, device=flat.device)
+    with no_autocast(flat):  # the row dot product must not drop to bf16
+        for start, end, z in iter_row_chunks(flat[:, :vocab], rows, max(1, _CHUNK_ELEMENTS // max(1, vocab))):
+            log_p = log_probs(z, 1.0)  # −inf clamped: 0·log 0 stays 0
+            entropy[start:end] = -row_dot(log_p.exp(), log_p)
+            peak[start:end] = log_p.amax(-1).exp()
+    return entropy, peak
+
+
+def _fast_path_applies(flat: torch.Tensor) -> bool:
+    return flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.stride(-1) == 1
+
+
+@torch.no_grad()
+def row_entropy_peak(
+    flat: torch.Tensor, rows: torch.Tensor | None = None, vocab: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy in nats, peak probability) of softmax over the first `vocab` columns of the selected rows
+    (all rows when `rows` is None) of a 2-D tensor; (K,) each, no gradient."""
+    if flat.dim() != 2:
+        raise ValueError(f"row_entropy_peak needs a 2-D (rows, vocab) tensor, got shape {tuple(flat.shape)}")
+    flat = flat.detach()
+    vocab = flat.shape[1] if vocab is None else vocab
+    if not 1 <= vocab <= flat.shape[1]:
+        raise ValueError(f"vocab must be in [1, {flat.shape[1]}], got {vocab}")
+    if not _fast_path_applies(flat):
+        return row_entropy_peak_reference(flat, rows, vocab)
+    index = torch.arange(flat.shape[0]) if rows is None else rows.to("cpu", torch.int64)
+    count = index.numel()
+    entropy = torch.empty(count, dtype=torch.float32)
+    peak = torch.empty(count, dtype=torch.float32)
+    if count == 0:
+        return entropy, peak
+    args = (flat.numpy(), index.numpy(), vocab)
+    outs = (entropy.numpy(), peak.numpy())
+    kernel = _kernel()
+    threads = max(1, min(torch.get_num_threads(), count, count * vocab // _MIN_ELEMENTS_PER_THREAD))
+    bounds = [count * i // threads for i in range(threads + 1)]
+    futures = [_pool().submit(kernel, *args, bounds[i], bounds[i + 1], *outs) for i in range(1, threads)]
+    kernel(*args, bounds[0], bounds[1], *outs)
+    for future in futures:
+        future.result()
+    return entropy, peak
