@@ -5,8 +5,13 @@
         --out benchmarks/results/teacher_cache_accuracy_tiny.json
     PYTHONPATH=src python benchmarks/teacher_cache.py accuracy runs/demo/students/dskd/dwakd_config.yaml \
         --student-dir runs/demo/students/dskd --examples 64 --out benchmarks/results/teacher_cache_accuracy_demo.json
-    # step time and peak memory (process RSS on CPU), live teacher vs cache, interleaved rounds
-    PYTHONPATH=src python benchmarks/teacher_cache.py speed configs/tiny-cpu.yaml --methods dskd dwakd --rounds 3
+    # step time and peak memory (process RSS on CPU), live teacher vs cache, interleaved rounds, and build time
+    PYTHONPATH=src python benchmarks/teacher_cache.py speed configs/tiny-cpu.yaml --methods dskd dwakd --rounds 3 \
+        --build-examples 200 --out benchmarks/results/teacher_cache_speed_tiny.json
+    # the real-size pair (Qwen1.5-1.8B-shaped teacher, GPT-2-shaped student) on CPU in float32, a few steps
+    PYTHONPATH=src python benchmarks/teacher_cache.py speed configs/bench/real-size-gpu.yaml teacher.dtype=float32 \
+        training.bf16=false --methods dskd dwakd --warmup 1 --steps 2 --rounds 1 \
+        --out benchmarks/results/teacher_cache_speed_real_size_cpu.json
     # hashing cost of teacher weight files (the fingerprint)
     PYTHONPATH=src python benchmarks/teacher_cache.py fingerprint configs/bench/real-size-gpu.yaml
 
@@ -157,19 +162,33 @@ def cmd_accuracy(args) -> dict:
             "examples": len(dataset), "teacher_vocab": vocab, "environment": environment(), "results": results}
 
 
+def _bench_in_child(variant: dict, method: str, batch_size: int, warmup: int, steps: int, work_dir: str) -> dict:
+    """`bench_one` in this (child) process: its RSS peak belongs to this measurement alone."""
+    import dataclasses
+
+    from dwakd.evaluation.efficiency import bench_one
+
+    torch.set_num_threads(int(os.environ.get("DWAKD_BENCH_THREADS", torch.get_num_threads())))
+    return dataclasses.asdict(bench_one(variant, method, batch_size, warmup=warmup, steps=steps, work_dir=work_dir))
+
+
 def cmd_speed(args) -> dict:
     """Step time and peak RSS of each method, live teacher vs cache, rounds interleaved.
 
-    Measured as `dwakd.evaluation.efficiency` does.
+    Measured as `dwakd.evaluation.efficiency.bench_one` does (median optimizer-step time after warm-up, process RSS
+    sampled every 10 ms), each measurement in a fresh spawned process: RSS does not fall back when a run frees its
+    tensors, so measurements sharing a process would inherit the previous one's peak.
     """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     import yaml
 
     from dwakd.config import apply_overrides, config_from_dict
-    from dwakd.evaluation.efficiency import bench_one
 
     tree = apply_overrides(yaml.safe_load(Path(args.config).read_text()), [*args.overrides, "data.eval=null"])
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="dwakd-tcache-speed-"))
-    examples = args.batch_size * (args.warmup + args.steps)
+    examples = args.build_examples or args.batch_size * (args.warmup + args.steps)
     cache_dir = work / "cache"
     config = config_from_dict(apply_overrides(copy.deepcopy(tree), [f"data.max_train_examples={examples}",
                                                                     f"training.output_dir={work / 'build'}"]))
@@ -177,32 +196,44 @@ def cmd_speed(args) -> dict:
     manifest = build_teacher_cache(config, cache_dir, CacheSettings(k=args.k), show_progress=False)
     build = {"seconds": round(time.perf_counter() - started, 2), "build_seconds": manifest["build_seconds"],
              "examples": manifest["examples"]["unique"], "rows": manifest["sizes"]["rows"],
-             "seconds_per_1000_examples": round(1000 * manifest["build_seconds"] / manifest["examples"]["unique"], 1)}
+             "seconds_per_1000_examples": round(1000 * manifest["build_seconds"] / manifest["examples"]["unique"], 1),
+             "load_average": os.getloadavg()[0]}
     print(json.dumps({"build": build}), flush=True)
     samples: dict = {}
+    context = multiprocessing.get_context("spawn")
+    os.environ["DWAKD_BENCH_THREADS"] = str(torch.get_num_threads())
     for round_index in range(args.rounds):
         for method in args.methods:
-            for mode in ("live", "cache"):
+            modes = ("live", "cache") if round_index % 2 == 0 else ("cache", "live")  # neither always runs first
+            for mode in modes:
                 variant = copy.deepcopy(tree)
                 if mode == "cache":
                     variant["teacher"]["cache"] = str(cache_dir)
-                result = bench_one(variant, method, args.batch_size, warmup=args.warmup, steps=args.steps,
-                                   work_dir=work / f"{method}-{mode}-{round_index}")
-                if result.error:
-                    raise RuntimeError(f"{method} {mode}: {result.error}")
+                with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                    result = pool.submit(_bench_in_child, variant, method, args.batch_size, args.warmup, args.steps,
+                                         str(work / f"{method}-{mode}-{round_index}")).result()
+                if result["error"]:
+                    raise RuntimeError(f"{method} {mode}: {result['error']}")
                 entry = samples.setdefault(f"{method}/{mode}", {"median_step_s": [], "peak_rss_gib": [],
-                                                                 "load": []})
-                entry["median_step_s"].append(result.median_step_s)
-                entry["peak_rss_gib"].append(result.peak_mem_gib)
+                                                                 "step_seconds": [], "load": []})
+                entry["median_step_s"].append(result["median_step_s"])
+                entry["peak_rss_gib"].append(result["peak_mem_gib"])
+                entry["step_seconds"].append(result["step_seconds"])
                 entry["load"].append(os.getloadavg()[0])
                 print(json.dumps({"round": round_index, "method": method, "mode": mode,
-                                  "median_step_s": result.median_step_s, "peak_rss_gib": result.peak_mem_gib}),
+                                  "median_step_s": result["median_step_s"], "peak_rss_gib": result["peak_mem_gib"]}),
                       flush=True)
     summary = {key: {"median_step_s": statistics.median(v["median_step_s"]), "best_step_s": min(v["median_step_s"]),
                      "peak_rss_gib": statistics.median(v["peak_rss_gib"])} for key, v in samples.items()}
+    ratios = {method: {"step_time_cache_over_live": round(summary[f"{method}/cache"]["median_step_s"]
+                                                          / summary[f"{method}/live"]["median_step_s"], 3),
+                       "peak_rss_cache_over_live": round(summary[f"{method}/cache"]["peak_rss_gib"]
+                                                         / summary[f"{method}/live"]["peak_rss_gib"], 3)}
+              for method in args.methods}
+    print(json.dumps({"ratios": ratios}), flush=True)
     return {"config": args.config, "overrides": args.overrides, "batch_size": args.batch_size, "k": args.k,
             "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "build": build, "samples": samples,
-            "summary": summary, "environment": environment()}
+            "summary": summary, "ratios": ratios, "environment": environment(), "command": " ".join(sys.argv)}
 
 
 def cmd_fingerprint(args) -> dict:
@@ -265,6 +296,8 @@ def main() -> None:
             p.add_argument("--steps", type=int, default=5)
             p.add_argument("--rounds", type=int, default=3)
             p.add_argument("--k", type=int, default=64)
+            p.add_argument("--build-examples", type=int, default=None,
+                           help="examples the cache is built over (default: the ones the steps read)")
     args = parser.parse_args()
     result = {"accuracy": cmd_accuracy, "speed": cmd_speed, "fingerprint": cmd_fingerprint}[args.command](args)
     text = json.dumps(result, indent=2)
