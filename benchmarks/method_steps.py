@@ -9,6 +9,8 @@ and the load average before and after.
     PYTHONPATH=src python benchmarks/method_steps.py                                   # dwakd, cdm, alm, dskd
     PYTHONPATH=src python benchmarks/method_steps.py --methods dwakd,cdm --batch-sizes 4,1 --rounds 9
     PYTHONPATH=src python benchmarks/method_steps.py --methods dskd,dskd:head_fusion=dense,dwakd,dwakd:head_fusion=dense
+    PYTHONPATH=src python benchmarks/method_steps.py --methods dskd,dwakd --batch-sizes 4 --clock cpu --threads 1 \
+        --memory --out benchmarks/results/dwakd_vs_dskd_cpu.json          # DWA-KD's cost over DSKD, load-robust
 
 A method entry `name:key=value+key=value` sets method options for that entry only (`method.options.key=value`).
 
@@ -50,13 +52,23 @@ def build(config_path: str, method: str, batch_size: int, overrides: list[str]):
     return run.model, loader
 
 
-def one_pass(model, batch) -> float:
-    """Seconds of one forward + backward."""
+def one_pass(model, batch, clock=time.perf_counter) -> float:
+    """Seconds of one forward + backward on `clock` (wall: perf_counter; CPU: process_time)."""
     model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    start = clock()
     out = model(**batch)
     out["loss"].backward()
-    return time.perf_counter() - start
+    return clock() - start
+
+
+def peak_tensor_mib(model, batch) -> float:
+    """Peak torch tensor memory (MiB) of one forward + backward above what was live before it (NumPy buffers of
+    numba kernels are not counted)."""
+    from dwakd.evaluation.memory import peak_bytes
+
+    model.zero_grad(set_to_none=True)
+    _, peak = peak_bytes(lambda: model(**batch)["loss"].backward())
+    return peak / 2**20
 
 
 def main() -> None:
@@ -67,20 +79,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="measured rounds (each method once per round)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first (compilation, caches)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "method_steps.json"))
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: process CPU seconds (with --threads 1, far less sensitive to other jobs)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--memory", action="store_true", help="also peak tensor memory of one pass per method")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
+    if len(set(methods)) != len(methods):
+        raise SystemExit("--methods: each entry once (rounds already interleave them)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     config_name = os.path.relpath(args.config, ROOT) if Path(args.config).is_absolute() else args.config
     result = {"config": config_name, "overrides": args.overrides, "rounds": args.rounds, "warmup": args.warmup,
               "torch": torch.__version__, "machine": platform.platform(), "threads": torch.get_num_threads(),
-              "load_before": os.getloadavg(), "results": {}}
+              "clock": args.clock, "command": " ".join(sys.argv), "load_before": os.getloadavg(), "results": {}}
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         built = {m: build(args.config, m, batch_size, args.overrides) for m in methods}
         samples: dict[str, list[float]] = {m: [] for m in methods}
         for round_index in range(args.warmup + args.rounds):
             for method in methods:  # every method on its own next batch; all methods read the same data order
                 model, loader = built[method]
-                seconds = one_pass(model, next(loader))
+                seconds = one_pass(model, next(loader), clock)
                 if round_index >= args.warmup:
                     samples[method].append(seconds)
         block = {}
@@ -91,6 +112,16 @@ def main() -> None:
         for method in methods:
             block[method]["median_ratio_to_" + first] = block[method]["median_s"] / block[first]["median_s"]
             block[method]["best_ratio_to_" + first] = block[method]["best_s"] / block[first]["best_s"]
+            # rounds feed every method the same batch: per-round ratios are paired (batch lengths cancel)
+            paired = [x / y for x, y in zip(samples[method], samples[first], strict=True)]
+            block[method]["paired_ratios_to_" + first] = paired
+            block[method]["paired_median_ratio_to_" + first] = statistics.median(paired)
+        if args.memory:
+            for method in methods:
+                model, loader = built[method]
+                block[method]["peak_tensor_mib"] = peak_tensor_mib(model, next(loader))
+                block[method]["peak_ratio_to_" + first] = block[method]["peak_tensor_mib"] / block[first].get(
+                    "peak_tensor_mib", block[method]["peak_tensor_mib"])
         result["results"][f"batch_{batch_size}"] = block
         print(f"batch {batch_size}: " + ", ".join(
             f"{m} median {block[m]['median_s']:.3f} s best {block[m]['best_s']:.3f} s" for m in methods), flush=True)
