@@ -20,25 +20,14 @@ reference's 217 ms; entropy error ≤ 1e−4 nats against the reference's 1.2e�
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
+from dwakd.ops._threads import worker_pool
+
 _MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a thread hand-off costs more than it saves
 _CHUNK_ELEMENTS = 1 << 24  # reference path: fp32 elements per (rows, V) temporary
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="row_stats")
-        return _POOL
 
 
 def _kernel():
@@ -148,7 +137,7 @@ def row_entropy_peak(
     kernel = _kernel()
     threads = max(1, min(torch.get_num_threads(), count, count * vocab // _MIN_ELEMENTS_PER_THREAD))
     bounds = [count * i // threads for i in range(threads + 1)]
-    futures = [_pool().submit(kernel, *args, bounds[i], bounds[i + 1], *outs) for i in range(1, threads)]
+    futures = [worker_pool().submit(kernel, *args, bounds[i], bounds[i + 1], *outs) for i in range(1, threads)]
     kernel(*args, bounds[0], bounds[1], *outs)
     for future in futures:
         future.result()

@@ -19,14 +19,12 @@ allocator page-faults each fresh block in again).
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from dwakd.ops._threads import worker_pool
 from dwakd.ops.soft_dtw.band import SoftBand
 
 _MIN_CELLS_PER_WORKER = 1 << 15
@@ -34,17 +32,6 @@ _MIN_CELLS_PER_WORKER = 1 << 15
 # (values they never use, but they must be finite and in bounds).
 _WEIGHT_TAIL = 8 * 64  # a few planes: the padded lanes of the last diagonals read past the task's weights
 _NO_BAND = np.zeros((1, 1), dtype=np.float64)
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    """The process-wide worker pool (created on first use, one thread per CPU)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="soft_dtw")
-        return _POOL
 
 
 def _new_workspace(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -118,7 +105,7 @@ def _run(kernel, plan: _TaskPlan, args: tuple, per_thread: list | None = None) -
     if plan.workers == 1:
         call(0)
         return
-    futures = [_pool().submit(call, i) for i in range(1, plan.workers)]
+    futures = [worker_pool().submit(call, i) for i in range(1, plan.workers)]
     call(0)
     for f in futures:
         f.result()
