@@ -471,3 +471,30 @@ time.sleep(60)
         time.sleep(0.1)
     os.kill(child, signal.SIGKILL)
     raise AssertionError("the child outlived its killed parent by 10 s")
+
+
+def test_stage_keys_survive_moving_the_demo_folder(tmp_path: Path):
+    """A copied or moved demo folder keeps its cached stages: no stage key holds a path inside the output folder."""
+    import shutil
+
+    from dwakd.demo.pipeline import DemoPipeline
+    from dwakd.demo.settings import demo_settings
+
+    def job_keys(folder: Path, k: int | None = 64, steps: int | None = None) -> dict[str, str]:
+        settings = demo_settings(quick=True)
+        settings.teacher_cache_k = k
+        if steps is not None:
+            settings.student_training = {**settings.student_training, "max_steps": steps}
+        pipe = DemoPipeline(settings, folder, show_progress=False, echo=lambda line: None)
+        data = pipe.build_data()
+        tokenizers = pipe.build_tokenizers(data)
+        return {job.label: job.key for job in pipe.training_jobs(data, tokenizers)}
+
+    first = job_keys(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+    moved = job_keys(tmp_path / "elsewhere" / "b")
+    assert "teacher" in first and len(first) > 3
+    assert moved == first
+    changed = job_keys(tmp_path / "elsewhere" / "b", steps=11)  # a setting still changes the students' keys
+    assert changed["teacher"] == first["teacher"]
+    assert all(changed[label] != first[label] for label in first if "seed" in label)

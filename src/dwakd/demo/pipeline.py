@@ -374,6 +374,20 @@ class DemoPipeline:
         self._eval_cleared = False
         self.code_key = code_fingerprint()
 
+    def portable(self, value: Any) -> Any:
+        """`value` with every path inside the output folder written relative to it, for stage fingerprints: a demo
+        folder that is moved or copied keeps its cached stages (its contents are what the keys vouch for)."""
+        if isinstance(value, dict):
+            return {k: self.portable(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.portable(v) for v in value]
+        if isinstance(value, Path) or (isinstance(value, str) and "/" in value):  # names and options stay as they are
+            try:
+                return "<output>/" + Path(value).resolve().relative_to(self.out.resolve()).as_posix()
+            except ValueError:  # outside the output folder (a user's file, a hub name)
+                return str(value)
+        return value
+
     # ---- stages ---------------------------------------------------------------------------------------------------
     def _timed(self, name: str, fn: Callable[[], Any], threads: int | None = None) -> Any:
         self.log.threads[name] = set_threads(threads)
@@ -518,8 +532,10 @@ class DemoPipeline:
 
         teacher_dir = self.out / "teacher"
         tree = self.teacher_config(data, tokenizers)
-        self.teacher_key = fingerprint(self.tokenizer_key, {k: v for k, v in tree.items() if k != "training"},
-                                       {k: v for k, v in tree["training"].items() if k != "disable_tqdm"})
+        training = {k: v for k, v in tree["training"].items() if k != "disable_tqdm"}
+        self.teacher_key = fingerprint(self.tokenizer_key,
+                                       self.portable({k: v for k, v in tree.items() if k != "training"}),
+                                       self.portable(training))
         jobs = [_Job("teacher", "sft", teacher_dir, self.teacher_key, tree, None)]
         cache = self._cache_job(data, tokenizers, teacher_dir)
         if cache is not None:
@@ -532,8 +548,8 @@ class DemoPipeline:
                 uses_teacher = get_method(method)[0].needs_teacher
                 settings_part = {k: v for k, v in tree.items() if k not in ("teacher", "training")}
                 training_part = {k: v for k, v in tree["training"].items() if k != "disable_tqdm"}
-                key = fingerprint(self.tokenizer_key, self.teacher_key if uses_teacher else None, settings_part,
-                                  training_part)
+                key = fingerprint(self.tokenizer_key, self.teacher_key if uses_teacher else None,
+                                  self.portable(settings_part), self.portable(training_part))
                 after = "teacher" if uses_teacher else None
                 if cache is not None and method in self.log.teacher_cache["served"]:
                     tree["teacher"]["cache"] = str(cache.folder)
@@ -563,7 +579,7 @@ class DemoPipeline:
             return None
         # the students' data and lengths; the method only names a default temperature, which `settings` fixes
         tree = self.student_config(data, tokenizers, served[0], self.settings.train_seeds[0], teacher_dir, folder)
-        key = fingerprint(self.teacher_key, tree["teacher"], tree["data"], settings,
+        key = fingerprint(self.teacher_key, self.portable(tree["teacher"]), self.portable(tree["data"]), settings,
                           {name: tree["training"][name] for name in ("use_cpu", "bf16")}, self.code_key)
         self.echo(f"  --teacher-cache: students of {', '.join(served)} read a {mode} teacher cache ({folder}) built "
                   "once after the teacher, instead of running it")
