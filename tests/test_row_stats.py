@@ -96,3 +96,5 @@ def test_gradients_do_not_reach_the_inputs_and_bad_shapes_are_named() -> None:
         row_entropy_peak(x.detach()[None])
     with pytest.raises(ValueError, match="vocab"):
         row_entropy_peak(x.detach(), None, 51)
+    with pytest.raises(IndexError, match="rows must index the 3 rows"):
+        row_entropy_peak(x.detach(), torch.tensor([0, 3]))

@@ -132,6 +132,8 @@ def row_entropy_peak(
     peak = torch.empty(count, dtype=torch.float32)
     if count == 0:
         return entropy, peak
+    if int(index.min()) < 0 or int(index.max()) >= flat.shape[0]:  # the kernel does not check bounds
+        raise IndexError(f"rows must index the {flat.shape[0]} rows, got {int(index.min())}..{int(index.max())}")
     args = (flat.numpy(), index.numpy(), vocab)
     outs = (entropy.numpy(), peak.numpy())
     kernel = _kernel()
