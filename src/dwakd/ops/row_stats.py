@@ -27,7 +27,6 @@ import torch
 from dwakd.ops._threads import worker_pool
 
 _MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a thread hand-off costs more than it saves
-_CHUNK_ELEMENTS = 1 << 24  # reference path: fp32 elements per (rows, V) temporary
 
 
 def _kernel():
@@ -36,10 +35,10 @@ def _kernel():
     if _ROW_STATS is None:
         from numba import njit
 
+        from dwakd.ops._numba_math import _T_MIN as t_min
         from dwakd.ops._numba_math import _exp2_nonpos_f32
 
         log2e, ln2 = np.float32(math.log2(math.e)), np.float32(math.log(2.0))
-        t_min = np.float32(-125.0)
         zero = np.float32(0.0)
         neg_inf = np.float32(-np.inf)  # float32: a float64 m would turn the whole pass into float64
 
@@ -94,14 +93,14 @@ def row_entropy_peak_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(H(softmax(z)) in nats, max softmax(z)) per selected row of a (N, ≥ vocab) tensor over its first `vocab`
     columns, in at least float32, chunked over rows (plain PyTorch)."""
-    from dwakd.modules.divergences import iter_row_chunks, log_probs, no_autocast, row_dot
+    from dwakd.modules.divergences import chunk_rows, compute_dtype, iter_row_chunks, log_probs, no_autocast, row_dot
 
     total = flat.shape[0] if rows is None else rows.numel()
-    dtype = torch.promote_types(flat.dtype, torch.float32)
+    dtype = compute_dtype(flat)
     entropy = torch.empty(total, dtype=dtype, device=flat.device)
     peak = torch.empty(total, dtype=dtype, device=flat.device)
     with no_autocast(flat):  # the row dot product must not drop to bf16
-        for start, end, z in iter_row_chunks(flat[:, :vocab], rows, max(1, _CHUNK_ELEMENTS // max(1, vocab))):
+        for start, end, z in iter_row_chunks(flat[:, :vocab], rows, chunk_rows(vocab)):
             log_p = log_probs(z, 1.0)  # −inf clamped: 0·log 0 stays 0
             entropy[start:end] = -row_dot(log_p.exp(), log_p)
             peak[start:end] = log_p.amax(-1).exp()
