@@ -10,8 +10,8 @@ Both are computed without gradient, at temperature 1 (the paper writes them on t
 only (head padding rows sliced off), and rescaled per sequence so they sum to that sequence's valid-token count.
 Choice (the paper is silent; docs/methods.md#56-choices-and-departures): a sequence whose raw weights sum to 0
 gets weight 1 on every valid token (plain average).
-Entropies and peaks come from `dwakd.ops.row_stats` (one pass per row on CPU; chunked over rows elsewhere), so no
-(tokens, vocab) temporary outlives one chunk.
+Entropies and peaks come from `dwakd.ops.row_stats` (on CPU a numba kernel: a max pass and one summing pass per
+row; chunked over rows elsewhere), so no (tokens, vocab) temporary outlives one chunk.
 """
 
 from __future__ import annotations
