@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from _kd_helpers import (
+    STUDENT_ROWS,
     STUDENT_VOCAB,
+    TEACHER_ROWS,
     TEACHER_VOCAB,
     Batch,
     RefOptions,
@@ -21,6 +23,8 @@ from _kd_helpers import (
     tiny_teacher,
     trainable,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from dwakd.methods import build_method, build_options
 from dwakd.modules.divergences import DIVERGENCES
@@ -141,6 +145,39 @@ def test_embedding_dtw_trains_the_student_embedding_table_and_its_projector(mode
     assert grads["method.dwa.embedding.weight"].abs().sum() > 0
     assert grads["method.projectors.t2s.weight"].abs().sum() == 0
     assert grads["method.projectors.query.weight"].abs().sum() == 0
+
+
+class _OpLog(TorchDispatchMode):
+    """Records, in order, each aten op's name and whether it allocated a (rows, V) tensor of either vocabulary."""
+
+    WIDTHS = {STUDENT_VOCAB, STUDENT_ROWS, TEACHER_VOCAB, TEACHER_ROWS}
+    VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "as_strided", "alias", "detach", "slice"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        made = [t for t in tree_leaves(result) if isinstance(t, torch.Tensor)]
+        name = func.overloadpacket.__name__
+        vocab_sized = any(t.dim() == 2 and t.shape[-1] in self.WIDTHS for t in made)
+        self.ops.append((name, vocab_sized and name not in self.VIEWS))
+        return result
+
+
+def test_embedding_table_gradient_is_formed_after_the_vocabulary_terms(models) -> None:
+    """The embedding Soft-DTW term's dense (V, e_s) table gradient must not live through the backward of the
+    vocabulary-sized KD terms (the step's memory peak): the lookup is made before them, so its backward runs after."""
+    student, teacher = models
+    method = build("dwakd", student, teacher, dtw_layers=["embedding"]).double()
+    out = method(run_models(student, teacher, make_batch()))
+    with _OpLog() as log:
+        out.loss.backward()
+    names = [name for name, _ in log.ops]
+    first_table_grad = names.index("embedding_dense_backward")
+    last_vocab_op = max(i for i, (_, vocab) in enumerate(log.ops) if vocab)
+    assert first_table_grad > last_vocab_op, (first_table_grad, last_vocab_op, len(names))
 
 
 def test_presets_and_option_checks(models) -> None:

@@ -91,6 +91,8 @@ class DualSpaceMethod(DistillationMethod):
 
     def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
         """w_ce·CE + w_kd·(t2s_ce + t2s_kd + s2t_kd) [+ λ_dtw·ΣD], every sum divided by num_items."""
+        dtw_on = self.dwa is not None and bool(self.dwa.dtw_layers())
+        student_seqs = self.dwa.student_sequences(inputs) if dtw_on else None  # before the vocabulary terms: see there
         terms = self.dual_space_terms(inputs)
         t2s_scale, s2t_scale = self.kd_scales(inputs, terms)
         t2s_kd = (terms.t2s_div * t2s_scale).sum()
@@ -106,10 +108,11 @@ class DualSpaceMethod(DistillationMethod):
                 loss = loss + weight * value
             parts[name] = value
         stats = terms.stats
-        if self.dwa is not None and self.dwa.dtw_layers():
+        if dtw_on:
             gamma = self.dwa.gamma_at(inputs.progress, inputs.step)
             attention = self.dtw_band_attention(inputs, terms) if self.dwa.options.dtw == "banded" else None
-            sums = self.dwa.dtw_sums(inputs, lambda: self.dtw_teacher_hidden(inputs, terms), attention, gamma)
+            sums = self.dwa.dtw_sums(inputs, lambda: self.dtw_teacher_hidden(inputs, terms), attention, gamma,
+                                     student_seqs)
             dtw = {name: value / n for name, value in sums.items()}
             loss = loss + self.dwa.options.dtw_weight * sum(dtw.values())
             parts.update(dtw)
