@@ -498,3 +498,66 @@ def test_stage_keys_survive_moving_the_demo_folder(tmp_path: Path):
     changed = job_keys(tmp_path / "elsewhere" / "b", steps=11)  # a setting still changes the students' keys
     assert changed["teacher"] == first["teacher"]
     assert all(changed[label] != first[label] for label in first if "seed" in label)
+
+
+def test_an_interrupted_training_stage_stops_the_demo_and_a_rerun_continues_it(tmp_path: Path, monkeypatch):
+    """Ctrl-C / SIGTERM during a training stage: the trainer saves a checkpoint, the demo stops (it used to mark the
+    half-trained stage finished and go on), and the same command continues that stage from its checkpoint."""
+    import dwakd.run
+    from dwakd.demo.pipeline import STAGE_FILE, DemoInterrupted, run_demo
+    from dwakd.trainer import SaveOnInterrupt
+
+    original = SaveOnInterrupt.on_step_end
+    fired: list[int] = []
+
+    def interrupt_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3 and not fired:  # as the signal handler would, during the teacher's 4th step
+            fired.append(state.global_step)
+            self.requested = True
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(SaveOnInterrupt, "on_step_end", interrupt_at_step_3)
+    options = dict(quick=True, methods=["sft"], train_seeds=[0], eval_seeds=[10], show_progress=False,
+                   echo=lambda _: None, workers=1)
+    out = tmp_path / "demo"
+    with pytest.raises(DemoInterrupted, match="teacher: interrupted at step 3"):
+        run_demo(out, **options)
+    marker = json.loads((out / "teacher" / STAGE_FILE).read_text())
+    assert marker.get("in_progress") is True
+    assert (out / "teacher" / "checkpoint-3").is_dir()
+    assert not (out / "students").exists()  # nothing after the teacher ran
+
+    resumed: list[str | None] = []
+    original_resolve = dwakd.run.resolve_resume
+    monkeypatch.setattr(dwakd.run, "resolve_resume", lambda *a: resumed.append(original_resolve(*a)) or resumed[-1])
+    result = run_demo(out, **options)
+    assert result.report.is_file()
+    assert resumed[0] is not None and resumed[0].endswith("checkpoint-3")  # the teacher continued, not restarted
+    marker = json.loads((out / "teacher" / STAGE_FILE).read_text())
+    assert "in_progress" not in marker and marker["global_step"] == 30
+
+
+def test_generations_of_a_copied_demo_folder_are_pointed_at_the_copy(tmp_path: Path):
+    """A copied demo folder's saved generations name the old folder's model and test set in meta.json (which the
+    evaluation checks before reusing them): they are pointed at the copy's own, and nothing else is touched."""
+    from dwakd.demo.pipeline import DemoPipeline
+    from dwakd.demo.settings import demo_settings
+
+    old, new = tmp_path / "a" / "demo", tmp_path / "b" / "demo-copy"
+    folder = new / "eval" / "generations" / "sft-seed0"
+    stored = {"test": {"model": str(old / "students" / "sft-seed0"), "dataset": str(old / "data" / "test.jsonl"),
+                       "settings": "abc"},
+              "ood_long": {"model": "/elsewhere/students/dskd-seed0", "dataset": str(old / "data" / "ood_long.jsonl"),
+                           "settings": "abc"}}
+    for name, meta in stored.items():
+        (folder / name).mkdir(parents=True)
+        (folder / name / "meta.json").write_text(json.dumps(meta))
+    pipe = DemoPipeline(demo_settings(quick=True), new, show_progress=False, echo=lambda line: None)
+    datasets = [(name, str(new / "data" / f"{name}.jsonl"), name) for name in stored]
+    pipe.relocate_generations(new / "eval", {"sft-seed0": new / "students" / "sft-seed0"}, datasets)
+    test = json.loads((folder / "test" / "meta.json").read_text())
+    assert test == {"model": str(new / "students" / "sft-seed0"), "dataset": str(new / "data" / "test.jsonl"),
+                    "settings": "abc"}
+    ood = json.loads((folder / "ood_long" / "meta.json").read_text())
+    assert ood["model"] == "/elsewhere/students/dskd-seed0"  # another model's generations: still refused later
+    assert ood["dataset"] == str(new / "data" / "ood_long.jsonl")

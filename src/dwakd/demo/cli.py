@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _int_list(text: str) -> list[int]:
@@ -33,15 +34,19 @@ def _cache_k(text: str) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dwakd.demo.pipeline import run_demo
+    from dwakd.demo.pipeline import DemoInterrupted, run_demo
 
     methods = args.methods
     if args.table == "paper":
         methods = ["all"]
     default_output = "runs/demo-quick" if args.quick else "runs/demo"  # the table run reuses the default run's models
-    result = run_demo(args.output or default_output, quick=args.quick, methods=methods, eval_seeds=args.seeds,
-                      train_seeds=args.train_seeds, force=args.force, show_progress=not args.no_progress,
-                      workers=args.workers, teacher_cache_k=args.teacher_cache)
+    try:
+        result = run_demo(args.output or default_output, quick=args.quick, methods=methods, eval_seeds=args.seeds,
+                          train_seeds=args.train_seeds, force=args.force, show_progress=not args.no_progress,
+                          workers=args.workers, teacher_cache_k=args.teacher_cache)
+    except DemoInterrupted as stop:
+        print(f"dwakd demo: stopped: {stop}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports an interrupted command
     return 0 if result.report.is_file() else 1
 
 

@@ -119,15 +119,25 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
+class DemoInterrupted(KeyboardInterrupt):
+    """A training job stopped on Ctrl-C or SIGTERM after saving a checkpoint: the demo stops, and the same command
+    run again continues that job from its checkpoint."""
+
+
 def _cached(folder: Path, key: str, force: bool) -> bool:
-    """True when `folder` holds a finished stage with this fingerprint; otherwise clears the folder."""
+    """True when `folder` holds a finished stage with this fingerprint.
+
+    A training stage of this fingerprint that was started but not finished (killed or interrupted: its marker says
+    `in_progress`) keeps its folder, so its job continues from the checkpoint in it; any other folder is cleared.
+    """
     marker = folder / STAGE_FILE
     if not force and marker.is_file():
         try:
-            if json.loads(marker.read_text(encoding="utf-8")).get("fingerprint") == key:
-                return True
+            info = json.loads(marker.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
-            pass
+            info = {}
+        if info.get("fingerprint") == key:
+            return not info.get("in_progress", False)
     if folder.exists():
         shutil.rmtree(folder)
     return False
@@ -242,11 +252,16 @@ def train_job(tree: dict[str, Any], label: str, show_progress: bool = False, thr
     previous = torch.get_num_threads()
     if threads:
         set_threads(threads)
+    if any(Path(tree["training"]["output_dir"]).glob("checkpoint-*")):  # an interrupted run of this stage
+        tree = {**tree, "training": {**tree["training"], "resume_from_checkpoint": "last"}}
     started, cpu = time.perf_counter(), time.process_time()
     try:
         result = train(config_from_dict(tree, f"demo {label}"), show_progress=show_progress)
     finally:
         set_threads(previous)
+    if result.get("interrupted"):  # raised here, so that a job run in the demo's own process stops it at once
+        raise DemoInterrupted(f"{label}: interrupted at step {result['global_step']}, checkpoint saved in "
+                              f"{result['output_dir']}; run the same command again to continue")
     return {"seconds": round(time.perf_counter() - started, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
             "global_step": result["global_step"], "train_loss": result["train_loss"]}
 
@@ -485,6 +500,34 @@ class DemoPipeline:
             "seed": seed,
         }
 
+    def relocate_generations(self, out_dir: Path, models: dict[str, Path], datasets: Sequence[tuple[str, str, str]]
+                             ) -> None:
+        """Point saved generations of a moved or copied demo folder at this folder's models and test sets.
+
+        Their meta.json names the model and test-set paths they were made from, which the evaluation compares
+        before reusing them; in a copied folder those are the old folder's. A stored path is rewritten only when it
+        ends with the same path relative to the output folder as the current one (`students/dskd-seed0`,
+        `data/test.jsonl`): the same stage, which the stage fingerprints already vouch for.
+        """
+        for label, folder in models.items():
+            for name, path, _ in datasets:
+                meta_path = Path(out_dir) / "generations" / label / name / "meta.json"
+                if not meta_path.is_file():
+                    continue
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                moved = {key: now for key, now in (("model", str(folder)), ("dataset", path))
+                         if isinstance(meta.get(key), str) and meta[key] != now and self._same_place(meta[key], now)}
+                if moved:
+                    meta_path.write_text(json.dumps({**meta, **moved}, indent=2), encoding="utf-8")
+
+    def _same_place(self, stored: str, current: str) -> bool:
+        """Whether `stored` is `current`'s place inside another copy of the output folder."""
+        try:
+            relative = Path(current).resolve().relative_to(self.out.resolve()).parts
+        except ValueError:  # not inside the output folder: no other copy of it can hold it
+            return False
+        return len(Path(stored).parts) > len(relative) and Path(stored).parts[-len(relative):] == relative
+
     def _forget_generations(self, model_name: str) -> None:
         """A retrained model's old generations must not be reused by the resumable evaluation."""
         folder = self.out / "eval" / "generations" / model_name
@@ -616,6 +659,7 @@ class DemoPipeline:
 
         jobs = self.training_jobs(data, tokenizers)
         datasets, generation = self._eval_setup(data, splits, out_dir or self.out / "eval")
+        self.relocate_generations(out_dir or self.out / "eval", {job.label: job.folder for job in jobs}, datasets)
         out_dir = str(out_dir or self.out / "eval")
         pending: list[_Job] = []
         for job in jobs:
@@ -662,6 +706,8 @@ class DemoPipeline:
                 # the teacher is the critical path: every distilled student waits for it, and once the few
                 # students that need no teacher are done the other workers idle, so it gets every core
                 teacher_threads = workers * threads if job.label == "teacher" and workers > 1 else None
+                job.folder.mkdir(parents=True, exist_ok=True)
+                _mark(job.folder, job.key, {"in_progress": True})  # a rerun continues this job, not restarts it
                 future = runner.submit(train_job, job.tree, job.label, inline_progress, teacher_threads)
             running[future] = (job.kind, job)
 
@@ -732,8 +778,8 @@ class DemoPipeline:
         """Record a finished training job; False when it failed and the run goes on without its method."""
         error = future.exception()
         if error is not None:
-            if job.label == "teacher" or not self.keep_going:
-                raise error
+            if job.label == "teacher" or not self.keep_going or isinstance(error, DemoInterrupted):
+                raise error  # an interrupted job keeps its `in_progress` marker: a rerun continues it
             self.log.failed.setdefault(job.method, f"{job.label}: {type(error).__name__}: {error}")
             self.echo(f"  {job.label}: FAILED ({type(error).__name__}: {error})")
             return False
