@@ -216,7 +216,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
     p.add_argument("--steps", type=int, default=10, help="measured optimizer steps (median reported)")
     p.add_argument("--sample-interval", type=float, default=0.01, help="memory sampling period in seconds")
-    p.add_argument("--out-dir", default="bench")
+    p.add_argument("--out-dir", default="runs/bench", help="where the runs and the results JSON go")
     p.set_defaults(func=_cmd_bench)
 
 
