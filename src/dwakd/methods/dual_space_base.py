@@ -111,8 +111,8 @@ class DualSpaceMethod(DistillationMethod):
         if dtw_on:
             gamma = self.dwa.gamma_at(inputs.progress, inputs.step)
             attention = self.dtw_band_attention(inputs, terms) if self.dwa.options.dtw == "banded" else None
-            sums = self.dwa.dtw_sums(inputs, lambda: self.dtw_teacher_hidden(inputs, terms), attention, gamma,
-                                     student_seqs)
+            sums = self.dwa.dtw_sums(inputs, student_seqs, lambda: self.dtw_teacher_hidden(inputs, terms), attention,
+                                     gamma)
             dtw = {name: value / n for name, value in sums.items()}
             loss = loss + self.dwa.options.dtw_weight * sum(dtw.values())
             parts.update(dtw)

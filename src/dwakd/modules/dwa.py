@@ -212,21 +212,19 @@ class DWAComponent(nn.Module):
     def dtw_sums(
         self,
         inputs: DistillationInputs,
+        student_seqs: dict[str, torch.Tensor],
         teacher_hidden: Callable[[], torch.Tensor],
         attention: torch.Tensor | None,
         gamma: float,
-        student_seqs: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Soft-DTW divergence summed over the batch per enabled layer: {"dtw_hidden": …, "dtw_embedding": …}.
 
+        `student_seqs` is `student_sequences(inputs)`, made by the host before its vocabulary-sized terms;
         `teacher_hidden()` gives the host's (batch, m, d_s) teacher sequence in student space (called only when the
-        hidden term is on); `attention` (batch, n, m) is the band source, None for an unbanded cross term;
-        `student_seqs` is `student_sequences(inputs)` when the host made it early (made here otherwise).
+        hidden term is on); `attention` (batch, n, m) is the band source, None for an unbanded cross term.
         """
         opts = self.options
         student, teacher = inputs.student, inputs.teacher
-        if student_seqs is None:
-            student_seqs = self.student_sequences(inputs)
         m_s, m_t = student.label_mask, teacher.label_mask  # whole responses
         band = dict(band_base=opts.band_base, band_sensitivity=opts.band_sensitivity, band_blend=opts.band_blend,
                     band_penalty=opts.band_penalty, impl=opts.dtw_impl)
