@@ -85,6 +85,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # runs without PYTHONPATH=src: the dwakd imports below need it first
+sys.path.insert(0, str(ROOT / "benchmarks"))  # kd_loss (the paper shapes), also when loaded by a test
+
+from kd_loss import Shapes as PaperShapes  # noqa: E402  (the loss benchmark's paper shapes)
 
 from dwakd.evaluation.memory import peak_bytes  # noqa: E402  (after the sys.path line above)
 from dwakd.methods import MethodContext, build_method  # noqa: E402
@@ -184,22 +187,9 @@ class TinyShapes:
     response: int = 128  # positions per sequence with a label
 
 
-@dataclass
-class PaperShapes:
-    batch: int = 4
-    length: int = 512
-    response: int = 256
-    student_hidden: int = 768
-    student_vocab: int = 50257
-    student_rows: int = 50257
-    teacher_hidden: int = 2048
-    teacher_vocab: int = 151646
-    teacher_rows: int = 151936
-
-
 TINY_QUICK = TinyShapes(batch=2, prompt=16, response=24)
-PAPER_QUICK = PaperShapes(batch=2, length=64, response=24, student_hidden=32, student_vocab=3000, student_rows=3000,
-                          teacher_hidden=48, teacher_vocab=9000, teacher_rows=9024)
+PAPER_QUICK = PaperShapes(batch=2, length=64, response=24, student_hidden=32, student_vocab=3000,
+                          student_head_rows=3000, teacher_hidden=48, teacher_vocab=9000, teacher_head_rows=9024)
 
 
 class StubLM(nn.Module):
@@ -256,8 +246,9 @@ def tiny_models(config_path: str, device: torch.device) -> tuple[nn.Module, nn.M
 
 def paper_models(shapes: PaperShapes, device: torch.device, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     g = torch.Generator().manual_seed(seed)
-    student = StubLM("gpt2", shapes.student_rows, shapes.student_hidden, shapes.batch, shapes.length, 0.02, g, True)
-    teacher = StubLM("qwen", shapes.teacher_rows, shapes.teacher_hidden, shapes.batch, shapes.length, 0.08, g, False)
+    n, length = shapes.batch, shapes.length
+    student = StubLM("gpt2", shapes.student_head_rows, shapes.student_hidden, n, length, 0.02, g, True)
+    teacher = StubLM("qwen", shapes.teacher_head_rows, shapes.teacher_hidden, n, length, 0.08, g, False)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return student.to(device), teacher.eval().to(device)
