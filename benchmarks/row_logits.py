@@ -62,7 +62,8 @@ def bench_method(config_path: str, method: str, overrides: list[str], rounds: in
         model.teacher.to(device)
     model.train()
     loader = iter(run.trainer.get_train_dataloader())
-    data = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(batches)]
+    # tensors to the device; other collated fields (lists of per-example metadata) stay as they are
+    data = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in next(loader).items()} for _ in range(batches)]
     samples: dict[str, list[float]] = {"dense": [], "rows": []}
     peaks: dict[str, list[int]] = {"dense": [], "rows": []}
     bf16 = bool(run.trainer.args.bf16)
