@@ -19,6 +19,7 @@ from _baseline_helpers import (
 
 from dwakd.alignment.token_strings import token_table
 from dwakd.methods import build_method, method_names
+from dwakd.methods.base import DistillationInputs, ModelView, OptionError
 
 
 def naive_mined_kd_sum(setup: Setup, s_logits, t_logits, tau: float, kind: str) -> tuple[torch.Tensor, int]:
@@ -105,3 +106,87 @@ def test_optimisation_reduces_loss(tmp_path):
     method = build_method("mined", setup.context(tmp_path))
     losses = optimise_steps(setup, method, steps=6)
     assert losses[-1] < losses[0]
+
+
+def deferred_inputs(setup: Setup) -> DistillationInputs:
+    """Both views as the trainer builds them with the LM heads deferred: hidden states and heads, no logits."""
+    views = []
+    for model, view, tok in ((setup.student, setup.s_view, setup.s_tok), (setup.teacher, setup.t_view, setup.t_tok)):
+        with torch.set_grad_enabled(model is setup.student):
+            out = model(input_ids=view.input_ids, attention_mask=view.attention_mask, output_hidden_states=True)
+        views.append(ModelView(None, out.hidden_states, model, len(tok), head=model.get_output_embeddings(),
+                               last_hidden=out.hidden_states[-1]))
+    return DistillationInputs(setup.s_view, setup.t_view, *views, setup.s_view.label_mask.sum())
+
+
+def loss_parts_grads(setup: Setup, method, inputs: DistillationInputs) -> tuple:
+    for p in setup.student.parameters():
+        p.grad = None
+    out = method(inputs)
+    out.loss.backward()
+    assert all(p.grad is None for p in setup.teacher.parameters())
+    grads = {n: p.grad.detach().clone() for n, p in setup.student.named_parameters() if p.grad is not None}
+    return out.loss.detach(), {k: v.detach() for k, v in out.parts.items()}, dict(out.stats), grads
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list:
+    """Records the divergence of every `fused_head_kd` call MinED makes (proves the fused path ran)."""
+    import dwakd.methods.mined as mined_module
+
+    calls: list = []
+    original = mined_module.fused_head_kd
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("divergence"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mined_module, "fused_head_kd", counted)
+    return calls
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.5])
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "js"])
+def test_fused_heads_equal_dense(setup, tmp_path, fused_calls, kind, tau):
+    """`head_fusion: fused` (no (rows × V) logits; the mapped teacher head) == `dense`: loss, parts, gradients."""
+    options = {"kd_objective": kind, "kd_temperature": tau}
+    dense = build_method("mined", setup.context(tmp_path), {**options, "head_fusion": "dense"})
+    fused = build_method("mined", setup.context(tmp_path), {**options, "head_fusion": "fused"})
+    want = loss_parts_grads(setup, dense, deferred_inputs(setup))
+    assert fused_calls == []
+    got = loss_parts_grads(setup, fused, deferred_inputs(setup))
+    # CE over the label rows, the KD term, and (τ ≠ 1) the one-hot rows' CE at τ
+    assert fused_calls == [None, kind] + ([None] if tau != 1.0 else [])
+    assert 0.0 < want[2]["aligned_fraction"] < 1.0 and got[2] == want[2]
+    # the dense path's shared CE helper runs in fp32, the fused op in float64: agreement at fp32 rounding
+    torch.testing.assert_close(got[0], want[0].to(got[0].dtype), rtol=1e-6, atol=0)
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name].to(got[1][name].dtype), rtol=1e-6, atol=1e-9)
+    assert got[3].keys() == want[3].keys()
+    for name, grad in want[3].items():
+        scale = float(grad.abs().max())
+        assert float((got[3][name] - grad).abs().max()) <= 1e-5 * scale, name
+
+
+def test_mapped_teacher_head_reproduces_mapped_logits(setup, tmp_path):
+    """h · (mapped head)ᵀ + bias == `mapped_teacher_logits(h · W_tᵀ)`, column for column."""
+    method = build_method("mined", setup.context(tmp_path))
+    teacher_w = setup.teacher.get_output_embeddings().weight
+    hidden = torch.randn(5, teacher_w.shape[1], dtype=teacher_w.dtype, generator=torch.Generator().manual_seed(0))
+    vocab = len(setup.s_tok)
+    head, bias = method.mapped_teacher_head(teacher_w, vocab)
+    assert head.shape == (vocab, teacher_w.shape[1]) and not head.requires_grad
+    torch.testing.assert_close(hidden @ head.t() + bias, method.mapped_teacher_logits(hidden @ teacher_w.t(), None,
+                                                                                      vocab), rtol=0, atol=1e-9)
+
+
+def test_dense_logit_views_keep_the_dense_path(setup, tmp_path, fused_calls):
+    """Views with dense logits (a teacher cache, a logit transform) have no linear head to fuse: dense is used."""
+    method = build_method("mined", setup.context(tmp_path), {"head_fusion": "fused"})
+    method(setup.inputs()).loss.backward()
+    assert fused_calls == []
+
+
+def test_head_fusion_is_validated(setup, tmp_path):
+    with pytest.raises(OptionError, match="head_fusion"):
+        build_method("mined", setup.context(tmp_path), {"head_fusion": "chunked"})

@@ -30,11 +30,10 @@ from dwakd.methods.registry import register_method
 from dwakd.modules.cross_attention import CrossModelAttention, cross_model_attention, project
 from dwakd.modules.divergences import check_divergence, compute_dtype, divergence, resolve_divergence
 from dwakd.modules.dual_space import DualSpaceTerms
+from dwakd.modules.head_fusion import HEAD_FUSIONS
 from dwakd.modules.projectors import DualSpaceProjectors, model_dims
 from dwakd.modules.rows import valid_rows
 from dwakd.ops.fused_kd import fused_head_kd
-
-HEAD_FUSIONS = ("auto", "fused", "dense")
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodContext, MethodOptions
 from dwakd.modules.dual_space import DualSpaceTerms
 from dwakd.modules.dwa import DWAComponent
+from dwakd.modules.head_fusion import use_fused_heads
 from dwakd.modules.projectors import model_dims
 
 
@@ -45,8 +46,7 @@ class DualSpaceMethod(DistillationMethod):
 
         `auto` is dense on CPU: there the fused op's chunked elementwise passes cost 1.1-1.4x the dense step
         (benchmarks/README.md), while its memory saving (2.6x at the tiny recipe) is what GPUs need."""
-        mode = getattr(self.options, "head_fusion", "dense")
-        return mode == "fused" or (mode == "auto" and device.type != "cpu")
+        return use_fused_heads(getattr(self.options, "head_fusion", "dense"), device)
 
     def token_statistics(self) -> bool:
         """Whether the fused path must return the τ = 1 statistics DWA-KD's token weights read (entropies, gate)."""

@@ -22,6 +22,11 @@ Choices and differences from the reference code (DSKD's `min_edit_dis_kld.py`):
   same value without materialising the one-hot rows. With a divergence other than forward KL the one-hot
   positions still use −log q_τ(y) (reverse KL, JS, ... to a one-hot target are infinite or degenerate).
 - Sums are divided by the global student token count (docs/methods.md §2.1); head padding rows are sliced off.
+- `head_fusion` (as in dskd): with `fused` (`auto` on a GPU) no (rows × V) logits are formed. The student CE, the
+  one-hot terms and the KD term are `fused_head_kd` calls on the student's hidden states and head; the KD target
+  is the teacher's hidden state at the aligned row against a mapped teacher head, the (V_s, d_t) matrix whose
+  row v is the teacher head's row for the teacher token v reads (zero, with a −1e5 bias, where none): its
+  logits are exactly `mapped_teacher_logits`. A view without a plain linear head keeps the dense path.
 Per-step cost: one rapidfuzz edit-distance matrix and one compiled DTW per sequence on CPU, outside autograd:
 ≈0.5 ms for a 256 × 256 response pair, ≈1 ms for a batch of 4 Dolly examples (benchmarks/vocab_map.py).
 The vocabulary map is built once per tokenizer pair (Qwen × GPT-2: 33–44 s on a busy 2-core CPU) and then
@@ -45,11 +50,15 @@ from dwakd.methods.base import (
     LossOutput,
     MethodContext,
     MethodOptions,
+    ModelView,
     TokenView,
+    check_choice,
 )
 from dwakd.methods.registry import register_method
 from dwakd.modules.cross_entropy import label_cross_entropy_sum
 from dwakd.modules.divergences import divergence, resolve_divergence
+from dwakd.modules.head_fusion import HEAD_FUSIONS, use_fused_heads
+from dwakd.ops.fused_kd import fused_head_kd
 
 UNMAPPED_LOGIT = -1e5  # logit of student tokens no teacher token maps onto (the reference's constant)
 
@@ -60,6 +69,12 @@ class MinEDOptions(MethodOptions):
 
     kd_objective: str = "fkl"  # a docs/methods.md §3 name (as in dskd / dskdv2); the reference uses forward KL
     map_workers: int = -1  # threads for the one-off vocabulary-map build (−1: all cores)
+    # fused: LM head + divergence in one op, no (rows × V) logits | dense: F.linear logits | auto: fused on GPU
+    head_fusion: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)
 
 
 @dataclass
@@ -149,13 +164,48 @@ class MinED(DistillationMethod):
         out[:, self.mapped_student_ids[keep]] = picked[:, self.mapped_teacher_ids[keep]].to(dtype)
         return out
 
+    def mapped_teacher_head(self, teacher_head: torch.Tensor, student_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V_s, d_t) head and (V_s,) bias whose logits on a teacher hidden state are `mapped_teacher_logits`':
+        row v is the teacher head's row of the teacher token student token v reads (bias 0), zero with bias
+        −1e5 where none. Detached: the teacher gets no gradient."""
+        keep = self.mapped_student_ids < student_vocab
+        student_ids, teacher_ids = self.mapped_student_ids[keep], self.mapped_teacher_ids[keep]
+        head = teacher_head.detach().new_zeros(student_vocab, teacher_head.shape[1])
+        head[student_ids] = teacher_head.detach()[teacher_ids]
+        dtype = torch.promote_types(teacher_head.dtype, torch.float32)
+        bias = torch.full((student_vocab,), UNMAPPED_LOGIT, dtype=dtype, device=teacher_head.device)
+        bias[student_ids] = 0.0
+        return head, bias
+
     def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
+        alignment = self.align(inputs.student, inputs.teacher)
+        heads = self._fused_heads(inputs.student_out, inputs.teacher_out, inputs.student.labels.device)
+        if heads is not None:
+            ce_sum, kd_sum = self._fused_sums(inputs, alignment, *heads)
+        else:
+            ce_sum, kd_sum = self._dense_sums(inputs, alignment)
+        ce, kd = ce_sum / inputs.num_items, kd_sum / inputs.num_items
+        rate = self.options.kd_rate
+        loss = (1.0 - rate) * ce + rate * kd
+        valid = max(1, int(inputs.student.label_mask.sum()))
+        return LossOutput(loss, {"ce": ce.detach(), "kd": kd.detach()},
+                          {"aligned_fraction": alignment.student_rows.numel() / valid})
+
+    def _fused_heads(self, s_out: ModelView, t_out: ModelView,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The student and teacher head weights when both views allow the fused op and it is asked for."""
+        if not use_fused_heads(self.options.head_fusion, device):
+            return None
+        student_w, teacher_w = s_out.linear_head_weight(), t_out.linear_head_weight()
+        return None if student_w is None or teacher_w is None else (student_w, teacher_w)
+
+    def _dense_sums(self, inputs: DistillationInputs, alignment: MinEDAlignment) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ CE and Σ KD (aligned D + one-hot −log q_τ) from dense logits at the student's label rows."""
         s_out, t_out = inputs.student_out, inputs.teacher_out
         tau = self.options.kd_temperature
         vocab = s_out.vocab_size
         s_logits, s_index = s_out.label_logits(inputs.student)  # (K, R_s): the head runs at label rows only
-        ce = label_cross_entropy_sum(s_logits, inputs.student, vocab) / inputs.num_items
-        alignment = self.align(inputs.student, inputs.teacher)
+        ce_sum = label_cross_entropy_sum(s_logits, inputs.student, vocab)
         student_logits = s_logits[:, :vocab]  # (K, V_s) without the head's padding rows
         kd_sum = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
         if alignment.student_rows.numel():
@@ -167,9 +217,35 @@ class MinED(DistillationMethod):
             picked = student_logits.index_select(0, s_index.index_select(0, alignment.one_hot_rows))  # (rest, V_s)
             gold = inputs.student.labels.reshape(-1).index_select(0, alignment.one_hot_rows)
             kd_sum = kd_sum + F.cross_entropy(picked.to(kd_sum.dtype) / tau, gold, reduction="sum")
-        kd = kd_sum / inputs.num_items
-        rate = self.options.kd_rate
-        loss = (1.0 - rate) * ce + rate * kd
-        valid = max(1, int(inputs.student.label_mask.sum()))
-        return LossOutput(loss, {"ce": ce.detach(), "kd": kd.detach()},
-                          {"aligned_fraction": alignment.student_rows.numel() / valid})
+        return ce_sum, kd_sum
+
+    def _fused_sums(self, inputs: DistillationInputs, alignment: MinEDAlignment, student_w: torch.Tensor,
+                    teacher_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_dense_sums` through `fused_head_kd`: the student CE over the label rows, the one-hot terms (reusing
+        those CEs when τ = 1), and D(mapped teacher → student) at the aligned rows."""
+        s_out, t_out, student = inputs.student_out, inputs.teacher_out, inputs.student
+        tau, vocab = self.options.kd_temperature, s_out.vocab_size
+        labels = student.labels.reshape(-1)
+        label_rows = student.label_mask.reshape(-1).nonzero().squeeze(1)  # (K,) flat positions
+        ce_rows = fused_head_kd(s_out.hidden_at(label_rows), student_w, vocab_size=vocab, divergence=None,
+                                pred_labels=labels.index_select(0, label_rows)).pred_ce  # (K,)
+        ce_sum = ce_rows.sum()
+        kd_sum = ce_sum.new_zeros(())
+        if alignment.student_rows.numel():
+            head, bias = self.mapped_teacher_head(teacher_w, vocab)
+            kd_rows = fused_head_kd(
+                s_out.hidden_at(alignment.student_rows), student_w, t_out.hidden_at(alignment.teacher_rows).detach(),
+                head, vocab_size=vocab, divergence=self.options.kd_objective, temperature=tau, target_bias=bias,
+            ).divergence
+            kd_sum = kd_sum + kd_rows.sum()
+        rest = alignment.one_hot_rows
+        if rest.numel():
+            if tau == 1.0:  # −log q_1(gold) is the CE already formed at those rows
+                index = torch.full_like(labels, -1).index_copy_(0, label_rows, torch.arange(
+                    label_rows.numel(), device=labels.device))
+                kd_sum = kd_sum + ce_rows.index_select(0, index.index_select(0, rest)).sum()
+            else:
+                kd_sum = kd_sum + fused_head_kd(s_out.hidden_at(rest), student_w, vocab_size=vocab, divergence=None,
+                                                pred_labels=labels.index_select(0, rest),
+                                                ce_temperature=tau).pred_ce.sum()
+        return ce_sum, kd_sum
