@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput
+from dataclasses import dataclass
+
+from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodOptions, check_choice
 from dwakd.methods.registry import register_method
-from dwakd.modules.cross_entropy import label_cross_entropy_sum
+from dwakd.modules.cross_entropy import student_cross_entropy_sum
+from dwakd.modules.head_fusion import HEAD_FUSIONS
+
+
+@dataclass
+class SFTOptions(MethodOptions):
+    """SFT reads only `head_fusion` (the KD options it inherits are unused)."""
+
+    # fused: LM head + CE in one chunked op, no (rows × V) logits | dense: F.linear logits | auto: fused on GPU
+    head_fusion: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)
 
 
 @register_method
@@ -12,10 +27,10 @@ class SFT(DistillationMethod):
     """Plain supervised fine-tuning of the student; no teacher is loaded."""
 
     name = "sft"
+    Options = SFTOptions
     needs_teacher = False
 
     def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
-        s_out = inputs.student_out
-        logits, _ = s_out.label_logits(inputs.student)  # the head runs at the label rows only
-        ce = label_cross_entropy_sum(logits, inputs.student, s_out.vocab_size) / inputs.num_items
+        ce_sum = student_cross_entropy_sum(inputs.student_out, inputs.student, self.options.head_fusion)
+        ce = ce_sum / inputs.num_items
         return LossOutput(ce, {"ce": ce.detach()})

@@ -58,12 +58,14 @@ from dwakd.methods.base import (
     MethodContext,
     MethodOptions,
     OptionError,
+    check_choice,
     check_positive,
 )
 from dwakd.methods.registry import register_method
 from dwakd.modules.cross_attention import project
-from dwakd.modules.cross_entropy import label_cross_entropy_sum
+from dwakd.modules.cross_entropy import student_cross_entropy_sum
 from dwakd.modules.divergences import check_divergence, divergence, resolve_divergence
+from dwakd.modules.head_fusion import HEAD_FUSIONS
 from dwakd.modules.layers import check_layer_pairs, check_pairs_fit, layer_width, num_layers, top_pairs
 from dwakd.modules.relational import last_token_attention, structure_loss, weighted_cosine_distance
 from dwakd.modules.spans import coterminal_span_ids, pool, token_weighted_mean
@@ -82,10 +84,13 @@ class SRAOptions(MethodOptions):
     logit_weight: float = 1.0
     saliency_power: float = 1.0  # p in ŵ_k ∝ M_k^p
     attention_weighting: bool = True  # false: plain token means and uniform span weights (no attentions needed)
+    # the student CE: fused LM head + CE, no (rows × V) logits | dense: F.linear logits | auto: fused on GPU
+    head_fusion: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_divergence("kd_objective", self.kd_objective)
+        check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)
         pairs = check_layer_pairs("layer_pairs", self.layer_pairs, lowest=1)
         self.layer_pairs = None if pairs is None else [list(p) for p in pairs]
         if (not isinstance(self.num_layer_pairs, int) or isinstance(self.num_layer_pairs, bool)
@@ -183,8 +188,7 @@ class SRA(DistillationMethod):
         if teacher is None or t_out is None:
             raise ValueError(f"method {self.name!r} needs the teacher's view and outputs in the batch")
         n = inputs.num_items
-        label_logits, _ = s_out.label_logits(student)  # the head runs at the label rows only
-        ce = label_cross_entropy_sum(label_logits, student, s_out.vocab_size) / n
+        ce = student_cross_entropy_sum(s_out, student, opts.head_fusion) / n  # the only full-vocabulary term
 
         s_ids, t_ids, counts = coterminal_span_ids(student, teacher)  # (batch, n), (batch, m), (batch,)
         spans = int(counts.max()) if counts.numel() else 0
