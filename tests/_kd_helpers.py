@@ -35,6 +35,21 @@ STUDENT_VOCAB, STUDENT_ROWS = 37, 40
 TEACHER_VOCAB, TEACHER_ROWS = 53, 56
 
 
+def record_fused_calls(monkeypatch, *modules) -> list:
+    """Wrap `fused_head_kd` as imported by each of `modules`; the returned list gets each call's `divergence`
+    (None for a CE-only call), which proves which path a method took."""
+    calls: list = []
+    for module in modules:
+        original = module.fused_head_kd
+
+        def counted(*args, _original=original, **kwargs):
+            calls.append(kwargs.get("divergence"))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "fused_head_kd", counted)
+    return calls
+
+
 def tiny_student(arch: str = "gpt2", seed: int = 0, dtype: torch.dtype = torch.float64, **sizes) -> torch.nn.Module:
     """A 1-layer random-init student (GPT-2 by default, d = 16) whose head has more rows than the vocab; eval mode."""
     defaults = dict(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_positions=64)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _baseline_helpers import EXAMPLES, MORE_EXAMPLES, Setup
-from _kd_helpers import one_thread
+from _kd_helpers import one_thread, record_fused_calls
 from _repr_helpers import ModelPair
 
 import dwakd.modules.cross_entropy as cross_entropy
@@ -25,15 +25,7 @@ def _single_thread():
 @pytest.fixture
 def fused_calls(monkeypatch) -> list:
     """Counts the fused op's calls from the CE helper (proves which path ran)."""
-    calls: list = []
-    original = cross_entropy.fused_head_kd
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("divergence"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(cross_entropy, "fused_head_kd", counted)
-    return calls
+    return record_fused_calls(monkeypatch, cross_entropy)
 
 
 def deferred(view: ModelView) -> ModelView:

@@ -13,7 +13,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from _baseline_helpers import linked_setup
-from _kd_helpers import aim_t2s_at_gold, context_for, make_batch, one_thread, tiny_student, tiny_teacher
+from _kd_helpers import (
+    aim_t2s_at_gold,
+    context_for,
+    make_batch,
+    one_thread,
+    record_fused_calls,
+    tiny_student,
+    tiny_teacher,
+)
 
 import dwakd.methods.dskd as dskd_module
 import dwakd.methods.dskdv2 as dskdv2_module
@@ -163,16 +171,7 @@ def assert_same(fused: tuple, dense: tuple, rtol: float, atol: float = 0.0, grad
 @pytest.fixture
 def fused_calls(monkeypatch) -> list:
     """Counts the calls of the fused op from the hosts (proves the fused path ran)."""
-    calls: list = []
-    for module in (dskd_module, dskdv2_module):
-        original = module.fused_head_kd
-
-        def counted(*args, _original=original, **kwargs):
-            calls.append(kwargs.get("divergence"))
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(module, "fused_head_kd", counted)
-    return calls
+    return record_fused_calls(monkeypatch, dskd_module, dskdv2_module)
 
 
 @pytest.mark.parametrize("kind", DIVERGENCES)

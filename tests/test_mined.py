@@ -16,6 +16,7 @@ from _baseline_helpers import (
     params_with_grad,
     trainable_names,
 )
+from _kd_helpers import record_fused_calls
 
 from dwakd.alignment.token_strings import token_table
 from dwakd.methods import build_method, method_names
@@ -134,15 +135,7 @@ def fused_calls(monkeypatch) -> list:
     """Records the divergence of every `fused_head_kd` call MinED makes (proves the fused path ran)."""
     import dwakd.methods.mined as mined_module
 
-    calls: list = []
-    original = mined_module.fused_head_kd
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("divergence"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(mined_module, "fused_head_kd", counted)
-    return calls
+    return record_fused_calls(monkeypatch, mined_module)
 
 
 @pytest.mark.parametrize("tau", [1.0, 1.5])
