@@ -54,8 +54,8 @@ for s in $STEPS; do
             dtw-loss-functions:ron --out "$RESULTS/soft_dtw_cuda.json" ;;
         soft_dtw_ddtw) run_step soft_dtw_ddtw 90 python3 benchmarks/soft_dtw.py --device cuda --repeats 11 \
             --configs 8,512,0.1 --only dwakd ddtw --out "$RESULTS/soft_dtw_cuda_ddtw.json" ;;
-        bench) run_step bench 200 python3 -m dwakd.cli bench "$REAL" --methods sft dskd dwakd --batch-sizes 4 \
-            --warmup 2 --steps 8 --out-dir "$RESULTS/bench" ;;
+        bench) run_step bench 200 python3 -m dwakd.cli bench "$REAL" --methods sft dskd dwakd dskd dwakd \
+            --batch-sizes 4 --warmup 5 --steps 12 --profile-steps 2 --out-dir "$RESULTS/bench" ;;
         kd_loss_bf16) run_step kd_loss_bf16 90 python3 benchmarks/kd_loss.py --device cuda --autocast bf16 \
             --rounds 5 --out "$RESULTS/kd_loss_cuda_bf16.json" ;;
         kd_loss_fp32) run_step kd_loss_fp32 90 python3 benchmarks/kd_loss.py --device cuda --rounds 5 \

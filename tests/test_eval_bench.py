@@ -51,6 +51,19 @@ def test_bench_one_measures_steps_after_warmup(tiny_config):
     assert result.memory_kind == "process_rss" and 0 < result.avg_mem_gib <= result.peak_mem_gib < 64
 
 
+def test_profiled_steps_come_after_the_measured_ones(tiny_config, tmp_path):
+    """`profile_steps` more steps run under torch.profiler; their operator table is written, the timings and the
+    memory readings still cover the measured steps only."""
+    tree = yaml.safe_load(tiny_config.read_text())
+    result = bench_one(tree, "sft", 2, warmup=1, steps=2, sample_interval=0.002, profile_steps=2,
+                       profile_dir=tmp_path)
+    assert result.error is None, result.error
+    assert len(result.step_seconds) == 2
+    assert result.profile == str(tmp_path / "profile_sft_bs2.txt")
+    table = (tmp_path / "profile_sft_bs2.txt").read_text()
+    assert table.startswith("2 profiled step(s)") and "aten::mm" in table and "Self CPU" in table
+
+
 def test_bench_command_prints_table(tiny_config, tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", str(tiny_config), "--methods", "sft", "no-such-method", "--batch-sizes", "2", "1",

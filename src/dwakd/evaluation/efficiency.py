@@ -11,6 +11,11 @@ optimizer steps (no saving, no evaluation, gradient accumulation 1). Measured ov
   (spikes shorter than the interval can be missed). RSS covers the whole process (libraries, both models,
   data), so differences between methods are smaller than on a GPU.
 Memory is reported in GiB (2**30 bytes). A method that fails to build or train is reported with its error.
+
+With `profile_steps > 0` that many further steps run after the measured ones under `torch.profiler` (CPU, and
+CUDA on a GPU) and their operator table — self CPU time first, then CUDA time — is written next to the results
+(`profile_<method>_bs<batch>.txt`): what a step spends where, host-side stalls included, without touching the
+timed steps.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class BenchResult:
     avg_mem_gib: float | None = None
     peak_mem_gib: float | None = None
     error: str | None = None
+    profile: str | None = None  # path of the operator table of the profiled steps, if any
 
 
 class MemorySampler:
@@ -87,14 +93,23 @@ def _rss_bytes() -> int:
 
 
 class StepTimer(TrainerCallback):
-    """Times optimizer steps and starts memory sampling once the warm-up steps are over."""
+    """Times optimizer steps and starts memory sampling once the warm-up steps are over; optionally profiles
+    `profile_steps` steps after the `steps` measured ones (kept out of the timings and the memory readings)."""
 
-    def __init__(self, warmup: int, cuda: bool, sampler: MemorySampler):
+    def __init__(self, warmup: int, cuda: bool, sampler: MemorySampler, steps: int | None = None,
+                 profile_steps: int = 0):
         self.warmup, self.cuda, self.sampler = warmup, cuda, sampler
+        self.measured_end = None if steps is None else warmup + steps  # steps from here on are not measured
+        self.profile_steps = profile_steps if steps is not None else 0
         self.seconds: list[float] = []
         self.step_end_bytes: list[int] = []
+        self.profiler: torch.profiler.profile | None = None
+        self.profiled = 0
         self._started = 0.0
         self._step = 0
+
+    def _measuring(self) -> bool:
+        return self._step >= self.warmup and (self.measured_end is None or self._step < self.measured_end)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._step == self.warmup:
@@ -102,6 +117,14 @@ class StepTimer(TrainerCallback):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             self.sampler.activate()
+        if self.measured_end is not None and self._step == self.measured_end:
+            self.sampler.close()  # the readings cover the measured steps only
+            if self.profile_steps and self.profiler is None:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if self.cuda:
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
         if self.cuda:
             torch.cuda.synchronize()
         self._started = time.perf_counter()
@@ -110,26 +133,49 @@ class StepTimer(TrainerCallback):
         if self.cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - self._started
-        if self._step >= self.warmup:
+        if self._measuring():
             self.seconds.append(elapsed)
             self.step_end_bytes.append(self.sampler.read())
+        elif self.profiler is not None and self.profiled < self.profile_steps:
+            self.profiled += 1
+            if self.profiled == self.profile_steps:
+                self.profiler.__exit__(None, None, None)
         self._step += 1
+
+    def close(self) -> None:
+        """Stop a profiler that training ended before it finished (too few steps)."""
+        if self.profiler is not None and self.profiled < self.profile_steps:
+            self.profiler.__exit__(None, None, None)
+            self.profiler = None
+
+    def profile_table(self, rows: int = 40) -> str | None:
+        """The profiled steps' operators by self CPU time (and by CUDA time on a GPU), or None if none ran."""
+        if self.profiler is None or self.profiled < self.profile_steps:
+            return None
+        events = self.profiler.key_averages()
+        tables = [f"{self.profiled} profiled step(s) after the measured ones\n\nby self CPU time:\n",
+                  events.table(sort_by="self_cpu_time_total", row_limit=rows)]
+        if self.cuda:
+            tables += ["\nby CUDA time:\n", events.table(sort_by="cuda_time_total", row_limit=rows)]
+        return "".join(tables)
 
 
 def bench_one(tree: dict, method: str, batch_size: int, *, warmup: int = 3, steps: int = 10,
-              sample_interval: float = 0.01, work_dir: str | Path | None = None) -> BenchResult:
-    """Build the run for `method` at `batch_size` from config `tree` and measure `steps` steps after `warmup`."""
+              sample_interval: float = 0.01, work_dir: str | Path | None = None, profile_steps: int = 0,
+              profile_dir: str | Path | None = None) -> BenchResult:
+    """Build the run for `method` at `batch_size` from config `tree` and measure `steps` steps after `warmup`;
+    then profile `profile_steps` more and write their operator table to `profile_dir` (default: `work_dir`)."""
     from dwakd.config import apply_overrides, config_from_dict
     from dwakd.run import build_training
 
     result = BenchResult(method, batch_size)
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="dwakd-bench-"))
     overrides = [
-        f"method.name={method}", "method.options={}", f"training.max_steps={warmup + steps}",
+        f"method.name={method}", "method.options={}", f"training.max_steps={warmup + steps + profile_steps}",
         f"training.per_device_train_batch_size={batch_size}", "training.gradient_accumulation_steps=1",
         "training.save_strategy='no'", "training.eval_strategy='no'", "training.logging_steps=1000000",
         "training.report_to=none", "training.disable_tqdm=true", f"training.output_dir={work_dir / method}",
-        f"data.max_train_examples={batch_size * (warmup + steps)}",
+        f"data.max_train_examples={batch_size * (warmup + steps + profile_steps)}",
     ]
     sampler = None
     try:
@@ -141,13 +187,20 @@ def bench_one(tree: dict, method: str, batch_size: int, *, warmup: int = 3, step
         result.memory_kind = "cuda_allocated" if cuda else "process_rss"
         sampler = MemorySampler((lambda: torch.cuda.memory_allocated(device)) if cuda else _rss_bytes,
                                 sample_interval)
-        timer = StepTimer(warmup, cuda, sampler)
+        timer = StepTimer(warmup, cuda, sampler, steps, profile_steps)
         run.trainer.add_callback(timer)
         sampler.start()
         run.trainer.train()
+        timer.close()
         sampler.close()
         if len(timer.seconds) < steps:
             raise RuntimeError(f"only {len(timer.seconds)} measured steps (dataset too small for {steps})")
+        table = timer.profile_table()
+        if table is not None:
+            path = Path(profile_dir or work_dir) / f"profile_{method}_bs{batch_size}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(table, encoding="utf-8")
+            result.profile = str(path)
         result.step_seconds = timer.seconds
         result.median_step_s = statistics.median(timer.seconds)
         readings = sampler.samples + timer.step_end_bytes
@@ -167,13 +220,15 @@ def bench_one(tree: dict, method: str, batch_size: int, *, warmup: int = 3, step
 
 
 def run_bench(tree: dict, methods: Sequence[str], batch_sizes: Sequence[int] = (4, 1), *, warmup: int = 3,
-              steps: int = 10, sample_interval: float = 0.01) -> list[BenchResult]:
+              steps: int = 10, sample_interval: float = 0.01, profile_steps: int = 0,
+              profile_dir: str | Path | None = None) -> list[BenchResult]:
     """Bench every method at every batch size (same config, so the same model pair and lengths)."""
-    if warmup < 0 or steps < 1:
-        raise ValueError("need warmup >= 0 and steps >= 1")
+    if warmup < 0 or steps < 1 or profile_steps < 0:
+        raise ValueError("need warmup >= 0, steps >= 1 and profile steps >= 0")
     with tempfile.TemporaryDirectory(prefix="dwakd-bench-") as work_dir:
         return [bench_one(tree, m, b, warmup=warmup, steps=steps, sample_interval=sample_interval,
-                          work_dir=work_dir) for b in batch_sizes for m in methods]
+                          work_dir=work_dir, profile_steps=profile_steps, profile_dir=profile_dir)
+                for b in batch_sizes for m in methods]
 
 
 def bench_markdown(results: Sequence[BenchResult]) -> str:
@@ -217,6 +272,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=10, help="measured optimizer steps (median reported)")
     p.add_argument("--sample-interval", type=float, default=0.01, help="memory sampling period in seconds")
     p.add_argument("--out-dir", default="runs/bench", help="where the runs and the results JSON go")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="steps to profile after the measured ones (torch.profiler operator tables in OUT_DIR)")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -234,12 +291,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         config_from_dict(tree, args.config)  # fail fast on a bad config
         methods = args.methods or method_names()
         results = run_bench(tree, methods, args.batch_sizes, warmup=args.warmup, steps=args.steps,
-                            sample_interval=args.sample_interval)
+                            sample_interval=args.sample_interval, profile_steps=args.profile_steps,
+                            profile_dir=args.out_dir)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"dwakd bench: error: {exc}", file=sys.stderr)
         return 2
     data = tree.get("data", {})
     meta = {"config": args.config, "overrides": args.overrides, "warmup": args.warmup, "steps": args.steps,
+            "profile_steps": args.profile_steps,
             "max_prompt_length": data.get("max_prompt_length"), "max_length": data.get("max_length")}
     paths = write_bench(results, args.out_dir, meta)
     device = next((r.device for r in results if r.device), "?")
