@@ -157,3 +157,20 @@ def test_nonfinite_loss_skip_policy(tiny_yaml, tmp_path):
     run.trainer.train()
     assert run.trainer.skipped_micro_batches == 1
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+def test_cudnn_attention_is_turned_off_for_cuda_runs_only(monkeypatch):
+    """cuDNN SDPA rebuilds a graph per batch shape (dynamic padding): off for CUDA runs unless asked to keep it."""
+    from dwakd.models import CUDNN_ATTENTION_ENV, configure_attention_backends
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.delenv(CUDNN_ATTENTION_ENV, raising=False)
+        assert configure_attention_backends(False) is False and torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.setenv(CUDNN_ATTENTION_ENV, "1")
+        assert configure_attention_backends(True) is False and torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.setenv(CUDNN_ATTENTION_ENV, "0")
+        assert configure_attention_backends(True) is True and not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

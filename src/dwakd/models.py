@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,3 +189,23 @@ def load_model_for_inference(path_or_name: str, *, dtype: str | None = None, dev
     if device:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+CUDNN_ATTENTION_ENV = "DWAKD_CUDNN_ATTENTION"
+
+
+def configure_attention_backends(uses_cuda: bool) -> bool:
+    """Turn off PyTorch's cuDNN backend of scaled-dot-product attention for a CUDA run; True if it did.
+
+    cuDNN SDPA builds an execution graph for every new input shape (~4 ms of host time per attention call on an
+    H200, forward and backward), and dynamic padding gives most batches a new length: on the real-size recipe
+    (`configs/bench/real-size-gpu.yaml`, GPT-2-shaped student, batch 4) an `sft` step took 0.16 s with it and
+    0.05 s without, the GPU busy for ~9 ms of it (`benchmarks/README.md`). The flash and memory-efficient
+    backends have no per-shape setup and stay on. `DWAKD_CUDNN_ATTENTION=1` keeps cuDNN (fixed-length batches).
+    """
+    if not uses_cuda or os.environ.get(CUDNN_ATTENTION_ENV, "0") not in ("", "0"):
+        return False
+    if torch.backends.cuda.cudnn_sdp_enabled():
+        logger.info("cuDNN attention off (it rebuilds a graph per batch shape); %s=1 keeps it", CUDNN_ATTENTION_ENV)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    return True

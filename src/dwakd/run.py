@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from transformers import TrainingArguments, set_seed
 
@@ -27,7 +28,13 @@ from dwakd.config import (
 from dwakd.data import DistillationCollator, DualTokenizedDataset, encode_records, load_records, split_records
 from dwakd.data.records import LoadReport
 from dwakd.methods import MethodContext, build_method, build_options, get_method
-from dwakd.models import load_side_model, load_side_tokenizer, prepare_student, prepare_teacher
+from dwakd.models import (
+    configure_attention_backends,
+    load_side_model,
+    load_side_tokenizer,
+    prepare_student,
+    prepare_teacher,
+)
 from dwakd.on_policy import OnPolicySampler
 from dwakd.teacher_cache.reader import TeacherCache
 from dwakd.tokenizers import cache_dir
@@ -125,6 +132,7 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
     """
     set_seed(config.seed)
     args = training_arguments(config)
+    configure_attention_backends(torch.cuda.is_available() and not args.use_cpu)
     check_method_options(config.method)
     check_on_policy(config)
     method_cls, _ = get_method(config.method.name)
