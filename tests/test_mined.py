@@ -161,6 +161,16 @@ def test_fused_heads_equal_dense(setup, tmp_path, fused_calls, kind, tau):
         assert float((got[3][name] - grad).abs().max()) <= 1e-5 * scale, name
 
 
+def test_fused_heads_accept_dskd_long_divergence_names(setup, tmp_path, fused_calls):
+    """`kd_objective: reverse_kl` (DSKD's name) is resolved once, for the dense and the fused path alike."""
+    losses = {}
+    for name in ("rkl", "reverse_kl"):
+        method = build_method("mined", setup.context(tmp_path), {"kd_objective": name, "head_fusion": "fused"})
+        losses[name] = method(deferred_inputs(setup)).loss.detach()
+    assert fused_calls == [None, "rkl", None] * 2
+    torch.testing.assert_close(losses["reverse_kl"], losses["rkl"], rtol=0, atol=0)
+
+
 def test_mapped_teacher_head_reproduces_mapped_logits(setup, tmp_path):
     """h · (mapped head)ᵀ + bias == `mapped_teacher_logits(h · W_tᵀ)`, column for column."""
     method = build_method("mined", setup.context(tmp_path))

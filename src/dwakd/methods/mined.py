@@ -97,7 +97,7 @@ class MinED(DistillationMethod):
         super().__init__(options, context)
         if context.teacher_tokenizer is None:
             raise ValueError("mined needs the teacher's tokenizer (MethodContext.teacher_tokenizer)")
-        resolve_divergence(options.kd_objective)
+        self.kd_objective = resolve_divergence(options.kd_objective)  # short name (DSKD's long names accepted)
         student_table = token_table(context.student_tokenizer)
         teacher_table = token_table(context.teacher_tokenizer)
         vmap = cached_vocab_map(teacher_table, student_table, context.cache_dir, workers=options.map_workers)
@@ -211,7 +211,7 @@ class MinED(DistillationMethod):
         if alignment.student_rows.numel():
             t_logits = t_out.logits_at(alignment.teacher_rows)  # (k, R_t) aligned teacher rows only
             target = self.mapped_teacher_logits(t_logits, None, vocab)  # (k, V_s)
-            kd_sum = kd_sum + divergence(student_logits, target, self.options.kd_objective, tau,
+            kd_sum = kd_sum + divergence(student_logits, target, self.kd_objective, tau,
                                          student_rows=s_index.index_select(0, alignment.student_rows)).sum()
         if alignment.one_hot_rows.numel():
             picked = student_logits.index_select(0, s_index.index_select(0, alignment.one_hot_rows))  # (rest, V_s)
@@ -235,7 +235,7 @@ class MinED(DistillationMethod):
             head, bias = self.mapped_teacher_head(teacher_w, vocab)
             kd_rows = fused_head_kd(
                 s_out.hidden_at(alignment.student_rows), student_w, t_out.hidden_at(alignment.teacher_rows).detach(),
-                head, vocab_size=vocab, divergence=self.options.kd_objective, temperature=tau, target_bias=bias,
+                head, vocab_size=vocab, divergence=self.kd_objective, temperature=tau, target_bias=bias,
             ).divergence
             kd_sum = kd_sum + kd_rows.sum()
         rest = alignment.one_hot_rows
