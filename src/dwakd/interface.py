@@ -43,6 +43,14 @@ class TokenView:
         return self.labels.ne(-100)
 
 
+def label_rows(view: TokenView) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K,) flat positions of `view`'s label rows, row-major, and the (batch·length,) int64 map from flat positions
+    to rows of that list (−1 off the labels, which `index_select` rejects)."""
+    mask = view.label_mask.reshape(-1)
+    index = torch.where(mask, mask.long().cumsum(0) - 1, torch.full_like(mask, -1, dtype=torch.long))
+    return mask.nonzero().squeeze(1), index
+
+
 class ModelView:
     """What a method may read from one model's forward pass and weights.
 
@@ -99,9 +107,8 @@ class ModelView:
     def label_logits(self, view: TokenView) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the label rows of `view` (K, head rows), row-major, and a (batch·length,) int64 map from flat
         positions to rows of it (−1 off the labels, which `index_select` rejects)."""
-        mask = view.label_mask.reshape(-1)
-        index = torch.where(mask, mask.long().cumsum(0) - 1, torch.full_like(mask, -1, dtype=torch.long))
-        return self.logits_at(mask.nonzero().squeeze(1)), index
+        rows, index = label_rows(view)
+        return self.logits_at(rows), index
 
     def linear_head_weight(self) -> torch.Tensor | None:
         """(head rows, hidden) weight W when this view's logits are exactly `hidden_at(rows) @ Wᵀ`, else None.

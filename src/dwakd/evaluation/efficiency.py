@@ -96,11 +96,10 @@ class StepTimer(TrainerCallback):
     """Times optimizer steps and starts memory sampling once the warm-up steps are over; optionally profiles
     `profile_steps` steps after the `steps` measured ones (kept out of the timings and the memory readings)."""
 
-    def __init__(self, warmup: int, cuda: bool, sampler: MemorySampler, steps: int | None = None,
-                 profile_steps: int = 0):
+    def __init__(self, warmup: int, cuda: bool, sampler: MemorySampler, steps: int, profile_steps: int = 0):
         self.warmup, self.cuda, self.sampler = warmup, cuda, sampler
-        self.measured_end = None if steps is None else warmup + steps  # steps from here on are not measured
-        self.profile_steps = profile_steps if steps is not None else 0
+        self.measured_end = warmup + steps  # steps from here on are not measured
+        self.profile_steps = profile_steps
         self.seconds: list[float] = []
         self.step_end_bytes: list[int] = []
         self.profiler: torch.profiler.profile | None = None
@@ -109,7 +108,7 @@ class StepTimer(TrainerCallback):
         self._step = 0
 
     def _measuring(self) -> bool:
-        return self._step >= self.warmup and (self.measured_end is None or self._step < self.measured_end)
+        return self.warmup <= self._step < self.measured_end
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._step == self.warmup:
@@ -117,7 +116,7 @@ class StepTimer(TrainerCallback):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             self.sampler.activate()
-        if self.measured_end is not None and self._step == self.measured_end:
+        if self._step == self.measured_end:
             self.sampler.close()  # the readings cover the measured steps only
             if self.profile_steps and self.profiler is None:
                 activities = [torch.profiler.ProfilerActivity.CPU]

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from dwakd.alignment.dtw import dtw_path, edit_distance_matrix, single_matches
 from dwakd.alignment.token_strings import token_table
 from dwakd.alignment.vocab_map import cached_vocab_map
+from dwakd.interface import label_rows
 from dwakd.methods.base import (
     DistillationInputs,
     DistillationMethod,
@@ -226,9 +227,9 @@ class MinED(DistillationMethod):
         s_out, t_out, student = inputs.student_out, inputs.teacher_out, inputs.student
         tau, vocab = self.options.kd_temperature, s_out.vocab_size
         labels = student.labels.reshape(-1)
-        label_rows = student.label_mask.reshape(-1).nonzero().squeeze(1)  # (K,) flat positions
-        ce_rows = fused_head_kd(s_out.hidden_at(label_rows), student_w, vocab_size=vocab, divergence=None,
-                                pred_labels=labels.index_select(0, label_rows)).pred_ce  # (K,)
+        rows, row_of = label_rows(student)  # (K,) flat positions; flat position -> row of them
+        ce_rows = fused_head_kd(s_out.hidden_at(rows), student_w, vocab_size=vocab, divergence=None,
+                                pred_labels=labels.index_select(0, rows)).pred_ce  # (K,)
         ce_sum = ce_rows.sum()
         kd_sum = ce_sum.new_zeros(())
         if alignment.student_rows.numel():
@@ -241,9 +242,7 @@ class MinED(DistillationMethod):
         rest = alignment.one_hot_rows
         if rest.numel():
             if tau == 1.0:  # −log q_1(gold) is the CE already formed at those rows
-                index = torch.full_like(labels, -1).index_copy_(0, label_rows, torch.arange(
-                    label_rows.numel(), device=labels.device))
-                kd_sum = kd_sum + ce_rows.index_select(0, index.index_select(0, rest)).sum()
+                kd_sum = kd_sum + ce_rows.index_select(0, row_of.index_select(0, rest)).sum()
             else:
                 kd_sum = kd_sum + fused_head_kd(s_out.hidden_at(rest), student_w, vocab_size=vocab, divergence=None,
                                                 pred_labels=labels.index_select(0, rest),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dwakd.interface import ModelView, TokenView
+from dwakd.interface import ModelView, TokenView, label_rows
 from dwakd.modules.head_fusion import use_fused_heads
 from dwakd.ops.fused_kd import fused_head_kd
 
@@ -27,7 +27,7 @@ def student_cross_entropy_sum(out: ModelView, view: TokenView, head_fusion: str 
     if weight is None:
         logits, _ = out.label_logits(view)  # the head runs at the label rows only
         return label_cross_entropy_sum(logits, view, out.vocab_size)
-    rows = view.label_mask.reshape(-1).nonzero().squeeze(1)  # (K,) flat positions, row-major
+    rows, _ = label_rows(view)  # (K,) flat positions, row-major
     labels = view.labels.reshape(-1).index_select(0, rows)
     return fused_head_kd(out.hidden_at(rows), weight, vocab_size=out.vocab_size, divergence=None,
                          pred_labels=labels).pred_ce.sum()
