@@ -63,6 +63,8 @@ class DataConfig:
     max_prompt_length: int = 256
     max_length: int = 512
     skip_invalid: bool = False  # skip malformed rows (reporting file:line) instead of stopping
+    # batch examples of similar length together (transformers' LengthGroupedSampler): less compute spent on padding
+    group_by_length: bool = False
 
 
 @dataclass

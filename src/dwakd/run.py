@@ -185,7 +185,7 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
     trainer = DistillationTrainer(model, args=args, train_dataset=train, eval_dataset=evaluation,
                                   data_collator=collator, processing_class=student_tokenizer,
                                   projector_lr=config.method.projector_lr, on_nonfinite=config.method.on_nonfinite,
-                                  on_policy=on_policy)
+                                  on_policy=on_policy, group_by_length=config.data.group_by_length)
     return TrainingRun(config, trainer, model, student_tokenizer, teacher_tokenizer, train, evaluation)
 
 

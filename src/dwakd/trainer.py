@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from dwakd.checkpoints import METHOD_WEIGHTS_NAME, load_method_state, load_student_weights
 from dwakd.data.collator import META_KEYS
@@ -219,13 +220,34 @@ class SaveOnInterrupt(TrainerCallback):
         self._previous.clear()
 
 
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """transformers' length grouping (`get_length_grouped_indices`: shuffled megabatches of 50 optimizer steps'
+    examples, each sorted by length, so a batch pads little) with the order a function of (seed, epoch) only:
+    every rank draws the same order and a resumed run the same batches (the Trainer calls `set_epoch`)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class DistillationTrainer(Trainer):
     """`transformers.Trainer` for a `DistillationModel`: projector learning rate, named loss parts, HF checkpoints."""
 
     def __init__(self, model: DistillationModel, *args: Any, projector_lr: float = 1e-3,
-                 on_nonfinite: str = "stop", on_policy: OnPolicySampler | None = None, **kwargs: Any):
+                 on_nonfinite: str = "stop", on_policy: OnPolicySampler | None = None,
+                 group_by_length: bool = False, **kwargs: Any):
         super().__init__(model, *args, **kwargs)
         self.projector_lr = projector_lr
+        self.group_by_length = group_by_length
         self.on_nonfinite = on_nonfinite
         self.on_policy = on_policy  # None: off-policy (no micro-batch is ever replaced)
         self._generate_seconds = 0.0  # spent sampling since the last log
@@ -241,6 +263,16 @@ class DistillationTrainer(Trainer):
         self.skipped_micro_batches = 0
         self.interrupt = SaveOnInterrupt()
         self.add_callback(self.interrupt)
+
+    # ---- batching ---------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        """`data.group_by_length`: a `LengthGroupedSampler` over the dual-tokenized lengths (transformers' own
+        option cannot read them: it looks for an `input_ids` field)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length or not hasattr(dataset, "lengths"):
+            return super()._get_train_sampler(*([train_dataset] if train_dataset is not None else []))
+        step_examples = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return LengthGroupedSampler(dataset.lengths(), step_examples, seed=self.args.seed)
 
     # ---- on-policy batches ------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):

@@ -183,3 +183,9 @@ class DualTokenizedDataset(Dataset):
 
     def __getitem__(self, index: int) -> EncodedExample:
         return self.examples[index]
+
+    def lengths(self) -> list[int]:
+        """Tokens per example over both sides (what `data.group_by_length` sorts by: each side's forward pass
+        costs in proportion to its own length)."""
+        return [len(e.student.input_ids) + (len(e.teacher.input_ids) if e.teacher is not None else 0)
+                for e in self.examples]
