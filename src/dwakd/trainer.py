@@ -222,8 +222,9 @@ class SaveOnInterrupt(TrainerCallback):
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
     """transformers' length grouping (`get_length_grouped_indices`: shuffled megabatches of 50 optimizer steps'
-    examples, each sorted by length, so a batch pads little) with the order a function of (seed, epoch) only:
-    every rank draws the same order and a resumed run the same batches (the Trainer calls `set_epoch`)."""
+    examples, each sorted by length, so a batch pads little), its batches shuffled, with the order a function of
+    (seed, epoch) only: every rank draws the same order and a resumed run the same batches (the Trainer calls
+    `set_epoch`)."""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int):
         self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
@@ -236,7 +237,12 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        order = get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        # the batches in random order: transformers' order walks each megabatch from its longest batch to its
+        # shortest, a 50-step length cycle that training follows (on the demo's data its teacher's loss after 120
+        # steps was 4-5.7 in that order, 2.7 with the batches shuffled, 1.4 without grouping)
+        return iter([i for k in torch.randperm(len(batches), generator=generator).tolist() for i in batches[k]])
 
 
 class DistillationTrainer(Trainer):
