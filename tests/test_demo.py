@@ -98,6 +98,8 @@ def test_tokenizers_are_different_and_keep_the_text(tmp_path: Path):
 
 def test_demo_quick_end_to_end(tmp_path: Path, capsys):
     """`dwakd demo --quick` through the CLI: every artefact exists and the report has the promised structure."""
+    import yaml
+
     from dwakd.cli import main
     from dwakd.demo.pipeline import run_demo
     from dwakd.demo.report import REPORT_SECTIONS
@@ -117,6 +119,12 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys):
         for seed in (0, 1):
             assert (out / "students" / f"{method}-seed{seed}" / "model.safetensors").is_file()
             assert (out / "students" / f"{method}-seed{seed}" / "trainer_state.json").is_file()
+    # by default the distilled students read a top-64 teacher cache built once, the SFT students need no teacher
+    manifest = json.loads((out / "teacher_cache" / "manifest.json").read_text())
+    assert manifest["state"] == "complete" and manifest["settings"]["k"] == 64
+    for name, cached in (("dskd-seed0", True), ("dwakd-seed1", True), ("sft-seed0", False)):
+        config = yaml.safe_load((out / "students" / name / "dwakd_config.yaml").read_text())
+        assert bool((config.get("teacher") or {}).get("cache")) == cached, name
 
     report = (out / "report.md").read_text()
     for section in REPORT_SECTIONS:
@@ -147,8 +155,8 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys):
     # on two worker processes (the pool path of the pipeline).
     again = run_demo(out, quick=True, show_progress=False, echo=lambda _: None, workers=2)
     assert again.log.workers["models"] == 2
-    assert all(again.cached[stage] for stage in ("suite", "tokenizers", "teacher", "sft-seed0", "dskd-seed1",
-                                                 "dwakd-seed1"))
+    assert all(again.cached[stage] for stage in ("suite", "tokenizers", "teacher", "teacher cache", "sft-seed0",
+                                                 "dskd-seed1", "dwakd-seed1"))
     assert again.evaluation.to_json()["scores"] == results["evaluation"]["scores"]
 
 
@@ -164,7 +172,11 @@ def test_demo_teacher_cache_option_and_the_methods_it_serves():
     from dwakd.demo.settings import demo_settings
 
     parse = build_parser().parse_args
-    assert parse(["demo", "--quick"]).teacher_cache is None
+    assert parse(["demo", "--quick"]).teacher_cache is None  # the preset's cache (top-64)
+    assert demo_settings().teacher_cache_k == demo_settings(quick=True).teacher_cache_k == 64
+    assert parse(["demo", "--live-teacher"]).live_teacher
+    with pytest.raises(SystemExit):
+        parse(["demo", "--live-teacher", "--teacher-cache"])
     assert parse(["demo", "--teacher-cache", "--quick"]).teacher_cache == 64
     assert parse(["demo", "--teacher-cache", "16"]).teacher_cache == 16
     assert parse(["demo", "--teacher-cache", "vocab"]).teacher_cache == 0
@@ -193,10 +205,12 @@ def test_demo_quick_teacher_cache_reproduces_the_live_teacher(tmp_path: Path, ca
 
     from dwakd.cli import main
     from dwakd.demo.pipeline import run_demo
+    from dwakd.demo.settings import LIVE_TEACHER
 
     out = tmp_path / "demo"
     methods = ["sft", "dskd", "dwakd", "sra"]
-    live = run_demo(out, quick=True, methods=methods, show_progress=False, echo=lambda _: None)
+    live = run_demo(out, quick=True, methods=methods, show_progress=False, echo=lambda _: None,
+                    teacher_cache_k=LIVE_TEACHER)
     assert not live.log.teacher_cache and not (out / "teacher_cache").exists()
     distilled = [f"{m}-seed{s}" for m in ("dskd", "dwakd") for s in (0, 1)]
     live_losses = {name: _step_losses(out / "students" / name) for name in distilled}

@@ -35,15 +35,17 @@ def _cache_k(text: str) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dwakd.demo.pipeline import DemoInterrupted, run_demo
+    from dwakd.demo.settings import LIVE_TEACHER
 
     methods = args.methods
     if args.table == "paper":
         methods = ["all"]
     default_output = "runs/demo-quick" if args.quick else "runs/demo"  # the table run reuses the default run's models
+    teacher_cache_k = LIVE_TEACHER if args.live_teacher else args.teacher_cache
     try:
         result = run_demo(args.output or default_output, quick=args.quick, methods=methods, eval_seeds=args.seeds,
                           train_seeds=args.train_seeds, force=args.force, show_progress=not args.no_progress,
-                          workers=args.workers, teacher_cache_k=args.teacher_cache)
+                          workers=args.workers, teacher_cache_k=teacher_cache_k)
     except DemoInterrupted as stop:
         print(f"dwakd demo: stopped: {stop}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports an interrupted command
@@ -72,11 +74,14 @@ def register(subparsers) -> None:
                    help="students' training seeds; the claims are paired t-tests over them (default 0,1,2)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="parallel worker processes for training and evaluation (default: one per free core; 1: none)")
-    p.add_argument("--teacher-cache", nargs="?", const=64, type=_cache_k, metavar="K",
-                   help="the distilled students read the teacher from a cache built once after it is trained "
-                        "(`dwakd teacher-cache`: top-K logits, default 64; 'vocab': lossless) instead of running it "
-                        "every step; methods a cache cannot serve (mta, sra; alm and multilevel_ot with a top-K "
-                        "cache) train with the live teacher")
+    teacher = p.add_mutually_exclusive_group()
+    teacher.add_argument("--teacher-cache", nargs="?", const=64, type=_cache_k, metavar="K",
+                         help="the distilled students read the teacher from a cache built once after it is trained "
+                              "(`dwakd teacher-cache`: top-K logits; 'vocab': lossless), the default with K=64; "
+                              "methods a cache cannot serve (mta, sra; alm and multilevel_ot with a top-K cache) "
+                              "train with the live teacher")
+    teacher.add_argument("--live-teacher", action="store_true",
+                         help="the distilled students run the teacher at every step (no cache; slower)")
     p.add_argument("--force", action="store_true", help="rebuild every stage instead of reusing cached ones")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

@@ -19,7 +19,8 @@ evaluation as soon as it is trained, the distilled students as soon as the teach
 depend on the number of workers: every job seeds itself and sampling is seeded per item (the `--quick` demo
 gives identical tables with one worker and with two).
 
-Teacher cache (`--teacher-cache [K]`, `DemoSettings.teacher_cache_k`): one more job after the teacher's runs
+Teacher cache (`DemoSettings.teacher_cache_k`, top-64 by default; `--teacher-cache K` sets K, `--live-teacher`
+turns it off): one more job after the teacher's runs
 `dwakd teacher-cache` over the students' training data (top-K logits, or lossless), and the distilled students
 wait for it and train with `teacher.cache` set, so none of them runs the teacher. A method the cache cannot serve
 (`dwakd.teacher_cache.cache_refusal`: mta and sra read teacher hidden states or attentions at every position;
@@ -62,6 +63,7 @@ from dwakd.demo.settings import (
     ALL_METHODS,
     CACHE_LABEL,
     DEFAULT_METHODS,
+    LIVE_TEACHER,
     DemoSettings,
     RunLog,
     demo_settings,
@@ -827,11 +829,11 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, methods: Sequence[s
              eval_seeds: Sequence[int] | None = None, train_seeds: Sequence[int] | None = None, force: bool = False,
              show_progress: bool = True, echo: Callable[[str], None] = print, workers: int | None = None,
              settings: DemoSettings | None = None, teacher_cache_k: int | None = None) -> DemoResult:
-    """Run the demo with the preset for `quick` (or given settings), optionally other methods / seeds; with
-    `teacher_cache_k` (0: lossless) the students read a teacher cache built once (`--teacher-cache`)."""
+    """Run the demo with the preset for `quick` (or given settings), optionally other methods / seeds;
+    `teacher_cache_k` overrides the preset's teacher cache (K, 0: lossless; `LIVE_TEACHER`: none)."""
     settings = settings or demo_settings(quick)
     if teacher_cache_k is not None:
-        settings.teacher_cache_k = teacher_cache_k
+        settings.teacher_cache_k = None if teacher_cache_k == LIVE_TEACHER else teacher_cache_k
     if methods:
         settings.methods = tuple(methods)
     if eval_seeds:

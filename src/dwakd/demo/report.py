@@ -439,6 +439,8 @@ def _setup_lines(out: Path, s: DemoSettings, data: dict[str, Path], tokenizers: 
               f"{agree['teacher_tokens_per_word']} vs {agree['student_tokens_per_word']} tokens per word, "
               f"token-end F1 {agree['boundary_f1']}, {agree['same_token_share']:.0%} of student tokens have "
               f"the same span as a teacher token.",
+              "- Prompt: each record's own `prompt` field, Alpaca's sections without its preamble sentence "
+              "(`### Instruction:` / `### Input:` / `### Response:`), for training and evaluation alike.",
               f"- Teacher: {_model_line(s.teacher_model, out / 'teacher')}; {_training_line(s.teacher_training)} "
               f"on {s.suite.train} examples.",
               f"- Students: {_model_line(s.student_model, student_dir)}, same initialisation (seed "

@@ -15,6 +15,7 @@ from dwakd.demo.tokenizers import TokenizerSettings
 
 DEFAULT_METHODS = ("sft", "dskd", "dwakd")
 CACHE_LABEL = "teacher cache"  # `--teacher-cache`: the cache-building job (time table, `RunLog.cached`)
+LIVE_TEACHER = -1  # `run_demo(teacher_cache_k=LIVE_TEACHER)`, `--live-teacher`: no cache, whatever the preset says
 ALL_METHODS = "all"  # `--methods all`: every registered method, whatever is registered when the demo runs
 
 
@@ -50,9 +51,10 @@ class DemoSettings:
     # of the demo's student cost 5x, of its teacher 8.5x the CPU time of fp32 (benchmarks/demo_autocast.py,
     # benchmarks/results/demo_speed.json, measured at load 16), so fp32 is the default
     bf16: bool = False
-    # `--teacher-cache [K]`: the students read the teacher from a `dwakd teacher-cache` built once after it is trained
-    # (top-K logits; 0: lossless, every logit); None: they run the live teacher at every step
-    teacher_cache_k: int | None = None
+    # the distilled students read the teacher from a `dwakd teacher-cache` built once after it is trained (top-K
+    # logits; 0: lossless, every logit; `--teacher-cache K`) instead of running it at every step, which was half of
+    # their step time; None (`--live-teacher`): they run the live teacher
+    teacher_cache_k: int | None = 64
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-friendly dict."""
