@@ -33,7 +33,7 @@ Output folder:
     data/                       the suite's splits as JSONL, suite.json (sizes, families, lengths, overlap)
     tokenizers/{teacher,student}  the two trained tokenizers, tokenizers.json (sizes, boundary agreement)
     teacher/                    the teacher checkpoint, its dwakd_config.yaml, trainer_state.json (logs)
-    teacher_cache/              with --teacher-cache: the teacher's outputs on the students' data (manifest.json)
+    teacher_cache/              unless --live-teacher: the teacher's outputs on the students' data (manifest.json)
     students/<method>-seed<k>/  one student per method and training seed, same layout
     eval/generations/...        every sampled response (resumable), per model / test set / seed
     report.md, results*.md/.csv/.png, results.json, loss_curves.png, timings.json, demo.log
@@ -537,7 +537,7 @@ class DemoPipeline:
             shutil.rmtree(folder)
 
     def teacher_cache_methods(self) -> tuple[list[str], dict[str, str]]:
-        """With `--teacher-cache`: (the methods whose students read the cache, {method: why the cache cannot serve
+        """With a teacher cache: (the methods whose students read the cache, {method: why the cache cannot serve
         it, so it trains with the live teacher}); methods without a teacher (sft) are in neither."""
         from dwakd.methods import get_method
         from dwakd.teacher_cache import cache_refusal
@@ -571,7 +571,7 @@ class DemoPipeline:
         return {"k": self.settings.teacher_cache_k, "layers": sorted(layers), "temperatures": sorted(temperatures)}
 
     def training_jobs(self, data: dict[str, Path], tokenizers: dict[str, Path]) -> list[_Job]:
-        """The teacher's job, the teacher cache's (with `--teacher-cache`) and one job per (method, training seed),
+        """The teacher's job, the teacher cache's (unless `--live-teacher`) and one job per (method, training seed),
         each with its cache fingerprint."""
         from dwakd.methods import get_method
 
@@ -604,7 +604,7 @@ class DemoPipeline:
         return jobs
 
     def _cache_job(self, data: dict[str, Path], tokenizers: dict[str, Path], teacher_dir: Path) -> _Job | None:
-        """With `--teacher-cache`: the job that builds the cache the students read (None when none reads one)."""
+        """With a teacher cache: the job that builds the cache the students read (None when none reads one)."""
         k = self.settings.teacher_cache_k
         if k is None:
             return None
@@ -620,13 +620,13 @@ class DemoPipeline:
             self.echo(f"  {message}")
             logger.warning(message)
         if not served:
-            self.echo("  --teacher-cache: no method of this run reads a teacher cache; none is built")
+            self.echo("  teacher cache: no method of this run reads one; none is built")
             return None
         # the students' data and lengths; the method only names a default temperature, which `settings` fixes
         tree = self.student_config(data, tokenizers, served[0], self.settings.train_seeds[0], teacher_dir, folder)
         key = fingerprint(self.teacher_key, self.portable(tree["teacher"]), self.portable(tree["data"]), settings,
                           {name: tree["training"][name] for name in ("use_cpu", "bf16")}, self.code_key)
-        self.echo(f"  --teacher-cache: students of {', '.join(served)} read a {mode} teacher cache ({folder}) built "
+        self.echo(f"  teacher cache: students of {', '.join(served)} read a {mode} teacher cache ({folder}) built "
                   "once after the teacher, instead of running it")
         return _Job(CACHE_LABEL, "", folder, key, tree, "teacher", kind="cache")
 

@@ -388,10 +388,10 @@ def _cache_summary(cache: dict[str, Any]) -> str:
         return " and ".join([", ".join(shown[:-1]), shown[-1]] if len(shown) > 1 else shown) or "no"
 
     if cache["served"]:
-        text = f"Teacher cache (`--teacher-cache`): the {names(cache['served'])} students read {what} instead of " \
-               "running the teacher"
+        text = (f"Teacher cache (the default; `--live-teacher` runs the teacher instead): the "
+                f"{names(cache['served'])} students read {what} instead of running the teacher")
     else:
-        text = "Teacher cache (`--teacher-cache`): no method of this run can read one, so none was built"
+        text = "Teacher cache: no method of this run can read one, so none was built"
     if cache["live"]:
         text += f"; {names(cache['live'])} trained with the live teacher, which the cache cannot stand in for"
     return text
