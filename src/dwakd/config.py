@@ -63,7 +63,8 @@ class DataConfig:
     max_prompt_length: int = 256
     max_length: int = 512
     skip_invalid: bool = False  # skip malformed rows (reporting file:line) instead of stopping
-    # batch examples of similar length together (transformers' LengthGroupedSampler): less compute spent on padding
+    # batch examples of similar length together (less compute on padding; off by default: batches of one length can
+    # be batches of few tasks, which slowed learning on the demo's suite: docs/methods.md section 1.3)
     group_by_length: bool = False
 
 
