@@ -165,6 +165,27 @@ def _step_losses(folder: Path) -> list[dict]:
     return [e for e in state["log_history"] if "loss" in e]
 
 
+def test_demo_step_budgets_from_the_command_line(tmp_path: Path):
+    """`--teacher-steps` / `--student-steps` replace the preset's step counts (and are part of the settings)."""
+    import yaml
+
+    from dwakd.cli import build_parser, main
+
+    parse = build_parser().parse_args
+    args = parse(["demo", "--teacher-steps", "200", "--student-steps", "250"])
+    assert (args.teacher_steps, args.student_steps) == (200, 250)
+    for bad in ("0", "-3", "1.5"):
+        with pytest.raises(SystemExit):
+            parse(["demo", "--student-steps", bad])
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--no-progress", "--output", str(out), "--methods", "sft", "--train-seeds", "0",
+                 "--seeds", "10", "--workers", "1", "--teacher-steps", "3", "--student-steps", "2"]) == 0
+    settings = yaml.safe_load((out / "demo_config.yaml").read_text())
+    assert settings["teacher_training"]["max_steps"] == 3 and settings["student_training"]["max_steps"] == 2
+    for folder, steps in ((out / "teacher", 3), (out / "students" / "sft-seed0", 2)):
+        assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == steps, folder
+
+
 def test_demo_teacher_cache_option_and_the_methods_it_serves():
     """`--teacher-cache [K]`: K defaults to 64, 'vocab' is lossless (0); a method the cache cannot serve goes live."""
     from dwakd.cli import build_parser

@@ -828,12 +828,17 @@ class DemoPipeline:
 def run_demo(output_dir: str | Path, *, quick: bool = False, methods: Sequence[str] | None = None,
              eval_seeds: Sequence[int] | None = None, train_seeds: Sequence[int] | None = None, force: bool = False,
              show_progress: bool = True, echo: Callable[[str], None] = print, workers: int | None = None,
-             settings: DemoSettings | None = None, teacher_cache_k: int | None = None) -> DemoResult:
-    """Run the demo with the preset for `quick` (or given settings), optionally other methods / seeds;
-    `teacher_cache_k` overrides the preset's teacher cache (K, 0: lossless; `LIVE_TEACHER`: none)."""
+             settings: DemoSettings | None = None, teacher_cache_k: int | None = None,
+             teacher_steps: int | None = None, student_steps: int | None = None) -> DemoResult:
+    """Run the demo with the preset for `quick` (or given settings), optionally other methods / seeds / step
+    budgets; `teacher_cache_k` overrides the preset's teacher cache (K, 0: lossless; `LIVE_TEACHER`: none)."""
     settings = settings or demo_settings(quick)
     if teacher_cache_k is not None:
         settings.teacher_cache_k = None if teacher_cache_k == LIVE_TEACHER else teacher_cache_k
+    if teacher_steps:
+        settings.teacher_training = {**settings.teacher_training, "max_steps": teacher_steps}
+    if student_steps:
+        settings.student_training = {**settings.student_training, "max_steps": student_steps}
     if methods:
         settings.methods = tuple(methods)
     if eval_seeds:
