@@ -336,6 +336,11 @@ def test_cache_of_other_data_is_refused_naming_the_file(tmp_path):
     build_teacher_cache(_config(path, tmp_path / "x"), tmp_path / "cache", CacheSettings(k=8), show_progress=False)
     config = _config(path, tmp_path / "run", "method=dskd", f"teacher.cache={tmp_path / 'cache'}")
     build_training(config, show_progress=False)  # same data: accepted
+    moved = tmp_path / "moved" / "train.jsonl"  # the same file elsewhere (a copied demo folder): accepted
+    moved.parent.mkdir()
+    moved.write_bytes(data.read_bytes())
+    build_training(_config(path, tmp_path / "run", "method=dskd", f"teacher.cache={tmp_path / 'cache'}",
+                           f"data.train={moved}"), show_progress=False)
     data.write_text("\n".join([lines[0], lines[2], lines[1]]) + "\n")
     with pytest.raises(ConfigError, match=f"data.train: content of {data} differs"):
         build_training(config, show_progress=False)

@@ -11,7 +11,8 @@ Choices:
 - a random-init `tiny` teacher has no files: its fingerprint is its recipe (architecture, sizes, seed, vocabulary
   size) plus the torch and transformers versions, whose initialisers define the weights;
 - the tokenizer: its serialized `tokenizer.json` content, class, special tokens and length;
-- data: content digests of the JSONL files of `data.train` / `data.eval` (a `datasets` name: its own fingerprint);
+- data: content digests of the JSONL files of `data.train` / `data.eval` (a `datasets` name: its own fingerprint),
+  compared in order and not by path, so a moved or copied data file (a copied demo folder) is the same data;
   which examples are used (`max_train_examples`, `eval_size`, ...) is not part of it: the cache is looked up by the
   content of each example's teacher tokens, and training checks up front that every example it will read is cached;
 - the compute setup (dtype, attention implementation, autocast) of the teacher forward: it changes the numbers.
@@ -184,7 +185,7 @@ def differences(cached: dict[str, Any], current: dict[str, Any]) -> list[str]:
             out.append(f"{label}: cache {_short(cached.get(key))}, this run {_short(current.get(key))}")
     for split in ("train", "eval"):
         old, new = cached.get("data", {}).get(split, {}), current.get("data", {}).get(split, {})
-        if old == new:
+        if list(old.values()) == list(new.values()):  # the same contents in the same order: files may have moved
             continue
         if set(old) != set(new):
             out.append(f"data.{split}: cache built from {sorted(old) or 'nothing'}, "
