@@ -79,8 +79,6 @@ from dwakd.demo.suite import (
 )
 from dwakd.demo.tokenizers import boundary_agreement, train_tokenizers
 
-logger = logging.getLogger(__name__)
-
 STAGE_FILE = "demo_stage.json"
 # Modules that only present results or serve other commands: editing them changes no model and no generation.
 _PRESENTATION_MODULES = frozenset({
@@ -618,7 +616,6 @@ class DemoPipeline:
             message = (f"--teacher-cache: the cache cannot serve {method} ({why}); its students train with the "
                        "live teacher")
             self.echo(f"  {message}")
-            logger.warning(message)
         if not served:
             self.echo("  teacher cache: no method of this run reads one; none is built")
             return None
