@@ -218,6 +218,30 @@ def test_demo_teacher_cache_option_and_the_methods_it_serves():
     assert "hidden states" in live["sra"] and "lossless" not in live["alm"]
 
 
+def test_a_method_missing_its_optional_dependency_is_known_before_anything_trains(tmp_path: Path):
+    """MTA's spaCy pipeline is checked first: named with --methods it stops the run before the suite is written;
+    with `all` it is left out, said, and recorded as not run (the pipeline name below is never installed)."""
+    from dwakd.config import ConfigError
+    from dwakd.demo.pipeline import DemoPipeline, run_demo
+    from dwakd.demo.settings import demo_settings
+
+    settings = demo_settings(quick=True)
+    settings.method_options = {**settings.method_options, "mta": {"spacy_pipeline": "dwakd_no_such_pipeline"}}
+    with pytest.raises(ConfigError, match="dwakd_no_such_pipeline"):
+        run_demo(tmp_path / "named", settings=settings, methods=["sft", "mta"], show_progress=False,
+                 echo=lambda _: None)
+    assert not (tmp_path / "named" / "data").exists()
+
+    said: list[str] = []
+    settings.methods = ("all",)
+    pipeline = DemoPipeline(settings, tmp_path / "all", echo=said.append, keep_going=True)
+    assert "mta" in pipeline.methods
+    pipeline.check_method_requirements()
+    assert "mta" not in pipeline.methods and {"sft", "dskd", "dwakd", "sra"} <= set(pipeline.methods)
+    assert "not run" in pipeline.log.failed["mta"] and "dwakd_no_such_pipeline" in pipeline.log.failed["mta"]
+    assert any(line.strip().startswith("mta: not run") for line in said)
+
+
 def test_demo_quick_teacher_cache_reproduces_the_live_teacher(tmp_path: Path, capsys):
     """`dwakd demo --quick --teacher-cache vocab` after a live-teacher quick run in the same folder: the teacher and
     the teacher-free students are reused, the distilled students retrain from the lossless cache (never reusing the

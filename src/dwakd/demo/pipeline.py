@@ -553,6 +553,24 @@ class DemoPipeline:
                 served.append(method)
         return served, live
 
+    def check_method_requirements(self) -> None:
+        """Build each method's text annotator (MTA's spaCy chunker) before anything trains, so a missing optional
+        dependency is known at once rather than after the teacher. A method the user named stops the run with the
+        install hint; with `--methods all` / `--table paper` it is left out, said here and in the report."""
+        from dwakd.config import ConfigError
+        from dwakd.methods import build_options, get_method
+
+        for method in self.methods:
+            method_cls = get_method(method)[0]
+            try:
+                method_cls.text_annotator(build_options(method, self.settings.method_options.get(method, {})))
+            except ConfigError as error:
+                if not self.keep_going:
+                    raise
+                self.log.failed[method] = f"not run: {error}"
+                self.echo(f"  {method}: not run ({error})")
+        self.methods = tuple(m for m in self.methods if m not in self.log.failed)
+
     def cache_settings(self) -> dict[str, Any]:
         """What the demo's teacher cache stores: K (0: lossless), and the hidden-state layers and tail temperatures
         that any registered method reads with the demo's options — the same for every `--methods` choice, so
@@ -799,6 +817,7 @@ class DemoPipeline:
         try:
             started, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
             self.log.load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+            self.check_method_requirements()
             (self.out / "demo_config.yaml").write_text(
                 yaml.safe_dump({**self.settings.to_dict(), "methods": list(self.methods)}, sort_keys=False),
                 encoding="utf-8")
