@@ -25,10 +25,6 @@ from dwakd.demo.suite import TEST_SPLITS
 from dwakd.evaluation.report import ScoreTable, write_report
 from dwakd.evaluation.stats import PairedComparison, paired_comparison
 
-DISPLAY_NAMES = {"teacher": "Teacher", "sft": "SFT", "dskd": "DSKD", "dwakd": "DWA-KD", "uld": "ULD",
-                 "mined": "MinED", "multilevel_ot": "MultiLevelOT", "dskdv2": "DSKDv2", "dwakdv2": "DWA-KDv2",
-                 "dwakd-ew": "DWA-KD w/ EW", "dwakd-dtw": "DWA-KD w/ DTW", "dwakd-bdtw": "DWA-KD w/ bDTW",
-                 "dwakd-nogate": "DWA-KD w/o gate"}
 REPORT_SECTIONS = ("## Result", "## Ranking checks", "## Setup", "## Time", "## Files")
 CLAIM_CHAIN = ("teacher", "dwakd", "dskd", "sft")  # the demo's headline: Teacher > DWA-KD > DSKD > SFT
 BASELINE = "dskd"  # every method of the paper table is compared with it
@@ -37,8 +33,10 @@ MIN_SEEDS = 3
 
 
 def display_name(name: str) -> str:
-    """Row label of a model in the tables."""
-    return DISPLAY_NAMES.get(name, name)
+    """Row label of a model in the tables: the method's title (`DistillationMethod.title`, a preset's own)."""
+    from dwakd.methods import method_title
+
+    return "Teacher" if name == "teacher" else method_title(name)
 
 
 # ---- scores per training seed ---------------------------------------------------------------------------------------

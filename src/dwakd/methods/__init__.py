@@ -21,6 +21,7 @@ from dwakd.methods.registry import (
     build_options,
     get_method,
     method_names,
+    method_title,
     register_method,
     register_preset,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "build_options",
     "get_method",
     "method_names",
+    "method_title",
     "register_method",
     "register_preset",
 ]

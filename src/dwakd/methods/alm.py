@@ -272,6 +272,7 @@ class ALM(DistillationMethod):
     """Binarised f-divergence between teacher and student likelihoods of co-terminating response chunks."""
 
     name = "alm"
+    title = "ALM"
     teacher_distribution = "logits"  # the teacher's log-probability of each label token must be exact
     Options = ALMOptions
     needs_teacher = True

@@ -77,6 +77,7 @@ class DistillationMethod(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    title: ClassVar[str] = ""  # label in tables and plots, as the papers write it (empty: `name`)
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     needs_teacher: ClassVar[bool] = True
     needs_hidden_states: ClassVar[bool] = False

@@ -143,6 +143,7 @@ class CDM(DistillationMethod):
     """Entropy-weighted DTW alignment, pooling, and KD over context-dependent top-k vocabulary mappings."""
 
     name = "cdm"
+    title = "CDM"
     Options = CDMOptions
     needs_teacher = True
 

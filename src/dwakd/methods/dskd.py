@@ -66,6 +66,7 @@ class DSKD(DualSpaceMethod):
     """DSKD-CMA: cross-model attention aligns the two sequences; KD in the student and the teacher space."""
 
     name = "dskd"
+    title = "DSKD"
     Options = DSKDOptions
 
     def __init__(self, options: DSKDOptions, context: MethodContext):

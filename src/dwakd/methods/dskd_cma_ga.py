@@ -74,6 +74,7 @@ class DSKDCMAGA(DSKD):
     """DSKD-CMA + a discriminator between teacher keys and student queries, trained through gradient reversal."""
 
     name = "dskd-cma-ga"
+    title = "DSKD-CMA-GA"
     Options = DSKDCMAGAOptions
 
     def __init__(self, options: DSKDCMAGAOptions, context: MethodContext):

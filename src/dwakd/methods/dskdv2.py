@@ -104,6 +104,7 @@ class DSKDv2(DualSpaceMethod):
     """DSKDv2 with exact token alignment: pinv-initialised t2s, head-derived frozen s2t, agreement-masked KD."""
 
     name = "dskdv2"
+    title = "DSKDv2"
     Options = DSKDv2Options
 
     def __init__(self, options: DSKDv2Options, context: MethodContext):

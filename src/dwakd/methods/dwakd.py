@@ -31,6 +31,7 @@ class DWAKD(DSKD):
     """DWA-KD: DSKD-CMA with entropy/confidence token weights and Soft-DTW on final hidden states and embeddings."""
 
     name = "dwakd"
+    title = "DWA-KD"
     Options = DWAKDOptions
 
     def __init__(self, options: DWAKDOptions, context: MethodContext):
@@ -38,8 +39,8 @@ class DWAKD(DSKD):
         self.attach_dwa(context)
 
 
-register_preset("dwakd-ew", DWAKD, dtw="off")
-register_preset("dwakd-dtw", DWAKD, token_weights=False, dtw="plain")
-register_preset("dwakd-bdtw", DWAKD, token_weights=False, dtw="banded")
-register_preset("dwakd-nogate", DWAKD, gate=False)
-register_preset("dwakd-ref", DWAKD, **REFERENCE_CODE_OPTIONS)
+register_preset("dwakd-ew", DWAKD, title="DWA-KD w/ EW", dtw="off")
+register_preset("dwakd-dtw", DWAKD, title="DWA-KD w/ DTW", token_weights=False, dtw="plain")
+register_preset("dwakd-bdtw", DWAKD, title="DWA-KD w/ bDTW", token_weights=False, dtw="banded")
+register_preset("dwakd-nogate", DWAKD, title="DWA-KD w/o gate", gate=False)
+register_preset("dwakd-ref", DWAKD, title="DWA-KD (ref. code)", **REFERENCE_CODE_OPTIONS)

@@ -27,6 +27,7 @@ class DWAKDv2(DSKDv2):
     """DSKDv2 with DWA-KD's dual-space token weights and (banded) Soft-DTW on hidden states and embeddings."""
 
     name = "dwakdv2"
+    title = "DWA-KDv2"
     Options = DWAKDv2Options
 
     def __init__(self, options: DWAKDv2Options, context: MethodContext):

@@ -92,6 +92,7 @@ class MinED(DistillationMethod):
     """Distil mapped teacher logits at DTW-aligned positions whose mapped tokens agree; gold one-hot elsewhere."""
 
     name = "mined"
+    title = "MinED"
     Options = MinEDOptions
 
     def __init__(self, options: MinEDOptions, context: MethodContext):

@@ -99,6 +99,7 @@ class MTA(DSKD):
     """DSKD-CMA + word/phrase-level structural (DSA) and representation (HRA) alignment along both depths."""
 
     name = "mta"
+    title = "MTA"
     teacher_cache_refusal = ("it reads the teacher's intermediate layers at every word and phrase of prompt and "
                              "response, and a cache holds response rows only")
     Options = MTAOptions

@@ -93,6 +93,7 @@ class MultiLevelOT(DistillationMethod):
     """Token-level (L1 + CE on top-k sorted columns) and sequence-level (Sinkhorn) optimal transport."""
 
     name = "multilevel_ot"
+    title = "MultiLevelOT"
     Options = MultiLevelOTOptions
     teacher_distribution = "logits"  # divides the teacher's logits by their std over the whole vocabulary
 

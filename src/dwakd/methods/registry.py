@@ -21,6 +21,7 @@ class UnknownMethodError(KeyError):
 
 
 _REGISTRY: dict[str, tuple[type[DistillationMethod], dict[str, Any]]] = {}
+_TITLES: dict[str, str] = {}  # presets' table labels (a class's own is `cls.title`)
 
 
 def register_method(cls: type[DistillationMethod]) -> type[DistillationMethod]:
@@ -29,19 +30,31 @@ def register_method(cls: type[DistillationMethod]) -> type[DistillationMethod]:
     return cls
 
 
-def register_preset(name: str, cls: type[DistillationMethod], **defaults: Any) -> None:
-    """Register `name` as `cls` with some options set by default (e.g. an ablation)."""
+def register_preset(name: str, cls: type[DistillationMethod], *, title: str = "", **defaults: Any) -> None:
+    """Register `name` as `cls` with some options set by default (e.g. an ablation); `title` labels it in tables."""
     if name in _REGISTRY and _REGISTRY[name][0] is not cls:
         raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name][0].__name__}")
     unknown = set(defaults) - set(cls.option_names())
     if unknown:
         raise ValueError(f"preset {name!r}: unknown options {sorted(unknown)}")
     _REGISTRY[name] = (cls, defaults)
+    if title:
+        _TITLES[name] = title
 
 
 def method_names() -> list[str]:
     """All registered method names, sorted."""
     return sorted(_REGISTRY)
+
+
+def method_title(name: str) -> str:
+    """How tables and plots label a method: the preset's title, else its class's `title`, else the name itself
+    (also for names that are not registered)."""
+    if name in _TITLES:
+        return _TITLES[name]
+    if name in _REGISTRY and _REGISTRY[name][0].name == name:
+        return _REGISTRY[name][0].title or name
+    return name
 
 
 def get_method(name: str) -> tuple[type[DistillationMethod], dict[str, Any]]:

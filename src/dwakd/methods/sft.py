@@ -27,6 +27,7 @@ class SFT(DistillationMethod):
     """Plain supervised fine-tuning of the student; no teacher is loaded."""
 
     name = "sft"
+    title = "SFT"
     Options = SFTOptions
     needs_teacher = False
 

@@ -117,6 +117,7 @@ class SRA(DistillationMethod):
     """Span centres of mass aligned through projectors, a geometric regulariser, and span-level logit KD."""
 
     name = "sra"
+    title = "SRA"
     teacher_cache_refusal = ("it reads the teacher's hidden states (and attentions) at every span of prompt and "
                              "response, and a cache holds response rows only")
     Options = SRAOptions

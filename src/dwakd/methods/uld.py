@@ -102,6 +102,7 @@ class ULD(DistillationMethod):
     """Sorted-probability L1 between student and teacher at index-aligned response positions."""
 
     name = "uld"
+    title = "ULD"
     Options = MethodOptions
 
     @classmethod
