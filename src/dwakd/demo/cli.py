@@ -86,8 +86,8 @@ def register(subparsers) -> None:
     p.add_argument("--teacher-steps", type=_positive, metavar="N",
                    help="the teacher's training steps (default 500; fewer are faster and give a weaker teacher)")
     p.add_argument("--student-steps", type=_positive, metavar="N",
-                   help="every student's training steps (default 600; at 250 the distilled students fell behind SFT "
-                        "in our measurement, see the README)")
+                   help="every student's training steps (default 1200, at batch 8; fewer are faster and, in our "
+                        "measurements, put the distilled students behind SFT: see the README)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="parallel worker processes for training and evaluation (default: one per free core; 1: none)")
     teacher = p.add_mutually_exclusive_group()

@@ -32,6 +32,18 @@ ALPHA = 0.05
 MIN_SEEDS = 3
 
 
+def _method_options_text(options: dict[str, dict[str, Any]]) -> str:
+    """Options per method, those sharing options grouped: "a, b: x = 1; library defaults otherwise"."""
+    groups: dict[str, list[str]] = {}
+    for method, values in options.items():
+        if values:
+            groups.setdefault(", ".join(f"{k} = {v}" for k, v in sorted(values.items())), []).append(method)
+    if not groups:
+        return "library defaults"
+    shared = "; ".join(f"{', '.join(display_name(m) for m in methods)}: {text}" for text, methods in groups.items())
+    return f"{shared}; library defaults otherwise"
+
+
 def display_name(name: str) -> str:
     """Row label of a model in the tables: the method's title (`DistillationMethod.title`, a preset's own)."""
     from dwakd.methods import method_title
@@ -445,8 +457,7 @@ def _setup_lines(out: Path, s: DemoSettings, data: dict[str, Path], tokenizers: 
               f"{s.student_init_seed}); {_training_line(s.student_training)} on {s.suite.student_train} examples; "
               f"training seeds {', '.join(map(str, s.train_seeds))} (data order, projector initialisation).",
               *_cache_lines(log.teacher_cache),
-              f"- Method options: {json.dumps(s.method_options) if s.method_options else 'library defaults'}; "
-              f"projector lr {s.projector_lr}.",
+              f"- Method options: {_method_options_text(s.method_options)}; projector lr {s.projector_lr}.",
               f"- Evaluation: sampling (temperature 1.0, top-p 1.0), at most {s.max_new_tokens} new tokens, "
               f"sampling seeds {', '.join(map(str, s.eval_seeds))}; ROUGE-L F1 ×100, max over references."]
     return lines
