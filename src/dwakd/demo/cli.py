@@ -35,12 +35,10 @@ def _cache_k(text: str) -> int:
     if text == "vocab":
         return 0
     try:
-        k = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of logits or 'vocab', got {text!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"K must be ≥ 1 (or 'vocab' for a lossless cache), got {k}")
-    return k
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"K must be a whole number ≥ 1 (or 'vocab' for a lossless cache), "
+                                         f"got {text!r}") from None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
