@@ -15,17 +15,17 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+# Alpaca's sections, and its preamble sentence before them (the full template is preamble + sections)
+SECTIONS_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+SECTIONS_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    "Write a response that appropriately completes the request.\n\n" + SECTIONS_WITH_INPUT
 )
 PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
+    "Write a response that appropriately completes the request.\n\n" + SECTIONS_NO_INPUT
 )
-
 
 class DataError(ValueError):
     """A record could not be read; the message names the source, the line and the field."""
@@ -55,11 +55,14 @@ class InstructionRecord:
         return self.references[0]
 
 
-def build_prompt(instruction: str, input_text: str = "") -> str:
-    """The Alpaca prompt of docs/methods.md (with or without the input block)."""
+def build_prompt(instruction: str, input_text: str = "", preamble: bool = True) -> str:
+    """The Alpaca prompt of docs/methods.md (with or without the input block); `preamble=False` leaves out its
+    opening sentence (the demo's short prompt)."""
+    with_input, no_input = ((PROMPT_WITH_INPUT, PROMPT_NO_INPUT) if preamble
+                            else (SECTIONS_WITH_INPUT, SECTIONS_NO_INPUT))
     if input_text and input_text.strip():
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
+        return with_input.format(instruction=instruction, input=input_text)
+    return no_input.format(instruction=instruction)
 
 
 # Field names per accepted format, in order of preference: (instruction, input, output).

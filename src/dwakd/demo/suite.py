@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from itertools import permutations
 from pathlib import Path
 
+from dwakd.data.records import SECTIONS_NO_INPUT, SECTIONS_WITH_INPUT, build_prompt
 from dwakd.demo import words as W
 
 SUITE_VERSION = "3"
@@ -325,15 +326,9 @@ TEST_SPLITS: dict[str, tuple[str, str]] = {
 # The demo's prompt: the Alpaca template's sections without its preamble sentence ("Below is an instruction that
 # describes a task..."). The preamble is the same 25-30 tokens in every example, about 40 % of the demo's ~60-token
 # examples, and would cost that share of every training step and evaluation for nothing the demo measures.
-PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
-
-
 def demo_prompt(instruction: str, input_text: str) -> str:
     """The prompt every demo record carries (its `prompt` field, which training and evaluation use as is)."""
-    if input_text.strip():
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
+    return build_prompt(instruction, input_text, preamble=False)
 
 
 def _record(family: str, example: Example) -> dict:
@@ -416,7 +411,7 @@ def suite_fingerprint(sizes: SuiteSizes) -> str:
                        "banks": [W.CAPITALS, W.PLURALS, W.PAST_TENSES, W.ANTONYMS, W.ANIMALS, W.CATEGORIES,
                                  W.NAMES, W.EVENTS, W.PLACES, W.ITEMS, W.TIPS],
                        "families": [(f.name, f.phrasings, f.held_out) for f in FAMILIES],
-                       "unseen": sorted(UNSEEN_FAMILIES), "prompt": [PROMPT_WITH_INPUT, PROMPT_NO_INPUT]},
+                       "unseen": sorted(UNSEEN_FAMILIES), "prompt": [SECTIONS_WITH_INPUT, SECTIONS_NO_INPUT]},
                       sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
