@@ -483,6 +483,37 @@ def test_in_domain_test_and_dev_share_no_record_with_training():
     assert asked and sum(c in countries for c in asked) >= len(asked) - 1
 
 
+def test_every_test_split_has_a_dev_split_drawn_like_it_that_shares_no_record_with_it(tmp_path: Path):
+    assert set(S.DEV_SPLITS.values()) == set(S.TEST_SPLITS)
+    sizes = S.SuiteSizes(train=2000, student_train=100, dev=100, test=100, dev_ood=100)
+    paths = S.build_suite(tmp_path, sizes)
+    stats = S.suite_stats(paths)
+    for dev, test in S.DEV_SPLITS.items():
+        dev_rows, test_rows = S.read_jsonl(paths[dev]), S.read_jsonl(paths[test])
+        dev_keys, test_keys = ({(r["instruction"], r["input"]) for r in rows} for rows in (dev_rows, test_rows))
+        assert not dev_keys & test_keys, dev
+        assert stats[dev]["in_test"] == 0.0 and stats[dev]["in_train"] == 0.0
+        assert len(dev_rows) == 100 and len(dev_keys) >= 90  # distinct questions, like the test split's
+        # drawn from the test split's distribution: its families and about its lengths
+        assert set(stats[dev]["families"]) == set(stats[test]["families"])
+        for field in ("input_words", "answer_words"):
+            assert abs(stats[dev][field] - stats[test][field]) <= 0.15 * stats[test][field], (dev, field)
+    assert set(stats["dev_tasks"]["families"]) == set(S.UNSEEN_FAMILIES)
+    assert stats["dev_long"]["input_words"] > 1.3 * stats["dev"]["input_words"]
+
+
+def test_the_test_splits_are_the_ones_every_recorded_result_was_measured_on():
+    """The README's and benchmarks/results' demo numbers were measured on these exact test records; a change to the
+    suite's generators that moves them (e.g. drawing a dev split from a test split's stream) must be deliberate."""
+    import hashlib
+
+    pinned = {"test": "0200e12ef2a02f08", "ood_phrasing": "e7e4f8a202fe334d", "ood_long": "434c9550d9017f68",
+              "ood_tasks": "827f3865667759cd"}
+    for split, digest in pinned.items():
+        text = json.dumps(S.generate_split(split, 100))
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest, split
+
+
 def test_code_fingerprint_covers_the_code_that_computes_stages(tmp_path: Path, monkeypatch):
     import shutil
 

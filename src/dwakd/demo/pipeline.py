@@ -70,6 +70,8 @@ from dwakd.demo.settings import (
     student_name,
 )
 from dwakd.demo.suite import (
+    DEV_SPLITS,
+    SPLIT_TITLES,
     SUITE_VERSION,
     TEST_SPLITS,
     build_suite,
@@ -416,7 +418,7 @@ class DemoPipeline:
         """Write the suite's splits (cached by suite sizes and the code)."""
         folder = self.out / "data"
         key = fingerprint(suite_fingerprint(self.settings.suite), self.code_key)
-        names = ["train", "student_train", "dev", *TEST_SPLITS]
+        names = ["train", "student_train", *DEV_SPLITS, *TEST_SPLITS]
         paths = {name: folder / f"{name}.jsonl" for name in names}
         self.log.cached["suite"] = _cached(folder, key, self.force)
         if not self.log.cached["suite"]:
@@ -650,8 +652,7 @@ class DemoPipeline:
         from dwakd.evaluation.generation import GenerationSettings
 
         s = self.settings
-        titles = {name: title for name, (title, _) in TEST_SPLITS.items()} | {"dev": "Dev"}
-        datasets = [(name, str(data[name]), titles[name]) for name in splits]
+        datasets = [(name, str(data[name]), SPLIT_TITLES[name]) for name in splits]
         settings = GenerationSettings(max_prompt_length=s.max_prompt_length, max_length=s.max_length,
                                       max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch_size)
         # Generations are resumable per model; they stay valid while the test sets, the decoding settings and the

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dwakd.demo.settings import CACHE_LABEL, DemoSettings, RunLog, student_name
-from dwakd.demo.suite import TEST_SPLITS
+from dwakd.demo.suite import DEV_SPLITS, TEST_SPLITS
 from dwakd.evaluation.report import ScoreTable, write_report
 from dwakd.evaluation.stats import PairedComparison, paired_comparison
 
@@ -428,11 +428,13 @@ def _setup_lines(out: Path, s: DemoSettings, data: dict[str, Path], tokenizers: 
     per_split = toks.get("split_agreement", {})
     lines = ["", "## Setup", "", "| split | stands in for | records | words in | words out | in train | "
              "token-end F1 | same spans |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for split in ("train", "student_train", "dev", *TEST_SPLITS):
-        info = suite[split]
+    for split in ("train", "student_train", *DEV_SPLITS, *TEST_SPLITS):
+        info = suite.get(split)
+        if info is None:  # a folder written before the suite had this split
+            continue
         role = TEST_SPLITS[split][1] if split in TEST_SPLITS else {
-            "train": "teacher's training data", "student_train": "students' training data (first rows of train)",
-            "dev": "held out (used to choose settings)"}[split]
+            "train": "teacher's training data", "student_train": "students' training data (first rows of train)"}.get(
+            split, f"held out like {DEV_SPLITS.get(split)}, to choose settings")
         overlap = "–" if split in ("train", "student_train") else f"{info['in_train']:.0%}"
         agree = per_split.get(split)
         boundaries = f"{agree['boundary_f1']:.3f} | {agree['same_token_share']:.0%}" if agree else "– | –"

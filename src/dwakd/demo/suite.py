@@ -22,6 +22,11 @@ rest). `train`, `dev` and `test` draw only from their own pool, so the in-domain
 what the teacher or the students train on, while the facts it asks about still occur in training under other
 phrasings (e.g. the capital of France asked as "Name the capital city of France."). `suite_stats` reports the
 overlap with the training data (0 for every test split).
+
+Settings are chosen on dev splits only, one per test distribution (`DEV_SPLITS`): `dev` mirrors `test`, and
+`dev_phrasing`, `dev_long`, `dev_tasks` are drawn like `ood_phrasing`, `ood_long`, `ood_tasks` from their own
+random streams, redrawing every (instruction, input) pair that the test split they mirror holds, so no dev record
+is a test record (`suite_stats` reports that overlap too: 0).
 """
 
 from __future__ import annotations
@@ -322,6 +327,12 @@ TEST_SPLITS: dict[str, tuple[str, str]] = {
     "ood_tasks": ("Tasks", "unseen task families composed of seen skills, like Vicuna"),
 }
 
+# dev split -> the test split whose distribution it mirrors (the demo's settings are chosen on these only)
+DEV_SPLITS: dict[str, str] = {"dev": "test", "dev_phrasing": "ood_phrasing", "dev_long": "ood_long",
+                              "dev_tasks": "ood_tasks"}
+SPLIT_TITLES: dict[str, str] = {name: title for name, (title, _) in TEST_SPLITS.items()} | {
+    "dev": "Dev", "dev_phrasing": "Dev phrasing", "dev_long": "Dev long", "dev_tasks": "Dev tasks"}
+
 
 # The demo's prompt: the Alpaca template's sections without its preamble sentence ("Below is an instruction that
 # describes a task..."). The preamble is the same 25-30 tokens in every example, about 40 % of the demo's ~60-token
@@ -354,38 +365,70 @@ def pool(instruction: str, input_text: str) -> str:
     return {0: "test", 1: "dev"}.get(bucket, "train")
 
 
-def _draw(rng: random.Random, family: Family, split: str, taken: set[tuple[str, str]]) -> Example:
+def _key(example: Example | dict) -> tuple[str, str]:
+    """The (instruction, input) pair that identifies a question across splits."""
+    if isinstance(example, dict):
+        return example["instruction"], example["input"]
+    return example[0], example[1]
+
+
+def _draw(rng: random.Random, family: Family, split: str, taken: set[tuple[str, str]],
+          excluded: frozenset[tuple[str, str]]) -> Example:
     """One example of a seen family for `split`, redrawn until it falls in that split's pool (train/dev/test)
-    and, for dev and test, preferably one whose (instruction, input) is not yet in the split (families with few
-    distinct questions, like `tips`, repeat one once `_FRESH_DRAWS` draws found no new one)."""
+    and is not `excluded` (the test split a dev split mirrors) and, for dev and test splits, preferably one whose
+    (instruction, input) is not yet in the split (families with few distinct questions, like `tips`, repeat one
+    once `_FRESH_DRAWS` draws found no new one)."""
+    kind = _kind(split)
     for draw in range(_MAX_DRAWS):
-        phrasings = family.held_out if split == "ood_phrasing" else family.phrasings
-        example = family.make(rng, rng.choice(phrasings), split == "ood_long")
-        key = (example[0], example[1])
-        if split in ("dev", "test") and key in taken and draw < _FRESH_DRAWS:
+        phrasings = family.held_out if kind == "ood_phrasing" else family.phrasings
+        example = family.make(rng, rng.choice(phrasings), kind == "ood_long")
+        key = _key(example)
+        if key in excluded or (split in ("test", *DEV_SPLITS) and key in taken and draw < _FRESH_DRAWS):
             continue
-        if split not in ("train", "dev", "test") or pool(*key) == split:
+        if kind not in ("train", "dev", "test") or pool(*key) == kind:
             taken.add(key)
             return example
     raise RuntimeError(f"suite family {family.name!r}: no {split} example in {_MAX_DRAWS} draws")
 
 
-def generate_split(split: str, size: int) -> list[dict]:
-    """`size` records of one split (train, dev, test, ood_phrasing, ood_long, ood_tasks), families round-robin."""
+def _kind(split: str) -> str:
+    """The distribution a split is drawn from: a mirroring dev split's test split (in-domain `dev` has its own
+    pool), otherwise the split itself."""
+    return DEV_SPLITS[split] if split in DEV_SPLITS and split != "dev" else split
+
+
+def generate_split(split: str, size: int, exclude: Sequence[dict] = ()) -> list[dict]:
+    """`size` records of one split (train, dev, a test split or a dev split mirroring one), families round-robin.
+
+    `exclude`: records whose (instruction, input) pairs the split must not hold; `build_suite` passes each mirroring
+    dev split the test split it mirrors.
+    """
     rng = _rng(split)
+    kind = _kind(split)
+    excluded = frozenset(_key(r) for r in exclude)
     records: list[dict] = []
-    if split == "ood_tasks":
+    if kind == "ood_tasks":
         makers = list(UNSEEN_FAMILIES.items())
+        taken: set[tuple[str, str]] = set()
         for i in range(size):
             name, make = makers[i % len(makers)]
-            records.append(_record(name, make(rng)))
+            for draw in range(_MAX_DRAWS):  # the test split keeps one draw per record; a dev split redraws
+                example = make(rng)
+                key = _key(example)
+                if key in excluded or (excluded and key in taken and draw < _FRESH_DRAWS):
+                    continue
+                break
+            else:
+                raise RuntimeError(f"suite family {name!r}: no {split} example in {_MAX_DRAWS} draws")
+            taken.add(key)
+            records.append(_record(name, example))
         return records
-    if split not in ("train", "dev", *TEST_SPLITS):
+    if kind not in ("train", "dev", *TEST_SPLITS):
         raise ValueError(f"unknown suite split {split!r}")
-    taken: set[tuple[str, str]] = set()
+    taken = set()
     for i in range(size):
         family = FAMILIES[i % len(FAMILIES)]
-        records.append(_record(family.name, _draw(rng, family, split, taken)))
+        records.append(_record(family.name, _draw(rng, family, split, taken, excluded)))
     if split in ("train", "dev"):
         rng.shuffle(records)
     return records
@@ -393,12 +436,16 @@ def generate_split(split: str, size: int) -> list[dict]:
 
 @dataclass(frozen=True)
 class SuiteSizes:
-    """Records per split; the teacher trains on all of `train`, students on its first `student_train`."""
+    """Records per split; the teacher trains on all of `train`, students on its first `student_train`.
+
+    `dev`: the in-domain dev split; `dev_ood`: each of the dev splits that mirror an out-of-domain test split.
+    """
 
     train: int = 20000
     student_train: int = 2000
     dev: int = 200
     test: int = 100
+    dev_ood: int = 100
 
     def __post_init__(self) -> None:
         if not 0 < self.student_train <= self.train:
@@ -424,14 +471,17 @@ def write_jsonl(records: Sequence[dict], path: Path) -> Path:
 
 
 def build_suite(out_dir: str | Path, sizes: SuiteSizes) -> dict[str, Path]:
-    """Write every split as JSONL under `out_dir` (train, student_train, dev, test sets); returns their paths."""
+    """Write every split as JSONL under `out_dir` (train, student_train, dev and test sets); returns their paths."""
     out_dir = Path(out_dir)
     train = generate_split("train", sizes.train)
     paths = {"train": write_jsonl(train, out_dir / "train.jsonl"),
-             "student_train": write_jsonl(train[: sizes.student_train], out_dir / "student_train.jsonl"),
-             "dev": write_jsonl(generate_split("dev", sizes.dev), out_dir / "dev.jsonl")}
-    for split in TEST_SPLITS:
-        paths[split] = write_jsonl(generate_split(split, sizes.test), out_dir / f"{split}.jsonl")
+             "student_train": write_jsonl(train[: sizes.student_train], out_dir / "student_train.jsonl")}
+    tests = {split: generate_split(split, sizes.test) for split in TEST_SPLITS}
+    for split, mirrored in DEV_SPLITS.items():
+        size = sizes.dev if split == "dev" else sizes.dev_ood
+        paths[split] = write_jsonl(generate_split(split, size, exclude=tests[mirrored]), out_dir / f"{split}.jsonl")
+    for split, rows in tests.items():
+        paths[split] = write_jsonl(rows, out_dir / f"{split}.jsonl")
     return paths
 
 
@@ -441,7 +491,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def suite_stats(paths: dict[str, Path]) -> dict[str, dict]:
-    """Per split: size, families, mean input/reference length in words, exact overlap with the training prompts."""
+    """Per split: size, families, mean input/reference length in words, exact overlap with the training prompts
+    and, for a dev split, with the test split it mirrors."""
     train_keys = {(r["instruction"], r["input"]) for r in read_jsonl(paths["train"])}
     stats = {}
     for split, path in paths.items():
@@ -455,6 +506,9 @@ def suite_stats(paths: dict[str, Path]) -> dict[str, dict]:
             "in_train": 0.0 if split in ("train", "student_train") else
             round(sum((r["instruction"], r["input"]) in train_keys for r in rows) / len(rows), 3),
         }
+        if split in DEV_SPLITS and DEV_SPLITS[split] in paths:
+            test_keys = {_key(r) for r in read_jsonl(paths[DEV_SPLITS[split]])}
+            stats[split]["in_test"] = round(sum(_key(r) in test_keys for r in rows) / len(rows), 3)
     return stats
 
 
