@@ -339,6 +339,28 @@ def test_cpu_path_accepts_cuda_tensors() -> None:
     torch.testing.assert_close(got_g.cpu(), want_g)
 
 
+def test_cpu_backward_scales_in_place_only_when_the_graph_is_not_kept() -> None:
+    # Without retain_graph the backward hands out E scaled in place (no second B × N × M array); with it, E must
+    # survive for the next backward: two backwards of 2·Σ value through a kept graph give the same gradient, and
+    # both equal the loops' gradient times 2 (an in-place scale on a kept graph would give 4× on the second)
+    cost, lx, ly = random_batch(3, 17, 13, seed=12)
+    want_v, want_g = naive_batch(cost, 0.1, lx, ly)
+    leaf = cost.clone().requires_grad_(True)
+    value = soft_dtw(leaf, 0.1, lx, ly, impl="cpu")
+    loss = 2 * value.sum()
+    (first,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+    (last,) = torch.autograd.grad(loss, leaf)  # graph freed: this one may scale E in place
+    for grad in (first, second, last):
+        torch.testing.assert_close(grad, 2 * want_g, rtol=1e-8, atol=1e-10)
+    with pytest.raises(RuntimeError, match="backward|graph"):
+        torch.autograd.grad(loss, leaf)
+    # the usual single backward (in place) also matches
+    leaf.grad = None
+    (3 * soft_dtw(leaf, 0.1, lx, ly, impl="cpu")).sum().backward()
+    torch.testing.assert_close(leaf.grad, 3 * want_g, rtol=1e-8, atol=1e-10)
+
+
 def test_soft_band_is_applied_inside_kernel_like_dense_penalty() -> None:
     cost, lx, ly = random_batch(2, 15, 12, seed=40, dtype=torch.float32)
     center = torch.tensor([[3.5] * 15, [0.0] * 15], dtype=torch.float32)

@@ -13,12 +13,13 @@ backward only multiplies E by dL/dR. Memory kept for backward: E in the layout o
 (4 bytes per cost entry in float32); nothing at all when no cost requires a gradient (the forward then skips the
 weights and E). Working memory per thread: the weights of its largest task (≈ 12 bytes per cell in float32), the
 strip-skewed cost, rings of three diagonals. float32 and float64 are computed natively; other dtypes (bf16, fp16)
-are computed in float32. Buffers come from NumPy (glibc reuses freed blocks of the same size; torch's CPU
-allocator page-faults each fresh block in again).
+are computed in float32. The work buffers (weights, strips) are kept between calls (`_BufferPool`), and a backward
+that does not keep the graph scales E in place and hands it out as the gradient: a call page-faults in only E.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,10 +35,52 @@ _WEIGHT_TAIL = 8 * 64  # a few planes: the padded lanes of the last diagonals re
 _NO_BAND = np.zeros((1, 1), dtype=np.float64)
 
 
+class _BufferPool:
+    """Work buffers kept between calls, so that a call does not page-fault fresh memory in.
+
+    A fresh multi-megabyte buffer costs one page fault per 4 KiB the kernels touch (the weights, ≈ 12 bytes per
+    cell, and the strips of every thread: ≈ 300 faults, a fifth of a B=8, 256 × 256 forward+backward); glibc
+    returns such blocks to the system between calls. Buffers are taken for one call and given back after it; a
+    few of the largest are kept per dtype (concurrent calls each get their own).
+    """
+
+    KEEP = 4  # buffers kept per dtype
+
+    def __init__(self) -> None:
+        self._free: dict[np.dtype, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A C-contiguous array of `shape` (uninitialised: stale values of an earlier call)."""
+        size = int(np.prod(shape))
+        with self._lock:
+            free = self._free.get(np.dtype(dtype), [])
+            for k, buffer in enumerate(free):
+                if buffer.size >= size:
+                    return free.pop(k)[:size].reshape(shape)
+        return np.empty(max(size, 1), dtype=dtype)[:size].reshape(shape)
+
+    def give(self, array: np.ndarray) -> None:
+        """Return a buffer from `take` (or any array) for later calls."""
+        buffer = array.base if array.base is not None else array
+        while buffer.base is not None:
+            buffer = buffer.base
+        if not isinstance(buffer, np.ndarray) or buffer.ndim != 1:
+            return
+        with self._lock:
+            free = self._free.setdefault(buffer.dtype, [])
+            free.append(buffer)
+            free.sort(key=lambda b: b.size)
+            del free[: max(0, len(free) - self.KEEP)]
+
+
+_BUFFERS = _BufferPool()
+
+
 def _new_workspace(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """Uninitialised memory for the kernels' weights (a hook: the tests fill it with NaN to prove that no slot the
-    kernels read is left unwritten)."""
-    return np.empty(shape, dtype=dtype)
+    """Uninitialised memory for the kernels' weights, reused between calls (a hook: the tests fill it with NaN to
+    prove that no slot the kernels read is left unwritten)."""
+    return _BUFFERS.take(shape, dtype)
 
 
 def _kernels():
@@ -94,12 +137,15 @@ def _run(kernel, plan: _TaskPlan, args: tuple, per_thread: list | None = None) -
     """Run `kernel(order, bounds, counter, tasks, *args)` in up to `plan.workers` threads (the calling one included)
     that pull chunks from one atomic counter, so a descheduled thread never stalls the call.
 
-    `per_thread[i]`, if given, replaces the None in `args` for thread i (its own workspace).
+    `per_thread[i]`, if given, replaces the Nones in `args`, in order, for thread i (its own workspaces).
     """
     counter = np.zeros(1, dtype=np.int64)
 
     def call(i: int) -> None:
-        own = args if per_thread is None else tuple(per_thread[i] if a is None else a for a in args)
+        own = args
+        if per_thread is not None:
+            mine = iter(per_thread[i])
+            own = tuple(next(mine) if a is None else a for a in args)
         kernel(plan.order, plan.bounds, counter, plan.tasks, *own)
 
     if plan.workers == 1:
@@ -132,19 +178,29 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
             center = width = _NO_BAND
             band_group, penalty = -1, 0.0
         np_dtype = arrays[0].dtype
+        rows, cols = int(plan.tasks[:, 2].max()), int(plan.tasks[:, 3].max())
+        strips = [_BUFFERS.take(k.strip_shape(rows, cols), np_dtype) for _ in range(plan.workers)]
+        for s in strips:
+            s.fill(0)  # finite values in the cells off the grid that padding lanes read
         if store:
             # one weight workspace per thread (largest task + a zeroed tail for the padded vector lanes), and E
             workspace = _new_workspace((plan.workers, plan.weight_cells + _WEIGHT_TAIL), np_dtype)
             workspace[:, plan.weight_cells :] = 0
-            per_thread = list(workspace)
-            grads = [np.empty(c.shape, dtype=np_dtype) for c in costs]  # NumPy: see the module docstring
+            weights = list(workspace)
+            grads = [np.empty(c.shape, dtype=np_dtype) for c in costs]  # handed out as the gradient (backward)
         else:
-            per_thread = [np.zeros(1, dtype=np_dtype)] * plan.workers  # a one-element "workspace": values only
+            workspace = None
+            weights = [np.zeros(1, dtype=np_dtype)] * plan.workers  # a one-element "workspace": values only
             grads = [np.zeros((1, 1, 1), dtype=np_dtype)]
         outs = grads + [grads[0]] * (3 - len(grads))
         values = np.empty(plan.tasks.shape[0], dtype=np.float64)
-        _run(k.soft_dtw_forward, plan, (arrays[0], arrays[1], arrays[2], center, width, penalty, band_group,
-             float(gamma), np_dtype == np.float32, None, values, *outs), per_thread)  # fmt: skip
+        try:
+            _run(k.soft_dtw_forward, plan, (arrays[0], arrays[1], arrays[2], center, width, penalty, band_group,
+                 float(gamma), np_dtype == np.float32, None, None, values, *outs),
+                 list(zip(weights, strips)))  # fmt: skip
+        finally:
+            for buffer in (*strips, *([workspace] if workspace is not None else [])):
+                _BUFFERS.give(buffer)
         ctx.expected_alignments = grads if store else None  # (batch_g, N_g, M_g) NumPy arrays: E = dR(n, m)/dC
         out = torch.from_numpy(values).to(dtype)
         b = plan.group_bounds
@@ -153,17 +209,38 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_values: torch.Tensor):  # type: ignore[override]
         if ctx.expected_alignments is None:
-            raise RuntimeError("Soft-DTW CPU forward ran without a gradient (no input required one)")
+            raise RuntimeError("Soft-DTW CPU: no expected alignments to back-propagate (the forward ran without a "
+                               "gradient, or its graph was already freed by a backward without retain_graph)")
+        # Without retain_graph nothing reads E again: scale it in place and hand it out as the gradient instead of
+        # allocating (and page-faulting in) a second B × N × M array
+        in_place = not _keeps_graph()
         grads = []
         for e, gv in zip(ctx.expected_alignments, grad_values):
             if gv is None:
                 grads.append(None)
                 continue
             scale = gv.detach().to("cpu", torch.float64).numpy().astype(e.dtype)[:, None, None]  # (batch, 1, 1)
-            out = np.empty_like(e)  # a fresh array (E is kept for another backward), NumPy-allocated
+            out = e if in_place else np.empty_like(e)  # else a fresh array: E is kept for another backward
             np.multiply(e, scale, out=out)
             grads.append(torch.from_numpy(out))
+        if in_place:
+            ctx.expected_alignments = None
         return (None, None, None, None, *grads)
+
+
+def _keeps_graph() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True), so a saved tensor may be read again.
+
+    PyTorch's own AOT autograd asks the engine the same way; if this private query ever disappears, assume it does
+    (correct, one allocation more).
+    """
+    query = getattr(getattr(torch._C, "_autograd", None), "_get_current_graph_task_keep_graph", None)
+    if query is None:
+        return True
+    try:
+        return bool(query())
+    except RuntimeError:  # not inside a backward run by the engine
+        return True
 
 
 def soft_dtw_cpu_groups(
