@@ -125,3 +125,28 @@ def test_registry_and_errors(models) -> None:
         build_method("dskd", MethodContext(student.config, None, None, None))
     with pytest.raises(ValueError, match="unknown divergence"):
         build_method("dskd", context_for(*models), {"kd_objective": "kl"})
+
+
+@pytest.mark.parametrize("name", ["dskd", "dwakd", "dwakd-dtw"])
+def test_kd_warmup_ramps_the_student_space_kd_term_only(models, name: str) -> None:
+    """`kd_warmup_steps: W` scales t2s_kd by min(1, (step + 1) / W) — DSKD's mask path and DWA-KD's token-weight
+    path alike (the option is the host's) — and leaves every other part unchanged."""
+    from dwakd.options import OptionError
+
+    student, teacher = models
+    batch = make_batch()
+    plain_method, warm = build(name, models), build(name, models, kd_warmup_steps=4)
+    for method in (plain_method, warm):
+        aim_t2s_at_gold(method, student, batch)  # some positions pass DSKD's correctness mask
+    plain = plain_method(run_models(student, teacher, batch)).parts
+    assert plain["t2s_kd"].item() > 0
+    for step, factor in ((0, 0.25), (2, 0.75), (3, 1.0), (50, 1.0)):
+        inputs = run_models(student, teacher, batch)
+        inputs.step = step
+        parts = warm(inputs).parts
+        assert parts["t2s_kd"].item() == pytest.approx(factor * plain["t2s_kd"].item(), rel=1e-10), step
+        for other in ("ce", "t2s_ce", "s2t_kd"):
+            assert parts[other].item() == pytest.approx(plain[other].item(), rel=1e-10), (step, other)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(OptionError, match="kd_warmup_steps"):
+            build(name, models, kd_warmup_steps=bad)

@@ -37,3 +37,9 @@ def check_range(option: str, value: Any, low: float, high: float) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
     if not ok:
         raise OptionError(option, f"must be a number in [{low}, {high}]; got {value!r}")
+
+
+def check_steps(option: str, value: Any) -> None:
+    """Raise OptionError unless `value` is a whole number of steps ≥ 0."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise OptionError(option, f"must be a whole number of steps ≥ 0; got {value!r}")

@@ -34,6 +34,7 @@ from dwakd.modules.head_fusion import HEAD_FUSIONS
 from dwakd.modules.projectors import DualSpaceProjectors, model_dims
 from dwakd.modules.rows import valid_rows
 from dwakd.ops.fused_kd import fused_head_kd
+from dwakd.options import check_steps
 
 
 @dataclass
@@ -43,6 +44,9 @@ class DSKDOptions(MethodOptions):
     kd_objective: str = "fkl"  # fkl | rkl | sfkl | srkl | js | akl (DSKD's long names accepted)
     skew_lambda: float = 0.1  # λ of the skewed KLs
     akl_alpha: float = 0.5  # head/tail split of adaptive KL
+    # t2s_kd scaled by min(1, (step + 1) / kd_warmup_steps): the student-space KD term ramps up over the first steps
+    # (the public DWA-KD code: 300); 0 = off
+    kd_warmup_steps: int = 0
     # fused: LM head + divergence in one op, no (rows × V) logits | dense: F.linear logits | auto: fused on GPU
     head_fusion: str = "auto"
 
@@ -52,6 +56,7 @@ class DSKDOptions(MethodOptions):
         check_divergence("kd_objective", self.kd_objective)
         check_range("skew_lambda", self.skew_lambda, 0.0, 1.0)
         check_range("akl_alpha", self.akl_alpha, 0.0, 1.0)
+        check_steps("kd_warmup_steps", self.kd_warmup_steps)
 
 
 @dataclass

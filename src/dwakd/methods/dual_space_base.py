@@ -78,10 +78,16 @@ class DualSpaceMethod(DistillationMethod):
         """Scale per student-space row of t2s_div and per teacher-space row of s2t_div (None = 1).
 
         DWA-KD with token weights on: its weights. Otherwise the host's t2s mask on t2s_div, s2t_div unscaled.
+        Either way t2s_div ramps up over the first `kd_warmup_steps` steps when that option is set.
         """
         if self.dwa is not None and self.dwa.options.token_weights:
-            return self.dwa.kd_scales(terms, inputs.step)
-        return terms.t2s_mask.float(), None
+            t2s_scale, s2t_scale = self.dwa.kd_scales(terms)
+        else:
+            t2s_scale, s2t_scale = terms.t2s_mask.float(), None
+        warmup = getattr(self.options, "kd_warmup_steps", 0)
+        if warmup:
+            t2s_scale = t2s_scale * min(1.0, (inputs.step + 1) / warmup)
+        return t2s_scale, s2t_scale
 
     def loss_weights(self) -> tuple[float, float]:
         """(weight of CE, weight of KD) in the total loss."""

@@ -20,10 +20,10 @@ from its host's (one parent, DWA fields appended), so `dwakd` and `dwakdv2` acce
 
 Options that reproduce the public reference code (voluyen/dwa_mta, `code/criterions/dwa_kd.py`; provenance
 unverified) where it departs from the paper — used together by the `dwakd-ref` preset:
-`gate_after_rescale` (the code rescales the entropy alone and multiplies by the gate afterwards),
-`kd_warmup_steps` (the code ramps the gate of t2s_kd linearly over 300 steps), `gamma_steps` (the code anneals γ
-over a fixed 3,570 steps), `dtw_hidden_input: raw` (the code projects the raw teacher states, not h_t / std(h_t)),
-and `kd_objective: srkl` (the code's scripts; a host option). Not reproduced, because they are defects rather than
+`gate_after_rescale` (the code rescales the entropy alone and multiplies by the gate afterwards), `gamma_steps`
+(the code anneals γ over a fixed 3,570 steps), `dtw_hidden_input: raw` (the code projects the raw teacher states,
+not h_t / std(h_t)), and two host options: `kd_warmup_steps` (the code ramps the gate of t2s_kd linearly over 300
+steps) and `kd_objective: srkl` (the code's scripts). Not reproduced, because they are defects rather than
 choices: its Soft-DTW slices sequences from position 0 and so covers the prompt, and its teacher entropy is taken
 over the head's padding rows.
 """
@@ -51,7 +51,7 @@ from dwakd.modules.token_weights import (
     weights_at_rows,
 )
 from dwakd.ops.soft_dtw.functional import IMPLS
-from dwakd.options import OptionError, check_choice, check_positive, check_range
+from dwakd.options import OptionError, check_choice, check_positive, check_range, check_steps
 
 DTW_MODES = ("off", "plain", "banded")
 DTW_LAYERS = ("hidden", "embedding")
@@ -66,7 +66,6 @@ class DWAOptions:
     token_weights: bool = True  # dual-space entropy weights; False: the host's own mask, unweighted s2t
     gate: bool = True  # g_i = peak teacher confidence in student space; False: g_i ≡ 1 ("w/o gate")
     gate_after_rescale: bool = False  # reference code: w_i = rescale(Ĥ_s)·g_i instead of rescale(Ĥ_s·g_i)
-    kd_warmup_steps: int = 0  # reference code (300): t2s_kd scaled by min(1, (step + 1) / kd_warmup_steps)
     dtw: str = "banded"  # off | plain | banded
     dtw_layers: Sequence[str] = ("hidden", "embedding")  # which sequences get a Soft-DTW term
     dtw_hidden_input: str = "normalized"  # teacher states of the hidden term: h_t / std(h_t), or raw (reference)
@@ -107,10 +106,8 @@ def validate_dwa_options(options: DWAOptions) -> None:
     for name in ("ce_weight", "kd_weight"):
         if getattr(options, name) is not None:
             check_positive(name, getattr(options, name), allow_zero=True)
-    for name in ("kd_warmup_steps", "gamma_steps"):
-        value = getattr(options, name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise OptionError(name, f"must be a whole number of steps ≥ 0; got {value!r}")
+    if options.gamma_steps is not None:
+        check_steps("gamma_steps", options.gamma_steps)
 
 
 def with_dwa_options(host: type, name: str) -> type:
@@ -157,7 +154,7 @@ class DWAComponent(nn.Module):
         t = min(1.0, (step + 1) / opts.gamma_steps) if opts.gamma_steps else min(1.0, max(0.0, float(progress)))
         return float(opts.gamma + (opts.gamma_end - opts.gamma) * t)
 
-    def kd_scales(self, terms: DualSpaceTerms, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def kd_scales(self, terms: DualSpaceTerms) -> tuple[torch.Tensor, torch.Tensor]:
         """(P,) weights w_i for t2s_div and (Q,) weights u_j for s2t_div, in the order of the terms' rows."""
         opts = self.options
         s_mask, t_mask = terms.student_mask, terms.teacher_mask
@@ -182,8 +179,6 @@ class DWAComponent(nn.Module):
         teacher_scale = u.weights.reshape(-1).index_select(0, terms.teacher_rows)  # (Q,)
         if gate is not None and opts.gate_after_rescale:
             student_scale = student_scale * gate.to(student_scale.dtype)
-        if opts.kd_warmup_steps:
-            student_scale = student_scale * min(1.0, (step + 1) / opts.kd_warmup_steps)
         with torch.no_grad():
             count = max(1, terms.student_rows.numel())
             terms.stats["student_weight_mean"] = w.raw.sum() / count
