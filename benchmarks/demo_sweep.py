@@ -4,10 +4,11 @@ Each variant is a JSON object of `DemoSettings` fields that replace the defaults
 fields, e.g. {"student_training": {...}}); every method gets every variant and every training seed, so DSKD
 and SFT get the same tuning budget as DWA-KD. A variant trains its students in its own folder under --out
 (the suite, tokenizers and — while the teacher's settings are the defaults — the teacher and its cache are reused
-from the first variant's folder through the demo's stage cache), evaluates them on the dev splits (`--splits`, default
-every one: in-domain `dev` and the three that mirror the out-of-domain test splits; never on a test split) and
-appends one record per (variant, method, training seed) to --results: ROUGE-L per dev split, their mean
-(`dev_avg`, the dev analogue of the test table's Avg), CPU and wall seconds.
+from the first variant's folder, or from a folder an earlier run left under --out, through the demo's stage cache),
+evaluates them on the dev splits (`--splits`, default every one: in-domain `dev` and the three that mirror the
+out-of-domain test splits; never on a test split) and appends one record per (variant, method, training seed) to
+--results: ROUGE-L per dev split, their mean (`dev_avg`, the dev analogue of the test table's Avg), CPU and wall
+seconds.
 
     python benchmarks/demo_sweep.py --out runs/demo-sweep --results benchmarks/results/demo_sweep.json \\
         --variant lr2e-3='{}' --variant lr4e-3='{"student_training": {"max_steps": 300, ...}}'
@@ -66,7 +67,9 @@ def main() -> None:
     results_path = Path(args.results)
     records = json.loads(results_path.read_text()) if results_path.is_file() else []
     out = Path(args.out)
-    first: Path | None = None
+    # stages to reuse: the first variant's, or those of an earlier run of this script into the same --out (each is
+    # reused only while its fingerprint matches, e.g. not after a change to dwakd's code)
+    first = next((p for p in sorted(out.iterdir()) if (p / "teacher").is_dir()), None) if out.is_dir() else None
     for name, overrides in args.variant:
         settings = _apply(demo_settings(), overrides)
         settings.methods = tuple(args.methods.split(","))
