@@ -361,6 +361,24 @@ def test_cpu_backward_scales_in_place_only_when_the_graph_is_not_kept() -> None:
     torch.testing.assert_close(leaf.grad, 3 * want_g, rtol=1e-8, atol=1e-10)
 
 
+def test_cpu_gradient_has_no_subnormals_and_the_callers_fp_mode_is_kept() -> None:
+    # Far from the alignment path E falls below float32's smallest normal; the kernel flushes such values to zero
+    # (an operation on a subnormal costs a microcode assist, here and in the caller's matmuls on E) and must restore
+    # the calling thread's floating-point mode: NumPy in this thread still produces subnormals afterwards
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 64, 8, generator=gen), torch.randn(2, 64, 8, generator=gen)
+    cost = cosine_cost(x, y).requires_grad_(True)
+    (grad,) = torch.autograd.grad(soft_dtw(cost, 0.05, impl="cpu").sum(), cost)
+    tiny = torch.finfo(torch.float32).tiny
+    assert int(((grad != 0) & (grad.abs() < tiny)).sum()) == 0  # 327 of them without the flush
+    want_v, want_g = naive_batch(cost.detach().double(), 0.05, torch.tensor([64, 64]), torch.tensor([64, 64]))
+    torch.testing.assert_close(grad.double(), want_g, rtol=1e-4, atol=1e-6)
+    assert np.float32(1e-38) * np.float32(0.25) > 0  # a subnormal result, not flushed in the caller's thread
+    assert np.float32(2e-39) + np.float32(0) > 0  # a subnormal input, not treated as zero
+
+
 def test_soft_band_is_applied_inside_kernel_like_dense_penalty() -> None:
     cost, lx, ly = random_batch(2, 15, 12, seed=40, dtype=torch.float32)
     center = torch.tensor([[3.5] * 15, [0.0] * 15], dtype=torch.float32)
