@@ -9,6 +9,7 @@ First use compiles the numba kernels (≈ 1 min on the shared 2-core machine, th
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _soft_dtw_helpers import (
@@ -409,3 +410,22 @@ def test_float32_exp2_and_log2_kernels_meet_their_documented_error() -> None:
     want_exp = np.exp2(t.astype(np.float64))
     assert (np.abs(exp_out - want_exp) / want_exp).max() <= 2.5e-7
     assert np.abs(log_out - np.log2(s.astype(np.float64))).max() <= 2e-7
+
+
+def test_cpu_buffers_are_reused_between_calls_and_the_gradient_comes_back_when_freed() -> None:
+    # The work buffers and E (lent out as the gradient) come from a pool: a call made after the previous call's
+    # gradient was freed reads the same memory again instead of page-faulting in fresh memory
+    from dwakd.ops.soft_dtw import cpu
+
+    cost, lx, ly = random_batch(2, 40, 40, seed=5, dtype=torch.float32)
+    leaf = cost.clone().requires_grad_(True)
+    (first,) = torch.autograd.grad(soft_dtw(leaf, 0.1, lx, ly, impl="cpu").sum(), leaf)
+    address, want = first.data_ptr(), first.clone()
+    kept = cpu._BUFFERS._free.get(np.dtype(np.float32), [])
+    assert all(b.ctypes.data != address for b in kept)  # lent out while the gradient lives
+    del first
+    assert any(b.ctypes.data == address for b in kept)  # back in the pool once it is freed
+    (second,) = torch.autograd.grad(soft_dtw(leaf, 0.1, lx, ly, impl="cpu").sum(), leaf)
+    assert second.data_ptr() == address
+    torch.testing.assert_close(second, want, rtol=0, atol=0)
+    assert sum(b.nbytes for b in kept) <= cpu._BufferPool.MAX_BYTES and len(kept) <= cpu._BufferPool.KEEP

@@ -13,13 +13,15 @@ backward only multiplies E by dL/dR. Memory kept for backward: E in the layout o
 (4 bytes per cost entry in float32); nothing at all when no cost requires a gradient (the forward then skips the
 weights and E). Working memory per thread: the weights of its largest task (≈ 12 bytes per cell in float32), the
 strip-skewed cost, rings of three diagonals. float32 and float64 are computed natively; other dtypes (bf16, fp16)
-are computed in float32. The work buffers (weights, strips) are kept between calls (`_BufferPool`), and a backward
-that does not keep the graph scales E in place and hands it out as the gradient: a call page-faults in only E.
+are computed in float32. The work buffers (weights, strips) and E come from a pool kept between calls
+(`_BufferPool`; E is lent out as the gradient and returns when that is freed), and a backward that does not keep the
+graph scales E in place and hands it out: a call page-faults in no fresh memory once the pool holds its sizes.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,11 +42,13 @@ class _BufferPool:
 
     A fresh multi-megabyte buffer costs one page fault per 4 KiB the kernels touch (the weights, ≈ 12 bytes per
     cell, and the strips of every thread: ≈ 300 faults, a fifth of a B=8, 256 × 256 forward+backward); glibc
-    returns such blocks to the system between calls. Buffers are taken for one call and given back after it; a
-    few of the largest are kept per dtype (concurrent calls each get their own).
+    returns such blocks to the system between calls. Work buffers are taken for one call and given back after it;
+    E, which leaves the call as the gradient, is lent: it comes back when the last array or tensor using it is freed.
+    A few of the largest buffers are kept per dtype (concurrent calls each get their own), at most `MAX_BYTES`.
     """
 
     KEEP = 4  # buffers kept per dtype
+    MAX_BYTES = 512 << 20  # per dtype
 
     def __init__(self) -> None:
         self._free: dict[np.dtype, list[np.ndarray]] = {}
@@ -60,18 +64,33 @@ class _BufferPool:
                     return free.pop(k)[:size].reshape(shape)
         return np.empty(max(size, 1), dtype=dtype)[:size].reshape(shape)
 
+    def lend(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """Like `take`, but the buffer comes back by itself once the returned array (and every view of it, e.g. a
+        tensor from `torch.from_numpy`) is freed."""
+        array = self.take(shape, dtype)
+        finalizer = weakref.finalize(array, self.give, _root(array))
+        finalizer.atexit = False
+        return array
+
     def give(self, array: np.ndarray) -> None:
         """Return a buffer from `take` (or any array) for later calls."""
-        buffer = array.base if array.base is not None else array
-        while buffer.base is not None:
-            buffer = buffer.base
+        buffer = _root(array)
         if not isinstance(buffer, np.ndarray) or buffer.ndim != 1:
             return
         with self._lock:
             free = self._free.setdefault(buffer.dtype, [])
             free.append(buffer)
             free.sort(key=lambda b: b.size)
-            del free[: max(0, len(free) - self.KEEP)]
+            del free[: max(0, len(free) - self.KEEP)]  # the smallest go first
+            while free and sum(b.nbytes for b in free) > self.MAX_BYTES:
+                free.pop()  # then the largest, above the byte cap
+
+
+def _root(array: np.ndarray) -> np.ndarray:
+    """The array that owns the memory `array` views."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
 
 
 _BUFFERS = _BufferPool()
@@ -187,7 +206,7 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
             workspace = _new_workspace((plan.workers, plan.weight_cells + _WEIGHT_TAIL), np_dtype)
             workspace[:, plan.weight_cells :] = 0
             weights = list(workspace)
-            grads = [np.empty(c.shape, dtype=np_dtype) for c in costs]  # handed out as the gradient (backward)
+            grads = [_BUFFERS.lend(c.shape, np_dtype) for c in costs]  # handed out as the gradient (backward)
         else:
             workspace = None
             weights = [np.zeros(1, dtype=np_dtype)] * plan.workers  # a one-element "workspace": values only
