@@ -392,7 +392,8 @@ def _forward_task(cost, n, m, symmetric, band_center, band_width, penalty, bande
     t_up_buf = np.zeros(width, dtype=weights.dtype)
     t_left_buf = np.zeros(width, dtype=weights.dtype)
     log_s_buf = np.zeros(width, dtype=weights.dtype)
-    t_scratch = np.zeros(3 * width, dtype=weights.dtype)  # weight stores of a forward without a gradient
+    # without a gradient the weight stores go to a scratch buffer nobody reads
+    w_target = weights if store else np.zeros(3 * width, dtype=weights.dtype)
     flat = ring.reshape(-1)
     _skew_strips(cost, n, m, symmetric, band_center, band_width, penalty, banded, strips)
     p_low = _ptr(low, 0)
@@ -410,9 +411,8 @@ def _forward_task(cost, n, m, symmetric, band_center, band_width, penalty, bande
                p_t_diag, p_t_up, p_t_left, dt, lanes)  # fmt: skip
         plane = _plane_size(count)
         base = off_d[d]
-        w_base = base + 1 if store else 0  # without weights the stores go to a scratch buffer nobody reads
+        w_base = base + 1 if store else 0
         w_plane = plane if store else 0
-        w_target = weights if store else t_scratch
         _pass2(p_t_diag, p_t_up, p_t_left, p_log_s, _ptr(w_target, w_base), _ptr(w_target, w_base + w_plane),
                _ptr(w_target, w_base + 2 * w_plane), store, poly32, lanes)  # fmt: skip
         _pass3(_ptr(c_buf, first), scale, p_low, p_log_s, _ptr(ring, out + first), lanes)
