@@ -410,12 +410,13 @@ def generate_split(split: str, size: int, exclude: Sequence[dict] = ()) -> list[
     if kind == "ood_tasks":
         makers = list(UNSEEN_FAMILIES.items())
         taken: set[tuple[str, str]] = set()
+        fresh = split in DEV_SPLITS  # the test split keeps one draw per record; a dev split prefers new questions
         for i in range(size):
             name, make = makers[i % len(makers)]
-            for draw in range(_MAX_DRAWS):  # the test split keeps one draw per record; a dev split redraws
+            for draw in range(_MAX_DRAWS):
                 example = make(rng)
                 key = _key(example)
-                if key in excluded or (excluded and key in taken and draw < _FRESH_DRAWS):
+                if key in excluded or (fresh and key in taken and draw < _FRESH_DRAWS):
                     continue
                 break
             else:
@@ -493,7 +494,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def suite_stats(paths: dict[str, Path]) -> dict[str, dict]:
     """Per split: size, families, mean input/reference length in words, exact overlap with the training prompts
     and, for a dev split, with the test split it mirrors."""
-    train_keys = {(r["instruction"], r["input"]) for r in read_jsonl(paths["train"])}
+    train_keys = {_key(r) for r in read_jsonl(paths["train"])}
     stats = {}
     for split, path in paths.items():
         rows = read_jsonl(path)
@@ -504,7 +505,7 @@ def suite_stats(paths: dict[str, Path]) -> dict[str, dict]:
             "input_words": round(sum(len((r["instruction"] + " " + r["input"]).split()) for r in rows) / len(rows), 1),
             "answer_words": round(sum(len(o.split()) for o in first) / len(rows), 1),
             "in_train": 0.0 if split in ("train", "student_train") else
-            round(sum((r["instruction"], r["input"]) in train_keys for r in rows) / len(rows), 3),
+            round(sum(_key(r) in train_keys for r in rows) / len(rows), 3),
         }
         if split in DEV_SPLITS and DEV_SPLITS[split] in paths:
             test_keys = {_key(r) for r in read_jsonl(paths[DEV_SPLITS[split]])}
