@@ -197,7 +197,7 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
             center = width = _NO_BAND
             band_group, penalty = -1, 0.0
         np_dtype = arrays[0].dtype
-        rows, cols = int(plan.tasks[:, 2].max()), int(plan.tasks[:, 3].max())
+        rows, cols = int(plan.tasks[:, k.ROWS].max()), int(plan.tasks[:, k.COLS].max())
         strips = [_BUFFERS.take(k.strip_shape(rows, cols), np_dtype) for _ in range(plan.workers)]
         for s in strips:
             s.fill(0)  # finite values in the cells off the grid that padding lanes read
