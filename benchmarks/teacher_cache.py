@@ -1,6 +1,8 @@
-"""Benchmark: the offline teacher (`dwakd teacher-cache`) — accuracy of top-k caches, sizes, speed, build time.
+"""Benchmark: the offline teacher (`dwakd teacher-cache`) — accuracy of top-k and head-mode caches, sizes, speed,
+build time.
 
-    # accuracy of top-k caches vs the live (dense) teacher, per teacher token, for k / value bits / hidden dtypes
+    # accuracy of top-k and head-mode caches vs the live (dense) teacher, per teacher token, for k / value bits /
+    # hidden dtypes
     PYTHONPATH=src python benchmarks/teacher_cache.py accuracy configs/tiny-cpu.yaml --examples 32 \
         --out benchmarks/results/teacher_cache_accuracy_tiny.json
     PYTHONPATH=src python benchmarks/teacher_cache.py accuracy runs/demo/students/dskd/dwakd_config.yaml \
@@ -15,8 +17,8 @@
     # hashing cost of teacher weight files (the fingerprint)
     PYTHONPATH=src python benchmarks/teacher_cache.py fingerprint configs/bench/real-size-gpu.yaml
 
-accuracy: caches are built with the real builder for each variant (k, value bits, hidden dtype) over the first
-`--examples` training examples; for every batch the same student and method objects (optionally a trained student:
+accuracy: caches are built with the real builder for each variant (k or head mode, value bits, hidden dtype) over the
+first `--examples` training examples; for every batch the same student and method objects (optionally a trained student:
 `--student-dir`) run once with the live teacher and once with each cache. Per teacher token it records KL(p_τ ‖ p̂_τ)
 (how far the cached teacher distribution is from the dense one, τ = 1 and 2), the error of dskd's teacher-space KL
 term (s2t_div, at the method's τ = 2) and of the per-row weights DWA-KD computes from the teacher (u_j, τ = 1); per
@@ -49,10 +51,11 @@ from dwakd.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache
 from dwakd.trainer import DistillationModel  # noqa: E402
 
 VIEW_KEYS = ("input_ids", "attention_mask", "labels", "input_offsets", "label_offsets")
-VARIANTS = [  # (k, value_bits, hidden_dtype)
+VARIANTS = [  # (k, value_bits, hidden_dtype); k = "head": no logits, recomputed from the cached final hidden state
     (16, 13, "float16"), (64, 13, "float16"), (256, 13, "float16"),
     (64, 10, "float16"), (64, 15, "float16"),
     (64, 13, "bfloat16"), (64, 13, "int8"), (64, 13, "float32"),
+    ("head", 13, "float32"), ("head", 13, "float16"), ("head", 13, "bfloat16"), ("head", 13, "int8"),
 ]
 
 
@@ -148,6 +151,8 @@ def cmd_accuracy(args) -> dict:
     vocab = runs["dskd"].model.teacher_vocab_size
     results = []
     for k, value_bits, hidden_dtype in VARIANTS:
+        if ("head" if k == "head" else "topk") not in args.modes:
+            continue
         cache_dir = work / f"cache-k{k}-v{value_bits}-{hidden_dtype}"
         started = time.perf_counter()
         build_teacher_cache(config, cache_dir, CacheSettings(k=k, value_bits=value_bits, hidden_dtype=hidden_dtype),
@@ -289,13 +294,16 @@ def main() -> None:
             p.add_argument("--examples", type=int, default=32)
             p.add_argument("--batch-size", type=int, default=4)
             p.add_argument("--student-dir", help="a trained dskd student dir; dwakd's is read from its sibling")
+            p.add_argument("--modes", nargs="+", choices=["topk", "head"], default=["topk", "head"],
+                           help="which cache variants to measure (top-k caches, head-mode caches)")
         if name == "speed":
             p.add_argument("--methods", nargs="+", default=["dskd", "dwakd"])
             p.add_argument("--batch-size", type=int, default=4)
             p.add_argument("--warmup", type=int, default=2)
             p.add_argument("--steps", type=int, default=5)
             p.add_argument("--rounds", type=int, default=3)
-            p.add_argument("--k", type=int, default=64)
+            p.add_argument("--k", type=lambda text: text if text == "head" else int(text), default=64,
+                           help="the cache's top-k, or 'head' for a head-mode cache")
             p.add_argument("--build-examples", type=int, default=None,
                            help="examples the cache is built over (default: the ones the steps read)")
     args = parser.parse_args()

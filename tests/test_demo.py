@@ -187,7 +187,8 @@ def test_demo_step_budgets_from_the_command_line(tmp_path: Path):
 
 
 def test_demo_teacher_cache_option_and_the_methods_it_serves():
-    """`--teacher-cache [K]`: K defaults to 64, 'vocab' is lossless (0); a method the cache cannot serve goes live."""
+    """`--teacher-cache [K]`: K defaults to 64, 'vocab' is lossless (0), 'head' head mode; a method the cache cannot
+    serve goes live."""
     from dwakd.cli import build_parser
     from dwakd.demo.pipeline import DemoPipeline
     from dwakd.demo.settings import demo_settings
@@ -201,6 +202,7 @@ def test_demo_teacher_cache_option_and_the_methods_it_serves():
     assert parse(["demo", "--teacher-cache", "--quick"]).teacher_cache == 64
     assert parse(["demo", "--teacher-cache", "16"]).teacher_cache == 16
     assert parse(["demo", "--teacher-cache", "vocab"]).teacher_cache == 0
+    assert parse(["demo", "--teacher-cache", "head"]).teacher_cache == "head"
     with pytest.raises(SystemExit):
         parse(["demo", "--teacher-cache", "0"])
 
@@ -216,6 +218,8 @@ def test_demo_teacher_cache_option_and_the_methods_it_serves():
     (served, live), _ = plan(64)  # raw logit rows (alm, multilevel_ot) need a lossless cache
     assert set(live) == {"mta", "sra", "alm", "multilevel_ot"} and {"dskd", "dwakd", "uld"} <= set(served)
     assert "hidden states" in live["sra"] and "lossless" not in live["alm"]
+    (served, live), stored = plan("head")  # every logit, recomputed: the raw-logit methods are served
+    assert set(live) == {"mta", "sra"} and {"alm", "multilevel_ot", "dskd"} <= set(served) and stored["k"] == "head"
 
 
 def test_a_method_missing_its_optional_dependency_is_known_before_anything_trains(tmp_path: Path):
@@ -296,6 +300,19 @@ def test_demo_quick_teacher_cache_reproduces_the_live_teacher(tmp_path: Path, ca
     # once more with the cache: every stage is reused, the cache too
     again = run_demo(out, quick=True, methods=methods, show_progress=False, echo=lambda _: None, teacher_cache_k=0)
     assert all(again.cached[stage] for stage in ("teacher", "teacher cache", "dskd-seed0", "dwakd-seed1", "sra-seed0"))
+
+    # a head-mode cache (no logits stored; the head recomputes them): a new cache, the live run's losses again
+    head = run_demo(out, quick=True, methods=methods, show_progress=False, echo=lambda _: None,
+                    teacher_cache_k="head")
+    assert not head.cached["teacher cache"] and head.cached["teacher"] and head.cached["sra-seed0"]
+    manifest = json.loads((out / "teacher_cache" / "manifest.json").read_text())
+    assert manifest["settings"]["logits"] == "head" and manifest["sizes"]["logit_bytes_per_token"] == 0
+    for name in distilled:
+        assert not head.cached[name], name
+        for ours, theirs in zip(_step_losses(out / "students" / name), live_losses[name], strict=True):
+            for key in set(theirs) - {"step", "epoch"}:
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), (name, key, ours["step"])
+    assert "read a head-mode teacher cache" in (out / "report.md").read_text()
 
 
 def test_tokenizer_training_is_deterministic(tmp_path: Path):

@@ -136,7 +136,8 @@ def _config(yaml_path: Path, out: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
-    """A lossless and a top-k cache of the same 4 examples (tiny recipe, Qwen vocabulary), and the config file."""
+    """A lossless, a head-mode and a top-k cache of the same 4 examples (tiny recipe, Qwen vocabulary), and the config
+    file."""
     root = tmp_path_factory.mktemp("teacher-cache")
     path = _yaml(root)
     config = _config(path, root / "unused")
@@ -144,7 +145,9 @@ def caches(tmp_path_factory):
     build_teacher_cache(config, lossless, CacheSettings(k=None), show_progress=False)
     topk = root / "topk"
     build_teacher_cache(config, topk, CacheSettings(k=64, layers=(1,)), show_progress=False)
-    return {"yaml": path, "lossless": lossless, "topk": topk, "root": root}
+    head = root / "head"
+    build_teacher_cache(config, head, CacheSettings(k="head"), show_progress=False)
+    return {"yaml": path, "lossless": lossless, "topk": topk, "head": head, "root": root}
 
 
 def _loss_and_grads(model, batch):
@@ -157,13 +160,15 @@ def _loss_and_grads(model, batch):
     return values, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-# ---- lossless mode == live teacher ----------------------------------------------------------------------------
+# ---- lossless and head mode == live teacher ---------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["lossless", "head"])
 @pytest.mark.parametrize("method", [m if m in DEFAULT_EQUALITY else pytest.param(m, marks=pytest.mark.slow)
                                     for m in EQUALITY_METHODS])
-def test_lossless_cache_gives_the_live_teachers_loss_parts_and_gradients(caches, tmp_path, method):
-    """The same student and method (shared objects), the same collated batch: live teacher vs the cached one."""
+def test_lossless_cache_gives_the_live_teachers_loss_parts_and_gradients(caches, tmp_path, method, kind):
+    """The same student and method (shared objects), the same collated batch: live teacher vs the cached one (every
+    logit stored, or recomputed from the cached final hidden state with the cached head)."""
     live = build_training(_config(caches["yaml"], tmp_path, f"method={method}"), show_progress=False)
-    cache = TeacherCache(caches["lossless"])
+    cache = TeacherCache(caches[kind])
     teacher = cache.teacher_module()
     teacher.configure_for(live.model.method)
     assert not any("layers" in name for name, _ in teacher.named_parameters())  # no transformer blocks
@@ -271,8 +276,81 @@ def test_topk_cache_is_close_to_the_dense_teacher_and_exact_in_its_top_entries(c
 
 def test_topk_cache_refuses_a_method_that_reads_raw_logit_rows(caches, tmp_path):
     config = _config(caches["yaml"], tmp_path, "method=multilevel_ot", f"teacher.cache={caches['topk']}")
-    with pytest.raises(ConfigError, match="lossless cache"):
+    with pytest.raises(ConfigError, match=r"lossless \(--k vocab\) or head-mode \(--k head\) cache"):
         build_training(config, show_progress=False)
+
+
+# ---- head mode ------------------------------------------------------------------------------------------------------
+def test_head_mode_stores_no_logits_and_recomputes_the_live_rows(caches, tmp_path):
+    """Head mode: no logit part on disk; the view's rows are the live teacher's, and the fused ops get the head."""
+    manifest = json.loads((caches["head"] / "manifest.json").read_text())
+    s = manifest["settings"]
+    assert (s["logits"], s["lossless"], s["hidden_dtype"]) == ("head", True, "float32")
+    d = manifest["teacher"]["hidden_size"]
+    assert manifest["sizes"]["logit_bytes_per_token"] == 0 and manifest["sizes"]["hidden_bytes_per_token"] == 4 * d
+    from safetensors import safe_open
+
+    with safe_open(str(_shard(caches["head"])), framework="np") as handle:  # the shards hold hidden states only
+        assert not any(name in handle.keys() for name in ("logits", "topk", "tail"))
+    live = build_training(_config(caches["yaml"], tmp_path / "live", "method=dskd"), show_progress=False)
+    cached = build_training(_config(caches["yaml"], tmp_path / "head", "method=dskd",
+                                    f"teacher.cache={caches['head']}"), show_progress=False)
+    batch = next(iter(cached.trainer.get_train_dataloader()))
+    from dwakd.interface import TokenView
+
+    view = TokenView(*(batch[f"teacher_{k}"] for k in ("input_ids", "attention_mask", "labels", "input_offsets",
+                                                        "label_offsets")))
+    with torch.no_grad():
+        dense = live.model._run_side("teacher", live.model.teacher, view, True, live.model.teacher_vocab_size)
+        head = cached.model.teacher.model_view(batch, view, cached.model.teacher_vocab_size)
+        want, want_index = dense.label_logits(view)
+        got, got_index = head.label_logits(view)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got_index, want_index)
+    weight = head.linear_head_weight()
+    assert weight is not None and torch.equal(weight, dense.linear_head_weight())
+    rows = torch.nonzero(view.label_mask.reshape(-1)).squeeze(-1)
+    torch.testing.assert_close(head.hidden_at(rows), dense.hidden_at(rows), rtol=0, atol=0)
+    with pytest.raises(TeacherCacheError, match="label"):
+        head.logits_at(torch.tensor([0]))  # a prompt position: a cache has no rows there
+
+
+def test_head_mode_with_float16_hidden_states_is_close_and_serves_raw_logit_methods(caches, tmp_path):
+    config = _config(caches["yaml"], tmp_path / "unused")
+    out = tmp_path / "head16"
+    manifest = build_teacher_cache(config, out, CacheSettings(k="head", hidden_dtype="float16"), show_progress=False)
+    assert manifest["settings"]["lossless"] is False  # float16 of a float32 teacher's states: close, not exact
+    assert manifest["sizes"]["hidden_bytes_per_token"] == 2 * manifest["teacher"]["hidden_size"]
+    live = build_training(_config(caches["yaml"], tmp_path / "live", "method=multilevel_ot"), show_progress=False)
+    cached = build_training(_config(caches["yaml"], tmp_path / "cached", "method=multilevel_ot",
+                                    f"teacher.cache={out}"), show_progress=False)  # a top-k cache is refused
+    batch = next(iter(cached.trainer.get_train_dataloader()))
+    from dwakd.interface import TokenView
+
+    view = TokenView(*(batch[f"teacher_{k}"] for k in ("input_ids", "attention_mask", "labels", "input_offsets",
+                                                        "label_offsets")))
+    with torch.no_grad():
+        dense = live.model._run_side("teacher", live.model.teacher, view, True, live.model.teacher_vocab_size)
+        head = cached.model.teacher.model_view(batch, view, cached.model.teacher_vocab_size)
+        want = dense.label_logits(view)[0].double()
+        got = head.label_logits(view)[0].double()
+    assert got.dtype == want.dtype and not torch.equal(got, want)
+    lp, lq = torch.log_softmax(want, -1), torch.log_softmax(got, -1)
+    assert float((lp.exp() * (lp - lq)).sum(-1).max()) < 1e-5  # float16 rounding of d inputs, not a tail model
+    values, grads = _loss_and_grads(cached.model, batch)
+    assert all(math.isfinite(v) for v in values.values()) and grads
+
+
+def test_head_mode_is_refused_for_a_teacher_whose_logits_are_not_its_head_on_the_final_state(caches, tmp_path,
+                                                                                              monkeypatch):
+    config = _config(caches["yaml"], tmp_path / "unused")
+    monkeypatch.setattr("dwakd.trainer._head_reproduces_logits", lambda *args: False)  # e.g. logit soft-capping
+    with pytest.raises(TeacherCacheError, match="--k head"):
+        build_teacher_cache(config, tmp_path / "capped", CacheSettings(k="head"), show_progress=False)
+    with pytest.raises(ValueError, match="hidden=False"):
+        CacheSettings(k="head", hidden=False)
+    with pytest.raises(ValueError, match="'head'"):
+        CacheSettings(k="heads")
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------------

@@ -30,14 +30,17 @@ def _positive(text: str) -> int:
     return value
 
 
-def _cache_k(text: str) -> int:
-    """`--teacher-cache K`: top-K logits (K ≥ 1), or 'vocab' (0: lossless, every logit)."""
+def _cache_k(text: str) -> int | str:
+    """`--teacher-cache K`: top-K logits (K ≥ 1), 'vocab' (0: lossless, every logit) or 'head' (logits recomputed from
+    the cached final hidden state)."""
     if text == "vocab":
         return 0
+    if text == "head":
+        return "head"
     try:
         return _positive(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"K must be a whole number ≥ 1 (or 'vocab' for a lossless cache), "
+        raise argparse.ArgumentTypeError(f"K must be a whole number ≥ 1, 'vocab' (lossless) or 'head', "
                                          f"got {text!r}") from None
 
 
@@ -91,7 +94,8 @@ def register(subparsers) -> None:
     teacher = p.add_mutually_exclusive_group()
     teacher.add_argument("--teacher-cache", nargs="?", const=64, type=_cache_k, metavar="K",
                          help="the distilled students read the teacher from a cache built once after it is trained "
-                              "(`dwakd teacher-cache`: top-K logits; 'vocab': lossless), the default with K=64; "
+                              "(`dwakd teacher-cache`: top-K logits; 'vocab': lossless; 'head': logits recomputed "
+                              "from the cached final hidden state, exact), the default with K=64; "
                               "methods a cache cannot serve (mta, sra; alm and multilevel_ot with a top-K cache) "
                               "train with the live teacher")
     teacher.add_argument("--live-teacher", action="store_true",

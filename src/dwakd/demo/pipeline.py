@@ -548,7 +548,7 @@ class DemoPipeline:
             method_cls = get_method(method)[0]
             if not method_cls.needs_teacher:
                 continue
-            why = cache_refusal(method_cls, lossless=not self.settings.teacher_cache_k)
+            why = cache_refusal(method_cls, lossless=self.settings.teacher_cache_k in (0, "head"))
             if why:
                 live[method] = why
             else:
@@ -627,7 +627,7 @@ class DemoPipeline:
         if k is None:
             return None
         served, live = self.teacher_cache_methods()
-        mode = "lossless" if not k else f"top-{k}"
+        mode = "lossless" if not k else "head-mode" if k == "head" else f"top-{k}"
         folder = self.out / "teacher_cache"
         settings = self.cache_settings()
         self.log.teacher_cache = {"k": k, "mode": mode, "folder": folder.name, "served": served, "live": live,
@@ -845,10 +845,11 @@ class DemoPipeline:
 def run_demo(output_dir: str | Path, *, quick: bool = False, methods: Sequence[str] | None = None,
              eval_seeds: Sequence[int] | None = None, train_seeds: Sequence[int] | None = None, force: bool = False,
              show_progress: bool = True, echo: Callable[[str], None] = print, workers: int | None = None,
-             settings: DemoSettings | None = None, teacher_cache_k: int | None = None,
+             settings: DemoSettings | None = None, teacher_cache_k: int | str | None = None,
              teacher_steps: int | None = None, student_steps: int | None = None) -> DemoResult:
     """Run the demo with the preset for `quick` (or given settings), optionally other methods / seeds / step
-    budgets; `teacher_cache_k` overrides the preset's teacher cache (K, 0: lossless; `LIVE_TEACHER`: none)."""
+    budgets; `teacher_cache_k` overrides the preset's teacher cache (K, 0: lossless, "head": head mode;
+    `LIVE_TEACHER`: none)."""
     settings = settings or demo_settings(quick)
     if teacher_cache_k is not None:
         settings.teacher_cache_k = None if teacher_cache_k == LIVE_TEACHER else teacher_cache_k

@@ -391,6 +391,8 @@ def write_demo_report(out: Path, settings: DemoSettings, log: RunLog, full: Scor
 def _cache_summary(cache: dict[str, Any]) -> str:
     """One sentence: which students read which teacher cache, and which ran the live teacher."""
     what = ("a lossless teacher cache (every logit, as the live teacher computes it)" if cache["mode"] == "lossless"
+            else "a head-mode teacher cache (every logit recomputed from the cached final hidden state with the cached "
+                 "LM head, as the live teacher computes it)" if cache["mode"] == "head-mode"
             else f"a {cache['mode']} teacher cache (the {cache['k']} likeliest tokens' log-probabilities and one tail "
                  "bucket per position)")
     def names(methods) -> str:

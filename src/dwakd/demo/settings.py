@@ -67,9 +67,9 @@ class DemoSettings:
     # benchmarks/results/demo_speed.json, measured at load 16), so fp32 is the default
     bf16: bool = False
     # the distilled students read the teacher from a `dwakd teacher-cache` built once after it is trained (top-K
-    # logits; 0: lossless, every logit; `--teacher-cache K`) instead of running it at every step, which was half of
-    # their step time; None (`--live-teacher`): they run the live teacher
-    teacher_cache_k: int | None = 64
+    # logits; 0: lossless, every logit; "head": recomputed from the final hidden state; `--teacher-cache K`) instead
+    # of running it at every step, which was half of their step time; None (`--live-teacher`): they run the live teacher
+    teacher_cache_k: int | str | None = 64
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-friendly dict."""

@@ -3,8 +3,9 @@
 The teacher runs exactly as it does inside training — same tokenization (`dwakd.run.load_datasets`), the trainer's
 own forward (`DistillationModel._run_side`: LM head deferred to the label rows), the same dtype and autocast — so a
 lossless cache reproduces the live teacher's numbers. Per teacher label position it stores the logit part (all
-logits, or the top k with the tail mass) and the hidden states of the cached layers; once per cache the embedding
-table and LM head (`dwakd.teacher_cache.format`).
+logits, the top k with the tail mass, or nothing in head mode, where training recomputes the logits from the cached
+final hidden state) and the hidden states of the cached layers; once per cache the embedding table and LM head
+(`dwakd.teacher_cache.format`).
 
 Resumable: the examples (deduplicated by content, train then eval, in dataset order) are cut into shards by a
 plan fixed when the build starts; each shard is written to a temporary file and renamed, then the manifest is
@@ -46,6 +47,7 @@ from dwakd.teacher_cache.format import (
     encode_hidden,
     encode_topk,
     id_bits_for,
+    logit_mode,
     read_manifest,
     shard_name,
     topk_row_bytes,
@@ -60,20 +62,28 @@ ROW_CHUNK = 256  # label rows per top-k / log-sum-exp chunk: one (rows, V) float
 
 @dataclass
 class CacheSettings:
-    """What to store. `k=None` (or k ≥ vocabulary) is the lossless mode: every logit, exactly."""
+    """What to store. `k=None` (or k ≥ vocabulary) is the lossless mode: every logit, exactly. `k="head"` stores no
+    logits: training recomputes them from the cached final hidden state with the cached LM head (exact when the
+    hidden state is stored as the teacher computes it, which `hidden_dtype="auto"` does)."""
 
-    k: int | None = 64
+    k: int | str | None = 64
     value_bits: int = 13  # bits per top-k value code (float16 of −log p, mantissa rounded; 15 = float16)
     hidden: bool = True  # store the final hidden state
     layers: tuple[int, ...] = ()  # more hidden_states indices to store (0 = embedding output; negative from the end)
-    hidden_dtype: str = "auto"  # auto: lossless -> as the teacher computes them; top-k -> float16
+    hidden_dtype: str = "auto"  # auto: lossless and head -> as the teacher computes them; top-k -> float16
     temperatures: tuple[float, ...] | None = None  # tail masses stored at these τ; None: 1, 2 and the method's τ
     batch_size: int = 8
     shard_mb: float = 256.0
 
     def __post_init__(self) -> None:
-        if self.k is not None and self.k < 1:
-            raise ValueError(f"k must be ≥ 1 (or 'vocab' for the lossless mode), got {self.k}")
+        if isinstance(self.k, str):
+            if self.k != "head":
+                raise ValueError(f"k must be an integer ≥ 1, 'vocab' (None) or 'head', got {self.k!r}")
+            if not self.hidden:
+                raise ValueError("k='head' recomputes the teacher's logits from its cached final hidden state, so it "
+                                 "cannot be combined with hidden=False (--no-hidden)")
+        elif self.k is not None and self.k < 1:
+            raise ValueError(f"k must be ≥ 1 (or 'vocab' for the lossless mode, 'head' for head mode), got {self.k}")
         if not 6 <= self.value_bits <= 15:
             raise ValueError(f"value_bits must be in 6..15, got {self.value_bits}")
         if self.hidden_dtype not in ("auto", *HIDDEN_DTYPES):
@@ -270,7 +280,12 @@ class CacheBuilder:
         final = num_hidden - 1
         hidden_dtype_live = str(out.hidden_states[-1].dtype).replace("torch.", "")
         s = self.settings
-        lossless = s.k is None or s.k >= vocab
+        mode = "head" if s.k == "head" else "full" if s.k is None or s.k >= vocab else "topk"
+        if mode == "head" and not self.runner._head_checked.get("teacher"):
+            raise TeacherCacheError(
+                "--k head recomputes the teacher's logits as its LM head applied to its final hidden state, but this "
+                "teacher's logits are not that (logit scaling or soft-capping, or its forward takes no "
+                "logits_to_keep); build a top-k (--k K) or lossless (--k vocab) cache instead")
         layers = set()
         for layer in requested["layers"]:
             index = layer + num_hidden if layer < 0 else layer
@@ -281,10 +296,13 @@ class CacheBuilder:
             layers.add(final)
         hidden_dtype = s.hidden_dtype
         if hidden_dtype == "auto":
-            hidden_dtype = hidden_dtype_live if (lossless or hidden_dtype_live != "float32") else "float16"
+            hidden_dtype = hidden_dtype_live if (mode != "topk" or hidden_dtype_live != "float32") else "float16"
+        # head mode is exact when the head reads the very hidden states the live teacher's head reads
+        lossless = mode == "full" or (mode == "head" and hidden_dtype == hidden_dtype_live)
         head = teacher.get_output_embeddings()
         settings = {
-            "lossless": lossless, "k": None if lossless else int(s.k), "value_bits": s.value_bits,
+            "logits": mode, "lossless": lossless, "k": int(s.k) if mode == "topk" else None,
+            "value_bits": s.value_bits,
             "id_bits": id_bits_for(vocab), "layers": sorted(layers), "hidden_dtype": hidden_dtype,
             "temperatures": requested["temperatures"],
             "logits_dtype": str(probe_logits.dtype).replace("torch.", ""),
@@ -311,7 +329,10 @@ class CacheBuilder:
 
     @staticmethod
     def _row_bytes(settings: dict, info: dict) -> int:
-        if settings["lossless"]:
+        mode = logit_mode(settings)
+        if mode == "head":
+            logits = 0
+        elif mode == "full":
             logits = info["head_rows"] * (4 if settings["logits_dtype"] == "float32" else 2)
         else:
             logits = topk_row_bytes(settings["k"], settings["value_bits"], settings["id_bits"])
@@ -402,11 +423,12 @@ class CacheBuilder:
         rows = valid_rows(view.label_mask)  # (R,)
         result: dict[str, list[np.ndarray]] = {}
         vocab = len(self.tokenizer)
-        for lo in range(0, rows.numel(), ROW_CHUNK):
+        mode = logit_mode(s)
+        for lo in range(0, rows.numel() if mode != "head" else 0, ROW_CHUNK):
             part = rows[lo : lo + ROW_CHUNK]
             with torch.no_grad(), self.autocast:
                 logits = out.logits_at(part)  # (r, head rows), exactly what training computes
-            if s["lossless"]:
+            if mode == "full":
                 array = logits.detach().cpu()
                 array = array.view(torch.uint16) if array.dtype == torch.bfloat16 else array
                 result.setdefault("logits", []).append(array.numpy())

@@ -12,7 +12,9 @@ Logit part, lossless mode (`k` ≥ vocabulary): `logits` (rows, head rows) exact
 them. Top-k mode: `topk` (rows, bytes) — k entries per row bit-packed, each the token id (`id_bits` bits) and a
 `value_bits`-bit code of −log p (p = the token's probability at τ = 1): the upper bits of the float16 pattern of
 −log p (sign bit dropped, mantissa rounded to `value_bits − 5` bits); plus `tail` (rows, temperatures) float32, the
-log of the probability mass outside the top k at each stored temperature.
+log of the probability mass outside the top k at each stored temperature. Head mode (`k = "head"`): no logit part;
+the logits are recomputed at training time from the cached final hidden state with the cached LM head (exact when
+the hidden state is stored in the dtype the teacher computes it in).
 Hidden states: `hidden.L` (rows, d) in float32/float16/bfloat16 (bfloat16 stored as its uint16 bit pattern), or
 int8 with a float32 per-row scale `hidden_scale.L` (x ≈ code · scale, scale = max|x| / 127).
 """
@@ -38,12 +40,23 @@ HIDDEN_DTYPES = ("float32", "float16", "bfloat16", "int8")
 MAX_NEG_LOGP = 60000.0  # below float16's largest finite value (65504): codes never round up to inf by accident
 
 
+LOGIT_MODES = ("full", "topk", "head")  # every logit / top-k + tail / recomputed from the final hidden state
+
+
 class TeacherCacheError(ValueError):
     """A teacher cache cannot be used: missing, incomplete, corrupt, or built for something else."""
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
+
+
+def logit_mode(settings: dict[str, Any]) -> str:
+    """How a cache's manifest `settings` store the teacher's logits: "full", "topk" or "head" (see the docstring).
+
+    Caches written before head mode existed have no "logits" key: theirs follows from "lossless".
+    """
+    return settings.get("logits") or ("full" if settings["lossless"] else "topk")
 
 
 # ---- manifest --------------------------------------------------------------------------------------------------

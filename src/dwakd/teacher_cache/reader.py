@@ -27,6 +27,7 @@ from dwakd.teacher_cache.format import (
     TeacherCacheError,
     decode_hidden,
     decode_topk,
+    logit_mode,
     read_manifest,
 )
 
@@ -224,11 +225,12 @@ class TeacherCache:
         raw = self.read(sides)
         s = self.settings
         out: dict[str, torch.Tensor] = {}
-        if s["lossless"]:
+        mode = logit_mode(s)
+        if mode == "full":
             logits = raw["logits"]
             tensor = torch.from_numpy(np.ascontiguousarray(logits))
             out["teacher_cache_logits"] = tensor.view(torch.bfloat16) if s["logits_dtype"] == "bfloat16" else tensor
-        else:
+        elif mode == "topk":
             logp, ids = decode_topk(raw["topk"], s["k"], s["value_bits"], s["id_bits"])
             out["teacher_cache_logp"] = torch.from_numpy(logp)
             out["teacher_cache_ids"] = torch.from_numpy(ids)

@@ -8,7 +8,9 @@ Methods receive the same `ModelView` API as with a live teacher (docs/teacher-ca
   common value chosen so that the tail's probability mass at the calibration temperature τ_c equals the stored one
   ("top-k + one tail bucket", spread evenly over the V − k tail tokens); head padding rows get a very low value.
   The rows are log-probabilities (logits shifted by their log-sum-exp), which softmax, every divergence, entropy,
-  argmax and sort are invariant to;
+  argmax and sort are invariant to. Head-mode cache: the cached LM head applied to the cached final hidden state at
+  the rows asked for, exactly what the live teacher's deferred head computes (and `linear_head_weight()` gives the
+  head to the fused head + loss ops, as with a live teacher);
 - `hidden_states[i]` / `last_hidden`: (batch, length, d) with the cached rows at the label positions and zeros
   elsewhere (every built-in method masks teacher positions to the labels); a layer the cache does not hold raises;
 - `input_embeddings()` / `output_head_weight()`: the stored tables (memory-mapped, loaded once).
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from dwakd.interface import ModelView, TokenView
-from dwakd.teacher_cache.format import TABLES, TeacherCacheError, mmap_safetensors
+from dwakd.teacher_cache.format import TABLES, TeacherCacheError, logit_mode, mmap_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +96,22 @@ class CachedModelView(ModelView):
         mask = view.label_mask  # (batch, m)
         flat = mask.reshape(-1)
         self._row_of = torch.where(flat, flat.long().cumsum(0) - 1, torch.full_like(flat, -1, dtype=torch.long))
-        self._count = (rows["logits"] if "logits" in rows else rows["logp"]).shape[0]
+        self._count = next(iter(rows.values())).shape[0]
+        final = model.num_hidden_states - 1
+        self._final_rows = None  # head mode: (rows, d) final hidden states in the head's dtype
+        if model.logit_mode == "head":
+            self._final_rows = rows[f"hidden_{final}"].to(model.lm_head.weight.dtype)
+            self._head = model.lm_head
         layers = {}
         for name, values in rows.items():
             if name.startswith("hidden_"):
+                layer = int(name[len("hidden_"):])
+                values = self._final_rows if layer == final and self._final_rows is not None else values
                 grid = torch.zeros(*mask.shape, values.shape[-1], dtype=values.dtype, device=values.device)
                 grid[mask] = values  # row-major label order, as stored
-                layers[int(name[len("hidden_"):])] = grid
+                layers[layer] = grid
         self.hidden_states = CachedHiddenStates(layers, model.num_hidden_states, model.directory)
-        self._last_hidden = None
+        self._last_hidden = layers.get(final) if self._final_rows is not None else None
 
     @property
     def logits(self) -> torch.Tensor:
@@ -111,6 +120,8 @@ class CachedModelView(ModelView):
 
     def _materialise(self, index: torch.Tensor) -> torch.Tensor:
         """(len(index), head rows) logits of the cached rows `index` (positions in label-row order)."""
+        if self._final_rows is not None:  # head mode: the live teacher's deferred head, on the cached rows
+            return self._head(self._final_rows.index_select(0, index))
         if "logits" in self._rows:  # lossless
             return self._rows["logits"].index_select(0, index)
         tail = self._rows["tail"][:, self.model.tail_column].index_select(0, index)
@@ -160,6 +171,7 @@ class CachedTeacher(nn.Module):
         self.head_rows = int(info["head_rows"])
         self.num_hidden_states = int(info["num_hidden_states"])
         self.lossless = bool(cache.settings["lossless"])
+        self.logit_mode = logit_mode(cache.settings)
         self.k = cache.settings["k"]
         self._cached_layers = tuple(int(i) for i in cache.settings["layers"])
         self.temperatures = [float(t) for t in cache.settings.get("temperatures") or [1.0]]
@@ -199,12 +211,12 @@ class CachedTeacher(nn.Module):
                                     f"{self.directory} does not hold; rebuild it with --layers "
                                     f"{','.join(str(i) for i in missing)}")
         needs = getattr(method, "teacher_distribution", "full")
-        if self.lossless or needs in ("top-k", "none"):
+        if self.logit_mode != "topk" or needs in ("top-k", "none"):
             return
         if needs == "logits":
             raise TeacherCacheError(f"method {name!r} cannot train from the top-k teacher cache {self.directory}: "
-                                    f"{cache_refusal(method, lossless=False)}; build a lossless cache (--k vocab) "
-                                    "for it")
+                                    f"{cache_refusal(method, lossless=False)}; build a lossless (--k vocab) or "
+                                    "head-mode (--k head) cache for it")
         tau = float(method.teacher_temperature(method.options)) if hasattr(method, "teacher_temperature") else 1.0
         if any(abs(tau - t) < 1e-9 for t in self.temperatures):
             self.tail_column = next(i for i, t in enumerate(self.temperatures) if abs(tau - t) < 1e-9)
@@ -225,7 +237,8 @@ class CachedTeacher(nn.Module):
                    ) -> CachedModelView:
         """The teacher's ModelView for one batch from the `teacher_cache_*` tensors the collator added."""
         rows = {key[len("teacher_cache_"):]: value for key, value in batch.items() if key.startswith("teacher_cache_")}
-        if "logits" not in rows and "logp" not in rows:
+        needed = (f"hidden_{self.num_hidden_states - 1}",) if self.logit_mode == "head" else ("logits", "logp")
+        if not any(name in rows for name in needed):
             raise TeacherCacheError("the batch carries no teacher-cache rows: build the data loader with "
                                     "TeacherCache.collator (dwakd.run does when teacher.cache is set)")
         return CachedModelView(rows, view, self, vocab_size or self.vocab)
