@@ -25,6 +25,7 @@ from dwakd.config import (
     config_to_dict,
     training_arguments,
 )
+from dwakd.cpu_memory import keep_freed_cpu_memory
 from dwakd.data import DistillationCollator, DualTokenizedDataset, encode_records, load_records, split_records
 from dwakd.data.records import LoadReport
 from dwakd.methods import MethodContext, build_method, build_options, get_method
@@ -133,6 +134,8 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
     set_seed(config.seed)
     args = training_arguments(config)
     configure_attention_backends(torch.cuda.is_available() and not args.use_cpu)
+    if args.use_cpu or not torch.cuda.is_available():
+        keep_freed_cpu_memory()  # DWAKD_CPU_MALLOC=keep: CPU steps reuse freed memory instead of faulting it in
     check_method_options(config.method)
     check_on_policy(config)
     method_cls, _ = get_method(config.method.name)
