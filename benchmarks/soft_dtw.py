@@ -2,11 +2,13 @@
 
 Every implementation receives the *same* precomputed (batch, N, M) cosine-cost tensor (requires_grad) and is timed
 on `value.sum().backward()` (forward + backward + the framework glue each one needs, through each one's public
-autograd function). Rounds are interleaved across implementations so background load hits all of them alike;
-medians and best-of-N are reported, ratios are measured in the same run, and the load average is recorded before
-and after every configuration. Accuracy: each implementation's values and gradients against a float64 reference
-computed on the same costs (dwakd's float64 CPU path, itself checked against the plain-PyTorch reference by the unit
-tests and, here, on every configuration with N ≤ --torch-ref-max-len).
+autograd function). Rounds are interleaved across implementations so background load hits all of them alike
+(`--schedule blocked`: all rounds of one implementation back to back instead, which keeps its caches, buffers and
+threads warm and separates the kernel from what the interleaving costs it); medians and best-of-N are reported,
+ratios are measured in the same run, and the load average is recorded before and after every configuration.
+Accuracy: each implementation's values and gradients against a float64 reference computed on the same costs
+(dwakd's float64 CPU path, itself checked against the plain-PyTorch reference by the unit tests and, here, on every
+configuration with N ≤ --torch-ref-max-len).
 
 `--divergence` times the Soft-DTW divergence D = sdtw(C_xy) − ½(sdtw(C_xx) + sdtw(C_yy)) of (batch, N, --dim)
 sequences instead, backward to both inputs: dwakd's `soft_dtw_divergence` (one call, the self terms on half grids)
@@ -339,10 +341,17 @@ def bench_config(impls: list[Impl], batch: int, length: int, gamma: float, args,
         record["finite"] = bool(torch.isfinite(got).all() and all(torch.isfinite(g).all() for g in grads))
         record["times_s"] = []
         runners[impl.name] = runner
-    for _ in range(args.repeats):  # interleaved rounds
+    if args.schedule == "blocked":  # every repeat of one implementation back to back, then the next
         for name, runner in runners.items():
-            seconds, _, _ = run_once(runner, inputs, args.device)
-            entry["impls"][name]["times_s"].append(seconds)
+            for _ in range(args.repeats):
+                seconds, _, _ = run_once(runner, inputs, args.device)
+                entry["impls"][name]["times_s"].append(seconds)
+    else:
+        for _ in range(args.repeats):  # interleaved rounds
+            for name, runner in runners.items():
+                seconds, _, _ = run_once(runner, inputs, args.device)
+                entry["impls"][name]["times_s"].append(seconds)
+    entry["schedule"] = args.schedule
     entry["load_average_after"] = _load()
     for name in runners:
         record = entry["impls"][name]
@@ -481,6 +490,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--divergence", action="store_true", help="time the divergence of sequences, not soft_dtw")
     parser.add_argument("--dim", type=int, default=64, help="feature size of the divergence's sequences")
     parser.add_argument("--threads", type=int, default=2, help="torch and numba threads (every implementation)")
+    parser.add_argument("--schedule", choices=("interleaved", "blocked"), default="interleaved",
+                        help="interleaved: one call of each implementation per round (load hits all alike); blocked: "
+                             "all rounds of one implementation back to back (its caches and threads stay warm)")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--replot", type=Path, help="re-print the table and redraw the PNG of an existing JSON")
     args = parser.parse_args(argv)
