@@ -341,6 +341,15 @@ def test_head_mode_with_float16_hidden_states_is_close_and_serves_raw_logit_meth
     assert all(math.isfinite(v) for v in values.values()) and grads
 
 
+def test_logit_mode_of_older_manifests_and_an_unknown_mode():
+    from dwakd.teacher_cache.format import logit_mode
+
+    assert logit_mode({"lossless": True}) == "full" and logit_mode({"lossless": False}) == "topk"  # before head mode
+    assert logit_mode({"lossless": True, "logits": "head"}) == "head"
+    with pytest.raises(TeacherCacheError, match="'sparse' is not one this dwakd reads"):
+        logit_mode({"lossless": False, "logits": "sparse"})
+
+
 def test_head_mode_is_refused_for_a_teacher_whose_logits_are_not_its_head_on_the_final_state(caches, tmp_path,
                                                                                               monkeypatch):
     config = _config(caches["yaml"], tmp_path / "unused")

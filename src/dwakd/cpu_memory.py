@@ -13,9 +13,9 @@ so freed blocks are reused by the next steps.
 The price is resident memory: the heap fragments (a freed block loses a few bytes to a small allocation and no longer
 fits the next large one) and grows for the first steps before its blocks are reused, then stays at that high-water
 mark. Measured with `benchmarks/cpu_malloc.py` on that recipe (`benchmarks/results/cpu_malloc_tiny.json`): step time
-0.58x (dskd) and 0.61x (dwakd), peak resident memory 1.27x for both (1.26x-1.43x in other runs). Hence opt-in: `DWAKD_CPU_MALLOC=keep` makes
-`dwakd.run.build_training` apply it to a run on CPU; the default, `system`, leaves malloc as it is. Elsewhere than
-glibc it does nothing.
+0.58x (dskd) and 0.61x (dwakd), peak resident memory 1.27x for both (1.26x-1.43x in other runs). Hence opt-in:
+`DWAKD_CPU_MALLOC=keep` makes `dwakd.run.build_training` apply it to a run on CPU; the default, `system`, leaves
+malloc as it is. Elsewhere than glibc it does nothing.
 """
 
 from __future__ import annotations

@@ -56,7 +56,11 @@ def logit_mode(settings: dict[str, Any]) -> str:
 
     Caches written before head mode existed have no "logits" key: theirs follows from "lossless".
     """
-    return settings.get("logits") or ("full" if settings["lossless"] else "topk")
+    mode = settings.get("logits") or ("full" if settings["lossless"] else "topk")
+    if mode not in LOGIT_MODES:
+        raise TeacherCacheError(f"teacher cache logit mode {mode!r} is not one this dwakd reads "
+                                f"({', '.join(LOGIT_MODES)}); rebuild the cache or upgrade dwakd")
+    return mode
 
 
 # ---- manifest --------------------------------------------------------------------------------------------------
