@@ -233,19 +233,27 @@ def test_topk_cache_trains_every_distribution_method(caches, tmp_path, method):
     assert all(math.isfinite(v) for v in values.values()) and grads
 
 
-def test_topk_cache_is_close_to_the_dense_teacher_and_exact_in_its_top_entries(caches, tmp_path):
-    live = build_training(_config(caches["yaml"], tmp_path / "live", "method=dskd"), show_progress=False)
-    cached = build_training(_config(caches["yaml"], tmp_path / "topk", "method=dskd",
-                                    f"teacher.cache={caches['topk']}"), show_progress=False)
-    batch = next(iter(cached.trainer.get_train_dataloader()))
-    assert cached.model.teacher.tail_temperature == 2.0  # dskd's kd_temperature, one of the stored temperatures
+def _teacher_views(caches, tmp_path, method: str, cache_dir: Path):
+    """A live run and a cached run of `method` on the cached run's first batch: (cached run, batch, teacher view,
+    the live teacher's ModelView, the cached teacher's ModelView)."""
     from dwakd.interface import TokenView
 
+    live = build_training(_config(caches["yaml"], tmp_path / "live", f"method={method}"), show_progress=False)
+    cached = build_training(_config(caches["yaml"], tmp_path / "cached", f"method={method}",
+                                    f"teacher.cache={cache_dir}"), show_progress=False)
+    batch = next(iter(cached.trainer.get_train_dataloader()))
     view = TokenView(*(batch[f"teacher_{k}"] for k in ("input_ids", "attention_mask", "labels", "input_offsets",
                                                         "label_offsets")))
     with torch.no_grad():
         dense = live.model._run_side("teacher", live.model.teacher, view, True, live.model.teacher_vocab_size)
-        sparse = cached.model.teacher.model_view(batch, view, cached.model.teacher_vocab_size)
+        stored = cached.model.teacher.model_view(batch, view, cached.model.teacher_vocab_size)
+    return cached, batch, view, dense, stored
+
+
+def test_topk_cache_is_close_to_the_dense_teacher_and_exact_in_its_top_entries(caches, tmp_path):
+    cached, batch, view, dense, sparse = _teacher_views(caches, tmp_path, "dskd", caches["topk"])
+    assert cached.model.teacher.tail_temperature == 2.0  # dskd's kd_temperature, one of the stored temperatures
+    with torch.no_grad():
         want, _ = dense.label_logits(view)
         got, _ = sparse.label_logits(view)
     vocab = cached.model.teacher_vocab_size
@@ -292,17 +300,8 @@ def test_head_mode_stores_no_logits_and_recomputes_the_live_rows(caches, tmp_pat
 
     with safe_open(str(_shard(caches["head"])), framework="np") as handle:  # the shards hold hidden states only
         assert not any(name in handle.keys() for name in ("logits", "topk", "tail"))
-    live = build_training(_config(caches["yaml"], tmp_path / "live", "method=dskd"), show_progress=False)
-    cached = build_training(_config(caches["yaml"], tmp_path / "head", "method=dskd",
-                                    f"teacher.cache={caches['head']}"), show_progress=False)
-    batch = next(iter(cached.trainer.get_train_dataloader()))
-    from dwakd.interface import TokenView
-
-    view = TokenView(*(batch[f"teacher_{k}"] for k in ("input_ids", "attention_mask", "labels", "input_offsets",
-                                                        "label_offsets")))
+    _, _, view, dense, head = _teacher_views(caches, tmp_path, "dskd", caches["head"])
     with torch.no_grad():
-        dense = live.model._run_side("teacher", live.model.teacher, view, True, live.model.teacher_vocab_size)
-        head = cached.model.teacher.model_view(batch, view, cached.model.teacher_vocab_size)
         want, want_index = dense.label_logits(view)
         got, got_index = head.label_logits(view)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -321,17 +320,8 @@ def test_head_mode_with_float16_hidden_states_is_close_and_serves_raw_logit_meth
     manifest = build_teacher_cache(config, out, CacheSettings(k="head", hidden_dtype="float16"), show_progress=False)
     assert manifest["settings"]["lossless"] is False  # float16 of a float32 teacher's states: close, not exact
     assert manifest["sizes"]["hidden_bytes_per_token"] == 2 * manifest["teacher"]["hidden_size"]
-    live = build_training(_config(caches["yaml"], tmp_path / "live", "method=multilevel_ot"), show_progress=False)
-    cached = build_training(_config(caches["yaml"], tmp_path / "cached", "method=multilevel_ot",
-                                    f"teacher.cache={out}"), show_progress=False)  # a top-k cache is refused
-    batch = next(iter(cached.trainer.get_train_dataloader()))
-    from dwakd.interface import TokenView
-
-    view = TokenView(*(batch[f"teacher_{k}"] for k in ("input_ids", "attention_mask", "labels", "input_offsets",
-                                                        "label_offsets")))
+    cached, batch, view, dense, head = _teacher_views(caches, tmp_path, "multilevel_ot", out)  # top-k: refused
     with torch.no_grad():
-        dense = live.model._run_side("teacher", live.model.teacher, view, True, live.model.teacher_vocab_size)
-        head = cached.model.teacher.model_view(batch, view, cached.model.teacher_vocab_size)
         want = dense.label_logits(view)[0].double()
         got = head.label_logits(view)[0].double()
     assert got.dtype == want.dtype and not torch.equal(got, want)
