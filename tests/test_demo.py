@@ -160,6 +160,11 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys):
     assert again.evaluation.to_json()["scores"] == results["evaluation"]["scores"]
 
 
+# loss parts and statistics are logged rounded to 6 decimals (DistillationTrainer.log): two runs whose values differ
+# in the 7th digit can log values one unit apart, so a comparison of logs cannot be finer than one unit
+LOGGED_UNIT = 1.5e-6
+
+
 def _step_losses(folder: Path) -> list[dict]:
     state = json.loads((folder / "trainer_state.json").read_text())
     return [e for e in state["log_history"] if "loss" in e]
@@ -280,7 +285,7 @@ def test_demo_quick_teacher_cache_reproduces_the_live_teacher(tmp_path: Path, ca
         for ours, theirs in zip(steps, live_losses[name]):  # the loss, its named parts, stats, grad norm
             assert set(ours) == set(theirs) and {"loss", "ce", "grad_norm"} <= set(ours)
             for key in set(theirs) - {"step", "epoch"}:
-                assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), (name, key, ours["step"])
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=LOGGED_UNIT), (name, key, ours["step"])
     for name in ("sra-seed0", "sft-seed0"):
         config = yaml.safe_load((out / "students" / name / "dwakd_config.yaml").read_text())
         assert not (config.get("teacher") or {}).get("cache"), name
@@ -311,7 +316,7 @@ def test_demo_quick_teacher_cache_reproduces_the_live_teacher(tmp_path: Path, ca
         assert not head.cached[name], name
         for ours, theirs in zip(_step_losses(out / "students" / name), live_losses[name], strict=True):
             for key in set(theirs) - {"step", "epoch"}:
-                assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), (name, key, ours["step"])
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=LOGGED_UNIT), (name, key, ours["step"])
     assert "read a head-mode teacher cache" in (out / "report.md").read_text()
 
 
