@@ -119,9 +119,9 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys):
         for seed in (0, 1):
             assert (out / "students" / f"{method}-seed{seed}" / "model.safetensors").is_file()
             assert (out / "students" / f"{method}-seed{seed}" / "trainer_state.json").is_file()
-    # by default the distilled students read a top-64 teacher cache built once, the SFT students need no teacher
+    # by default the distilled students read a head-mode teacher cache built once, the SFT students need no teacher
     manifest = json.loads((out / "teacher_cache" / "manifest.json").read_text())
-    assert manifest["state"] == "complete" and manifest["settings"]["k"] == 64
+    assert manifest["state"] == "complete" and manifest["settings"]["logits"] == "head"
     for name, cached in (("dskd-seed0", True), ("dwakd-seed1", True), ("sft-seed0", False)):
         config = yaml.safe_load((out / "students" / name / "dwakd_config.yaml").read_text())
         assert bool((config.get("teacher") or {}).get("cache")) == cached, name
@@ -192,19 +192,19 @@ def test_demo_step_budgets_from_the_command_line(tmp_path: Path):
 
 
 def test_demo_teacher_cache_option_and_the_methods_it_serves():
-    """`--teacher-cache [K]`: K defaults to 64, 'vocab' is lossless (0), 'head' head mode; a method the cache cannot
+    """`--teacher-cache [K]`: head mode by default, K ≥ 1 top-K, 'vocab' is lossless (0); a method the cache cannot
     serve goes live."""
     from dwakd.cli import build_parser
     from dwakd.demo.pipeline import DemoPipeline
     from dwakd.demo.settings import demo_settings
 
     parse = build_parser().parse_args
-    assert parse(["demo", "--quick"]).teacher_cache is None  # the preset's cache (top-64)
-    assert demo_settings().teacher_cache_k == demo_settings(quick=True).teacher_cache_k == 64
+    assert parse(["demo", "--quick"]).teacher_cache is None  # the preset's cache (head mode)
+    assert demo_settings().teacher_cache_k == demo_settings(quick=True).teacher_cache_k == "head"
     assert parse(["demo", "--live-teacher"]).live_teacher
     with pytest.raises(SystemExit):
         parse(["demo", "--live-teacher", "--teacher-cache"])
-    assert parse(["demo", "--teacher-cache", "--quick"]).teacher_cache == 64
+    assert parse(["demo", "--teacher-cache", "--quick"]).teacher_cache == "head"
     assert parse(["demo", "--teacher-cache", "16"]).teacher_cache == 16
     assert parse(["demo", "--teacher-cache", "vocab"]).teacher_cache == 0
     assert parse(["demo", "--teacher-cache", "head"]).teacher_cache == "head"

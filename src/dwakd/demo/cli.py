@@ -92,12 +92,12 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, metavar="N",
                    help="parallel worker processes for training and evaluation (default: one per free core; 1: none)")
     teacher = p.add_mutually_exclusive_group()
-    teacher.add_argument("--teacher-cache", nargs="?", const=64, type=_cache_k, metavar="K",
+    teacher.add_argument("--teacher-cache", nargs="?", const="head", type=_cache_k, metavar="K",
                          help="the distilled students read the teacher from a cache built once after it is trained "
-                              "(`dwakd teacher-cache`: top-K logits; 'vocab': lossless; 'head': logits recomputed "
-                              "from the cached final hidden state, exact), the default with K=64; "
-                              "methods a cache cannot serve (mta, sra; alm and multilevel_ot with a top-K cache) "
-                              "train with the live teacher")
+                              "(`dwakd teacher-cache`): 'head' (the default: logits recomputed from the cached final "
+                              "hidden state, exact), top-K logits plus a tail bucket (K ≥ 1, approximate) or "
+                              "'vocab' (lossless, every logit); methods a cache cannot serve (mta, sra; alm and "
+                              "multilevel_ot with a top-K cache) train with the live teacher")
     teacher.add_argument("--live-teacher", action="store_true",
                          help="the distilled students run the teacher at every step (no cache; slower)")
     p.add_argument("--force", action="store_true", help="rebuild every stage instead of reusing cached ones")

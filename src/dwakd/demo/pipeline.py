@@ -19,9 +19,10 @@ evaluation as soon as it is trained, the distilled students as soon as the teach
 depend on the number of workers: every job seeds itself and sampling is seeded per item (the `--quick` demo
 gives identical tables with one worker and with two).
 
-Teacher cache (`DemoSettings.teacher_cache_k`, top-64 by default; `--teacher-cache K` sets K, `--live-teacher`
-turns it off): one more job after the teacher's runs
-`dwakd teacher-cache` over the students' training data (top-K logits, or lossless), and the distilled students
+Teacher cache (`DemoSettings.teacher_cache_k`, head mode by default; `--teacher-cache K` sets top-K or lossless,
+`--live-teacher` turns it off): one more job after the teacher's runs `dwakd teacher-cache` over the students'
+training data (head mode: the final hidden states, from which the teacher's head recomputes the exact logits;
+top-K logits; or every logit), and the distilled students
 wait for it and train with `teacher.cache` set, so none of them runs the teacher. A method the cache cannot serve
 (`dwakd.teacher_cache.cache_refusal`: mta and sra read teacher hidden states or attentions at every position;
 alm and multilevel_ot need a lossless cache) trains with the live teacher, which the log and the report say. The
