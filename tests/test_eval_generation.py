@@ -92,6 +92,46 @@ def test_padding_rows_of_the_head_are_never_sampled():
     assert new_tokens.numel() > 0 and int(new_tokens.max()) < len(tokenizer)
 
 
+def test_equal_length_prompts_generate_without_the_dropped_mask_warning(setup):
+    """A batch of equal-length prompts has an all-ones mask, which `generate` drops, then pads the rows that stopped
+    at EOS: GPT-2 would warn "pass an `attention_mask`" on every demo run. generate_batch silences that false alarm
+    (the responses equal one-by-one generation), while the same warning for a real unmasked forward still shows
+    afterwards, and the model's config keeps its pad id."""
+    import logging
+
+    tokenizer, _, records = setup
+    model = make_gpt2(tokenizer, seed=1)
+    bias = torch.zeros(len(tokenizer))
+    bias[tokenizer.eos_token_id] = 3.0
+    _add_head_bias(model, bias)
+    model.config.pad_token_id = tokenizer.pad_token_id  # as a trained checkpoint's config has it
+    same = [records[0]] * 6  # one prompt, six item seeds: rows stop at different steps
+    ids = encode_prompts(tokenizer, same, SETTINGS.max_prompt_length)
+    seeds = [item_seed(10, i) for i in range(6)]
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    log, keep = logging.getLogger("transformers.modeling_utils"), Keep()
+    log.addHandler(keep)
+    try:
+        clear = getattr(logging.Logger.warning_once, "cache_clear", None)  # transformers warns once per process
+        if clear:
+            clear()
+        batched = generate_batch(model, tokenizer, ids, seeds, GenerationSettings(max_new_tokens=24, batch_size=6))
+        assert not [m for m in messages if "attention_mask" in m]
+        assert model.config.pad_token_id == tokenizer.pad_token_id is not None
+        padded = torch.tensor([[tokenizer.pad_token_id] + ids[0]])
+        model(input_ids=padded)  # a forward on padding without a mask: the warning is not silenced outside
+        assert [m for m in messages if "attention_mask" in m]
+    finally:
+        log.removeHandler(keep)
+    one_by_one = [generate_batch(model, tokenizer, [i], [s], SETTINGS)[0] for i, s in zip(ids, seeds)]
+    assert batched == one_by_one and len({n for _, n, _ in batched}) > 1
+
+
 def test_decode_cuts_at_eos_and_strips():
     tokenizer = make_tokenizer()
     eos = tokenizer.eos_token_id

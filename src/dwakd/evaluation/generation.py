@@ -162,6 +162,27 @@ def _protocol_generation_config(model: Any) -> Iterator[None]:
         model.generation_config = saved
 
 
+@contextmanager
+def _no_dropped_mask_warning(model: Any) -> Iterator[None]:
+    """Hide the model config's pad id for one `generate` call, which silences a false alarm and changes nothing else.
+
+    `generate` drops an all-ones attention mask (a batch of equal-length prompts has no padding) and then pads the
+    rows that stopped at EOS; GPT-2 and similar models see pad ids without a mask and warn "pass an
+    `attention_mask`", once per process, on every demo run. Those rows' outputs are discarded and the other rows
+    hold no padding, so no response depends on it. The check reads `model.config.pad_token_id`; generation pads
+    with the `GenerationConfig`'s own pad id. (A logging filter would not do: transformers caches the warning as
+    said, hiding a later genuine one.)"""
+    config = getattr(model, "config", None)
+    saved = getattr(config, "pad_token_id", None)
+    if saved is not None:
+        config.pad_token_id = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            config.pad_token_id = saved
+
+
 @torch.no_grad()
 def generate_batch(
     model: Any,
@@ -196,7 +217,7 @@ def generate_batch(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=pad_id,
     )
-    with _protocol_generation_config(model):
+    with _protocol_generation_config(model), _no_dropped_mask_warning(model):
         sequences = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
