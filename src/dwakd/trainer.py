@@ -76,7 +76,22 @@ class DistillationModel(nn.Module):
         return self.student.config
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Checkpoint the student's layers (transformers 4.x's `Trainer` calls this name)."""
         self.student.gradient_checkpointing_enable(**kwargs)
+        self._embeddings_require_grad()
+
+    def activation_checkpointing_enable(self, **kwargs: Any) -> None:
+        """The same under transformers 5's name, which its `Trainer` calls first (the old name is deprecated there
+        and will not be called in v6)."""
+        self.student.activation_checkpointing_enable(**kwargs)
+        self._embeddings_require_grad()
+
+    def _embeddings_require_grad(self) -> None:
+        """Reentrant checkpointing (transformers 4.x's default) gives no gradient to a segment whose inputs need none,
+        so with frozen embeddings (a LoRA student) the adapters would silently never train; make the embedding
+        output require grad, as PEFT's `prepare_model_for_kbit_training` does (transformers 5 does it itself)."""
+        if getattr(self.student, "_require_grads_hook", None) is None:
+            self.student.enable_input_require_grads()
 
     def forward(self, num_items_in_batch: torch.Tensor | int | None = None, sequence_scores: bool = False,
                 **batch: torch.Tensor) -> dict:
