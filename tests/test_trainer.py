@@ -56,18 +56,29 @@ def test_checkpoint_has_hf_student_and_method_state(tiny_yaml, tmp_path):
     assert all(math.isclose(e["loss"], e["ce"] + e["mse"], rel_tol=1e-3, abs_tol=1e-3) for e in logged)
 
 
-def test_resume_continues_exactly(tiny_yaml, tmp_path):
-    full = tiny_config(tiny_yaml, f"output_dir={tmp_path / 'full'}", "training.max_steps=6")
+@pytest.mark.parametrize("extra", [(), ("student.lora={r: 4, alpha: 8, dropout: 0.0}",
+                                          "training.gradient_checkpointing=true")], ids=["full", "lora-checkpointing"])
+def test_resume_continues_exactly(tiny_yaml, tmp_path, extra):
+    """Resume from a step-3 checkpoint repeats the uninterrupted run: weights, losses, optimizer state (a LoRA
+    student's checkpoint holds only its adapter, next to the method's projector)."""
+    full = tiny_config(tiny_yaml, f"output_dir={tmp_path / 'full'}", "training.max_steps=6", *extra)
     full_run = build_training(full, show_progress=False)
     full_run.trainer.train()
     part = tiny_config(tiny_yaml, f"output_dir={tmp_path / 'part'}", "training.max_steps=6",
-                       "training.save_strategy=steps", "training.save_steps=3")
+                       "training.save_strategy=steps", "training.save_steps=3", *extra)
     part_run = build_training(part, show_progress=False)
     part_run.trainer.train()
     resumed = build_training(part, show_progress=False)
     resumed.trainer.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-3"))
+    before = params(build_training(full, show_progress=False).model)  # the initialisation
+    moved = set()
     for name, value in params(full_run.model).items():
         torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        if not torch.equal(value, before[name]):
+            moved.add(name)
+    assert any("proj" in n for n in moved) and any(n.startswith("student.") for n in moved), moved
+    if extra:
+        assert all("lora_" in n for n in moved if n.startswith("student."))
     full_losses = [e["loss"] for e in full_run.trainer.state.log_history if "loss" in e]
     resumed_losses = [e["loss"] for e in resumed.trainer.state.log_history if "loss" in e]
     assert resumed_losses[-3:] == pytest.approx(full_losses[-3:], rel=1e-5)
