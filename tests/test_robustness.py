@@ -53,6 +53,8 @@ def free_port() -> int:
 
 ENGINES = {
     "ddp": [],
+    # reentrant checkpointing (transformers 4.x's default) fails under DDP with find_unused_parameters
+    "ddp-checkpointing": ["training.gradient_checkpointing=true"],
     "fsdp": ["training.fsdp=true", "training.fsdp_config={transformer_layer_cls_to_wrap: [GPT2Block]}",
              "training.save_strategy=steps", "training.save_steps=3"],
 }

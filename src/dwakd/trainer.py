@@ -75,9 +75,15 @@ class DistillationModel(nn.Module):
     def config(self):
         return self.student.config
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        """Checkpoint the student's layers (transformers 4.x's `Trainer` calls this name)."""
-        self.student.gradient_checkpointing_enable(**kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Checkpoint the student's layers (transformers 4.x's `Trainer` calls this name). Non-reentrant unless
+        `training.gradient_checkpointing_kwargs` says otherwise, as transformers 5 defaults to: 4.x's reentrant
+        default fails under DDP, which the Trainer runs with find_unused_parameters for a model like this one
+        ("Expected to mark a variable ready only once")."""
+        if gradient_checkpointing_kwargs is None:
+            gradient_checkpointing_kwargs = {"use_reentrant": False}
+        self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                                                   **kwargs)
         self._embeddings_require_grad()
 
     def activation_checkpointing_enable(self, **kwargs: Any) -> None:
@@ -87,9 +93,10 @@ class DistillationModel(nn.Module):
         self._embeddings_require_grad()
 
     def _embeddings_require_grad(self) -> None:
-        """Reentrant checkpointing (transformers 4.x's default) gives no gradient to a segment whose inputs need none,
-        so with frozen embeddings (a LoRA student) the adapters would silently never train; make the embedding
-        output require grad, as PEFT's `prepare_model_for_kbit_training` does (transformers 5 does it itself)."""
+        """Reentrant checkpointing (transformers 4.x's default, or asked for) gives no gradient to a segment whose
+        inputs need none, so with frozen embeddings (a LoRA student) the adapters would silently never train; make
+        the embedding output require grad, as PEFT's `prepare_model_for_kbit_training` does (transformers 5 does it
+        itself)."""
         if getattr(self.student, "_require_grads_hook", None) is None:
             self.student.enable_input_require_grads()
 
