@@ -154,6 +154,44 @@ def test_lora_student_round_trip(tiny_yaml, tmp_path):
         assert match and torch.equal(state[match[0]], value), key
 
 
+def test_teacher_adapter_is_merged_and_leaves_the_initialisation_alone(tiny_yaml, tmp_path):
+    """`teacher.adapter` merges a LoRA adapter into the teacher: the teacher equals the same adapter merged and saved,
+    and the student side (student, projectors) starts from the same draw as with that merged teacher (PEFT's layer
+    init must not consume the run's RNG; a teacher cache, which loads no adapter, relies on it)."""
+    from peft import LoraConfig, get_peft_model
+
+    from dwakd.models import build_tiny_model
+    from dwakd.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(load_config(tiny_yaml).teacher.tokenizer)
+    base = build_tiny_model("qwen2", len(tokenizer), seed=1, hidden_size=32, num_layers=1, num_heads=2,
+                            num_kv_heads=1, intermediate_size=64, max_positions=128)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    adapted = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    adapted.save_pretrained(tmp_path / "adapter")
+    adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
+    tokenizer.save_pretrained(tmp_path / "merged")
+
+    def built(*teacher):
+        config = tiny_config(tiny_yaml, f"output_dir={tmp_path / 'out'}", "method=dskd", "teacher.tiny=null",
+                             "teacher.tokenizer=null", *teacher)
+        return build_training(config, show_progress=False).model
+
+    with_adapter = built(f"teacher.name_or_path={tmp_path / 'base'}", f"teacher.adapter={tmp_path / 'adapter'}")
+    merged = built(f"teacher.name_or_path={tmp_path / 'merged'}")
+    plain = built(f"teacher.name_or_path={tmp_path / 'base'}")
+    for name, value in merged.teacher.state_dict().items():
+        assert torch.equal(with_adapter.teacher.state_dict()[name], value), name
+    assert any(not torch.equal(plain.teacher.state_dict()[k], v) for k, v in merged.teacher.state_dict().items())
+    for name, value in params(merged).items():  # the student and the method's projectors
+        assert torch.equal(params(with_adapter)[name], value), name
+
+
 def test_nonfinite_loss_stops_naming_the_part(tiny_yaml, tmp_path):
     config = tiny_config(tiny_yaml, f"output_dir={tmp_path / 'n'}", "method.options={nan_at_call: 2}")
     run = build_training(config, show_progress=False)

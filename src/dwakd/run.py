@@ -166,9 +166,13 @@ def build_training(config: RunConfig, show_progress: bool = True) -> TrainingRun
             teacher = _as_config_error(cache.teacher_module)
             _check_lengths(config, teacher, "teacher")
         elif needs_teacher:
-            teacher = _as_config_error(load_side_model, config.teacher, teacher_tokenizer, "teacher")
-            _check_lengths(config, teacher, "teacher")
-            teacher = prepare_teacher(teacher, config.teacher)
+            # on a private RNG: merging `teacher.adapter` builds PEFT layers whose random init would otherwise shift
+            # the projectors' initialisation, so an adapter teacher, the same teacher merged and a teacher cache
+            # (which loads no blocks) all start the student's side from the same draw
+            with torch.random.fork_rng(devices=[]):
+                teacher = _as_config_error(load_side_model, config.teacher, teacher_tokenizer, "teacher")
+                _check_lengths(config, teacher, "teacher")
+                teacher = prepare_teacher(teacher, config.teacher)
         context = MethodContext(student.config, teacher.config if teacher is not None else None, student_tokenizer,
                                 teacher_tokenizer, student, teacher, str(cache_dir()))
         method = build_method(config.method.name, context, config.method.options)
