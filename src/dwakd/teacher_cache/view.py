@@ -170,7 +170,6 @@ class CachedTeacher(nn.Module):
         self.vocab = int(info["vocab_size"])
         self.head_rows = int(info["head_rows"])
         self.num_hidden_states = int(info["num_hidden_states"])
-        self.lossless = bool(cache.settings["lossless"])
         self.logit_mode = logit_mode(cache.settings)
         self.k = cache.settings["k"]
         self._cached_layers = tuple(int(i) for i in cache.settings["layers"])
