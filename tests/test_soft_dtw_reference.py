@@ -7,6 +7,7 @@ import torch
 from _soft_dtw_helpers import naive_batch, random_band, random_batch, torch_threads
 
 from dwakd.ops.soft_dtw import SoftBand, cosine_cost, soft_dtw, soft_dtw_divergence, soft_dtw_reference
+from dwakd.ops.soft_dtw.cost import divergence_costs, self_cosine_cost
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +85,48 @@ def test_cosine_cost_matches_loop_and_handles_zero_vectors() -> None:
                 assert abs(float(values[b, i, j]) - want) < 1e-12
     got.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_divergence_costs_equal_three_cosine_costs_with_their_gradients() -> None:
+    """The divergence's costs (each side normalised once, self terms with a one-matmul backward) equal three
+    `cosine_cost` calls in value and in gradient, also for an asymmetric upstream gradient and a zero row."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    x[1, 2] = 0.0
+    weights = [torch.randn(2, n, m, generator=gen, dtype=torch.float64) for n, m in ((5, 3), (5, 5), (3, 3))]
+
+    def grads(costs):
+        xs, ys = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        out = costs(xs, ys)
+        sum((c * w).sum() for c, w in zip(out, weights)).backward()
+        return [c.detach() for c in out], xs.grad, ys.grad
+
+    want, wx, wy = grads(lambda a, b: (cosine_cost(a, b), cosine_cost(a, a), cosine_cost(b, b)))
+    got, gx, gy = grads(divergence_costs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, wx, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gy, wy, rtol=1e-10, atol=1e-12)
+    # a symmetric upstream gradient on the self terms (as Soft-DTW's E is there): the −2·G·u backward agrees
+    weights[1], weights[2] = weights[1] + weights[1].mT, weights[2] + weights[2].mT
+    want, wx, wy = grads(lambda a, b: (cosine_cost(a, b), cosine_cost(a, a), cosine_cost(b, b)))
+    _, gx, gy = grads(lambda a, b: divergence_costs(a, b, symmetric_self_grad=True))
+    torch.testing.assert_close(gx, wx, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gy, wy, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(self_cosine_cost, (torch.randn(2, 4, 3, dtype=torch.float64,
+                                                                   requires_grad=True),))
+
+
+def test_self_cost_under_autocast_runs_in_its_dtype_and_returns_the_input_dtype() -> None:
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cost = self_cosine_cost(x)
+        plain = cosine_cost(x, x)
+    assert cost.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(cost.float(), plain.float(), rtol=0, atol=1e-2)
+    (grad,) = torch.autograd.grad(cost.float().sum(), x)
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
 
 
 def test_divergence_composition_and_zero_on_identical() -> None:

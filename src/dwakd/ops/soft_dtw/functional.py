@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dwakd.ops.soft_dtw.band import SoftBand
-from dwakd.ops.soft_dtw.cost import cosine_cost
+from dwakd.ops.soft_dtw.cost import divergence_costs
 from dwakd.ops.soft_dtw.reference import soft_dtw_reference
 
 IMPLS = ("auto", "reference", "cpu", "cuda")
@@ -171,9 +171,8 @@ def soft_dtw_divergence(
         band.validate(batch, n_rows)
     if batch == 0:
         return x.sum(dim=(1, 2)) + y.sum(dim=(1, 2))  # (0,), still attached to the graph
-    cost_xy = cosine_cost(x, y)  # (batch, N, M)
-    cost_xx = cosine_cost(x, x)  # (batch, N, N)
-    cost_yy = cosine_cost(y, y)  # (batch, M, M)
+    # (batch, N, M), (batch, N, N), (batch, M, M); the self terms' E is symmetric (R(Cᵀ) = R(C), equal lengths)
+    cost_xy, cost_xx, cost_yy = divergence_costs(x, y, symmetric_self_grad=True)
     path = _resolve_impl(impl, x.device, cost_xy.dtype)
     # the three DPs run as one batch of 3·batch tasks on the fast paths; the self terms are symmetric
     cross, self_x, self_y = _run_groups(
