@@ -38,6 +38,10 @@ Design (what and why):
   Logits are then promoted to fp32 (float64 stays float64) and every softmax, divergence, CE and statistic is
   computed there with autocast off. Gradients w.r.t. hidden states are matmuls in that same dtype; the head
   gradient is accumulated in the head weight's dtype.
+- **τ = 1 statistics at τ ≠ 1.** Entropies (and a peak asked for with them) are read from the raw logits by
+  `dwakd.ops.row_stats.row_entropy_peak`: on CPU a numba pass that forms no (rows, V) temporary, elsewhere the
+  same chunked log-softmax, exp and row dot product as before (at τ = 1 they come from the divergence's own
+  log-probabilities).
 - **Heads with padding rows.** Only the first `vocab_size` rows of each head enter (views, no copy); the head
   gradient has the full head's shape with zeros on the padding rows. `target_bias` adds a constant per
   vocabulary entry to the target logits (MinED's −1e5 on unmapped student tokens).
@@ -65,6 +69,7 @@ from dwakd.ops.fused_kd.chunk_math import (
     entropy_rows,
     log_softmax_,
 )
+from dwakd.ops.row_stats import row_entropy_peak
 
 CHUNK_ELEMENTS = 1 << 25  # logits per side per matmul chunk: 128 MiB in fp32
 BLOCK_ELEMENTS = 1 << 21  # logits per block of the elementwise math inside a chunk: 8 MiB in fp32
@@ -226,7 +231,16 @@ def _side_forward(z: torch.Tensor, prefix: str, labels: torch.Tensor | None, tau
     share = tau == 1.0  # statistics read the divergence's log-probabilities
     ce_after = want_ce and tau is not None and tau_ce == tau
     log_1 = None
-    if not share and (f"{prefix}_entropy" in stats or (want_ce and not ce_after and tau_ce == 1.0)):
+    ce_at_1 = want_ce and not ce_after and tau_ce == 1.0  # a CE that needs τ = 1 log-probabilities anyway
+    if not share and f"{prefix}_entropy" in stats and not ce_at_1:
+        # entropy (and peak) straight from the logits: on CPU a numba pass with no (rows, V) temporary
+        # (`ops.row_stats`), elsewhere the same log-softmax, exp and row dot product as below, chunked
+        entropy, peak = row_entropy_peak(z, None, plan.vocab)
+        out[f"{prefix}_entropy"] = entropy.to(z.device, z.dtype)
+        if f"{prefix}_peak" in stats:
+            out[f"{prefix}_peak"] = peak.to(z.device, z.dtype)
+        stats = stats - {f"{prefix}_entropy", f"{prefix}_peak"}
+    elif not share and (f"{prefix}_entropy" in stats or ce_at_1):
         log_1 = log_probs(z, 1.0)
     if not share:
         _statistics_(log_1, z, prefix, stats, out)
