@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dwakd.ops import row_kl
 from dwakd.options import OptionError
 
 DIVERGENCES = ("fkl", "rkl", "sfkl", "srkl", "js", "akl")
@@ -197,11 +198,38 @@ def _grad(s: torch.Tensor, t: torch.Tensor, spec: _Spec) -> torch.Tensor:
     raise ValueError(kind)  # pragma: no cover
 
 
+def _pick(rows: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """The entries `keep` (positions into the selection) of a row selection; `rows` None selects every row."""
+    return keep if rows is None else rows.index_select(0, keep)
+
+
 class _KLFamily(torch.autograd.Function):
-    """Chunked per-row divergence; backward recomputes each chunk instead of saving intermediates."""
+    """Chunked per-row divergence; backward recomputes each chunk instead of saving intermediates.
+
+    Forward KL on float32 CPU logits takes the numba row kernels of `dwakd.ops.row_kl` (no (rows, V) temporaries;
+    they keep four floats per row for backward); a row with a non-finite entry, and every other case, takes the
+    plain chunked path below, which is also their reference.
+    """
 
     @staticmethod
     def forward(ctx, student, teacher, student_rows, teacher_rows, spec):  # type: ignore[override]
+        ctx.fast = None
+        if spec.kind == "fkl" and row_kl.fkl_rows_applies(student, teacher):
+            out, bad, stats = row_kl.fkl_rows_forward(student, teacher, student_rows, teacher_rows, spec.temperature)
+            ctx.fast = stats
+            slow = bad.nonzero().squeeze(1)
+            if slow.numel():
+                out[slow] = _KLFamily._plain_values(student, teacher, _pick(student_rows, slow),
+                                                    _pick(teacher_rows, slow), spec)
+            ctx.slow = slow
+        else:
+            out = _KLFamily._plain_values(student, teacher, student_rows, teacher_rows, spec)
+        ctx.save_for_backward(student, teacher, student_rows, teacher_rows)
+        ctx.spec = spec
+        return out
+
+    @staticmethod
+    def _plain_values(student, teacher, student_rows, teacher_rows, spec) -> torch.Tensor:
         total = student.shape[0] if student_rows is None else student_rows.numel()
         out = torch.empty(total, dtype=compute_dtype(student), device=student.device)  # (positions,)
         t_chunks = iter_row_chunks(teacher, teacher_rows, spec.chunk)
@@ -209,18 +237,11 @@ class _KLFamily(torch.autograd.Function):
         with no_autocast(student):
             for (start, end, s), (_, _, t) in zip(s_chunks, t_chunks, strict=True):
                 out[start:end] = _value(s, t, spec)
-        ctx.save_for_backward(student, teacher, student_rows, teacher_rows)
-        ctx.spec = spec
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        student, teacher, student_rows, teacher_rows = ctx.saved_tensors
-        spec: _Spec = ctx.spec
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        # (rows, vocab) gradient of the student input; rows not selected get zero
-        grad = torch.zeros_like(student) if student_rows is not None else torch.empty_like(student)
+    def _plain_grads(grad, student, teacher, student_rows, teacher_rows, grad_out, spec) -> None:
+        """Write the selected rows' gradients into `grad` (rows not selected are left as they are)."""
         tau = spec.temperature
         t_chunks = iter_row_chunks(teacher, teacher_rows, spec.chunk)
         s_chunks = iter_row_chunks(student, student_rows, spec.chunk)
@@ -231,6 +252,25 @@ class _KLFamily(torch.autograd.Function):
                     grad[start:end] = g.to(grad.dtype)
                 else:
                     grad.index_copy_(0, student_rows[start:end], g.to(grad.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        student, teacher, student_rows, teacher_rows = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        # (rows, vocab) gradient of the student input; rows not selected get zero
+        grad = torch.zeros_like(student) if student_rows is not None else torch.empty_like(student)
+        if ctx.fast is None:
+            _KLFamily._plain_grads(grad, student, teacher, student_rows, teacher_rows, grad_out, spec)
+            return grad, None, None, None, None
+        coef = grad_out.to(torch.float32) / spec.temperature
+        row_kl.fkl_rows_backward(student, teacher, student_rows, teacher_rows, spec.temperature, coef, ctx.fast,
+                                 grad)
+        slow = ctx.slow
+        if slow.numel():  # rows with a non-finite entry: the plain path's gradient replaces the kernel's
+            rows = slow if student_rows is None else student_rows.index_select(0, slow)
+            _KLFamily._plain_grads(grad, student, teacher, rows, _pick(teacher_rows, slow), grad_out[slow], spec)
         return grad, None, None, None, None
 
 

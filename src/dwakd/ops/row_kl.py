@@ -1,0 +1,184 @@
+"""Forward KL per row between two softmaxes over a vocabulary, and its gradient, without a (rows, V) temporary.
+
+The dense path of the dual-space methods' KD terms takes KL(softmax(t/τ) ‖ softmax(s/τ)) of every response row
+over vocabularies of 50k-152k entries (`dwakd.modules.divergences.divergence`, kind fkl: the teacher-space term of
+DSKD and DWA-KD always, the student-space one by default). In plain PyTorch that is two log-softmaxes, an exp, a
+difference and a row dot product per chunk of rows, with three (rows, V) temporaries, and as much again in
+backward; on CPU those fresh temporaries also page-fault in every time. The CPU fast path here is two numba
+passes per row for the value (the maxima, then every sum at once) and one pass for the gradient, straight into
+the gradient tensor.
+
+With a_v = (t_v − m_t)·log2(e)/τ and b_v = (s_v − m_s)·log2(e)/τ (both ≤ 0, m the row maxima),
+    Z_t = Σ 2^a,  Z_s = Σ 2^b,  W = Σ 2^a·(a − b),   KL = ln 2 · (W / Z_t − log2 Z_t + log2 Z_s),
+and the gradient w.r.t. s/τ is q − p = 2^(b − log2 Z_s) − 2^(a − log2 Z_t) (the caller scales by dL/dKL / τ).
+Sums are float32 with reassociation allowed (vector partial sums); 2^x and log2 are the polynomials of
+`ops/_numba_math.py`, with arguments below −125 counted as −125 (a probability below 2^−125 of the row's largest).
+A row with a non-finite entry (±inf, NaN) on either side is flagged and left to the plain path, whose −inf
+clamping and NaN propagation it needs. Rows are split over up to `torch.get_num_threads()` Python threads.
+
+`fkl_rows_applies` says when the fast path is taken: float32 CPU tensors whose last axis is contiguous. The plain
+PyTorch reference is `dwakd.modules.divergences` itself (`_value` / `_grad`), which the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from dwakd.ops._threads import worker_pool
+
+_MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a thread hand-off costs more than it saves
+_KERNELS = None
+
+
+def _kernels():
+    """(forward, backward) numba kernels, compiled on first use (or loaded from numba's on-disk cache)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from numba import njit
+
+        from dwakd.ops._numba_math import _T_MIN as t_min
+        from dwakd.ops._numba_math import _exp2_nonpos_f32, _log2_pos_f32
+
+        zero, one = np.float32(0.0), np.float32(1.0)
+        neg_inf, inf = np.float32(-np.inf), np.float32(np.inf)
+        ln2 = np.float32(math.log(2.0))
+        opts = dict(nogil=True, cache=True, error_model="numpy", fastmath={"contract", "reassoc"})
+
+        @njit(inline="always", **opts)
+        def row_max(row, vocab):  # pragma: no cover - compiled
+            lanes = np.empty(16, dtype=np.float32)
+            lanes[:] = neg_inf
+            whole = vocab - vocab % 16
+            for b in range(0, whole, 16):
+                for lane in range(16):
+                    z = row[b + lane]
+                    lanes[lane] = z if z > lanes[lane] else lanes[lane]
+            m = neg_inf
+            for lane in range(16):
+                m = lanes[lane] if lanes[lane] > m else m
+            for v in range(whole, vocab):
+                m = row[v] if row[v] > m else m
+            return m
+
+        @njit(**opts)
+        def forward(s, t, s_rows, t_rows, vocab, scale, start, end, value, m_s, m_t, log2_zs, log2_zt, bad):
+            # pragma: no cover - compiled
+            for k in range(start, end):
+                s_row = s[s_rows[k]]
+                t_row = t[t_rows[k]]
+                ms = row_max(s_row, vocab)
+                mt = row_max(t_row, vocab)
+                if not (ms > neg_inf and ms < inf and mt > neg_inf and mt < inf):
+                    bad[k] = 1
+                    continue
+                zs = zero
+                zt = zero
+                w = zero
+                nonfinite = zero  # a float32 count keeps the loop at the full float32 vector width
+                for v in range(vocab):
+                    x = s_row[v]
+                    y = t_row[v]
+                    nonfinite += zero if (abs(x) < inf and abs(y) < inf) else one
+                    b = (x - ms) * scale
+                    a = (y - mt) * scale
+                    e_s = _exp2_nonpos_f32(b if b > t_min else t_min)
+                    e_t = _exp2_nonpos_f32(a if a > t_min else t_min)
+                    zs += e_s
+                    zt += e_t
+                    w += e_t * (a - b)
+                if nonfinite:
+                    bad[k] = 1
+                    continue
+                ls = _log2_pos_f32(zs)
+                lt = _log2_pos_f32(zt)
+                value[k] = ln2 * (w / zt - lt + ls)
+                m_s[k] = ms
+                m_t[k] = mt
+                log2_zs[k] = ls
+                log2_zt[k] = lt
+
+        @njit(**opts)
+        def backward(s, t, s_rows, t_rows, vocab, scale, start, end, coef, m_s, m_t, log2_zs, log2_zt, grad,
+                     g_rows):  # pragma: no cover - compiled
+            for k in range(start, end):
+                s_row = s[s_rows[k]]
+                t_row = t[t_rows[k]]
+                out = grad[g_rows[k]]
+                c = coef[k]
+                ms, mt, ls, lt = m_s[k], m_t[k], log2_zs[k], log2_zt[k]
+                for v in range(vocab):
+                    b = (s_row[v] - ms) * scale - ls
+                    a = (t_row[v] - mt) * scale - lt
+                    q = _exp2_nonpos_f32(b if b > t_min else t_min)
+                    p = _exp2_nonpos_f32(a if a > t_min else t_min)
+                    out[v] = c * (q - p)
+
+        _KERNELS = (forward, backward)
+    return _KERNELS
+
+
+def fkl_rows_applies(student: torch.Tensor, teacher: torch.Tensor) -> bool:
+    """Whether `fkl_rows_forward` serves these (rows, V) logits: float32 CPU tensors, last axis contiguous."""
+    return all(x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(-1) == 1
+               for x in (student, teacher))
+
+
+def _split(count: int, vocab: int) -> list[int]:
+    threads = max(1, min(torch.get_num_threads(), count, count * vocab // _MIN_ELEMENTS_PER_THREAD))
+    return [count * i // threads for i in range(threads + 1)]
+
+
+def _run(kernel, count: int, vocab: int, head: tuple, tail: tuple) -> None:
+    """kernel(*head, start, end, *tail) over `count` rows in up to torch.get_num_threads() threads."""
+    bounds = _split(count, vocab)
+    futures = [worker_pool().submit(kernel, *head, bounds[i], bounds[i + 1], *tail)
+               for i in range(1, len(bounds) - 1)]
+    kernel(*head, bounds[0], bounds[1], *tail)
+    for future in futures:
+        future.result()
+
+
+def _indices(rows: torch.Tensor | None, total: int) -> np.ndarray:
+    return np.arange(total, dtype=np.int64) if rows is None else rows.detach().to("cpu", torch.int64).numpy()
+
+
+def fkl_rows_forward(
+    student: torch.Tensor, teacher: torch.Tensor, student_rows: torch.Tensor | None,
+    teacher_rows: torch.Tensor | None, temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Per selected row KL(softmax(t/τ) ‖ softmax(s/τ)) (K,) float32, a (K,) bool mask of the rows left undone
+    (a non-finite entry: compute them on the plain path), and the per-row statistics `fkl_rows_backward` needs."""
+    total = student.shape[0] if student_rows is None else student_rows.numel()
+    vocab = student.shape[1]
+    s_idx, t_idx = _indices(student_rows, total), _indices(teacher_rows, total)
+    value = torch.zeros(total, dtype=torch.float32)
+    stats = tuple(torch.zeros(total, dtype=torch.float32) for _ in range(4))  # m_s, m_t, log2 Z_s, log2 Z_t
+    bad = torch.zeros(total, dtype=torch.uint8)
+    if total:
+        forward, _ = _kernels()
+        scale = np.float32(math.log2(math.e) / temperature)
+        _run(forward, total, vocab, (student.detach().numpy(), teacher.detach().numpy(), s_idx, t_idx, vocab, scale),
+             (value.numpy(), *(x.numpy() for x in stats), bad.numpy()))
+    return value, bad.bool(), stats
+
+
+def fkl_rows_backward(
+    student: torch.Tensor, teacher: torch.Tensor, student_rows: torch.Tensor | None,
+    teacher_rows: torch.Tensor | None, temperature: float, coef: torch.Tensor, stats: tuple[torch.Tensor, ...],
+    grad: torch.Tensor,
+) -> None:
+    """Write coef_k · (q − p) of each selected row k into its row of `grad` (float32, the student's shape): the row
+    `student_rows[k]` (row k without indices). `coef` (K,) is dL/dKL_k / τ; rows flagged by the forward must be
+    overwritten by the caller."""
+    total = coef.numel()
+    if not total:
+        return
+    vocab = student.shape[1]
+    s_idx, t_idx = _indices(student_rows, total), _indices(teacher_rows, total)
+    _, backward = _kernels()
+    scale = np.float32(math.log2(math.e) / temperature)
+    _run(backward, total, vocab, (student.detach().numpy(), teacher.detach().numpy(), s_idx, t_idx, vocab, scale),
+         (coef.detach().to(torch.float32).contiguous().numpy(), *(x.numpy() for x in stats), grad.numpy(), s_idx))

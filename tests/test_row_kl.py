@@ -1,0 +1,109 @@
+"""The numba forward-KL rows (`dwakd.ops.row_kl`) behind `modules.divergences.divergence` on float32 CPU logits,
+against float64 (the plain path computed in float64) and against the plain float32 path they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _kd_helpers import one_thread
+
+from dwakd.modules import divergences
+from dwakd.ops import row_kl
+
+
+def _value_and_grad(student: torch.Tensor, teacher: torch.Tensor, tau: float, **rows) -> tuple:
+    """Per-row values and the gradient of Σ_k k·value_k w.r.t. the student logits."""
+    leaf = student.detach().clone().requires_grad_(True)
+    values = divergences.divergence(leaf, teacher, "fkl", tau, **rows)
+    weights = torch.arange(1, values.numel() + 1, dtype=values.dtype)
+    (values * weights).sum().backward()
+    return values.detach(), leaf.grad
+
+
+def _plain(monkeypatch, *args, **kwargs) -> tuple:
+    with monkeypatch.context() as patch:
+        patch.setattr(row_kl, "fkl_rows_applies", lambda *a: False)
+        return _value_and_grad(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("vocab", "tau"), [(50257, 2.0), (9001, 1.0), (37, 0.5)])
+@pytest.mark.parametrize("selected", [False, True])
+def test_fast_rows_match_float64(vocab: int, tau: float, selected: bool) -> None:
+    g = torch.Generator().manual_seed(vocab)
+    student = torch.randn(24, vocab, generator=g) * 3
+    teacher = torch.randn(24, vocab, generator=g) * 4
+    rows = {}
+    if selected:
+        rows = {"student_rows": torch.tensor([3, 5, 7, 0, 23, 12]), "teacher_rows": torch.tensor([1, 2, 3, 4, 5, 9])}
+    assert row_kl.fkl_rows_applies(student, teacher)
+    got, got_grad = _value_and_grad(student, teacher, tau, **rows)
+    want, want_grad = _value_and_grad(student.double(), teacher.double(), tau, **rows)  # float64: the plain path
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=0, atol=2e-6 * float(want_grad.abs().max()))
+    if selected:  # rows not selected get no gradient
+        untouched = torch.ones(24, dtype=torch.bool)
+        untouched[rows["student_rows"]] = False
+        assert got_grad[untouched].abs().max() == 0
+
+
+def test_fast_rows_agree_with_the_plain_float32_path(monkeypatch) -> None:
+    """The fast path replaces the plain fp32 one: both close to each other (and, above, to float64)."""
+    g = torch.Generator().manual_seed(2)
+    student, teacher = torch.randn(16, 4000, generator=g) * 2, torch.randn(16, 4000, generator=g) * 5
+    fast, fast_grad = _value_and_grad(student, teacher, 2.0)
+    plain, plain_grad = _plain(monkeypatch, student, teacher, 2.0)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_far_tails_and_a_teacher_the_student_rules_out() -> None:
+    """Teacher mass where the student's logit is 200 below its maximum (q < 2^−125 relative): the value counts the
+    full log-ratio (not the clamped exponent), as float64 does."""
+    student = torch.zeros(2, 64)
+    teacher = torch.zeros(2, 64)
+    student[:, 5] = -200.0
+    teacher[0, 5] = 3.0
+    got, _ = _value_and_grad(student, teacher, 1.0)
+    want, _ = _value_and_grad(student.double(), teacher.double(), 1.0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert got[1] > 3.0  # ≈ (200 − log 64)/64: a clamped exponent would give ≈ 125·ln 2 / 64 ≈ 1.4
+
+
+def test_non_finite_rows_take_the_plain_path(monkeypatch) -> None:
+    """A row with −inf, +inf or NaN on either side is computed exactly as the plain path does (its −inf clamping,
+    NaN propagation); the other rows still use the kernel."""
+    g = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(6, 300, generator=g), torch.randn(6, 300, generator=g)
+    student[1, 7] = float("-inf")
+    teacher[2, 9] = float("-inf")
+    teacher[3, 0] = float("nan")
+    student[4, 2] = float("inf")
+    fast, fast_grad = _value_and_grad(student, teacher, 2.0)
+    plain, plain_grad = _plain(monkeypatch, student, teacher, 2.0)
+    for row in (1, 2, 3, 4):
+        torch.testing.assert_close(fast[row], plain[row], equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(fast_grad[row], plain_grad[row], equal_nan=True, rtol=0, atol=0)
+    assert torch.isnan(fast[3])
+    torch.testing.assert_close(fast[[0, 5]], plain[[0, 5]], rtol=1e-5, atol=1e-6)
+
+
+def test_threads_and_empty_selections() -> None:
+    g = torch.Generator().manual_seed(6)
+    student, teacher = torch.randn(40, 30000, generator=g), torch.randn(40, 30000, generator=g) * 2
+    two, two_grad = _value_and_grad(student, teacher, 2.0)
+    with one_thread():
+        one, one_grad = _value_and_grad(student, teacher, 2.0)
+    torch.testing.assert_close(two, one, rtol=0, atol=0)  # rows are split, never a row's sums
+    torch.testing.assert_close(two_grad, one_grad, rtol=0, atol=0)
+    empty = torch.zeros(0, dtype=torch.long)
+    values, grad = _value_and_grad(student, teacher, 2.0, student_rows=empty, teacher_rows=empty)
+    assert values.shape == (0,) and grad.abs().max() == 0
+
+
+def test_other_dtypes_and_kinds_keep_the_plain_path() -> None:
+    x = torch.randn(3, 10)
+    assert not row_kl.fkl_rows_applies(x.double(), x.double())
+    assert not row_kl.fkl_rows_applies(x.bfloat16(), x)
+    assert not row_kl.fkl_rows_applies(x.t(), x.t())  # last axis not contiguous
+    assert row_kl.fkl_rows_applies(torch.randn(3, 20)[:, :10], x)  # a column slice keeps unit stride
