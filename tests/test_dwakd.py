@@ -106,6 +106,39 @@ def test_matches_naive_reference(models, case: str) -> None:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_dense_cpu_forward_kl_gives_the_token_weight_statistics_in_its_own_pass(monkeypatch) -> None:
+    """fp32 on CPU with forward KL in both spaces: the student entropies, the gate and the teacher confidences
+    come from the two KL passes (`ops.row_kl`), with no separate `ops.row_stats` pass over the logits, and the loss
+    and its parts equal the plain path's (which computes them with `ops.row_stats`) to rounding."""
+    from dwakd.modules import divergences, token_weights
+    from dwakd.ops import row_kl
+
+    student, teacher = tiny_student(dtype=torch.float32), tiny_teacher(dtype=torch.float32)
+    method = build("dwakd", student, teacher, head_fusion="dense")
+    batch = make_batch()
+    calls: list[str] = []
+    real = divergences.row_entropy_peak
+
+    def counted(where):
+        def call(*args, **kwargs):
+            calls.append(where)
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(token_weights, "row_entropy_peak", counted("token_weights"))
+    monkeypatch.setattr(divergences, "row_entropy_peak", counted("divergences"))
+    out = method(run_models(student, teacher, batch))
+    assert calls == []
+    monkeypatch.setattr(row_kl, "fkl_rows_applies", lambda *a: False)
+    plain = method(run_models(student, teacher, batch))
+    assert calls  # the plain path reads them with ops.row_stats
+    assert float(out.loss) == pytest.approx(float(plain.loss), rel=1e-5)
+    for name, value in plain.parts.items():
+        assert float(out.parts[name]) == pytest.approx(float(value), rel=1e-4, abs=1e-7), name
+    for name in ("student_weight_mean", "teacher_weight_mean", "gate_mean"):
+        assert float(out.stats[name]) == pytest.approx(float(plain.stats[name]), rel=1e-5), name
+
+
 def test_band_changes_the_dtw_term_and_weights_change_the_kd_terms(models) -> None:
     student, teacher = models
     batch = make_batch()

@@ -107,3 +107,43 @@ def test_other_dtypes_and_kinds_keep_the_plain_path() -> None:
     assert not row_kl.fkl_rows_applies(x.bfloat16(), x)
     assert not row_kl.fkl_rows_applies(x.t(), x.t())  # last axis not contiguous
     assert row_kl.fkl_rows_applies(torch.randn(3, 20)[:, :10], x)  # a column slice keeps unit stride
+
+
+@pytest.mark.parametrize("tau", [2.0, 1.0, 0.5])
+def test_statistics_in_the_same_pass_match_float64(tau: float) -> None:
+    """τ = 1 entropies and peaks of either side, from the KL's own pass, against float64 (`ops.row_stats`'s
+    reference on float64 rows); a side not asked for is not returned; a non-finite row gets the plain statistics."""
+    from dwakd.ops.row_stats import row_entropy_peak
+
+    g = torch.Generator().manual_seed(11)
+    student, teacher = torch.randn(30, 20000, generator=g) * 2, torch.randn(30, 20000, generator=g) * 6
+    teacher[4, 3] = float("-inf")  # a row for the plain path (its statistics: row_stats, −inf counts as p = 0)
+    rows = {"student_rows": torch.tensor([2, 4, 6, 8, 29]), "teacher_rows": torch.tensor([1, 4, 9, 0, 29])}
+    names = ("student_entropy", "student_peak", "teacher_entropy", "teacher_peak")
+    values, stats = divergences.divergence_and_statistics(student, teacher, "fkl", tau, names, **rows)
+    assert values.shape == (5,) and set(stats) == set(names)
+    sides = (("student", (student, rows["student_rows"])), ("teacher", (teacher, rows["teacher_rows"])))
+    for side, (x, picked) in sides:
+        entropy, peak = row_entropy_peak(x.double(), picked)
+        torch.testing.assert_close(stats[f"{side}_entropy"].double(), entropy, rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(stats[f"{side}_peak"].double(), peak, rtol=2e-6, atol=1e-9)
+    only, named = divergences.divergence_and_statistics(student, teacher, "fkl", tau, ("teacher_entropy",), **rows)
+    assert set(named) == {"teacher_entropy"}
+    torch.testing.assert_close(named["teacher_entropy"], stats["teacher_entropy"], rtol=0, atol=0)
+    torch.testing.assert_close(only, values, rtol=0, atol=0)  # the statistics do not touch the value
+
+
+def test_statistics_on_the_plain_path_and_unknown_names(monkeypatch) -> None:
+    g = torch.Generator().manual_seed(12)
+    student, teacher = torch.randn(5, 700, generator=g), torch.randn(5, 700, generator=g) * 3
+    fast = divergences.divergence_and_statistics(student, teacher, "fkl", 2.0, ("student_entropy", "teacher_peak"))[1]
+    with monkeypatch.context() as patch:
+        patch.setattr(row_kl, "fkl_rows_applies", lambda *a: False)
+        plain = divergences.divergence_and_statistics(student, teacher, "fkl", 2.0,
+                                                      ("student_entropy", "teacher_peak"))[1]
+    srkl = divergences.divergence_and_statistics(student, teacher, "srkl", 2.0, ("student_entropy", "teacher_peak"))[1]
+    for name in fast:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(srkl[name], plain[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown statistics"):
+        divergences.divergence_and_statistics(student, teacher, "fkl", 2.0, ("entropy",))

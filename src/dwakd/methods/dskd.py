@@ -28,7 +28,12 @@ from dwakd.methods.base import DistillationInputs, MethodContext, MethodOptions,
 from dwakd.methods.dual_space_base import DualSpaceMethod
 from dwakd.methods.registry import register_method
 from dwakd.modules.cross_attention import CrossModelAttention, cross_model_attention, project
-from dwakd.modules.divergences import check_divergence, compute_dtype, divergence, resolve_divergence
+from dwakd.modules.divergences import (
+    check_divergence,
+    compute_dtype,
+    divergence_and_statistics,
+    resolve_divergence,
+)
 from dwakd.modules.dual_space import DualSpaceTerms
 from dwakd.modules.head_fusion import HEAD_FUSIONS
 from dwakd.modules.projectors import DualSpaceProjectors, model_dims
@@ -116,10 +121,12 @@ class DSKD(DualSpaceMethod):
             t2s_ce = F.cross_entropy(t2s_logits.to(compute_dtype(t2s_logits)), targets, reduction="sum")
             with torch.no_grad():
                 t2s_correct = t2s_logits.argmax(-1).eq(targets)  # (P,)
-            t2s_div = divergence(
+            t2s_div, s_stats = divergence_and_statistics(
                 student_logits, t2s_logits.detach(), self.kd_objective, opts.kd_temperature,
+                ("student_entropy", "teacher_peak") if want_stats else (),
                 skew_lambda=opts.skew_lambda, akl_alpha=opts.akl_alpha,
-            )  # (P,)
+            )  # (P,); DWA-KD's τ = 1 statistics from the same pass where the kernel allows (forward KL on CPU)
+            student_entropy, t2s_peak = s_stats.get("student_entropy"), s_stats.get("teacher_peak")
 
         # teacher space: student information read at each valid teacher position
         t_rows = valid_rows(cma.teacher_mask)  # (Q,)
@@ -137,7 +144,10 @@ class DSKD(DualSpaceMethod):
             head_t = t_out.output_head_weight()[:v_t].detach()  # (V_t, d_t)
             s2t_logits = F.linear(s2t_hidden.to(head_t.dtype), head_t)  # (Q, V_t)
             teacher_logits = t_out.logits_at(t_rows)[:, :v_t].detach()  # (Q, V_t)
-            s2t_div = divergence(s2t_logits, teacher_logits, "fkl", opts.kd_temperature)  # (Q,)
+            s2t_div, t_stats = divergence_and_statistics(
+                s2t_logits, teacher_logits, "fkl", opts.kd_temperature, ("teacher_entropy",) if want_stats else ()
+            )  # (Q,)
+            teacher_entropy = t_stats.get("teacher_entropy")
 
         with torch.no_grad():
             stats = {"t2s_acc": t2s_correct.float().sum() / max(1, s_rows.numel())}

@@ -28,6 +28,8 @@ class DualSpaceTerms:
     With the fused LM head + divergence op (`head_fusion: fused`) the logits of a space are never formed: its
     logits fields are None and the τ = 1 statistics DWA-KD's token weights need come per row instead
     (`student_entropy` and `t2s_peak` in `student_rows` order, `teacher_entropy` in `teacher_rows` order, nats).
+    The dense path sets them too where its divergence pass computes them (forward KL on CPU); where a statistic is
+    set, DWA-KD reads it instead of the logits.
     """
 
     ce: torch.Tensor  # scalar: Σ −log q_s(y) over every student label token
@@ -47,6 +49,6 @@ class DualSpaceTerms:
     student_index: torch.Tensor | None = None  # (batch·n,) flat position → row of student_logits
     teacher_index: torch.Tensor | None = None  # (batch·m,) flat position → row of teacher_logits
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
-    student_entropy: torch.Tensor | None = None  # (P,) H(softmax(z_s)) at τ = 1, when student_logits is None
-    t2s_peak: torch.Tensor | None = None  # (P,) max softmax(t2s_logits), when t2s_logits is None
-    teacher_entropy: torch.Tensor | None = None  # (Q,) H(softmax(z_t)) at τ = 1, when teacher_logits is None
+    student_entropy: torch.Tensor | None = None  # (P,) H(softmax(z_s)) at τ = 1 (always set when no student_logits)
+    t2s_peak: torch.Tensor | None = None  # (P,) max softmax(t2s_logits) (always set when no t2s_logits)
+    teacher_entropy: torch.Tensor | None = None  # (Q,) H(softmax(z_t)) at τ = 1 (always set when no teacher_logits)

@@ -160,16 +160,16 @@ class DWAComponent(nn.Module):
         s_mask, t_mask = terms.student_mask, terms.teacher_mask
         gate = None
         if opts.gate:  # (P,) in student_rows order
-            gate = terms.t2s_peak if terms.t2s_logits is None else peak_probability(terms.t2s_logits.detach())
+            gate = terms.t2s_peak if terms.t2s_peak is not None else peak_probability(terms.t2s_logits.detach())
         inner_gate = None if opts.gate_after_rescale else gate
-        if terms.student_logits is None:  # fused head: per-row entropies instead of logits
+        if terms.student_entropy is not None:  # per-row entropies from the host's KD pass (fused head, or CPU fkl)
             raw = terms.student_entropy / math.log(terms.student_vocab)
             raw = raw if inner_gate is None else raw * inner_gate.to(raw.dtype)
             w = weights_at_rows(raw, s_mask, terms.student_rows)
         else:
             s_rows = None if terms.student_index is None else terms.student_index.index_select(0, valid_rows(s_mask))
             w = student_token_weights(terms.student_logits, s_mask, terms.student_vocab, inner_gate, rows=s_rows)
-        if terms.teacher_logits is None:
+        if terms.teacher_entropy is not None:
             confidence = (1.0 - terms.teacher_entropy / math.log(terms.teacher_vocab)).clamp_min(0.0)
             u = weights_at_rows(confidence, t_mask, terms.teacher_rows)
         else:

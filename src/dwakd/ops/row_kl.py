@@ -16,6 +16,11 @@ Sums are float32 with reassociation allowed (vector partial sums); 2^x and log2 
 A row with a non-finite entry (±inf, NaN) on either side is flagged and left to the plain path, whose −inf
 clamping and NaN propagation it needs. Rows are split over up to `torch.get_num_threads()` Python threads.
 
+On request the same summing pass also gives either side's τ = 1 entropy and peak probability (DWA-KD's token
+weights and gate read them from the very logits of the KD terms): with a¹ = (z − m)·log2(e), Z¹ = Σ 2^a¹ and
+W¹ = Σ 2^a¹·a¹, H = ln 2 · (log2 Z¹ − W¹/Z¹) and peak = 1/Z¹ — one more 2^x per entry instead of a separate max
+pass and exp pass over the row (`ops.row_stats`). The kernel is compiled once per combination of sides asked for.
+
 `fkl_rows_applies` says when the fast path is taken: float32 CPU tensors whose last axis is contiguous. The plain
 PyTorch reference is `dwakd.modules.divergences` itself (`_value` / `_grad`), which the tests compare against.
 """
@@ -63,42 +68,72 @@ def _kernels():
                 m = row[v] if row[v] > m else m
             return m
 
-        @njit(**opts)
-        def forward(s, t, s_rows, t_rows, vocab, scale, start, end, value, m_s, m_t, log2_zs, log2_zt, bad):
-            # pragma: no cover - compiled
-            for k in range(start, end):
-                s_row = s[s_rows[k]]
-                t_row = t[t_rows[k]]
-                ms = row_max(s_row, vocab)
-                mt = row_max(t_row, vocab)
-                if not (ms > neg_inf and ms < inf and mt > neg_inf and mt < inf):
-                    bad[k] = 1
-                    continue
-                zs = zero
-                zt = zero
-                w = zero
-                nonfinite = zero  # a float32 count keeps the loop at the full float32 vector width
-                for v in range(vocab):
-                    x = s_row[v]
-                    y = t_row[v]
-                    nonfinite += zero if (abs(x) < inf and abs(y) < inf) else one
-                    b = (x - ms) * scale
-                    a = (y - mt) * scale
-                    e_s = _exp2_nonpos_f32(b if b > t_min else t_min)
-                    e_t = _exp2_nonpos_f32(a if a > t_min else t_min)
-                    zs += e_s
-                    zt += e_t
-                    w += e_t * (a - b)
-                if nonfinite:
-                    bad[k] = 1
-                    continue
-                ls = _log2_pos_f32(zs)
-                lt = _log2_pos_f32(zt)
-                value[k] = ln2 * (w / zt - lt + ls)
-                m_s[k] = ms
-                m_t[k] = mt
-                log2_zs[k] = ls
-                log2_zt[k] = lt
+        log2e = np.float32(math.log2(math.e))
+
+        def make_forward(stats_s: bool, stats_t: bool):
+            """The value kernel; with `stats_s` / `stats_t` (compile-time constants) also that side's τ = 1
+            entropy and peak."""
+
+            @njit(**opts)
+            def forward(s, t, s_rows, t_rows, vocab, scale, start, end, value, m_s, m_t, log2_zs, log2_zt, bad,
+                        stats):  # pragma: no cover - compiled
+                for k in range(start, end):
+                    s_row = s[s_rows[k]]
+                    t_row = t[t_rows[k]]
+                    ms = row_max(s_row, vocab)
+                    mt = row_max(t_row, vocab)
+                    if not (ms > neg_inf and ms < inf and mt > neg_inf and mt < inf):
+                        bad[k] = 1
+                        continue
+                    zs = zero
+                    zt = zero
+                    w = zero
+                    zs1 = zero
+                    ws1 = zero
+                    zt1 = zero
+                    wt1 = zero
+                    nonfinite = zero  # a float32 count keeps the loop at the full float32 vector width
+                    for v in range(vocab):
+                        x = s_row[v]
+                        y = t_row[v]
+                        nonfinite += zero if (abs(x) < inf and abs(y) < inf) else one
+                        b = (x - ms) * scale
+                        a = (y - mt) * scale
+                        e_s = _exp2_nonpos_f32(b if b > t_min else t_min)
+                        e_t = _exp2_nonpos_f32(a if a > t_min else t_min)
+                        zs += e_s
+                        zt += e_t
+                        w += e_t * (a - b)
+                        if stats_s:
+                            b1 = (x - ms) * log2e
+                            e1 = _exp2_nonpos_f32(b1 if b1 > t_min else t_min)
+                            zs1 += e1
+                            ws1 += e1 * b1
+                        if stats_t:
+                            a1 = (y - mt) * log2e
+                            e1 = _exp2_nonpos_f32(a1 if a1 > t_min else t_min)
+                            zt1 += e1
+                            wt1 += e1 * a1
+                    if nonfinite:
+                        bad[k] = 1
+                        continue
+                    ls = _log2_pos_f32(zs)
+                    lt = _log2_pos_f32(zt)
+                    value[k] = ln2 * (w / zt - lt + ls)
+                    m_s[k] = ms
+                    m_t[k] = mt
+                    log2_zs[k] = ls
+                    log2_zt[k] = lt
+                    if stats_s:
+                        stats[0, k] = ln2 * (_log2_pos_f32(zs1) - ws1 / zs1)
+                        stats[1, k] = one / zs1
+                    if stats_t:
+                        stats[2, k] = ln2 * (_log2_pos_f32(zt1) - wt1 / zt1)
+                        stats[3, k] = one / zt1
+
+            return forward
+
+        forwards = {(ss, st): make_forward(ss, st) for ss in (False, True) for st in (False, True)}
 
         @njit(**opts)
         def backward(s, t, s_rows, t_rows, vocab, scale, start, end, coef, m_s, m_t, log2_zs, log2_zt, grad,
@@ -116,7 +151,7 @@ def _kernels():
                     p = _exp2_nonpos_f32(a if a > t_min else t_min)
                     out[v] = c * (q - p)
 
-        _KERNELS = (forward, backward)
+        _KERNELS = (forwards, backward)
     return _KERNELS
 
 
@@ -147,22 +182,26 @@ def _indices(rows: torch.Tensor | None, total: int) -> np.ndarray:
 
 def fkl_rows_forward(
     student: torch.Tensor, teacher: torch.Tensor, student_rows: torch.Tensor | None,
-    teacher_rows: torch.Tensor | None, temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    teacher_rows: torch.Tensor | None, temperature: float, student_stats: bool = False, teacher_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
     """Per selected row KL(softmax(t/τ) ‖ softmax(s/τ)) (K,) float32, a (K,) bool mask of the rows left undone
-    (a non-finite entry: compute them on the plain path), and the per-row statistics `fkl_rows_backward` needs."""
+    (a non-finite entry: compute them on the plain path), the per-row values `fkl_rows_backward` needs, and a
+    (4, K) float32 tensor of τ = 1 statistics: student entropy (nats) and peak, teacher entropy and peak (rows of a
+    side not asked for, and rows left undone, are 0)."""
     total = student.shape[0] if student_rows is None else student_rows.numel()
     vocab = student.shape[1]
     s_idx, t_idx = _indices(student_rows, total), _indices(teacher_rows, total)
     value = torch.zeros(total, dtype=torch.float32)
-    stats = tuple(torch.zeros(total, dtype=torch.float32) for _ in range(4))  # m_s, m_t, log2 Z_s, log2 Z_t
+    saved = tuple(torch.zeros(total, dtype=torch.float32) for _ in range(4))  # m_s, m_t, log2 Z_s, log2 Z_t
+    stats = torch.zeros(4, total, dtype=torch.float32)
     bad = torch.zeros(total, dtype=torch.uint8)
     if total:
-        forward, _ = _kernels()
+        forwards, _ = _kernels()
         scale = np.float32(math.log2(math.e) / temperature)
-        _run(forward, total, vocab, (student.detach().numpy(), teacher.detach().numpy(), s_idx, t_idx, vocab, scale),
-             (value.numpy(), *(x.numpy() for x in stats), bad.numpy()))
-    return value, bad.bool(), stats
+        _run(forwards[bool(student_stats), bool(teacher_stats)], total, vocab,
+             (student.detach().numpy(), teacher.detach().numpy(), s_idx, t_idx, vocab, scale),
+             (value.numpy(), *(x.numpy() for x in saved), bad.numpy(), stats.numpy()))
+    return value, bad.bool(), saved, stats
 
 
 def fkl_rows_backward(

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dwakd.ops._threads import worker_pool
+from dwakd.ops.row_math import chunk_rows, compute_dtype, iter_row_chunks, log_probs, no_autocast, row_dot
 
 _MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a thread hand-off costs more than it saves
 
@@ -95,8 +96,6 @@ def row_entropy_peak_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(H(softmax(z)) in nats, max softmax(z)) per selected row of a (N, ≥ vocab) tensor over its first `vocab`
     columns, in at least float32, chunked over rows (plain PyTorch)."""
-    from dwakd.modules.divergences import chunk_rows, compute_dtype, iter_row_chunks, log_probs, no_autocast, row_dot
-
     total = flat.shape[0] if rows is None else rows.numel()
     dtype = compute_dtype(flat)
     entropy = torch.empty(total, dtype=dtype, device=flat.device)
