@@ -2,7 +2,8 @@
 
 `_exp2_nonpos_f32` (2^t for t ≤ 0, relative error ≤ 2.5e-7) and `_log2_pos_f32` (log2 s for a normal s > 0, absolute
 error ≤ 2e-7 on [1, 3]): range reduction by integer bit operations plus a short polynomial, branch-free. Shared by the
-Soft-DTW kernels (`ops/soft_dtw/_cpu_kernels.py`) and the row statistics (`ops/row_stats.py`).
+Soft-DTW kernels (`ops/soft_dtw/_cpu_kernels.py`), the row statistics (`ops/row_stats.py`) and the row forward KL
+(`ops/row_kl.py`), as is `_row_max_f32` (a row's maximum over 16 interleaved lanes).
 """
 
 from __future__ import annotations
@@ -99,3 +100,25 @@ def _log2_pos_f32(s):
     x4 = x2 * x2
     q = ((_Q0 + x * _Q1) + x2 * (_Q2 + x * _Q3)) + x4 * ((_Q4 + x * _Q5) + x2 * (_Q6 + x * _Q7))
     return _F(e) + x * q
+
+
+_NEG_INF = _F(-np.inf)
+
+
+@njit(inline="always", **_OPTS)
+def _row_max_f32(row, vocab):
+    """max of row[:vocab] (float32) over 16 interleaved lanes, so that the loop vectorises; NaN entries lose every
+    comparison and are skipped (callers that must see them count them), −inf when every entry is −inf."""
+    lanes = np.empty(16, dtype=np.float32)
+    lanes[:] = _NEG_INF
+    whole = vocab - vocab % 16
+    for b in range(0, whole, 16):
+        for lane in range(16):
+            z = row[b + lane]
+            lanes[lane] = z if z > lanes[lane] else lanes[lane]
+    m = _NEG_INF
+    for lane in range(16):
+        m = lanes[lane] if lanes[lane] > m else m
+    for v in range(whole, vocab):
+        m = row[v] if row[v] > m else m
+    return m

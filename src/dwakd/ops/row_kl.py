@@ -46,27 +46,12 @@ def _kernels():
 
         from dwakd.ops._numba_math import _T_MIN as t_min
         from dwakd.ops._numba_math import _exp2_nonpos_f32, _log2_pos_f32
+        from dwakd.ops._numba_math import _row_max_f32 as row_max
 
         zero, one = np.float32(0.0), np.float32(1.0)
         neg_inf, inf = np.float32(-np.inf), np.float32(np.inf)
         ln2 = np.float32(math.log(2.0))
         opts = dict(nogil=True, cache=True, error_model="numpy", fastmath={"contract", "reassoc"})
-
-        @njit(inline="always", **opts)
-        def row_max(row, vocab):  # pragma: no cover - compiled
-            lanes = np.empty(16, dtype=np.float32)
-            lanes[:] = neg_inf
-            whole = vocab - vocab % 16
-            for b in range(0, whole, 16):
-                for lane in range(16):
-                    z = row[b + lane]
-                    lanes[lane] = z if z > lanes[lane] else lanes[lane]
-            m = neg_inf
-            for lane in range(16):
-                m = lanes[lane] if lanes[lane] > m else m
-            for v in range(whole, vocab):
-                m = row[v] if row[v] > m else m
-            return m
 
         log2e = np.float32(math.log2(math.e))
 

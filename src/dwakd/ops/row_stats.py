@@ -40,6 +40,7 @@ def _kernel():
 
         from dwakd.ops._numba_math import _T_MIN as t_min
         from dwakd.ops._numba_math import _exp2_nonpos_f32
+        from dwakd.ops._numba_math import _row_max_f32 as row_max
 
         log2e, ln2 = np.float32(math.log2(math.e)), np.float32(math.log(2.0))
         zero, one = np.float32(0.0), np.float32(1.0)
@@ -47,21 +48,9 @@ def _kernel():
 
         @njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract", "reassoc"})
         def row_stats(x, rows, vocab, start, end, entropy, peak):  # pragma: no cover - compiled
-            lanes = np.empty(16, dtype=np.float32)
             for k in range(start, end):
                 row = x[rows[k]]
-                # max over 16 interleaved lanes (vectorises; a NaN is caught by the count below)
-                lanes[:] = neg_inf
-                whole = vocab - vocab % 16
-                for b in range(0, whole, 16):
-                    for lane in range(16):
-                        z = row[b + lane]
-                        lanes[lane] = z if z > lanes[lane] else lanes[lane]
-                m = neg_inf
-                for lane in range(16):
-                    m = lanes[lane] if lanes[lane] > m else m
-                for v in range(whole, vocab):
-                    m = row[v] if row[v] > m else m
+                m = row_max(row, vocab)  # a NaN is caught by the count below
                 if not (m > neg_inf and m < -neg_inf):  # +inf, or every entry −inf
                     entropy[k] = np.nan
                     peak[k] = np.nan
