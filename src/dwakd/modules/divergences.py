@@ -170,8 +170,8 @@ def _grad(s: torch.Tensor, t: torch.Tensor, spec: _Spec) -> torch.Tensor:
     raise ValueError(kind)  # pragma: no cover
 
 
-def _plain_statistics(student, teacher, student_rows, teacher_rows, want: tuple[bool, bool],
-                      dtype: torch.dtype) -> torch.Tensor:
+def _plain_statistics(student: torch.Tensor, teacher: torch.Tensor, student_rows: torch.Tensor | None,
+                      teacher_rows: torch.Tensor | None, want: tuple[bool, bool], dtype: torch.dtype) -> torch.Tensor:
     """(4, K) τ = 1 statistics of the selected rows from `ops.row_stats`: student entropy and peak, teacher entropy
     and peak; a side not asked for is 0."""
     total = student.shape[0] if student_rows is None else student_rows.numel()

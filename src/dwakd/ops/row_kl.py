@@ -12,7 +12,8 @@ With a_v = (t_v − m_t)·log2(e)/τ and b_v = (s_v − m_s)·log2(e)/τ (both �
     Z_t = Σ 2^a,  Z_s = Σ 2^b,  W = Σ 2^a·(a − b),   KL = ln 2 · (W / Z_t − log2 Z_t + log2 Z_s),
 and the gradient w.r.t. s/τ is q − p = 2^(b − log2 Z_s) − 2^(a − log2 Z_t) (the caller scales by dL/dKL / τ).
 Sums are float32 with reassociation allowed (vector partial sums); 2^x and log2 are the polynomials of
-`ops/_numba_math.py`, with arguments below −125 counted as −125 (a probability below 2^−125 of the row's largest).
+`ops/_numba_math.py`, whose 2^x counts arguments below −125 as −125 (a probability below 2^−125 of the row's
+largest).
 A row with a non-finite entry (±inf, NaN) on either side is flagged and left to the plain path, whose −inf
 clamping and NaN propagation it needs. Rows are split over up to `torch.get_num_threads()` Python threads.
 
@@ -44,7 +45,6 @@ def _kernels():
     if _KERNELS is None:
         from numba import njit
 
-        from dwakd.ops._numba_math import _T_MIN as t_min
         from dwakd.ops._numba_math import _exp2_nonpos_f32, _log2_pos_f32
         from dwakd.ops._numba_math import _row_max_f32 as row_max
 
@@ -84,19 +84,19 @@ def _kernels():
                         nonfinite += zero if (abs(x) < inf and abs(y) < inf) else one
                         b = (x - ms) * scale
                         a = (y - mt) * scale
-                        e_s = _exp2_nonpos_f32(b if b > t_min else t_min)
-                        e_t = _exp2_nonpos_f32(a if a > t_min else t_min)
+                        e_s = _exp2_nonpos_f32(b)
+                        e_t = _exp2_nonpos_f32(a)
                         zs += e_s
                         zt += e_t
                         w += e_t * (a - b)
                         if stats_s:
                             b1 = (x - ms) * log2e
-                            e1 = _exp2_nonpos_f32(b1 if b1 > t_min else t_min)
+                            e1 = _exp2_nonpos_f32(b1)
                             zs1 += e1
                             ws1 += e1 * b1
                         if stats_t:
                             a1 = (y - mt) * log2e
-                            e1 = _exp2_nonpos_f32(a1 if a1 > t_min else t_min)
+                            e1 = _exp2_nonpos_f32(a1)
                             zt1 += e1
                             wt1 += e1 * a1
                     if nonfinite:
@@ -132,8 +132,8 @@ def _kernels():
                 for v in range(vocab):
                     b = (s_row[v] - ms) * scale - ls
                     a = (t_row[v] - mt) * scale - lt
-                    q = _exp2_nonpos_f32(b if b > t_min else t_min)
-                    p = _exp2_nonpos_f32(a if a > t_min else t_min)
+                    q = _exp2_nonpos_f32(b)
+                    p = _exp2_nonpos_f32(a)
                     out[v] = c * (q - p)
 
         _KERNELS = (forwards, backward)
