@@ -12,7 +12,11 @@ and the load average before and after.
     PYTHONPATH=src python benchmarks/method_steps.py --methods dskd,dwakd --batch-sizes 4 --clock cpu --threads 1 \
         --memory --out benchmarks/results/dwakd_vs_dskd_cpu.json          # DWA-KD's cost over DSKD, load-robust
 
-A method entry `name:key=value+key=value` sets method options for that entry only (`method.options.key=value`).
+A method entry `name:key=value+key=value` sets method options for that entry only (`method.options.key=value`);
+a suffix `@python` or `@openmp` runs that entry's numba kernels on Python threads or in torch's OpenMP team
+(`dwakd.ops._threads.ops_threads`), e.g. `--methods dskd,dskd@python` measures what the OpenMP team saves:
+
+    PYTHONPATH=src python benchmarks/method_steps.py --methods dskd,dskd@python,dwakd,dwakd@python --batch-sizes 4
 
 Writes benchmarks/results/method_steps.json (or --out): every sample, medians, best-of-N, ratios to the first method.
 """
@@ -20,6 +24,7 @@ Writes benchmarks/results/method_steps.json (or --out): every sample, medians, b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -35,11 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from dwakd.config import load_config  # noqa: E402
+from dwakd.ops._threads import ops_threads  # noqa: E402
 from dwakd.run import build_training  # noqa: E402
 
 
 def build(config_path: str, method: str, batch_size: int, overrides: list[str]):
     """(model, batches) of one method: the `dwakd train` run's model and its first training batches."""
+    method = method.partition("@")[0]  # `@python` / `@openmp`: how its kernels are threaded (see `threading`)
     method, _, options = method.partition(":")  # `name:key=value+key=value`: options of this entry only
     overrides = [*overrides, *(f"method.options.{item}" for item in options.split("+") if item)]
     with tempfile.TemporaryDirectory() as out_dir:
@@ -50,6 +57,12 @@ def build(config_path: str, method: str, batch_size: int, overrides: list[str]):
     loader = iter(run.trainer.get_train_dataloader())
     run.model.train()  # as the Trainer does (the teacher is not a submodule and stays in eval mode)
     return run.model, loader
+
+
+def threading(method: str) -> contextlib.AbstractContextManager:
+    """The `ops_threads` mode of an entry with an `@python` / `@openmp` suffix (none: the default)."""
+    mode = method.partition("@")[2]
+    return ops_threads(mode) if mode else contextlib.nullcontext()
 
 
 def one_pass(model, batch, clock=time.perf_counter) -> float:
@@ -101,7 +114,8 @@ def main() -> None:
         for round_index in range(args.warmup + args.rounds):
             for method in methods:  # every method on its own next batch; all methods read the same data order
                 model, loader = built[method]
-                seconds = one_pass(model, next(loader), clock)
+                with threading(method):
+                    seconds = one_pass(model, next(loader), clock)
                 if round_index >= args.warmup:
                     samples[method].append(seconds)
         block = {}
@@ -119,7 +133,8 @@ def main() -> None:
         if args.memory:
             for method in methods:
                 model, loader = built[method]
-                block[method]["peak_tensor_mib"] = peak_tensor_mib(model, next(loader))
+                with threading(method):
+                    block[method]["peak_tensor_mib"] = peak_tensor_mib(model, next(loader))
                 block[method]["peak_ratio_to_" + first] = block[method]["peak_tensor_mib"] / block[first].get(
                     "peak_tensor_mib", block[method]["peak_tensor_mib"])
         result["results"][f"batch_{batch_size}"] = block

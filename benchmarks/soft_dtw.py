@@ -47,12 +47,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from dwakd.ops._threads import ops_threads  # noqa: E402
 from dwakd.ops.soft_dtw import cosine_cost, soft_dtw, soft_dtw_divergence  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_GRID = [(b, n, g) for b, n, g in itertools.product((4, 8), (128, 256), (1.0, 0.1, 0.01))] + [(8, 512, 0.1)]
 FULL_GRID = list(itertools.product((4, 8, 32), (128, 256, 512, 1024), (1.0, 0.1, 0.01)))
 HEADLINE = {"cpu": (8, 256, 0.1), "cuda": (8, 512, 0.1)}
+PYTHON_THREADS = "dwakd:python-threads"  # dwakd's CPU path with DWAKD_OPS_THREADS=python
 
 # An implementation maps leaf inputs (a cost (batch, N, M), or the sequences x, y of the divergence) to a scalar whose
 # backward gives d(Σ_b value_b)/d inputs, and the per-sample values it computed (or their mean, flagged by
@@ -98,12 +100,24 @@ def _per_sample(fn: Callable[..., torch.Tensor], inputs: int = 1) -> Runner:
     return run
 
 
+def _python_threads(runner: Runner) -> Runner:
+    """`runner` with dwakd's CPU kernels on a pool of Python threads instead of torch's OpenMP team."""
+
+    def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with ops_threads("python"):
+            return runner(*tensors)
+
+    return run
+
+
 def divergence_impl(impl: Impl) -> Impl:
     """The divergence through `impl`: dwakd's own function, or a peer on the three cosine-cost batches."""
     if impl.name.startswith("dwakd"):
         path = "cuda" if "Triton" in impl.note else "cpu"
-        return Impl(impl.name, impl.package, lambda g: _per_sample(lambda x, y: soft_dtw_divergence(x, y, g, impl=path),
-                    inputs=2), note=f"soft_dtw_divergence impl={path!r}")  # fmt: skip
+        wrap = _python_threads if impl.name == PYTHON_THREADS else (lambda runner: runner)
+        return Impl(impl.name, impl.package,
+                    lambda g: wrap(_per_sample(lambda x, y: soft_dtw_divergence(x, y, g, impl=path), inputs=2)),
+                    note=f"soft_dtw_divergence impl={path!r}; {impl.note}")  # fmt: skip
 
     def make(g: float) -> Runner:
         run = impl.make(g)
@@ -124,6 +138,9 @@ def cpu_impls() -> tuple[list[Impl], dict[str, str]]:
     """dwakd's CPU path and every CPU peer that imports; the second value maps missing peers to the reason."""
     impls = [
         Impl("dwakd", "dwakd", lambda g: _per_sample(lambda c: soft_dtw(c, g, impl="cpu")), note="numba, float32"),
+        # the same kernels on Python threads, which torch's spinning OpenMP workers keep waiting (ops._threads)
+        Impl(PYTHON_THREADS, "dwakd", lambda g: _python_threads(_per_sample(lambda c: soft_dtw(c, g, impl="cpu"))),
+             note="numba, float32, Python threads"),  # fmt: skip
     ]
     missing: dict[str, str] = {}
     try:

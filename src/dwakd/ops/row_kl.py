@@ -15,7 +15,8 @@ Sums are float32 with reassociation allowed (vector partial sums); 2^x and log2 
 `ops/_numba_math.py`, whose 2^x counts arguments below −125 as −125 (a probability below 2^−125 of the row's
 largest).
 A row with a non-finite entry (±inf, NaN) on either side is flagged and left to the plain path, whose −inf
-clamping and NaN propagation it needs. Rows are split over up to `torch.get_num_threads()` Python threads.
+clamping and NaN propagation it needs. Rows are split over up to `torch.get_num_threads()` threads (`ops._threads`:
+torch's own OpenMP team where torch uses libgomp).
 
 On request the same summing pass also gives either side's τ = 1 entropy and peak probability (DWA-KD's token
 weights and gate read them from the very logits of the KD terms): with a¹ = (z − m)·log2(e), Z¹ = Σ 2^a¹ and
@@ -33,7 +34,7 @@ import math
 import numpy as np
 import torch
 
-from dwakd.ops._threads import worker_pool
+from dwakd.ops._threads import run_threads
 
 _MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a thread hand-off costs more than it saves
 _KERNELS = None
@@ -154,11 +155,7 @@ def _split(count: int, vocab: int) -> list[int]:
 def _run(kernel, count: int, vocab: int, head: tuple, tail: tuple) -> None:
     """kernel(*head, start, end, *tail) over `count` rows in up to torch.get_num_threads() threads."""
     bounds = _split(count, vocab)
-    futures = [worker_pool().submit(kernel, *head, bounds[i], bounds[i + 1], *tail)
-               for i in range(1, len(bounds) - 1)]
-    kernel(*head, bounds[0], bounds[1], *tail)
-    for future in futures:
-        future.result()
+    run_threads(lambda i: kernel(*head, bounds[i], bounds[i + 1], *tail), len(bounds) - 1)
 
 
 def _indices(rows: torch.Tensor | None, total: int) -> np.ndarray:

@@ -10,11 +10,12 @@ with t_v = (z_v − m)·log2(e) ≤ 0 and e_v = 2^t_v (a vectorised polynomial, 
     Z = Σ_v e_v,   H = ln Z − ln 2 · (Σ_v e_v·t_v) / Z,   peak = 1 / Z   (the maximum contributes e = 1).
 Sums are float32 with reassociation allowed (vector partial sums); entries below 2^−125 relative to the maximum
 count as 2^−125 (at most V·2^−125 ≈ 4e−33 of Z). A row with a NaN, a +inf, or only −inf entries gives NaN, as the
-reference does. Rows are split over up to `torch.get_num_threads()` Python threads (the kernel releases the GIL; no
-second OpenMP pool). Measured on 110 × 151,646 float32 rows (randn·3), AVX2, quiet machine: 31 ms with one thread,
-16 ms with two, against the reference's 172 ms; largest entropy error 1.3e−4 nats against the reference's 1.2e−3
-(both vs float64). On 240 × 151,646 rows (randn·3), one thread of an AVX-512 Xeon: 39 ms; 47 ms while the NaN count
-was an int64, which held the vectorised loop to 4 float32 lanes (xmm) instead of 8 (ymm).
+reference does. Rows are split over up to `torch.get_num_threads()` threads (the kernel releases the GIL; they run in
+torch's own OpenMP team where torch uses libgomp, see `ops._threads`). Measured on 110 × 151,646 float32 rows
+(randn·3), AVX2, quiet machine: 31 ms with one thread, 16 ms with two, against the reference's 172 ms; largest
+entropy error 1.3e−4 nats against the reference's 1.2e−3 (both vs float64). On 240 × 151,646 rows (randn·3), one
+thread of an AVX-512 Xeon: 39 ms; 47 ms while the NaN count was an int64, which held the vectorised loop to 4
+float32 lanes (xmm) instead of 8 (ymm).
 
 `row_entropy_peak` picks the fast path for float32 CPU tensors (other dtypes and devices: the reference).
 """
@@ -26,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from dwakd.ops._threads import worker_pool
+from dwakd.ops._threads import run_threads
 from dwakd.ops.row_math import chunk_rows, compute_dtype, iter_row_chunks, log_probs, no_autocast, row_dot
 
 _MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a thread hand-off costs more than it saves
@@ -128,8 +129,5 @@ def row_entropy_peak(
     kernel = _kernel()
     threads = max(1, min(torch.get_num_threads(), count, count * vocab // _MIN_ELEMENTS_PER_THREAD))
     bounds = [count * i // threads for i in range(threads + 1)]
-    futures = [worker_pool().submit(kernel, *args, bounds[i], bounds[i + 1], *outs) for i in range(1, threads)]
-    kernel(*args, bounds[0], bounds[1], *outs)
-    for future in futures:
-        future.result()
+    run_threads(lambda i: kernel(*args, bounds[i], bounds[i + 1], *outs), threads)
     return entropy, peak

@@ -2,9 +2,10 @@
 
 Several cost batches ("groups", e.g. the cross and the two self terms of the divergence) run as one list of tasks,
 cut into chunks (largest first) that up to `torch.get_num_threads()` threads pull from a shared counter. Kernels
-release the GIL, so plain Python threads give true parallelism without a second OpenMP pool competing with torch's,
-and pulling work (rather than a static split) keeps a descheduled thread on a busy machine from stalling the call:
-the calling thread simply takes the remaining chunks. A group can be marked symmetric (C(i, j) = C(j, i) and
+release the GIL, and the threads are torch's own OpenMP team where torch uses libgomp (`ops._threads`: torch's idle
+workers spin on the other cores after every torch op, so threads of our own would wait for them), and pulling work
+(rather than a static split) keeps a descheduled thread on a busy machine from stalling the call: the calling thread
+simply takes the remaining chunks. A group can be marked symmetric (C(i, j) = C(j, i) and
 n = m per sample, as for the divergence's self terms): its tasks sweep only the upper half of the grid.
 
 With a gradient, the forward call also computes E = dR(n, m)/dC of every task (the E-recursion does not depend on
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dwakd.ops._threads import worker_pool
+from dwakd.ops._threads import run_threads
 from dwakd.ops.soft_dtw.band import SoftBand
 
 _MIN_CELLS_PER_WORKER = 1 << 15
@@ -167,13 +168,7 @@ def _run(kernel, plan: _TaskPlan, args: tuple, per_thread: list | None = None) -
             own = tuple(next(mine) if a is None else a for a in args)
         kernel(plan.order, plan.bounds, counter, plan.tasks, *own)
 
-    if plan.workers == 1:
-        call(0)
-        return
-    futures = [worker_pool().submit(call, i) for i in range(1, plan.workers)]
-    call(0)
-    for f in futures:
-        f.result()
+    run_threads(call, plan.workers)
 
 
 class _SoftDTWCPUFunction(torch.autograd.Function):
