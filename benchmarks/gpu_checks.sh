@@ -48,7 +48,7 @@ for s in $STEPS; do
     case $s in
         env) run_step env 60 bash -c "$(declare -f step_env); step_env" ;;
         triton_tests) run_step triton_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
-            tests/test_soft_dtw_triton.py tests/test_soft_dtw_cpu.py ;;
+            tests/test_soft_dtw_triton.py tests/test_soft_dtw_cpu.py tests/test_transfer.py ;;
         soft_dtw) run_step soft_dtw 100 python3 benchmarks/soft_dtw.py --device cuda --repeats 21 \
             --configs 8,512,0.01 8,512,0.1 8,1024,0.1 --only dwakd pysdtw dtw-loss-functions:mag \
             dtw-loss-functions:ron --out "$RESULTS/soft_dtw_cuda.json" ;;

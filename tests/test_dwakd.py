@@ -139,6 +139,47 @@ def test_dense_cpu_forward_kl_gives_the_token_weight_statistics_in_its_own_pass(
         assert float(out.stats[name]) == pytest.approx(float(plain.stats[name]), rel=1e-5), name
 
 
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that read tensor values on the host, each a device sync on a GPU (it waits for every kernel
+    launched before it): `.item()` / `int()`, `nonzero`, boolean-mask indexing, and `Tensor.tolist`."""
+
+    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::masked_select"}
+
+    def __init__(self, monkeypatch) -> None:
+        super().__init__()
+        self.count = 0
+        real = torch.Tensor.tolist
+
+        def tolist(tensor):
+            self.count += 1
+            return real(tensor)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        indices = args[1] if name == "aten::index" else ()
+        if name in self.SYNCING or any(i is not None and i.dtype == torch.bool for i in indices):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_soft_dtw_terms_read_the_lengths_to_the_host_once(models, monkeypatch) -> None:
+    """DWA-KD's two Soft-DTW terms add one host read to DSKD's step (the per-sample lengths of both sides, for both
+    layers), not one per compaction, kept-sequence selection and length check (18 before)."""
+    student, teacher = models
+    batch = make_batch()
+    reads = {}
+    for name in ("dskd", "dwakd"):
+        method = build(name, student, teacher)
+        inputs = run_models(student, teacher, batch)
+        with _HostReads(monkeypatch) as counter:
+            method(inputs).loss.backward()
+        reads[name] = counter.count
+        monkeypatch.undo()
+    assert reads["dwakd"] - reads["dskd"] == 1, reads
+
+
 def test_band_changes_the_dtw_term_and_weights_change_the_kd_terms(models) -> None:
     student, teacher = models
     batch = make_batch()

@@ -40,7 +40,7 @@ from torch import nn
 
 from dwakd.interface import DistillationInputs
 from dwakd.modules.cross_attention import lookup, project
-from dwakd.modules.dtw import response_dtw_divergence
+from dwakd.modules.dtw import response_dtw_divergence, response_lengths
 from dwakd.modules.dual_space import DualSpaceTerms
 from dwakd.modules.projectors import ModelDims
 from dwakd.modules.rows import valid_rows
@@ -224,6 +224,7 @@ class DWAComponent(nn.Module):
         band = dict(band_base=opts.band_base, band_sensitivity=opts.band_sensitivity, band_blend=opts.band_blend,
                     band_penalty=opts.band_penalty, impl=opts.dtw_impl)
         out: dict[str, torch.Tensor] = {}
+        lengths = response_lengths(m_s, m_t)  # the one device-to-host read of the Soft-DTW terms
         for layer in self.dtw_layers():
             student_seq = student_seqs[layer]
             if layer == "hidden":
@@ -232,6 +233,7 @@ class DWAComponent(nn.Module):
                 with torch.no_grad():
                     teacher_emb = lookup(inputs.teacher_out.input_embeddings(), teacher.labels, m_t)
                 teacher_seq = project(self.embedding, teacher_emb.detach())  # (batch, m, e_s)
-            per_sequence = response_dtw_divergence(student_seq, teacher_seq, m_s, m_t, gamma, attention, **band)
+            per_sequence = response_dtw_divergence(student_seq, teacher_seq, m_s, m_t, gamma, attention,
+                                                   lengths=lengths, **band)
             out[f"dtw_{layer}"] = per_sequence.sum()
         return out

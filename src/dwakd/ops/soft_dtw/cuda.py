@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dwakd.ops._transfer import to_device
 from dwakd.ops.soft_dtw.band import SoftBand
 
 # Launch configuration (module-level so tests can force the chunked sweep on small sizes).
@@ -99,15 +100,15 @@ def _static_meta(shapes: tuple[tuple[int, int, int], ...], device: torch.device)
         sample += range(batch)
         offset += range(cells, cells + batch * rows * cols, rows * cols)
         cells += batch * rows * cols
-    ids = torch.tensor([group, sample], dtype=torch.int32).to(device)
-    return ids[0], ids[1], torch.tensor(offset, dtype=torch.int64).to(device)
+    ids = to_device(torch.tensor([group, sample], dtype=torch.int32), device)  # no stream sync (ops._transfer)
+    return ids[0], ids[1], to_device(torch.tensor(offset, dtype=torch.int64), device)
 
 
 @functools.lru_cache(maxsize=64)
 def _table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
     """int64 (3, 3) per-group table on `device` (strides, or shapes), missing groups repeating group 0; cached."""
     rows = rows + (rows[0],) * (3 - len(rows))
-    return torch.tensor(rows, dtype=torch.int64).to(device)
+    return to_device(torch.tensor(rows, dtype=torch.int64), device)
 
 
 def _plan(shapes: list[tuple[int, int, int]], lengths: list[tuple[torch.Tensor, torch.Tensor]], device) -> _Plan:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dwakd.ops._transfer import to_device
 from dwakd.ops.soft_dtw.band import SoftBand
 from dwakd.ops.soft_dtw.cost import divergence_costs
 from dwakd.ops.soft_dtw.reference import soft_dtw_reference
@@ -15,7 +16,11 @@ MAX_GAMMA = 1e6  # the DP boundary is a finite 1e10 that must stay "infinitely" 
 def _check_lengths(
     lengths: torch.Tensor | None, batch: int, size: int, name: str, device: torch.device
 ) -> torch.Tensor:
-    """Validated (batch,) int64 lengths on `device`, each in [1, size]; None means every sample is full."""
+    """Validated (batch,) int64 lengths on `device`, each in [1, size]; None means every sample is full.
+
+    Lengths given on the CPU are checked there and copied without a stream sync (`ops._transfer`); lengths on a GPU
+    cost one sync, to read their range.
+    """
     if lengths is None:
         return torch.full((batch,), size, dtype=torch.long, device=device)
     lengths = torch.as_tensor(lengths)
@@ -23,10 +28,17 @@ def _check_lengths(
         raise ValueError(f"{name} must have shape ({batch},), got {tuple(lengths.shape)}")
     if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {lengths.dtype}")
-    lo, hi = (int(lengths.min()), int(lengths.max())) if lengths.numel() else (1, size)
+    if not lengths.numel():
+        lo, hi = 1, size
+    elif lengths.device.type == "cpu":
+        values = lengths.numpy()
+        lo, hi = int(values.min()), int(values.max())
+    else:
+        lo, hi = torch.stack([lengths.min(), lengths.max()]).tolist()  # one device sync
     if lo < 1 or hi > size:
         raise ValueError(f"{name} must lie in [1, {size}], got values in [{lo}, {hi}]")
-    return lengths.to(device=device, dtype=torch.long)
+    lengths = lengths.to(dtype=torch.long)
+    return to_device(lengths, device) if lengths.device.type == "cpu" else lengths.to(device)
 
 
 def _check_gamma(gamma: float) -> None:
