@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
+import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -91,3 +94,32 @@ def test_mode_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ValueError, match="mode must be one of"):
         with ops_threads("tbb"):
             pass
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("mode", MODES)
+def test_a_forked_child_runs_every_index_instead_of_hanging(mode: str) -> None:
+    """After a fork the parent's threads are gone (libgomp's next parallel region hangs): the child runs the
+    indices in its calling thread."""
+    with ops_threads(mode), torch_threads(2):
+        run_threads(lambda i: None, 2)  # the parent's team / pool exists
+        torch.ones(512, 512).add_(1.0)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report the indices it ran, then leave without pytest's cleanup
+            try:
+                seen: list[int] = []
+                run_threads(seen.append, 3)
+                os.write(write, bytes(sorted(seen)))
+            finally:
+                os._exit(0)
+        os.close(write)
+        deadline = time.monotonic() + 60
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung in run_threads")
+            time.sleep(0.05)
+        assert list(os.read(read, 16)) == [0, 1, 2]
+        os.close(read)

@@ -9,6 +9,10 @@ work in torch's own team: libgomp's `GOMP_parallel` (the entry point of every `#
 callback, so the spinning workers take it at once, and no second set of threads competes with torch's. Each team
 thread re-enters Python only to start a kernel, which then releases the GIL. Elsewhere (macOS, Windows, other
 OpenMP runtimes) or with `DWAKD_OPS_THREADS=python`, one process-wide pool of Python threads does the work.
+
+In a child forked from a process that has run either (the parent's team or pool threads do not exist there, and
+libgomp's pool hangs its next parallel region, as torch's own ops do after such a fork) the work runs in the
+calling thread, one index after another.
 """
 
 from __future__ import annotations
@@ -32,6 +36,16 @@ _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _GOMP_UNSET = object()
 _gomp_parallel = _GOMP_UNSET  # libgomp's GOMP_parallel once looked up (None: not available)
 _mode_override: str | None = None
+_forked = False  # set in a forked child: threads of the parent are gone
+
+
+def _after_fork_in_child() -> None:
+    global _POOL, _forked
+    _POOL, _forked = None, True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def worker_pool() -> ThreadPoolExecutor:
@@ -120,7 +134,7 @@ def run_threads(work: Callable[[int], None], count: int) -> None:
     from a shared counter, so every index runs even when the team is smaller than asked (e.g. inside another
     parallel region, where libgomp gives a team of one).
     """
-    if count <= 1:
+    if count <= 1 or _forked:
         for i in range(count):
             work(i)
         return
