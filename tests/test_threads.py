@@ -123,3 +123,25 @@ def test_a_forked_child_runs_every_index_instead_of_hanging(mode: str) -> None:
             time.sleep(0.05)
         assert list(os.read(read, 16)) == [0, 1, 2]
         os.close(read)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_calls_from_several_python_threads_at_once(mode: str) -> None:
+    """Each calling thread gets its own team (libgomp) or shares the pool; every call runs all its indices."""
+    results: dict[int, list[int]] = {}
+    lock = threading.Lock()
+
+    def caller(name: int) -> None:
+        seen: list[int] = []
+        for _ in range(20):
+            run_threads(lambda i: seen.append(i), 3)  # noqa: B023
+        with lock:
+            results[name] = sorted(seen)
+
+    with ops_threads(mode), torch_threads(2):
+        callers = [threading.Thread(target=caller, args=(n,)) for n in range(3)]
+        for thread in callers:
+            thread.start()
+        for thread in callers:
+            thread.join(timeout=60)
+    assert results == {n: sorted(list(range(3)) * 20) for n in range(3)}
