@@ -12,10 +12,11 @@ import torch
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """`tensor` (on the CPU) on `device`, without a stream sync when `device` is a GPU."""
+    """`tensor` on `device`; a copy from the CPU to a GPU goes without a stream sync (any other move is a plain
+    `.to`, and a tensor already there is returned as it is)."""
     device = torch.device(device)
-    if device.type == "cpu":
-        return tensor
-    if tensor.device.type == "cpu" and device.type == "cuda":
+    if tensor.device.type != "cpu" or device.type == "cpu":
+        return tensor.to(device)
+    if device.type == "cuda":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)

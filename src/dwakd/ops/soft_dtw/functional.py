@@ -37,8 +37,7 @@ def _check_lengths(
         lo, hi = torch.stack([lengths.min(), lengths.max()]).tolist()  # one device sync
     if lo < 1 or hi > size:
         raise ValueError(f"{name} must lie in [1, {size}], got values in [{lo}, {hi}]")
-    lengths = lengths.to(dtype=torch.long)
-    return to_device(lengths, device) if lengths.device.type == "cpu" else lengths.to(device)
+    return to_device(lengths.to(dtype=torch.long), device)
 
 
 def _check_gamma(gamma: float) -> None:
