@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dwakd.ops import row_stats
+from dwakd.ops import _threads
 from dwakd.ops.row_stats import row_entropy_peak, row_entropy_peak_reference
 
 
@@ -81,7 +81,7 @@ def test_threads_split_rows_without_changing_results(monkeypatch: pytest.MonkeyP
         torch.set_num_threads(1)
         single = row_entropy_peak(x)
         torch.set_num_threads(2)
-        monkeypatch.setattr(row_stats, "_MIN_ELEMENTS_PER_THREAD", 1)  # force the split on any machine
+        monkeypatch.setattr(_threads, "_MIN_ELEMENTS_PER_THREAD", 1)  # force the split on any machine
         split = row_entropy_peak(x)
     finally:
         torch.set_num_threads(previous)

@@ -36,6 +36,7 @@ _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _GOMP_UNSET = object()
 _gomp_parallel = _GOMP_UNSET  # libgomp's GOMP_parallel once looked up (None: not available)
 _mode_override: str | None = None
+_MIN_ELEMENTS_PER_THREAD = 1 << 20  # run_over_rows: fewer entries per thread cost more to hand off than they save
 _forked = False  # set in a forked child: threads of the parent are gone
 
 
@@ -121,9 +122,14 @@ def _openmp_parallel():
     return _gomp_parallel
 
 
+def _team_parallel():
+    """`_openmp_parallel()` when the mode is openmp, else None (the Python pool)."""
+    return _openmp_parallel() if ops_threads_mode() == "openmp" else None
+
+
 def uses_openmp_team() -> bool:
     """Whether `run_threads` runs work in torch's OpenMP team (else in the Python thread pool)."""
-    return ops_threads_mode() == "openmp" and _openmp_parallel() is not None
+    return _team_parallel() is not None
 
 
 def run_threads(work: Callable[[int], None], count: int) -> None:
@@ -138,7 +144,7 @@ def run_threads(work: Callable[[int], None], count: int) -> None:
         for i in range(count):
             work(i)
         return
-    parallel = _openmp_parallel() if ops_threads_mode() == "openmp" else None
+    parallel = _team_parallel()
     if parallel is None:
         futures = [worker_pool().submit(work, i) for i in range(1, count)]
         try:
@@ -167,3 +173,11 @@ def run_threads(work: Callable[[int], None], count: int) -> None:
     parallel(callback, None, count, 0)  # ctypes releases the GIL for the call; the team re-acquires it per callback
     if errors:
         raise errors[0]
+
+
+def run_over_rows(work: Callable[[int, int], None], rows: int, vocab: int) -> None:
+    """Call `work(start, end)` on contiguous slices of `rows` vocabulary-sized rows, one per thread (up to
+    `torch.get_num_threads()`, each with at least ~1M entries), through `run_threads`."""
+    threads = max(1, min(torch.get_num_threads(), rows, rows * vocab // _MIN_ELEMENTS_PER_THREAD))
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    run_threads(lambda i: work(bounds[i], bounds[i + 1]), threads)

@@ -34,9 +34,8 @@ import math
 import numpy as np
 import torch
 
-from dwakd.ops._threads import run_threads
+from dwakd.ops._threads import run_over_rows
 
-_MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a thread hand-off costs more than it saves
 _KERNELS = None
 
 
@@ -147,15 +146,9 @@ def fkl_rows_applies(student: torch.Tensor, teacher: torch.Tensor) -> bool:
                for x in (student, teacher))
 
 
-def _split(count: int, vocab: int) -> list[int]:
-    threads = max(1, min(torch.get_num_threads(), count, count * vocab // _MIN_ELEMENTS_PER_THREAD))
-    return [count * i // threads for i in range(threads + 1)]
-
-
 def _run(kernel, count: int, vocab: int, head: tuple, tail: tuple) -> None:
     """kernel(*head, start, end, *tail) over `count` rows in up to torch.get_num_threads() threads."""
-    bounds = _split(count, vocab)
-    run_threads(lambda i: kernel(*head, bounds[i], bounds[i + 1], *tail), len(bounds) - 1)
+    run_over_rows(lambda start, end: kernel(*head, start, end, *tail), count, vocab)
 
 
 def _indices(rows: torch.Tensor | None, total: int) -> np.ndarray:

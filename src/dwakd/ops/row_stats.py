@@ -27,10 +27,8 @@ import math
 import numpy as np
 import torch
 
-from dwakd.ops._threads import run_threads
+from dwakd.ops._threads import run_over_rows
 from dwakd.ops.row_math import chunk_rows, compute_dtype, iter_row_chunks, log_probs, no_autocast, row_dot
-
-_MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a thread hand-off costs more than it saves
 
 
 def _kernel():
@@ -127,7 +125,5 @@ def row_entropy_peak(
     args = (flat.numpy(), index.numpy(), vocab)
     outs = (entropy.numpy(), peak.numpy())
     kernel = _kernel()
-    threads = max(1, min(torch.get_num_threads(), count, count * vocab // _MIN_ELEMENTS_PER_THREAD))
-    bounds = [count * i // threads for i in range(threads + 1)]
-    run_threads(lambda i: kernel(*args, bounds[i], bounds[i + 1], *outs), threads)
+    run_over_rows(lambda start, end: kernel(*args, start, end, *outs), count, vocab)
     return entropy, peak
