@@ -7,6 +7,10 @@ build time.
         --out benchmarks/results/teacher_cache_accuracy_tiny.json
     PYTHONPATH=src python benchmarks/teacher_cache.py accuracy runs/demo/students/dskd/dwakd_config.yaml \
         --student-dir runs/demo/students/dskd --examples 64 --out benchmarks/results/teacher_cache_accuracy_demo.json
+    # rank-R tails, measured on 64 examples after the 400 the tail basis is fitted on (the default demo's run)
+    PYTHONPATH=src python benchmarks/teacher_cache.py accuracy runs/demo/students/dskd-seed0/dwakd_config.yaml \
+        teacher.cache=null --student-dir runs/demo/students/dskd-seed0 --examples 64 --fit-examples 400 \
+        --modes topk rank head --out benchmarks/results/teacher_cache_accuracy_demo_rank.json
     # step time and peak memory (process RSS on CPU), live teacher vs cache, interleaved rounds, and build time
     PYTHONPATH=src python benchmarks/teacher_cache.py speed configs/tiny-cpu.yaml --methods dskd dwakd --rounds 3 \
         --build-examples 200 --out benchmarks/results/teacher_cache_speed_tiny.json
@@ -14,11 +18,17 @@ build time.
     PYTHONPATH=src python benchmarks/teacher_cache.py speed configs/bench/real-size-gpu.yaml teacher.dtype=float32 \
         training.bf16=false --methods dskd dwakd --warmup 1 --steps 2 --rounds 1 \
         --out benchmarks/results/teacher_cache_speed_real_size_cpu.json
+    # what a rank-R tail adds to materialising top-k rows in training (flat vs rank-R, alternating rounds)
+    PYTHONPATH=src python benchmarks/teacher_cache.py materialise --rows 256 --vocab 151646 --k 64 --ranks 32 64 \
+        --out benchmarks/results/teacher_cache_materialise_cpu.json
     # hashing cost of teacher weight files (the fingerprint)
     PYTHONPATH=src python benchmarks/teacher_cache.py fingerprint configs/bench/real-size-gpu.yaml
 
-accuracy: caches are built with the real builder for each variant (k or head mode, value bits, hidden dtype) over the
-first `--examples` training examples; for every batch the same student and method objects (optionally a trained student:
+accuracy: caches are built with the real builder for each variant (k or head mode, value bits, hidden dtype, tail
+rank) over the first `--fit-examples` + `--examples` training examples and measured on the last `--examples` (a
+rank-R tail's basis is fitted on the first rows of the data, at most 4,096: with `--fit-examples` covering them the
+measured rows are ones the basis was not fitted on; the result records how many measured examples were); for every
+batch the same student and method objects (optionally a trained student:
 `--student-dir`) run once with the live teacher and once with each cache. Per teacher token it records KL(p_τ ‖ p̂_τ)
 (how far the cached teacher distribution is from the dense one, τ = 1 and 2), the error of dskd's teacher-space KL
 term (s2t_div, at the method's τ = 2) and of the per-row weights DWA-KD computes from the teacher (u_j, τ = 1); per
@@ -47,16 +57,22 @@ sys.path.insert(0, str(ROOT / "src"))
 from dwakd.config import load_config  # noqa: E402
 from dwakd.interface import DistillationInputs, TokenView  # noqa: E402
 from dwakd.run import build_training  # noqa: E402
-from dwakd.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache  # noqa: E402
+from dwakd.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache, example_key  # noqa: E402
 from dwakd.trainer import DistillationModel  # noqa: E402
 
 VIEW_KEYS = ("input_ids", "attention_mask", "labels", "input_offsets", "label_offsets")
-VARIANTS = [  # (k, value_bits, hidden_dtype); k = "head": no logits, recomputed from the cached final hidden state
-    (16, 13, "float16"), (64, 13, "float16"), (256, 13, "float16"),
-    (64, 10, "float16"), (64, 15, "float16"),
-    (64, 13, "bfloat16"), (64, 13, "int8"), (64, 13, "float32"),
-    ("head", 13, "float32"), ("head", 13, "float16"), ("head", 13, "bfloat16"), ("head", 13, "int8"),
+VARIANTS = [  # (k, value_bits, hidden_dtype, tail_rank); k = "head": no logits, recomputed from the final hidden state
+    (16, 13, "float16", 0), (64, 13, "float16", 0), (256, 13, "float16", 0),
+    (64, 10, "float16", 0), (64, 15, "float16", 0),
+    (64, 13, "bfloat16", 0), (64, 13, "int8", 0), (64, 13, "float32", 0),
+    (16, 13, "float16", 32), (64, 13, "float16", 16), (64, 13, "float16", 32), (64, 13, "float16", 44),
+    (64, 10, "float16", 64), (256, 13, "float16", 32),
+    ("head", 13, "float32", 0), ("head", 13, "float16", 0), ("head", 13, "bfloat16", 0), ("head", 13, "int8", 0),
 ]
+
+
+def variant_mode(k, tail_rank: int) -> str:
+    return "head" if k == "head" else "rank" if tail_rank else "topk"
 
 
 def environment() -> dict:
@@ -127,8 +143,15 @@ def _accuracy_one(runs: dict, cache_dir: Path, batches: list[list], vocab: int) 
     }
 
 
+def _parse_variant(text: str) -> tuple:
+    """"K,BITS,DTYPE,RANK" (K an integer or head) -> a VARIANTS entry."""
+    k, bits, dtype, rank = text.split(",")
+    return (k if k == "head" else int(k)), int(bits), dtype, int(rank)
+
+
 def cmd_accuracy(args) -> dict:
-    overrides = [*args.overrides, "data.eval=null", f"data.max_train_examples={args.examples}",
+    total = args.fit_examples + args.examples
+    overrides = [*args.overrides, "data.eval=null", f"data.max_train_examples={total}",
                  f"training.per_device_train_batch_size={args.batch_size}"]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="dwakd-tcache-acc-"))
     runs = {}
@@ -139,32 +162,45 @@ def cmd_accuracy(args) -> dict:
         if args.student_dir:
             from dwakd.checkpoints import load_method_state, load_student_weights
 
-            student_dir = Path(args.student_dir).parent / method
+            given = Path(args.student_dir)  # dskd's dir; dwakd's is its sibling (runs/demo/students/dwakd-seed0)
+            student_dir = given.parent / given.name.replace("dskd", method, 1)
             load_student_weights(run.model.student, student_dir)
             load_method_state(run.model.method, student_dir)
         run.model.eval()
         runs[method] = run
     config = runs["dskd"].config
     dataset = runs["dskd"].train_dataset
-    batches = [[dataset[i] for i in range(s, min(len(dataset), s + args.batch_size))]
-               for s in range(0, len(dataset), args.batch_size)]
+    # measured: the examples after the first --fit-examples whose teacher side none of those repeats (the data may
+    # hold duplicates); a basis fitted within the first --fit-examples has seen none of the measured rows
+    before = {example_key(dataset.examples[i].teacher) for i in range(min(args.fit_examples, len(dataset)))}
+    measured = [i for i in range(args.fit_examples, len(dataset))
+                if example_key(dataset.examples[i].teacher) not in before]
+    batches = [[dataset[i] for i in measured[s : s + args.batch_size]]
+               for s in range(0, len(measured), args.batch_size)]
     vocab = runs["dskd"].model.teacher_vocab_size
     results = []
-    for k, value_bits, hidden_dtype in VARIANTS:
-        if ("head" if k == "head" else "topk") not in args.modes:
+    for k, value_bits, hidden_dtype, tail_rank in args.variant or VARIANTS:
+        if variant_mode(k, tail_rank) not in args.modes:
             continue
-        cache_dir = work / f"cache-k{k}-v{value_bits}-{hidden_dtype}"
+        cache_dir = work / f"cache-k{k}-v{value_bits}-{hidden_dtype}-r{tail_rank}"
         started = time.perf_counter()
-        build_teacher_cache(config, cache_dir, CacheSettings(k=k, value_bits=value_bits, hidden_dtype=hidden_dtype),
-                            show_progress=False)
-        result = {"k": k, "value_bits": value_bits, "hidden_dtype": hidden_dtype,
+        manifest = build_teacher_cache(config, cache_dir, CacheSettings(k=k, value_bits=value_bits,
+                                                                        hidden_dtype=hidden_dtype,
+                                                                        tail_rank=tail_rank), show_progress=False)
+        result = {"k": k, "value_bits": value_bits, "hidden_dtype": hidden_dtype, "tail_rank": tail_rank,
                   **_accuracy_one(runs, cache_dir, batches, vocab)}
+        fit = manifest["settings"].get("tail_fit")
+        if fit:
+            result["tail_fit"] = {**fit, "effective_rank": manifest["settings"]["tail_rank"],
+                                  "measured_rows_outside_the_fit": fit["examples"] <= args.fit_examples}
         result["measure_seconds"] = round(time.perf_counter() - started, 1)
         results.append(result)
-        print(json.dumps({key: result[key] for key in ("k", "value_bits", "hidden_dtype", "kl_tau2",
-                                                         "s2t_kl_term_abs_err", "logit_bytes_per_token")}), flush=True)
+        print(json.dumps({key: result.get(key) for key in ("k", "value_bits", "hidden_dtype", "tail_rank", "kl_tau1",
+                                                             "kl_tau2", "logit_bytes_per_token", "tail_fit")}),
+              flush=True)
     return {"config": args.config, "overrides": args.overrides, "student_dir": args.student_dir,
-            "examples": len(dataset), "teacher_vocab": vocab, "environment": environment(), "results": results}
+            "examples": len(measured), "fit_examples": args.fit_examples, "teacher_vocab": vocab,
+            "environment": environment(), "command": " ".join(sys.argv), "results": results}
 
 
 def _bench_in_child(variant: dict, method: str, batch_size: int, warmup: int, steps: int, work_dir: str) -> dict:
@@ -241,6 +277,41 @@ def cmd_speed(args) -> dict:
             "summary": summary, "ratios": ratios, "environment": environment(), "command": " ".join(sys.argv)}
 
 
+def cmd_materialise(args) -> dict:
+    """Seconds per `topk_to_logits` call for one batch of rows: flat tail vs rank-R tails (the addmm of the coefficients
+    on the basis included), interleaved rounds, medians; random rows, no model."""
+    from dwakd.teacher_cache import topk_to_logits
+
+    torch.manual_seed(0)
+    z = torch.randn(args.rows, args.vocab) * 3
+    logp, ids = torch.log_softmax(z, -1).topk(args.k, -1)
+    log_tail = torch.full((args.rows,), -0.5)
+    cases = {"flat": None}
+    for rank in args.ranks:
+        basis = torch.linalg.qr(torch.randn(args.vocab, rank)).Q.T.contiguous()
+        cases[f"rank{rank}"] = (torch.randn(args.vocab), torch.randn(args.rows, rank), basis)
+
+    def call(case):
+        return topk_to_logits(logp, ids, log_tail, args.vocab, args.vocab, 2.0, case)
+
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.warmup):
+        for case in cases.values():
+            call(case)
+    for round_index in range(args.rounds):
+        names = list(cases) if round_index % 2 == 0 else list(reversed(cases))
+        for name in names:
+            started = time.perf_counter()
+            call(cases[name])
+            times[name].append(time.perf_counter() - started)
+    medians = {name: statistics.median(v) for name, v in times.items()}
+    ratios = {name: round(medians[name] / medians["flat"], 3) for name in cases if name != "flat"}
+    print(json.dumps({"median_ms": {k: round(1e3 * v, 3) for k, v in medians.items()}, "over_flat": ratios}))
+    return {"rows": args.rows, "vocab": args.vocab, "k": args.k, "ranks": args.ranks, "rounds": args.rounds,
+            "seconds": times, "median_seconds": medians, "over_flat": ratios, "environment": environment(),
+            "command": " ".join(sys.argv)}
+
+
 def cmd_fingerprint(args) -> dict:
     """Time SHA-256 of the config's teacher saved as safetensors: first (cold) and remembered (stat cache)."""
     from dwakd.models import load_side_model, load_side_tokenizer
@@ -284,18 +355,34 @@ def cmd_fingerprint(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("accuracy", "speed", "fingerprint"):
+    for name in ("accuracy", "speed", "materialise", "fingerprint"):
         p = sub.add_parser(name)
-        p.add_argument("config")
-        p.add_argument("overrides", nargs="*")
+        if name != "materialise":
+            p.add_argument("config")
+            p.add_argument("overrides", nargs="*")
         p.add_argument("--out")
         p.add_argument("--work-dir")
+        if name == "materialise":
+            p.add_argument("--rows", type=int, default=256)
+            p.add_argument("--vocab", type=int, default=151646)
+            p.add_argument("--k", type=int, default=64)
+            p.add_argument("--ranks", type=int, nargs="+", default=[32, 64])
+            p.add_argument("--warmup", type=int, default=3)
+            p.add_argument("--rounds", type=int, default=21)
         if name == "accuracy":
             p.add_argument("--examples", type=int, default=32)
             p.add_argument("--batch-size", type=int, default=4)
-            p.add_argument("--student-dir", help="a trained dskd student dir; dwakd's is read from its sibling")
-            p.add_argument("--modes", nargs="+", choices=["topk", "head"], default=["topk", "head"],
-                           help="which cache variants to measure (top-k caches, head-mode caches)")
+            p.add_argument("--student-dir", help="a trained dskd student dir; dwakd's is its sibling named with dwakd "
+                                                  "for dskd (students/dskd-seed0 -> students/dwakd-seed0)")
+            p.add_argument("--fit-examples", type=int, default=0,
+                           help="examples before the measured ones (built into the caches, not measured): where a "
+                                "rank-R tail's basis is fitted")
+            p.add_argument("--variant", action="append", type=_parse_variant, metavar="K,BITS,DTYPE,RANK",
+                           help="measure this cache variant (repeatable; default: the VARIANTS list), e.g. "
+                                "64,13,float16,44 or head,13,int8,0")
+            p.add_argument("--modes", nargs="+", choices=["topk", "rank", "head"], default=["topk", "rank", "head"],
+                           help="which cache variants to measure (top-k with a flat tail, top-k with a rank-R tail, "
+                                "head mode)")
         if name == "speed":
             p.add_argument("--methods", nargs="+", default=["dskd", "dwakd"])
             p.add_argument("--batch-size", type=int, default=4)
@@ -307,7 +394,9 @@ def main() -> None:
             p.add_argument("--build-examples", type=int, default=None,
                            help="examples the cache is built over (default: the ones the steps read)")
     args = parser.parse_args()
-    result = {"accuracy": cmd_accuracy, "speed": cmd_speed, "fingerprint": cmd_fingerprint}[args.command](args)
+    commands = {"accuracy": cmd_accuracy, "speed": cmd_speed, "materialise": cmd_materialise,
+                "fingerprint": cmd_fingerprint}
+    result = commands[args.command](args)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

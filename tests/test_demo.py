@@ -220,7 +220,8 @@ def test_demo_teacher_cache_option_and_the_methods_it_serves():
     (served, live), stored = plan(0)
     assert set(live) == {"mta", "sra"} and "sft" not in served and {"dskd", "dwakd", "alm", "uld"} <= set(served)
     assert stored["k"] == 0 and 1.0 in stored["temperatures"] and 2.0 in stored["temperatures"]
-    (served, live), _ = plan(64)  # raw logit rows (alm, multilevel_ot) need a lossless cache
+    (served, live), stored_topk = plan(64)  # raw logit rows (alm, multilevel_ot) need a lossless cache
+    assert stored["tail_rank"] == 0 and stored_topk["tail_rank"] == 32  # the builder's default rank-R tail for top-K
     assert set(live) == {"mta", "sra", "alm", "multilevel_ot"} and {"dskd", "dwakd", "uld"} <= set(served)
     assert "hidden states" in live["sra"] and "lossless" not in live["alm"]
     (served, live), stored = plan("head")  # every logit, recomputed: the raw-logit methods are served

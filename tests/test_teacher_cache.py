@@ -95,17 +95,25 @@ def test_bit_packing_against_a_bit_loop():
     assert np.allclose(got_logp, logp, rtol=2.0**-8, atol=0)
 
 
-def test_topk_rows_keep_the_top_entries_and_the_tail_mass():
-    rng = np.random.default_rng(1)
-    vocab, width, k, tau = 50, 53, 6, 2.0
-    z = rng.normal(0, 3, (4, vocab))
+VOCAB, WIDTH, K, TAU = 50, 53, 6, 2.0  # 3 head padding rows
+
+
+def _topk_rows(seed: int):
+    """4 random rows over VOCAB in float64: logits z, their log-sum-exp, the top-K ids and log-probabilities, the
+    tail mask and the true log tail mass at TAU."""
+    z = np.random.default_rng(seed).normal(0, 3, (4, VOCAB))
     lse = np.log(np.exp(z).sum(-1))
-    ids = np.argsort(-z, -1)[:, :k]
+    ids = np.argsort(-z, -1)[:, :K]
     logp = np.take_along_axis(z, ids, -1) - lse[:, None]
     tail_mask = np.ones_like(z, dtype=bool)
     np.put_along_axis(tail_mask, ids, False, -1)
-    zt = z / tau
-    log_tail = np.log((np.exp(zt) * tail_mask).sum(-1)) - np.log(np.exp(zt).sum(-1))  # true tail mass at τ
+    log_tail = np.log((np.exp(z / TAU) * tail_mask).sum(-1)) - np.log(np.exp(z / TAU).sum(-1))
+    return z, lse, ids, logp, tail_mask, log_tail
+
+
+def test_topk_rows_keep_the_top_entries_and_the_tail_mass():
+    vocab, width, tau = VOCAB, WIDTH, TAU
+    z, lse, ids, logp, tail_mask, log_tail = _topk_rows(1)
     out = topk_to_logits(torch.tensor(logp), torch.tensor(ids), torch.tensor(log_tail), vocab, width, tau).double()
     for r in range(4):
         row = out[r].numpy()
@@ -117,6 +125,32 @@ def test_topk_rows_keep_the_top_entries_and_the_tail_mass():
         assert np.all(row[vocab:] < -1e29)  # head padding rows carry no mass
     with pytest.raises(Exception):  # noqa: B017 - sanity: a wrong width is caught by scatter
         topk_to_logits(torch.tensor(logp), torch.tensor(ids) + width, torch.tensor(log_tail), vocab, width, tau)
+
+
+def test_topk_rows_with_a_tail_shape_follow_it_with_the_stored_mass(monkeypatch):
+    """A rank-R tail hands topk_to_logits the row's tail shape: the tail follows it up to one constant, carries the
+    stored mass at τ, and the true logits as the shape give back the true row (float64 reference)."""
+    vocab, tau = VOCAB, TAU
+    z, lse, ids, logp, tail_mask, log_tail = _topk_rows(2)
+    args = (torch.tensor(logp), torch.tensor(ids), torch.tensor(log_tail), vocab, WIDTH, tau)
+
+    def tail(shape):  # the shape as coefficients on the identity basis (the cache stores R ≪ V of them)
+        return torch.zeros(vocab), torch.tensor(shape), torch.eye(vocab)
+
+    out = topk_to_logits(*args, tail=tail(z)).double().numpy()
+    assert np.allclose(out[:, :vocab], z - lse[:, None], atol=1e-5)  # the true row, as log-probabilities
+    shape = np.random.default_rng(3).normal(0, 1, (4, vocab))
+    out = topk_to_logits(*args, tail=tail(shape)).double().numpy()
+    whole = topk_to_logits(*args, tail=tail(shape))  # so few rows: all in one step
+    monkeypatch.setattr("dwakd.teacher_cache.view.SHAPE_CHUNK_BYTES", 4 * vocab)  # one row per step, as on CPU
+    torch.testing.assert_close(topk_to_logits(*args, tail=tail(shape)), whole, rtol=0, atol=0)
+    for r in range(4):
+        row = out[r, :vocab]
+        assert np.allclose(row[ids[r]], logp[r], atol=1e-6)
+        assert np.ptp(row[tail_mask[r]] - shape[r][tail_mask[r]]) < 1e-5  # the shape, shifted by one constant
+        p = np.exp(row / tau - np.log(np.exp(row / tau).sum()))
+        assert p[tail_mask[r]].sum() == pytest.approx(math.exp(log_tail[r]), rel=1e-5)
+        assert np.all(out[r, vocab:] < -1e29)
 
 
 # ---- fixtures -----------------------------------------------------------------------------------------------------
@@ -136,15 +170,15 @@ def _config(yaml_path: Path, out: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
-    """A lossless, a head-mode and a top-k cache of the same 4 examples (tiny recipe, Qwen vocabulary), and the config
-    file."""
+    """A lossless, a head-mode and a top-k cache (flat tail) of the same 4 examples (tiny recipe, Qwen vocabulary),
+    and the config file."""
     root = tmp_path_factory.mktemp("teacher-cache")
     path = _yaml(root)
     config = _config(path, root / "unused")
     lossless = root / "lossless"
     build_teacher_cache(config, lossless, CacheSettings(k=None), show_progress=False)
     topk = root / "topk"
-    build_teacher_cache(config, topk, CacheSettings(k=64, layers=(1,)), show_progress=False)
+    build_teacher_cache(config, topk, CacheSettings(k=64, layers=(1,), tail_rank=0), show_progress=False)
     head = root / "head"
     build_teacher_cache(config, head, CacheSettings(k="head"), show_progress=False)
     return {"yaml": path, "lossless": lossless, "topk": topk, "head": head, "root": root}
@@ -280,6 +314,59 @@ def test_topk_cache_is_close_to_the_dense_teacher_and_exact_in_its_top_entries(c
                                rtol=2e-3, atol=2e-3)
     with pytest.raises(TeacherCacheError, match="--layers 0"):
         sparse.hidden_states[0]
+
+
+def _kl_to_dense(caches, tmp_path, cache_dir: Path, tau: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per teacher token KL(p_τ ‖ p̂_τ) of a cache's rows against the live teacher's, and the live top-16 ids."""
+    cached, batch, view, dense, stored = _teacher_views(caches, tmp_path, "dskd", cache_dir)
+    with torch.no_grad():
+        want, _ = dense.label_logits(view)
+        got, _ = stored.label_logits(view)
+    vocab = cached.model.teacher_vocab_size
+    lp = torch.log_softmax(want[:, :vocab].double() / tau, -1)
+    lq = torch.log_softmax(got[:, :vocab].double() / tau, -1)
+    return (lp.exp() * (lp - lq)).sum(-1), want[:, :vocab].topk(16, -1).indices
+
+
+def test_a_rank_r_tail_gives_back_the_teachers_tail(caches, tmp_path, caplog):
+    """Fitted on every row of the 4 examples with the full rank they support, the basis spans each centred row, so
+    the tail comes back up to the int8 coefficient codes: far closer to the live teacher than the flat bucket."""
+    config = _config(caches["yaml"], tmp_path / "unused")
+    flat = build_teacher_cache(config, tmp_path / "flat", CacheSettings(k=16, tail_rank=0), show_progress=False)
+    with caplog.at_level("WARNING"):
+        ranked = build_teacher_cache(config, tmp_path / "rank", CacheSettings(k=16, tail_rank=10_000),
+                                     show_progress=False)
+    rows = ranked["sizes"]["rows"]
+    s = ranked["settings"]
+    assert s["tail_rank"] == rows - 1 and s["tail_fit"] == {"rows": rows, "examples": 4}  # centred: rank n − 1
+    assert "--tail-rank 10000 lowered" in caplog.text
+    assert ranked["sizes"]["logit_bytes_per_token"] == flat["sizes"]["logit_bytes_per_token"] + rows - 1 + 4
+    kl_flat, top = _kl_to_dense(caches, tmp_path / "a", tmp_path / "flat")
+    kl_rank, _ = _kl_to_dense(caches, tmp_path / "b", tmp_path / "rank")
+    assert kl_flat.mean() > 1e-3  # the random-init teacher's tail is not flat enough for one bucket
+    assert kl_rank.mean() < kl_flat.mean() / 1000  # measured: 0.0048 vs 3.4e-7
+    cache = TeacherCache(tmp_path / "rank")
+    assert cache.teacher_module().tail_basis.shape == (rows - 1, cache.manifest["teacher"]["vocab_size"])
+
+
+def test_tail_rank_needs_a_topk_cache_and_older_caches_have_a_flat_tail(caches, tmp_path):
+    for k in (None, "head"):
+        with pytest.raises(ValueError, match="tail_rank shapes the tail of a top-k cache"):
+            CacheSettings(k=k, tail_rank=8)
+    with pytest.raises(ValueError, match="tail_rank must be ≥ 0"):
+        CacheSettings(tail_rank=-1)
+    old = tmp_path / "old"  # a cache written before --tail-rank: neither its request nor its settings name it
+    shutil.copytree(caches["topk"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["requested"]["tail_rank"], manifest["settings"]["tail_rank"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    config = _config(caches["yaml"], tmp_path / "unused")
+    again = build_teacher_cache(config, old, CacheSettings(k=64, layers=(1,), tail_rank=0), show_progress=False)
+    assert again == manifest  # the same request: nothing to rebuild
+    assert TeacherCache(old).teacher_module().tail_rank == 0
+    with pytest.raises(TeacherCacheError, match="tail_rank: cache 0, now 32"):  # today's default for top-k
+        build_teacher_cache(config, old, CacheSettings(k=64, layers=(1,)), show_progress=False)
+    assert [CacheSettings(k=k).tail_rank for k in (64, None, "head")] == [32, 0, 0]
 
 
 def test_topk_cache_refuses_a_method_that_reads_raw_logit_rows(caches, tmp_path):
@@ -465,7 +552,8 @@ def test_corrupt_or_truncated_shard_is_an_error_naming_it(caches, tmp_path):
 def test_building_into_a_cache_of_other_settings_is_refused(caches, tmp_path):
     config = _config(caches["yaml"], tmp_path)
     with pytest.raises(TeacherCacheError, match="k: cache 64, now 16"):
-        build_teacher_cache(config, caches["topk"], CacheSettings(k=16, layers=(1,)), show_progress=False)
+        build_teacher_cache(config, caches["topk"], CacheSettings(k=16, layers=(1,), tail_rank=0),
+                            show_progress=False)
 
 
 # ---- resume ---------------------------------------------------------------------------------------------------
@@ -477,9 +565,10 @@ def _stable(manifest: dict) -> dict:
     return {k: v for k, v in manifest.items() if k not in ("build_seconds", "seconds_this_run", "sizes")}
 
 
-def test_build_killed_between_shards_resumes_to_the_same_cache(caches, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tail_rank", [0, 8])
+def test_build_killed_between_shards_resumes_to_the_same_cache(caches, tmp_path, monkeypatch, tail_rank):
     config = _config(caches["yaml"], tmp_path / "x")
-    settings = CacheSettings(k=16, shard_mb=1e-6)  # one example per shard
+    settings = CacheSettings(k=16, shard_mb=1e-6, tail_rank=tail_rank)  # one example per shard
     reference = tmp_path / "reference"
     build_teacher_cache(config, reference, settings, show_progress=False)
     assert len(list(reference.glob("shard-*"))) == 4
@@ -510,6 +599,23 @@ def test_build_killed_between_shards_resumes_to_the_same_cache(caches, tmp_path,
     assert _stable(json.loads((killed / "manifest.json").read_text())) == \
         _stable(json.loads((reference / "manifest.json").read_text()))
     assert verify_cache(killed) == []
+
+
+def test_a_lost_tail_basis_rebuilds_every_shard(caches, tmp_path, caplog):
+    """The shards' tail coefficients are on the basis in the tables: tables cut after the shards were written are
+    refitted and every shard is rebuilt, not only the tables."""
+    config = _config(caches["yaml"], tmp_path / "x")
+    settings = CacheSettings(k=16, shard_mb=1e-6, tail_rank=8)
+    out = tmp_path / "cache"
+    build_teacher_cache(config, out, settings, show_progress=False)
+    reference = _files(out)
+    tables = out / "tables.safetensors"
+    tables.write_bytes(tables.read_bytes()[:-10])
+    with caplog.at_level("WARNING"):
+        rebuilt = build_teacher_cache(config, out, settings, show_progress=False)
+    assert "tail basis is refitted and every shard rebuilt" in caplog.text
+    assert rebuilt["state"] == "complete" and len(rebuilt["shards"]) == 4
+    assert _files(out) == reference and verify_cache(out) == []
 
 
 # ---- processes -------------------------------------------------------------------------------------------------------
@@ -565,7 +671,9 @@ def test_sigkill_during_build_then_rerun_gives_the_uninterrupted_cache(caches, t
 
 @pytest.mark.slow
 def test_two_processes_each_read_their_own_rows(caches, tmp_path):
-    """DDP over 2 CPU processes (gloo), 2 per device, from the cache == 1 process with 4 from the cache."""
+    """DDP over 2 CPU processes (gloo), 2 per device, from the cache == 1 process from the cache with the same two
+    micro-batches of 2, accumulated (not one batch of 4: DSKD normalises teacher states over the micro-batch, so that
+    is another computation; tests/test_robustness.py)."""
     import socket
     import subprocess
     import sys
@@ -576,7 +684,8 @@ def test_two_processes_each_read_their_own_rows(caches, tmp_path):
     common = [str(caches["yaml"]), *FAST, "method=dskd", "training.max_steps=1", "data.max_train_examples=4",
               f"teacher.cache={caches['topk']}", "--no-progress"]
     single = tmp_path / "single"
-    subprocess.run(_cli("train", *common, f"output_dir={single}"), env=_env(), check=True, capture_output=True,
+    subprocess.run(_cli("train", *common, f"output_dir={single}", "training.per_device_train_batch_size=2",
+                        "training.gradient_accumulation_steps=2"), env=_env(), check=True, capture_output=True,
                    timeout=600)
     multi = tmp_path / "multi"
     run = subprocess.run(

@@ -292,7 +292,7 @@ def cache_job(tree: dict[str, Any], out_dir: str, settings: dict[str, Any], show
 
     started, cpu = time.perf_counter(), time.process_time()
     cache_settings = CacheSettings(k=settings["k"] or None, layers=tuple(settings["layers"]),
-                                   temperatures=tuple(settings["temperatures"]))
+                                   temperatures=tuple(settings["temperatures"]), tail_rank=settings.get("tail_rank"))
     manifest = build_teacher_cache(config_from_dict(tree, "demo teacher cache"), out_dir, cache_settings,
                                    show_progress=show_progress)
     return {"seconds": round(time.perf_counter() - started, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
@@ -575,10 +575,12 @@ class DemoPipeline:
         self.methods = tuple(m for m in self.methods if m not in self.log.failed)
 
     def cache_settings(self) -> dict[str, Any]:
-        """What the demo's teacher cache stores: K (0: lossless), and the hidden-state layers and tail temperatures
-        that any registered method reads with the demo's options — the same for every `--methods` choice, so
-        adding methods to a run never rebuilds the cache (nor retrains the students that read it)."""
+        """What the demo's teacher cache stores: K (0: lossless), the tail rank of a top-K cache (the builder's
+        default), and the hidden-state layers and tail temperatures that any registered method reads with the demo's
+        options — the same for every `--methods` choice, so adding methods to a run never rebuilds the cache (nor
+        retrains the students that read it)."""
         from dwakd.methods import build_options, get_method, method_names
+        from dwakd.teacher_cache import CacheSettings
 
         layers, temperatures = set(), {1.0, 2.0}
         for name in method_names():
@@ -587,7 +589,9 @@ class DemoPipeline:
                 layers |= set(method_cls.teacher_layers)
                 options = build_options(name, self.settings.method_options.get(name, {}))
                 temperatures.add(float(method_cls.teacher_temperature(options)))
-        return {"k": self.settings.teacher_cache_k, "layers": sorted(layers), "temperatures": sorted(temperatures)}
+        k = self.settings.teacher_cache_k
+        tail_rank = CacheSettings(k=k if isinstance(k, int) and k > 0 else None).tail_rank
+        return {"k": k, "layers": sorted(layers), "temperatures": sorted(temperatures), "tail_rank": tail_rank}
 
     def training_jobs(self, data: dict[str, Path], tokenizers: dict[str, Path]) -> list[_Job]:
         """The teacher's job, the teacher cache's (unless `--live-teacher`) and one job per (method, training seed),

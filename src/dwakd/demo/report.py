@@ -388,13 +388,17 @@ def write_demo_report(out: Path, settings: DemoSettings, log: RunLog, full: Scor
     return DemoReport(report, checks, seed_table, sampling)
 
 
+def _tail_words(rank: int) -> str:
+    return f"a rank-{rank} tail" if rank else "one tail bucket"
+
+
 def _cache_summary(cache: dict[str, Any]) -> str:
     """One sentence: which students read which teacher cache, and which ran the live teacher."""
     what = ("a lossless teacher cache (every logit, as the live teacher computes it)" if cache["mode"] == "lossless"
             else "a head-mode teacher cache (every logit recomputed from the cached final hidden state with the cached "
                  "LM head, as the live teacher computes it)" if cache["mode"] == "head-mode"
-            else f"a {cache['mode']} teacher cache (the {cache['k']} likeliest tokens' log-probabilities and one tail "
-                 "bucket per position)")
+            else f"a {cache['mode']} teacher cache (the {cache['k']} likeliest tokens' log-probabilities and "
+                 f"{_tail_words(cache['settings'].get('tail_rank', 0))} per position)")
     def names(methods) -> str:
         shown = [display_name(m) for m in methods]
         return " and ".join([", ".join(shown[:-1]), shown[-1]] if len(shown) > 1 else shown) or "no"

@@ -58,6 +58,10 @@ from dwakd.teacher_cache.reader import example_crc, example_key, label_count
 logger = logging.getLogger(__name__)
 
 ROW_CHUNK = 256  # label rows per top-k / log-sum-exp chunk: one (rows, V) float32 temporary at a time
+TAIL_FIT_ROWS = 4096  # teacher rows a rank-R tail basis is fitted on: the first rows of the data, in build order
+TAIL_FIT_BYTES = 2**30  # ... fewer when their (rows, V) float32 logits would exceed this (1,770 rows at V = 151,646)
+DEFAULT_TAIL_RANK = 32  # a top-k cache's tail rank unless asked otherwise (docs/teacher-cache.md#low-rank-tail)
+REQUEST_DEFAULTS = {"tail_rank": 0}  # settings older caches were built without, and what they meant
 
 
 @dataclass
@@ -72,6 +76,8 @@ class CacheSettings:
     layers: tuple[int, ...] = ()  # more hidden_states indices to store (0 = embedding output; negative from the end)
     hidden_dtype: str = "auto"  # auto: lossless and head -> as the teacher computes them; top-k -> float16
     temperatures: tuple[float, ...] | None = None  # tail masses stored at these τ; None: 1, 2 and the method's τ
+    tail_rank: int | None = None  # top-k: the tail's shape from R coefficients per row on a fitted logit basis
+    # (0: one flat bucket; None: DEFAULT_TAIL_RANK for a top-k cache, 0 for the others)
     batch_size: int = 8
     shard_mb: float = 256.0
 
@@ -91,6 +97,13 @@ class CacheSettings:
                              f"got {self.hidden_dtype!r}")
         if self.temperatures is not None and any(not t > 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be > 0, got {self.temperatures}")
+        if self.tail_rank is None:
+            self.tail_rank = 0 if self.k is None or self.k == "head" else DEFAULT_TAIL_RANK
+        if self.tail_rank < 0:
+            raise ValueError(f"tail_rank must be ≥ 0, got {self.tail_rank}")
+        if self.tail_rank and (self.k is None or self.k == "head"):
+            raise ValueError("tail_rank shapes the tail of a top-k cache (--k K); a lossless or head-mode cache has "
+                             "no tail")
         if self.batch_size < 1 or self.shard_mb <= 0:
             raise ValueError("batch_size must be ≥ 1 and shard_mb > 0")
 
@@ -148,7 +161,8 @@ def _requested(settings: CacheSettings, config) -> dict[str, Any]:
     temps = settings.temperatures if settings.temperatures is not None else default_temperatures(config)
     layers = sorted(set(settings.layers) | set(method_layers(config)))
     return {"k": settings.k, "value_bits": settings.value_bits, "hidden": settings.hidden, "layers": layers,
-            "hidden_dtype": settings.hidden_dtype, "temperatures": [float(t) for t in sorted(set(temps))]}
+            "hidden_dtype": settings.hidden_dtype, "temperatures": [float(t) for t in sorted(set(temps))],
+            "tail_rank": settings.tail_rank}
 
 
 def _unique_sides(datasets: dict[str, Any]) -> tuple[list[Any], list[int], dict[str, int]]:
@@ -225,7 +239,7 @@ class CacheBuilder:
             manifest = self._new_manifest(fingerprint, requested, teacher, sides, counts)
         self.manifest = manifest
         self._resume_state()
-        self._write_tables(teacher)
+        self._write_tables(teacher, sides)
         self._build_shards(teacher, sides, keys)
         manifest["state"] = "complete"
         manifest["sizes"] = self._sizes()
@@ -244,8 +258,9 @@ class CacheBuilder:
             return None
         manifest = read_manifest(self.out)
         problems = differences(manifest["fingerprint"], fingerprint)
-        problems += [f"{key}: cache {manifest['requested'].get(key)}, now {value}"
-                     for key, value in requested.items() if manifest["requested"].get(key) != value]
+        built = {**REQUEST_DEFAULTS, **manifest["requested"]}
+        problems += [f"{key}: cache {built.get(key)}, now {value}" for key, value in requested.items()
+                     if built.get(key) != value]
         if not problems:
             return manifest
         if not self.overwrite:
@@ -306,6 +321,7 @@ class CacheBuilder:
             "id_bits": id_bits_for(vocab), "layers": sorted(layers), "hidden_dtype": hidden_dtype,
             "temperatures": requested["temperatures"],
             "logits_dtype": str(probe_logits.dtype).replace("torch.", ""),
+            "tail_rank": s.tail_rank if mode == "topk" else 0,  # lowered to what the fit supports (_fit_tail_basis)
         }
         info = {"vocab_size": vocab, "head_rows": int(head.weight.shape[0]),
                 "hidden_size": int(out.hidden_states[-1].shape[-1]), "num_hidden_states": num_hidden,
@@ -335,7 +351,8 @@ class CacheBuilder:
         elif mode == "full":
             logits = info["head_rows"] * (4 if settings["logits_dtype"] == "float32" else 2)
         else:
-            logits = topk_row_bytes(settings["k"], settings["value_bits"], settings["id_bits"])
+            logits = topk_row_bytes(settings["k"], settings["value_bits"], settings["id_bits"],
+                                    settings.get("tail_rank") or 0)
             logits += 4 * len(settings["temperatures"])
         per_value = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}[settings["hidden_dtype"]]
         hidden = info["hidden_size"] * per_value + (4 if settings["hidden_dtype"] == "int8" else 0)
@@ -360,12 +377,20 @@ class CacheBuilder:
         tables = self.manifest.get("tables")
         if tables and (not (self.out / TABLES).is_file() or (self.out / TABLES).stat().st_size != tables["bytes"]):
             self.manifest["tables"] = None
+            if self.manifest["settings"].get("tail_rank") and self.manifest["shards"]:
+                # the shards' tail coefficients are on the lost basis; a refit elsewhere may differ in the last bits
+                logger.warning("teacher cache: %s is missing or cut; its tail basis is refitted and every shard "
+                               "rebuilt", self.out / TABLES)
+                self.manifest["shards"] = []
+            write_json_atomic(self.out / MANIFEST, self.manifest)
         if self.manifest["shards"]:
             logger.info("teacher cache %s: resuming after %d of %d shards", self.out, len(self.manifest["shards"]),
                         len(self.manifest["plan"]))
 
-    def _write_tables(self, teacher) -> None:
+    def _write_tables(self, teacher, sides) -> None:
         if self.manifest.get("tables"):
+            if self.manifest["settings"].get("tail_rank"):
+                self._load_tail_basis()
             return
         embed = teacher.get_input_embeddings().weight.detach().cpu().contiguous()
         head = teacher.get_output_embeddings()
@@ -374,8 +399,66 @@ class CacheBuilder:
             tensors["lm_head"] = head.weight.detach().cpu().contiguous()
         if getattr(head, "bias", None) is not None:
             tensors["lm_head_bias"] = head.bias.detach().cpu().contiguous()
+        if self.manifest["settings"].get("tail_rank"):
+            tensors.update(self._fit_tail_basis(teacher, sides))
         self.manifest["tables"] = _write_atomic(self.out / TABLES, save_torch(tensors))
         write_json_atomic(self.out / MANIFEST, self.manifest)
+
+    # ---- rank-R tail -----------------------------------------------------------------------------------------------
+    def _fit_tail_basis(self, teacher, sides) -> dict[str, torch.Tensor]:
+        """The tail basis: the mean and top principal directions of the teacher's row-centred logits over the first
+        rows of the data (randomised SVD with a fixed seed, then orthonormalised in float64); lowers the rank to what
+        the rows support."""
+        started = time.perf_counter()
+        s = self.manifest["settings"]
+        x, examples = self._tail_fit_rows(teacher, sides)  # (n, V) row-centred logits
+        mean = x.mean(0)
+        x -= mean
+        q = min(int(s["tail_rank"]) + 16, *x.shape)  # oversampled subspace
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _, singular, directions = torch.svd_lowrank(x, q=q, niter=6)  # directions: (V, q)
+        rank = min(int(s["tail_rank"]), int((singular > singular[0].clamp_min(1e-30) * 1e-4).sum()))
+        if rank < s["tail_rank"]:
+            logger.warning("teacher cache: --tail-rank %d lowered to %d, the rank of the teacher's logits over the "
+                           "%d rows it is fitted on", s["tail_rank"], rank, x.shape[0])
+        s["tail_rank"] = rank
+        s["tail_fit"] = {"rows": int(x.shape[0]), "examples": examples}
+        tensors: dict[str, torch.Tensor] = {}
+        if rank:  # (rank 0: constant rows, nothing to fit; the flat tail)
+            basis = torch.linalg.qr(directions[:, :rank].double()).Q.T  # orthonormal rows (R, V)
+            signs = basis.gather(1, basis.abs().argmax(1, keepdim=True)).sign()  # largest entry positive: one answer
+            tensors = {"tail_mean": mean.contiguous(), "tail_basis": (basis * signs).float().contiguous()}
+            self._tail = (tensors["tail_mean"].to(self.args.device), tensors["tail_basis"].to(self.args.device))
+        self.manifest["build_seconds"] = round(self.manifest["build_seconds"] + time.perf_counter() - started, 3)
+        return tensors
+
+    def _tail_fit_rows(self, teacher, sides) -> tuple[torch.Tensor, int]:
+        """Row-centred float32 logits (n, V) of the first `TAIL_FIT_ROWS` label rows (fewer for a large vocabulary),
+        and how many examples they came from."""
+        vocab = len(self.tokenizer)
+        limit = max(2, min(TAIL_FIT_ROWS, TAIL_FIT_BYTES // (4 * vocab)))
+        parts, rows, examples = [], 0, 0
+        for start in range(0, len(sides), self.settings.batch_size):
+            if rows >= limit:
+                break
+            chunk = sides[start : start + self.settings.batch_size]
+            view, out = self._forward(teacher, chunk)
+            label_rows = valid_rows(view.label_mask)[: limit - rows]
+            for lo in range(0, label_rows.numel(), ROW_CHUNK):
+                with torch.no_grad(), self.autocast:
+                    z = out.logits_at(label_rows[lo : lo + ROW_CHUNK])[:, :vocab].float()
+                parts.append((z - z.mean(-1, keepdim=True)).cpu())
+            rows += label_rows.numel()
+            examples += len(chunk)
+        return torch.cat(parts), examples
+
+    def _load_tail_basis(self) -> None:
+        """A resumed build codes its rows on the basis its tables already hold."""
+        from safetensors.torch import load_file
+
+        tables = load_file(str(self.out / TABLES))
+        self._tail = (tables["tail_mean"].to(self.args.device), tables["tail_basis"].to(self.args.device))
 
     # ---- shards -------------------------------------------------------------------------------------------------
     def _build_shards(self, teacher, sides, keys) -> None:
@@ -446,6 +529,13 @@ class CacheBuilder:
             result.setdefault("topk", []).append(encode_topk(logp.cpu().numpy(), ids.cpu().numpy(), s["value_bits"],
                                                              s["id_bits"]))
             result.setdefault("tail", []).append(torch.stack(tails, -1).cpu().numpy().astype(np.float32))
+            if s.get("tail_rank"):
+                mean, basis = self._tail
+                with torch.no_grad():  # projection of the row-centred logits on the orthonormal basis
+                    coef = (z - z.mean(-1, keepdim=True) - mean) @ basis.T  # (r, R)
+                encoded = encode_hidden(coef, "int8")
+                result.setdefault("tail_coef", []).append(encoded["values"])
+                result.setdefault("tail_coef_scale", []).append(encoded["scale"])
         for layer in s["layers"]:
             hidden = out.hidden_states[layer]
             flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (R, d)

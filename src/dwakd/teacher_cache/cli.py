@@ -46,7 +46,8 @@ def _cmd_teacher_cache(args: argparse.Namespace) -> int:
     try:
         settings = CacheSettings(k=args.k, value_bits=args.value_bits, hidden=not args.no_hidden,
                                  layers=args.layers or (), hidden_dtype=args.hidden_dtype,
-                                 temperatures=args.temperatures, batch_size=args.batch_size, shard_mb=args.shard_mb)
+                                 temperatures=args.temperatures, tail_rank=args.tail_rank,
+                                 batch_size=args.batch_size, shard_mb=args.shard_mb)
         manifest = build_teacher_cache(config, args.out, settings, show_progress=not args.no_progress,
                                        overwrite=args.overwrite)
     except (TeacherCacheError, ValueError) as exc:
@@ -56,7 +57,8 @@ def _cmd_teacher_cache(args: argparse.Namespace) -> int:
     exact = "exact" if s["lossless"] else "not exact"
     mode = {"full": "lossless (every logit)",
             "head": f"head mode (logits recomputed from the final hidden state; {exact})",
-            "topk": f"top-{s['k']} + tail at τ ∈ {s['temperatures']}"}[logit_mode(s)]
+            "topk": f"top-{s['k']} + {'rank-' + str(s['tail_rank']) if s.get('tail_rank') else 'flat'} tail "
+                    f"at τ ∈ {s['temperatures']}"}[logit_mode(s)]
     print(f"teacher cache in {args.out}: {manifest['examples']['unique']} examples, {sizes.get('rows', '?')} teacher "
           f"tokens, {mode}, hidden layers {s['layers']} as {s['hidden_dtype']}; "
           f"{sizes.get('logit_bytes_per_token')} B/token logits + {sizes.get('hidden_bytes_per_token')} B/token "
@@ -89,6 +91,10 @@ def register(subparsers) -> None:
                    help="storage of hidden states (auto: exact in lossless and head mode, float16 otherwise)")
     p.add_argument("--temperatures", type=_numbers(float), metavar="T1,T2",
                    help="temperatures at which the tail mass is stored (default 1, 2 and the method's)")
+    p.add_argument("--tail-rank", type=int, default=None, metavar="R",
+                   help="top-k caches: store R int8 coefficients per token (R + 4 bytes) on a basis of the teacher's "
+                        "logits fitted over the first rows of the data, which give the tail its shape (default 32; "
+                        "0: one flat tail bucket); see docs/teacher-cache.md#low-rank-tail")
     p.add_argument("--batch-size", type=int, default=8, help="teacher batch size")
     p.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MiB")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings in DIR")

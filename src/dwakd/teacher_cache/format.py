@@ -4,7 +4,7 @@ A cache directory holds
 - `manifest.json`: fingerprint, settings, teacher facts, the list of finished shards (rewritten atomically after
   each shard, so a killed build resumes after the last shard it lists);
 - `tables.safetensors`: the teacher's input-embedding table and LM head (one tensor when tied), in the teacher's
-  dtype, read memory-mapped;
+  dtype, and a top-k cache's tail basis, read memory-mapped;
 - `shard-NNNNN.safetensors`: rows of many examples. Per example: its key, row offset and CRC-32; per row (one
   row per teacher label position, row-major): the logit part and one array per cached hidden-state layer.
 
@@ -12,9 +12,11 @@ Logit part, lossless mode (`k` ≥ vocabulary): `logits` (rows, head rows) exact
 them. Top-k mode: `topk` (rows, bytes) — k entries per row bit-packed, each the token id (`id_bits` bits) and a
 `value_bits`-bit code of −log p (p = the token's probability at τ = 1): the upper bits of the float16 pattern of
 −log p (sign bit dropped, mantissa rounded to `value_bits − 5` bits); plus `tail` (rows, temperatures) float32, the
-log of the probability mass outside the top k at each stored temperature. Head mode (`k = "head"`): no logit part;
-the logits are recomputed at training time from the cached final hidden state with the cached LM head (exact when
-the hidden state is stored in the dtype the teacher computes it in).
+log of the probability mass outside the top k at each stored temperature; with a rank-R tail (`tail_rank` R > 0),
+`tail_coef` (rows, R) int8 and `tail_coef_scale` (rows,) float32, the row's coefficients on the tail basis (coded like
+int8 hidden states, below), whose `tail_mean` (V,) and `tail_basis` (R, V) float32 are in the tables. Head mode
+(`k = "head"`): no logit part; the logits are recomputed at training time from the cached final hidden state with the
+cached LM head (exact when the hidden state is stored in the dtype the teacher computes it in).
 Hidden states: `hidden.L` (rows, d) in float32/float16/bfloat16 (bfloat16 stored as its uint16 bit pattern), or
 int8 with a float32 per-row scale `hidden_scale.L` (x ≈ code · scale, scale = max|x| / 127).
 """
@@ -153,8 +155,9 @@ def decode_topk(packed: np.ndarray, k: int, value_bits: int, id_bits: int) -> tu
     return logp, ids
 
 
-def topk_row_bytes(k: int, value_bits: int, id_bits: int) -> int:
-    return math.ceil(k * (value_bits + id_bits) / 8)
+def topk_row_bytes(k: int, value_bits: int, id_bits: int, tail_rank: int = 0) -> int:
+    """Bytes per row of the packed top-k entries and, with a rank-R tail, its int8 coefficients and float32 scale."""
+    return math.ceil(k * (value_bits + id_bits) / 8) + (tail_rank + 4 if tail_rank else 0)
 
 
 # ---- hidden states -------------------------------------------------------------------------------------------------

@@ -235,6 +235,8 @@ class TeacherCache:
             out["teacher_cache_logp"] = torch.from_numpy(logp)
             out["teacher_cache_ids"] = torch.from_numpy(ids)
             out["teacher_cache_tail"] = torch.from_numpy(np.ascontiguousarray(raw["tail"]))
+            if s.get("tail_rank"):
+                out["teacher_cache_tail_coef"] = decode_hidden(raw["tail_coef"], raw["tail_coef_scale"], "int8")
         for layer in s["layers"]:
             scale = raw.get(f"hidden_scale.{layer}")
             out[f"teacher_cache_hidden_{layer}"] = decode_hidden(raw[f"hidden.{layer}"], scale, s["hidden_dtype"])

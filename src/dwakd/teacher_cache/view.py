@@ -4,9 +4,11 @@ holds only the teacher's embedding table and LM head (its transformer blocks are
 Methods receive the same `ModelView` API as with a live teacher (docs/teacher-cache.md#what-methods-see):
 - `logits_at(rows)` / `label_logits(view)` at the teacher's label positions (the response positions; the only rows
   any built-in method reads). Lossless cache: the stored logits, bit for bit. Top-k cache: a dense row materialised
-  at the rows asked for — the k cached log-probabilities at their token ids, and every other real token at one
-  common value chosen so that the tail's probability mass at the calibration temperature τ_c equals the stored one
-  ("top-k + one tail bucket", spread evenly over the V − k tail tokens); head padding rows get a very low value.
+  at the rows asked for — the k cached log-probabilities at their token ids, and every other real token shifted so
+  that the tail's probability mass at the calibration temperature τ_c equals the stored one. The tail's shape is
+  either flat ("top-k + one tail bucket", spread evenly over the V − k tail tokens) or, in a cache built with
+  `--tail-rank R`, the row's R stored coefficients on the cache's fitted logit basis (mean + coefficients · basis,
+  docs/teacher-cache.md#low-rank-tail); head padding rows get a very low value.
   The rows are log-probabilities (logits shifted by their log-sum-exp), which softmax, every divergence, entropy,
   argmax and sort are invariant to. Head-mode cache: the cached LM head applied to the cached final hidden state at
   the rows asked for, exactly what the live teacher's deferred head computes (and `linear_head_weight()` gives the
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 LOG_TAIL_FLOOR = -80.0  # log tail mass below this is treated as e^−80 (a tail that underflowed to 0)
 PAD_LOGIT = -1e30  # head padding rows (beyond the tokenizer's vocabulary) of a materialised top-k row
+SHAPE_CHUNK_BYTES = 8 << 20  # CPU: rank-R tail rows per step so each temporary stays in reused heap memory
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -41,12 +44,16 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def topk_to_logits(logp: torch.Tensor, ids: torch.Tensor, log_tail: torch.Tensor, vocab: int, width: int,
-                   temperature: float) -> torch.Tensor:
+                   temperature: float, tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                   ) -> torch.Tensor:
     """(rows, width) float32 logits from the top-k log-probabilities and the tail's log mass at `temperature`.
 
-    logp, ids: (rows, k) at τ = 1; log_tail: (rows,) log Σ_{tail} softmax(z/τ) of the true row. The k entries keep
-    their values; the V − k tail tokens share the value c with (V − k)·e^{c/τ} / (Σ_top e^{a/τ} + (V − k)·e^{c/τ})
-    equal to the stored tail mass, i.e. c = τ·(log M − log(1 − M) + logsumexp(a/τ) − log(V − k)).
+    logp, ids: (rows, k) at τ = 1; log_tail: (rows,) log M, M = Σ_{tail} softmax(z/τ) of the true row; tail: the tail's
+    shape s = mean + coef · basis as (mean (vocab,), coef (rows, R), basis (R, vocab)), None: flat (one bucket). The k
+    entries keep their values; tail token i gets s_i + c with c such that Σ_tail e^{(s_i + c)/τ} / (Σ_top e^{a/τ} +
+    Σ_tail e^{(s_i + c)/τ}) = M, i.e. c = τ·(log M − log(1 − M) + logsumexp(a/τ) − logsumexp_tail(s/τ)); flat: s = 0,
+    logsumexp_tail = log(V − k). On CPU the shape is formed a few rows at a time: a fresh (rows, V) temporary costs
+    more in page faults than its arithmetic.
     """
     rows, k = logp.shape
     logp = logp.float()
@@ -54,9 +61,16 @@ def topk_to_logits(logp: torch.Tensor, ids: torch.Tensor, log_tail: torch.Tensor
     if k < vocab:
         tau = float(temperature)
         log_mass = log_tail.float().clamp(LOG_TAIL_FLOOR, -1e-7)  # (rows,)
-        top = torch.logsumexp(logp / tau, -1)  # (rows,)
-        tail_value = tau * (log_mass - log1mexp(log_mass) + top - math.log(vocab - k))  # (rows,)
-        out[:, :vocab] = tail_value.unsqueeze(-1)
+        shift = tau * (log_mass - log1mexp(log_mass) + torch.logsumexp(logp / tau, -1))  # (rows,)
+        if tail is None:
+            out[:, :vocab] = (shift - tau * math.log(vocab - k)).unsqueeze(-1)
+        else:
+            mean, coef, basis = (t.float() for t in tail)
+            step = rows if logp.is_cuda else max(1, SHAPE_CHUNK_BYTES // (4 * vocab))
+            for lo in range(0, rows, step):
+                shape = torch.addmm(mean, coef[lo : lo + step], basis, out=out[lo : lo + step, :vocab])  # (step, V)
+                tail_only = (shape / tau).scatter_(1, ids[lo : lo + step], float("-inf"))
+                shape += (shift[lo : lo + step] - tau * torch.logsumexp(tail_only, -1)).unsqueeze(-1)
     return out.scatter_(1, ids, logp)
 
 
@@ -125,8 +139,11 @@ class CachedModelView(ModelView):
         if "logits" in self._rows:  # lossless
             return self._rows["logits"].index_select(0, index)
         tail = self._rows["tail"][:, self.model.tail_column].index_select(0, index)
+        shape = None
+        if "tail_coef" in self._rows:  # rank-R tail: the row's coefficients on the cache's logit basis
+            shape = (self.model.tail_mean, self._rows["tail_coef"].index_select(0, index), self.model.tail_basis)
         return topk_to_logits(self._rows["logp"].index_select(0, index), self._rows["ids"].index_select(0, index),
-                              tail, self.model.vocab, self.model.head_rows, self.model.tail_temperature)
+                              tail, self.model.vocab, self.model.head_rows, self.model.tail_temperature, shape)
 
     def logits_at(self, rows: torch.Tensor) -> torch.Tensor:
         index = self._row_of.index_select(0, rows)
@@ -184,6 +201,10 @@ class CachedTeacher(nn.Module):
         self.lm_head.weight = self.embed_tokens.weight if info["tied"] else nn.Parameter(head, requires_grad=False)
         if "lm_head_bias" in tables:
             self.lm_head.bias = nn.Parameter(tables["lm_head_bias"], requires_grad=False)
+        self.tail_rank = int(cache.settings.get("tail_rank") or 0)  # caches before --tail-rank: a flat tail
+        if self.logit_mode == "topk" and self.tail_rank:  # (vocab,) and (R, vocab) float32, moved with the module
+            self.register_buffer("tail_mean", tables["tail_mean"], persistent=False)
+            self.register_buffer("tail_basis", tables["tail_basis"], persistent=False)
         self.eval()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -225,8 +246,9 @@ class CachedTeacher(nn.Module):
             logger.warning("teacher cache %s stores tail masses at τ = %s, not at method %r's τ = %s: its teacher "
                            "rows are calibrated at τ = %s (rebuild with --temperatures %s to calibrate them exactly)",
                            self.directory, self.temperatures, name, tau, self.tail_temperature, tau)
-        logger.info("teacher cache %s: top-%d rows + one tail bucket calibrated at τ = %s for method %r",
-                    self.directory, self.k, self.tail_temperature, name)
+        logger.info("teacher cache %s: top-%d rows + %s calibrated at τ = %s for method %r", self.directory, self.k,
+                    f"a rank-{self.tail_rank} tail" if self.tail_rank else "one tail bucket", self.tail_temperature,
+                    name)
 
     @property
     def cached_layers(self) -> set[int]:
