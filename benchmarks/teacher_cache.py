@@ -234,7 +234,8 @@ def cmd_speed(args) -> dict:
     config = config_from_dict(apply_overrides(copy.deepcopy(tree), [f"data.max_train_examples={examples}",
                                                                     f"training.output_dir={work / 'build'}"]))
     started = time.perf_counter()
-    manifest = build_teacher_cache(config, cache_dir, CacheSettings(k=args.k), show_progress=False)
+    manifest = build_teacher_cache(config, cache_dir, CacheSettings(k=args.k, tail_rank=args.tail_rank),
+                                   show_progress=False)
     build = {"seconds": round(time.perf_counter() - started, 2), "build_seconds": manifest["build_seconds"],
              "examples": manifest["examples"]["unique"], "rows": manifest["sizes"]["rows"],
              "seconds_per_1000_examples": round(1000 * manifest["build_seconds"] / manifest["examples"]["unique"], 1),
@@ -273,6 +274,7 @@ def cmd_speed(args) -> dict:
               for method in args.methods}
     print(json.dumps({"ratios": ratios}), flush=True)
     return {"config": args.config, "overrides": args.overrides, "batch_size": args.batch_size, "k": args.k,
+            "tail_rank": manifest["settings"].get("tail_rank", 0),
             "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "build": build, "samples": samples,
             "summary": summary, "ratios": ratios, "environment": environment(), "command": " ".join(sys.argv)}
 
@@ -391,6 +393,8 @@ def main() -> None:
             p.add_argument("--rounds", type=int, default=3)
             p.add_argument("--k", type=lambda text: text if text == "head" else int(text), default=64,
                            help="the cache's top-k, or 'head' for a head-mode cache")
+            p.add_argument("--tail-rank", type=int, default=None,
+                           help="a top-k cache's tail rank (default: the builder's, 32; 0: flat)")
             p.add_argument("--build-examples", type=int, default=None,
                            help="examples the cache is built over (default: the ones the steps read)")
     args = parser.parse_args()

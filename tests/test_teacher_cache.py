@@ -673,7 +673,7 @@ def test_sigkill_during_build_then_rerun_gives_the_uninterrupted_cache(caches, t
 def test_two_processes_each_read_their_own_rows(caches, tmp_path):
     """DDP over 2 CPU processes (gloo), 2 per device, from the cache == 1 process from the cache with the same two
     micro-batches of 2, accumulated (not one batch of 4: DSKD normalises teacher states over the micro-batch, so that
-    is another computation; tests/test_robustness.py)."""
+    is another computation; tests/test_robustness.py), with a student without dropout."""
     import socket
     import subprocess
     import sys
@@ -681,8 +681,10 @@ def test_two_processes_each_read_their_own_rows(caches, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    no_dropout = ("student.tiny={arch: gpt2, hidden_size: 64, num_layers: 2, num_heads: 2, intermediate_size: 128, "
+                  "max_positions: 256, resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}")  # else the ranks draw
     common = [str(caches["yaml"]), *FAST, "method=dskd", "training.max_steps=1", "data.max_train_examples=4",
-              f"teacher.cache={caches['topk']}", "--no-progress"]
+              f"teacher.cache={caches['topk']}", no_dropout, "--no-progress"]  # other dropout masks than 1 process
     single = tmp_path / "single"
     subprocess.run(_cli("train", *common, f"output_dir={single}", "training.per_device_train_batch_size=2",
                         "training.gradient_accumulation_steps=2"), env=_env(), check=True, capture_output=True,
