@@ -95,7 +95,7 @@ def register(subparsers) -> None:
     teacher.add_argument("--teacher-cache", nargs="?", const="head", type=_cache_k, metavar="K",
                          help="the distilled students read the teacher from a cache built once after it is trained "
                               "(`dwakd teacher-cache`): 'head' (the default: logits recomputed from the cached final "
-                              "hidden state, exact), top-K logits plus a tail bucket (K ≥ 1, approximate) or "
+                              "hidden state, exact), top-K logits plus a rank-32 tail (K ≥ 1, approximate) or "
                               "'vocab' (lossless, every logit); methods a cache cannot serve (mta, sra; alm and "
                               "multilevel_ot with a top-K cache) train with the live teacher")
     teacher.add_argument("--live-teacher", action="store_true",
