@@ -27,7 +27,7 @@ build time.
 accuracy: caches are built with the real builder for each variant (k or head mode, value bits, hidden dtype, tail
 rank) over the first `--fit-examples` + `--examples` training examples and measured on the last `--examples` (a
 rank-R tail's basis is fitted on the first rows of the data, at most 4,096: with `--fit-examples` covering them the
-measured rows are ones the basis was not fitted on; the result records how many measured examples were); for every
+measured rows are ones the basis was not fitted on; each result records whether they were); for every
 batch the same student and method objects (optionally a trained student:
 `--student-dir`) run once with the live teacher and once with each cache. Per teacher token it records KL(p_τ ‖ p̂_τ)
 (how far the cached teacher distribution is from the dense one, τ = 1 and 2), the error of dskd's teacher-space KL
