@@ -48,6 +48,7 @@ from dwakd.teacher_cache.format import (
     encode_topk,
     id_bits_for,
     logit_mode,
+    mmap_safetensors,
     read_manifest,
     shard_name,
     topk_row_bytes,
@@ -455,9 +456,7 @@ class CacheBuilder:
 
     def _load_tail_basis(self) -> None:
         """A resumed build codes its rows on the basis its tables already hold."""
-        from safetensors.torch import load_file
-
-        tables = load_file(str(self.out / TABLES))
+        tables = mmap_safetensors(self.out / TABLES)
         self._tail = (tables["tail_mean"].to(self.args.device), tables["tail_basis"].to(self.args.device))
 
     # ---- shards -------------------------------------------------------------------------------------------------
