@@ -1,6 +1,6 @@
 """LM heads applied only at the rows a loss reads (`ModelView.logits_at`) give the dense-logits result.
 
-The trainer runs both models with `logits_to_keep=1` and applies the heads later at label rows; every method,
+The trainer runs both models with `logits_to_keep` at the last position and applies the heads later at label rows; every method,
 whether it reads rows or the dense `logits`, must get the same loss, parts and gradients as with dense logits.
 """
 
@@ -81,7 +81,7 @@ def _check_method(tiny_yaml, tmp_path, method: str) -> None:
     for side, (_, key) in sides.items():
         labels = int(batch[key].ne(-100).sum())
         assert labels < batch[key].numel()  # prompts and padding exist, so dense logits would be more rows
-        # the model's own pass computes one row per sequence (logits_to_keep=1), the loss at most the label rows
+        # the model's own pass computes one row per sequence (the last position), the loss at most the label rows
         assert rows[side][0] == batch_size and sum(rows[side][1:]) <= labels, (side, rows[side], labels)
         if method.endswith(":fused"):  # the fused op reads the head's weight and never calls the head module
             assert rows[side] == [batch_size]
@@ -131,3 +131,25 @@ def test_config_with_logit_transform_never_defers_the_head(tiny_yaml, tmp_path):
     finally:
         del model.student.config.final_logit_softcapping
     assert model._deferred_head("student", model.student) is not None
+
+
+def test_frozen_bf16_teacher_head_is_not_copied_per_sequence(tiny_yaml, tmp_path):
+    """The last-position logits of a frozen bf16 teacher cost one row per sequence, not a copy of its head per
+    sequence: `logits_to_keep` as the int 1 made `torch.matmul` expand the (V, d) head to (batch, d, V) on the CPU
+    (4 × 29 MiB here; 4 × 1.1 GB for a 7B teacher)."""
+    from dwakd.evaluation.memory import peak_bytes
+    from dwakd.trainer import _token_view
+
+    config = load_config(tiny_yaml, ["method=dskd", f"output_dir={tmp_path / 'bf16'}", *FAST,
+                                     "teacher.dtype=bfloat16"])
+    run = build_training(config, show_progress=False)
+    batch = next(iter(run.trainer.get_train_dataloader()))
+    model, view = run.model, _token_view(batch, "teacher_")
+    head = model.teacher.get_output_embeddings().weight
+    assert head.dtype == torch.bfloat16 and not head.requires_grad and batch["input_ids"].shape[0] == 4
+    model._run_side("teacher", model.teacher, view, True, model.teacher_vocab_size)  # the one-time head check
+    with torch.no_grad():
+        out, peak = peak_bytes(lambda: model._run_side("teacher", model.teacher, view, True, model.teacher_vocab_size))
+    assert out.logits_at(torch.zeros(1, dtype=torch.long)).shape[-1] >= model.teacher_vocab_size
+    head_bytes = head.numel() * head.element_size()
+    assert peak < head_bytes / 2, f"peak {peak / 2**20:.1f} MiB, head {head_bytes / 2**20:.1f} MiB"
