@@ -65,22 +65,34 @@ def threading(method: str) -> contextlib.AbstractContextManager:
     return ops_threads(mode) if mode else contextlib.nullcontext()
 
 
-def one_pass(model, batch, clock=time.perf_counter) -> float:
+def autocast(bf16: bool) -> torch.autocast:
+    """The forward's precision: bf16 autocast as the Trainer runs it with `bf16: true` (on the CPU), else fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
+def one_pass(model, batch, clock=time.perf_counter, bf16: bool = False) -> float:
     """Seconds of one forward + backward on `clock` (wall: perf_counter; CPU: process_time)."""
     model.zero_grad(set_to_none=True)
     start = clock()
-    out = model(**batch)
+    with autocast(bf16):
+        out = model(**batch)
     out["loss"].backward()
     return clock() - start
 
 
-def peak_tensor_mib(model, batch) -> float:
+def peak_tensor_mib(model, batch, bf16: bool = False) -> float:
     """Peak torch tensor memory (MiB) of one forward + backward above what was live before it (NumPy buffers of
     numba kernels are not counted)."""
     from dwakd.evaluation.memory import peak_bytes
 
     model.zero_grad(set_to_none=True)
-    _, peak = peak_bytes(lambda: model(**batch)["loss"].backward())
+
+    def run() -> None:
+        with autocast(bf16):
+            loss = model(**batch)["loss"]
+        loss.backward()
+
+    _, peak = peak_bytes(run)
     return peak / 2**20
 
 
@@ -96,6 +108,7 @@ def main() -> None:
                         help="cpu: process CPU seconds (with --threads 1, far less sensitive to other jobs)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--memory", action="store_true", help="also peak tensor memory of one pass per method")
+    parser.add_argument("--bf16", action="store_true", help="forwards under bf16 autocast, as `training.bf16: true`")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
@@ -107,7 +120,8 @@ def main() -> None:
     config_name = os.path.relpath(args.config, ROOT) if Path(args.config).is_absolute() else args.config
     result = {"config": config_name, "overrides": args.overrides, "rounds": args.rounds, "warmup": args.warmup,
               "torch": torch.__version__, "machine": platform.platform(), "threads": torch.get_num_threads(),
-              "clock": args.clock, "command": " ".join(sys.argv), "load_before": os.getloadavg(), "results": {}}
+              "clock": args.clock, "bf16": args.bf16, "command": " ".join(sys.argv), "load_before": os.getloadavg(),
+              "results": {}}
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         built = {m: build(args.config, m, batch_size, args.overrides) for m in methods}
         samples: dict[str, list[float]] = {m: [] for m in methods}
@@ -115,7 +129,7 @@ def main() -> None:
             for method in methods:  # every method on its own next batch; all methods read the same data order
                 model, loader = built[method]
                 with threading(method):
-                    seconds = one_pass(model, next(loader), clock)
+                    seconds = one_pass(model, next(loader), clock, args.bf16)
                 if round_index >= args.warmup:
                     samples[method].append(seconds)
         block = {}
@@ -134,7 +148,7 @@ def main() -> None:
             for method in methods:
                 model, loader = built[method]
                 with threading(method):
-                    block[method]["peak_tensor_mib"] = peak_tensor_mib(model, next(loader))
+                    block[method]["peak_tensor_mib"] = peak_tensor_mib(model, next(loader), args.bf16)
                 block[method]["peak_ratio_to_" + first] = block[method]["peak_tensor_mib"] / block[first].get(
                     "peak_tensor_mib", block[method]["peak_tensor_mib"])
         result["results"][f"batch_{batch_size}"] = block

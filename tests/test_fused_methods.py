@@ -257,6 +257,19 @@ def test_partitioned_or_wrapped_heads_keep_the_dense_path(fused_calls: list, cac
     assert fused_calls == []
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_auto_on_cpu_is_dense_in_fp32_and_fused_under_bf16_autocast(autocast: bool, fused_calls: list,
+                                                                     cache_dir) -> None:
+    """`head_fusion: auto` decides at the forward: in fp32 on a CPU the dense path (its numba forward-KL kernels),
+    under bf16 autocast (`bf16: true`) the fused op, whose dense alternative then runs on bf16 logits."""
+    c = case("dskd", torch.float32, cache_dir)
+    run(c, c.method("dwakd", head_fusion="auto"), autocast=autocast)
+    assert len(fused_calls) == (2 if autocast else 0)  # student space and teacher space, or neither
+    fused_calls.clear()
+    run(c, c.method("dwakd", head_fusion="dense"), autocast=autocast)  # an explicit choice is kept
+    assert fused_calls == []
+
+
 def test_head_fusion_is_validated(cache_dir) -> None:
     c = case("dskd", torch.float64, cache_dir)
     with pytest.raises(OptionError, match="head_fusion"):

@@ -52,7 +52,8 @@ class DSKDOptions(MethodOptions):
     # t2s_kd scaled by min(1, (step + 1) / kd_warmup_steps): the student-space KD term ramps up over the first steps
     # (the public DWA-KD code: 300); 0 = off
     kd_warmup_steps: int = 0
-    # fused: LM head + divergence in one op, no (rows × V) logits | dense: F.linear logits | auto: fused on GPU
+    # fused: LM head + divergence in one op, no (rows × V) logits | dense: F.linear logits
+    # | auto: fused on a GPU or under bf16 autocast, else dense
     head_fusion: str = "auto"
 
     def __post_init__(self) -> None:

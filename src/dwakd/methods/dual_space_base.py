@@ -42,10 +42,8 @@ class DualSpaceMethod(DistillationMethod):
 
     def fused_heads(self, device: torch.device) -> bool:
         """Whether the KD terms use the fused LM head + divergence op where the model views allow it
-        (`head_fusion: fused`, or `auto` on a GPU); otherwise dense logits (`dense`, the plain reference path).
-
-        `auto` is dense on CPU: there the fused op's chunked elementwise passes cost 1.1-1.4x the dense step
-        (benchmarks/README.md), while its memory saving (2.6x at the tiny recipe) is what GPUs need."""
+        (`head_fusion: fused`, or `auto` on a GPU or under bf16 autocast); otherwise dense logits (`dense`, the plain
+        reference path; `auto` on a CPU in fp32, see `dwakd.modules.head_fusion`)."""
         return use_fused_heads(getattr(self.options, "head_fusion", "dense"), device)
 
     def token_statistics(self) -> bool:

@@ -70,7 +70,8 @@ class MinEDOptions(MethodOptions):
 
     kd_objective: str = "fkl"  # a docs/methods.md §3 name (as in dskd / dskdv2); the reference uses forward KL
     map_workers: int = -1  # threads for the one-off vocabulary-map build (−1: all cores)
-    # fused: LM head + divergence in one op, no (rows × V) logits | dense: F.linear logits | auto: fused on GPU
+    # fused: LM head + divergence in one op, no (rows × V) logits | dense: F.linear logits
+    # | auto: fused on a GPU or under bf16 autocast, else dense
     head_fusion: str = "auto"
 
     def __post_init__(self) -> None:

@@ -14,7 +14,8 @@ from dwakd.modules.head_fusion import HEAD_FUSIONS
 class SFTOptions(MethodOptions):
     """SFT reads only `head_fusion` (the KD options it inherits are unused)."""
 
-    # fused: LM head + CE in one chunked op, no (rows × V) logits | dense: F.linear logits | auto: fused on GPU
+    # fused: LM head + CE in one chunked op, no (rows × V) logits | dense: F.linear logits
+    # | auto: fused on a GPU or under bf16 autocast, else dense
     head_fusion: str = "auto"
 
     def __post_init__(self) -> None:

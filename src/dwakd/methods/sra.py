@@ -84,7 +84,8 @@ class SRAOptions(MethodOptions):
     logit_weight: float = 1.0
     saliency_power: float = 1.0  # p in ŵ_k ∝ M_k^p
     attention_weighting: bool = True  # false: plain token means and uniform span weights (no attentions needed)
-    # the student CE: fused LM head + CE, no (rows × V) logits | dense: F.linear logits | auto: fused on GPU
+    # the student CE: fused LM head + CE, no (rows × V) logits | dense: F.linear logits
+    # | auto: fused on a GPU or under bf16 autocast, else dense
     head_fusion: str = "auto"
 
     def __post_init__(self) -> None:

@@ -114,7 +114,7 @@ class _Plan:
     compute: torch.dtype  # dtype of logits once promoted: fp32 or float64
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The active autocast dtype on `device_type`, or None when autocast is off there."""
     try:
         enabled = torch.is_autocast_enabled(device_type)
@@ -130,7 +130,7 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 
 def matmul_dtype(weight: torch.Tensor) -> torch.dtype:
     """Dtype `F.linear(hidden.to(weight.dtype), weight)` computes in here: autocast's if on (not for float64)."""
-    cast = _autocast_dtype(weight.device.type)
+    cast = autocast_dtype(weight.device.type)
     if cast is not None and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return cast
     return weight.dtype
