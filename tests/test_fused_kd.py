@@ -355,6 +355,30 @@ def test_entropy_at_another_temperature_adds_no_block_temporary_on_cpu(side):
     torch.testing.assert_close(getattr(out, f"{side}_peak"), z.softmax(-1).amax(-1), rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_autocast_holds_no_16_bit_copy_of_a_chunk():
+    """Under bf16 autocast the chunk's 16-bit product is promoted slice by slice (`functional.LOGIT_SLICES`): the
+    forward's peak stays within a fraction of a chunk above its fp32 peak (the whole-chunk bf16 product next to its
+    fp32 promotion was half a chunk more), and the values are those of the whole-chunk product."""
+    rows, vocab, dim = 64, 3000, 16
+    g = torch.Generator().manual_seed(4)
+    pred_hidden, target_hidden = torch.randn(rows, dim, generator=g), torch.randn(rows, dim, generator=g)
+    weight = torch.randn(vocab, dim, generator=g)
+
+    def run(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return fused_head_kd(pred_hidden, weight, target_hidden, weight, vocab_size=vocab, divergence="fkl",
+                                 chunk_elements=rows * vocab, block_elements=16 * vocab)
+
+    _, fp32_peak = peak_bytes(lambda: run(False))
+    out, bf16_peak = peak_bytes(lambda: run(True))
+    chunk = 2 * rows * vocab * 4  # both sides' fp32 logits, stacked (one head)
+    assert bf16_peak - fp32_peak < chunk // 4, (bf16_peak, fp32_peak, chunk)  # the head's bf16 copy: chunk / 16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_s, z_t = F.linear(pred_hidden, weight).float(), F.linear(target_hidden, weight).float()
+    expected = (F.softmax(z_t, -1) * (F.log_softmax(z_t, -1) - F.log_softmax(z_s, -1))).sum(-1)
+    torch.testing.assert_close(out.divergence, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_arguments_are_named():
     pred_hidden, pred_weight, target_hidden, target_weight, labels, _ = make_case()
     with pytest.raises(ValueError, match="target head is fixed"):
