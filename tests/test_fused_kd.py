@@ -355,6 +355,26 @@ def test_entropy_at_another_temperature_adds_no_block_temporary_on_cpu(side):
     torch.testing.assert_close(getattr(out, f"{side}_peak"), z.softmax(-1).amax(-1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backward", ["store", "recompute"])
+def test_one_chunk_of_logits_alive_at_a_time(backward):
+    """Chunks are formed one after another and each is freed before the next: the op's peak is one chunk of both
+    sides' logits plus small buffers (a loop variable holding a view of the previous chunk kept two alive)."""
+    rows, vocab, dim = 96, 4000, 16
+    g = torch.Generator().manual_seed(6)
+    pred_hidden = torch.randn(rows, dim, generator=g, requires_grad=True)
+    target_hidden = torch.randn(rows, dim, generator=g)
+    weight = torch.randn(vocab, dim, generator=g)
+
+    def run():
+        out = fused_head_kd(pred_hidden, weight, target_hidden, weight, vocab_size=vocab, divergence="fkl",
+                            backward=backward, chunk_elements=32 * vocab, block_elements=8 * vocab)  # 3 chunks
+        out.divergence.sum().backward()
+
+    _, peak = peak_bytes(run)
+    chunk = 2 * 32 * vocab * 4  # both sides' fp32 logits of 32 rows, stacked
+    assert peak < 1.5 * chunk, (peak, chunk)
+
+
 def test_bf16_autocast_holds_no_16_bit_copy_of_a_chunk():
     """Under bf16 autocast the chunk's 16-bit product is promoted slice by slice (`functional.LOGIT_SLICES`): the
     forward's peak stays within a fraction of a chunk above its fp32 peak (the whole-chunk bf16 product next to its
