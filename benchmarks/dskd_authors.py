@@ -46,7 +46,7 @@ global label count / (accumulation steps · ranks); ours divides by the same N, 
      50,257-row table/head, teacher hidden 2048 and a tied 151,936-row table/head (151,646 real tokens). No
      transformer: stub modules whose forward returns fixed random hidden states (the student's a parameter with
      gradient) and `lm_head(hidden)` as logits (at every position for the authors; ours asks for the last one,
-     `logits_to_keep=1`, and applies the head at the label rows itself); random tables (student N(0, 0.02²), teacher
+     `logits_to_keep`, and applies the head at the label rows itself); random tables (student N(0, 0.02²), teacher
      N(0, 0.08²)). The losses differ here by the std over the prompt
      positions and by the head's 290 padding rows (docs/methods.md §4.5).
 
@@ -54,6 +54,10 @@ global label count / (accumulation steps · ranks); ours divides by the same N, 
     PYTHONPATH=src python benchmarks/dskd_authors.py --dskd-repo /path/to/DSKD               # tiny + paper, CPU
     PYTHONPATH=src python benchmarks/dskd_authors.py --dskd-repo /path/to/DSKD --shapes tiny --rounds 7
     PYTHONPATH=src python benchmarks/dskd_authors.py --dskd-repo /path/to/DSKD --device cuda --paper-rounds 5
+    PYTHONPATH=src python benchmarks/dskd_authors.py --dskd-repo /path/to/DSKD --precision bf16   # bf16, both sides
+
+`--precision bf16` times both sides under bf16 autocast with the frozen teacher in bf16 (the authors' scripts train
+in bf16; our paper recipes load the teacher so); the agreement checks (item 1) stay fp32.
 
 `/path/to/DSKD` is a checkout of https://github.com/songmzhang/DSKD (measured at commit 077337a) holding
 `code/criterions/`. Writes benchmarks/results/dskd_authors_<device>.json (`_quick` with --quick, or --out).
@@ -226,7 +230,11 @@ class StubLM(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states=False,
                 use_cache=None, logits_to_keep=0):
         hidden = self.hidden[:, : input_ids.shape[1]]
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        if isinstance(logits_to_keep, torch.Tensor):  # positions, as transformers' `slice_logits_to_keep` reads them
+            kept = hidden[:, logits_to_keep]
+        else:
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        logits = self.lm_head(kept)
         return SimpleNamespace(logits=logits, hidden_states=(hidden,) if output_hidden_states else None)
 
 
@@ -350,8 +358,21 @@ def zero_grads(side: Side) -> None:
         p.grad = None
 
 
-def forward_backward(side: Side) -> tuple[float, dict[str, float]]:
-    loss, parts = side.run()
+# the frozen teacher's weights per --precision: bf16 as the paper configs load it (`teacher.dtype: bfloat16`) and as
+# the authors' bf16 scripts run it
+TEACHER_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The timed passes' precision: fp32, or bf16 mixed precision (`torch.autocast` over the student's fp32 master
+    weights, as `dwakd train` runs with `bf16: true`; the authors' scripts train in bf16 too), both sides alike."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def forward_backward(side: Side, device: torch.device | None = None, precision: str = "fp32"
+                     ) -> tuple[float, dict[str, float]]:
+    with autocast(device or torch.device("cpu"), precision):
+        loss, parts = side.run()
     loss.backward()
     return float(loss.detach()), parts
 
@@ -451,28 +472,29 @@ def agreement(args, device: torch.device) -> dict:
 
 
 # ---- timing ---------------------------------------------------------------------------------------------------------
-def timed_pass(side: Side, device: torch.device, memory: bool) -> dict:
+def timed_pass(side: Side, device: torch.device, memory: bool, precision: str = "fp32") -> dict:
     """One forward + backward: seconds (timed runs) or peak bytes (the profiled run on CPU), and the loss."""
     zero_grads(side)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     if memory and device.type == "cpu":
-        (value, _), peak = peak_bytes(lambda: forward_backward(side), device)
+        (value, _), peak = peak_bytes(lambda: forward_backward(side, device, precision), device)
         return {"value": value, "peak_bytes": peak}
     start = time.perf_counter()
     if device.type == "cuda":
-        (value, _), peak = peak_bytes(lambda: forward_backward(side), device)
+        (value, _), peak = peak_bytes(lambda: forward_backward(side, device, precision), device)
     else:
-        (value, _), peak = forward_backward(side), None
+        (value, _), peak = forward_backward(side, device, precision), None
     return {"value": value, "seconds": time.perf_counter() - start, "peak_bytes": peak}
 
 
-def bench(sides: list[Side], rounds: int, device: torch.device, label: str) -> dict:
-    """Memory pass per variant (CPU; on CUDA an untimed warm-up), then interleaved timed rounds."""
+def bench(sides: list[Side], rounds: int, device: torch.device, label: str, precision: str = "fp32") -> dict:
+    """Memory pass per variant (CPU; on CUDA an untimed warm-up), then interleaved timed rounds; every pass in
+    `precision` (`autocast`)."""
     result: dict = {"variants": {s.name: {"samples_s": [], "peak_bytes": []} for s in sides}}
     for side in sides:  # also the warm-up of each variant
-        out = timed_pass(side, device, memory=True)
+        out = timed_pass(side, device, memory=True, precision=precision)
         entry = result["variants"][side.name]
         entry["loss"] = out["value"]
         if device.type == "cpu":
@@ -483,7 +505,7 @@ def bench(sides: list[Side], rounds: int, device: torch.device, label: str) -> d
         gc.collect()
     for r in range(rounds):
         for side in sides if r % 2 == 0 else list(reversed(sides)):
-            out = timed_pass(side, device, memory=False)
+            out = timed_pass(side, device, memory=False, precision=precision)
             entry = result["variants"][side.name]
             entry["samples_s"].append(out["seconds"])
             if out["peak_bytes"] is not None:
@@ -512,13 +534,14 @@ def bench(sides: list[Side], rounds: int, device: torch.device, label: str) -> d
 def bench_tiny(args, device: torch.device) -> dict:
     shapes = TINY_QUICK if args.quick else TinyShapes()
     student, teacher, v_s, v_t, pad_s, pad_t = tiny_models(args.config, device)
+    teacher = teacher.to(TEACHER_DTYPE[args.precision])
     criterion = args.criterion_class(authors_args(args.temperature, args.kd_rate, args.kd_objective))
     side = ([shapes.prompt] * shapes.batch, [shapes.response] * shapes.batch)
     batch = make_batch(side, side, v_s, v_t, (pad_s, pad_t), device, seed=2)
     ours = {f"ours-{f}": build_ours(student, teacher, v_s, v_t, f, args) for f in ("dense", "fused")}
     distiller = authors_distiller(student, teacher, ours["ours-dense"], criterion.args)
     sides = [authors_side(criterion, distiller, batch)] + [ours_side(k, m, batch) for k, m in ours.items()]
-    result = bench(sides, args.rounds, device, "tiny")
+    result = bench(sides, args.rounds, device, "tiny", args.precision)
     result["shapes"] = {**vars(shapes), "student_vocab": v_s, "teacher_vocab": v_t,
                         "student_hidden": student.config.n_embd, "teacher_hidden": teacher.config.hidden_size}
     return result
@@ -527,6 +550,7 @@ def bench_tiny(args, device: torch.device) -> dict:
 def bench_paper(args, device: torch.device) -> dict:
     shapes = PAPER_QUICK if args.quick else PaperShapes()
     student, teacher = paper_models(shapes, device)
+    teacher = teacher.to(TEACHER_DTYPE[args.precision])
     criterion = args.criterion_class(authors_args(args.temperature, args.kd_rate, args.kd_objective))
     side = ([shapes.length - shapes.response] * shapes.batch, [shapes.response] * shapes.batch)
     batch = make_batch(side, side, shapes.student_vocab, shapes.teacher_vocab, (0, 0), device, seed=3)
@@ -534,7 +558,7 @@ def bench_paper(args, device: torch.device) -> dict:
             for f in ("dense", "fused")}
     distiller = authors_distiller(student, teacher, ours["ours-dense"], criterion.args)
     sides = [authors_side(criterion, distiller, batch)] + [ours_side(k, m, batch) for k, m in ours.items()]
-    result = bench(sides, args.paper_rounds, device, "paper")
+    result = bench(sides, args.paper_rounds, device, "paper", args.precision)
     result["shapes"] = vars(shapes)
     return result
 
@@ -571,6 +595,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kd-rate", type=float, default=0.5)
     parser.add_argument("--kd-objective", choices=sorted(OBJECTIVES), default="fkl")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: leave as is)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="of the timed passes, both sides (bf16: autocast); the agreement checks stay fp32")
     parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -594,7 +620,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(device),
         "settings": {"temperature": args.temperature, "authors_teacher_temperature": 1.0, "kd_rate": args.kd_rate,
                      "kd_objective": args.kd_objective, "batch_denom": "N (valid student positions)",
-                     "quick": args.quick, "rounds": args.rounds, "paper_rounds": args.paper_rounds},
+                     "quick": args.quick, "rounds": args.rounds, "paper_rounds": args.paper_rounds,
+                     "precision": args.precision},
     }
     try:
         print("agreement (tiny recipe models, fp32)", flush=True)

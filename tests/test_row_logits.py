@@ -1,7 +1,8 @@
 """LM heads applied only at the rows a loss reads (`ModelView.logits_at`) give the dense-logits result.
 
-The trainer runs both models with `logits_to_keep` at the last position and applies the heads later at label rows; every method,
-whether it reads rows or the dense `logits`, must get the same loss, parts and gradients as with dense logits.
+The trainer runs both models with `logits_to_keep` at the last position and applies the heads later at label rows;
+every method, whether it reads rows or the dense `logits`, must get the same loss, parts and gradients as with dense
+logits.
 """
 
 from __future__ import annotations
