@@ -227,6 +227,7 @@ class _KLFamily(torch.autograd.Function):
         with no_autocast(student):
             for (start, end, s), (_, _, t) in zip(s_chunks, t_chunks, strict=True):
                 out[start:end] = _value(s, t, spec)
+                del s, t  # before the next chunk is formed (see `_plain_grads`)
         return out
 
     @staticmethod
@@ -242,6 +243,8 @@ class _KLFamily(torch.autograd.Function):
                     grad[start:end] = g.to(grad.dtype)
                 else:
                     grad.index_copy_(0, student_rows[start:end], g.to(grad.dtype))
+                # loop variables would keep this chunk's inputs and gradient alive while the next chunk is formed
+                del s, t, g
 
     @staticmethod
     def backward(ctx, grad_out, _grad_stats):  # type: ignore[override]

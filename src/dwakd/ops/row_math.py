@@ -36,6 +36,7 @@ def iter_row_chunks(
         end = min(total, start + chunk)
         part = x[start:end] if rows is None else x.index_select(0, rows[start:end])
         yield start, end, part.to(dtype)
+        del part  # a copy (index_select, cast) must not outlive its chunk while the next one is made
 
 
 def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
