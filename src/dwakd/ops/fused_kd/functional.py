@@ -162,11 +162,9 @@ def _logits(hidden: torch.Tensor, head: torch.Tensor, compute: torch.dtype,
     if head.dtype == compute:
         out = torch.mm(hidden, head.t())
     else:
-        vocab = head.shape[0]
-        out = torch.empty(hidden.shape[0], vocab, dtype=compute, device=hidden.device)
-        width = -(-vocab // LOGIT_SLICES)
-        for start in range(0, vocab, width):
-            out[:, start:start + width].copy_(torch.mm(hidden, head[start:start + width].t()))
+        out = torch.empty(hidden.shape[0], head.shape[0], dtype=compute, device=hidden.device)
+        for cols in _vocab_slices(head.shape[0]):
+            out[:, cols].copy_(torch.mm(hidden, head[cols].t()))
     return out if bias is None else out.add_(bias)
 
 
@@ -198,6 +196,11 @@ def _chunk_logits(pred_rows: torch.Tensor | None, target_rows: torch.Tensor | No
 
 def _row_blocks(rows: int, block: int) -> list[slice]:
     return [slice(start, min(rows, start + block)) for start in range(0, rows, block)]
+
+
+def _vocab_slices(vocab: int) -> list[slice]:
+    """The `LOGIT_SLICES` vocabulary slices a 16-bit product is formed in (see `_logits`)."""
+    return _row_blocks(vocab, -(-vocab // LOGIT_SLICES))
 
 
 def _put(dest: torch.Tensor, value: torch.Tensor) -> None:
@@ -477,9 +480,8 @@ def _recompute_backward(ctx, a_div, a_pce, a_tce) -> tuple:
                     head_grad.addmm_(g_mm.t(), h)  # Σ_rows g_iᵀ h_i into the one (V, d_p) buffer
                 else:  # a 16-bit product (autocast) into an fp32 head gradient, vocabulary slice by slice: whole,
                     # the (V, d) 16-bit product and its fp32 promotion were 1.5 head gradients more at the peak
-                    width = -(-head_grad.shape[0] // LOGIT_SLICES)
-                    for start in range(0, head_grad.shape[0], width):
-                        head_grad[start:start + width].add_(torch.mm(g_mm[:, start:start + width].t(), h))
+                    for cols in _vocab_slices(head_grad.shape[0]):
+                        head_grad[cols].add_(torch.mm(g_mm[:, cols].t(), h))
                 del g_mm
             del s, t, both
     return grad_ph, grad_pw, grad_th, None, None, None, None, None
