@@ -429,7 +429,8 @@ def test_cpu_buffers_are_reused_between_calls_and_the_gradient_comes_back_when_f
     assert all(b.ctypes.data != address for b in kept)  # lent out while the gradient lives
     del first
     assert any(b.ctypes.data == address for b in kept)  # back in the pool once it is freed
+    pooled = {b.ctypes.data for b in kept}
     (second,) = torch.autograd.grad(soft_dtw(leaf, 0.1, lx, ly, impl="cpu").sum(), leaf)
-    assert second.data_ptr() == address
+    assert second.data_ptr() in pooled  # pooled memory (the pool keeps several buffers that fit), none fresh
     torch.testing.assert_close(second, want, rtol=0, atol=0)
     assert sum(b.nbytes for b in kept) <= cpu._BufferPool.MAX_BYTES and len(kept) <= cpu._BufferPool.KEEP

@@ -35,7 +35,10 @@ the strips and finally un-skewed into the (N, M) layout of the cost. E does not 
 is wanted it runs inside the forward call, task by task, right after the task's DP: the weights live in a per-thread
 workspace, written by the DP and read back in reverse diagonal order while they are still in cache, instead of
 travelling through memory (12 B/cell out and back in) to a later backward call. The forward then keeps only E
-(4 B/cell), and the backward multiplies it by dL/dR.
+(4 B/cell), and the backward multiplies it by dL/dR. Far from the alignment path E underflows to exactly zero
+(float32, subnormals flushed; at γ = 0.1 most of the grid), so each diagonal only computes the rows its successors'
+nonzero rows can reach, trimmed to its first and last nonzero row, and the un-skewing copies only those cells (the
+rest of E is filled with zeros) and records each row's span of nonzero columns for the caller's products.
 
 Symmetric tasks (the divergence's self terms, C(i, j) = C(j, i), n = m): R and E are symmetric, so only the upper
 half i ≤ j is swept; on odd diagonals the one mirrored cell (k + 1, k) next to the half that the next diagonals read
@@ -350,23 +353,87 @@ def _diagonal_to_strips(values, offset, d, first, last, strips):
 
 
 @njit(**_OPTS)
-def _strips_to_grad(strips, n, m, symmetric, grad):
-    """grad[i − 1, j − 1] = E(i, j) from the strip-skewed E (both halves if symmetric), zero on padding."""
+def _row_support(n, m, symmetric, lo_d, cnt_d, sup_lo, sup_hi, first_d, last_d, low_first, low_last):
+    """Where each row's nonzero E can be, from the diagonals' nonzero rows [sup_lo[d], sup_hi[d]] (swept rows only: a
+    symmetric task's upper half): first_d[i] … last_d[i], the diagonals that hold row i (first_d > last_d: none);
+    symmetric: low_first[j] … low_last[j], the rows i < j whose upper half reaches column j (row j's mirrored
+    entries)."""
+    first_d[:] = n + m + 1
+    last_d[:] = 0
+    low_first[:] = n + 1
+    low_last[:] = 0
+    # plain stores through raw pointers, the last one wins (vectorised; a running min / max per cell, or array
+    # indexing with its negative-index check, made this cost as much as the un-skewing itself)
+    p_first, p_last, p_low_first, p_low_last = _ptr(first_d, 0), _ptr(last_d, 0), _ptr(low_first, 0), _ptr(low_last, 0)
+    for d in range(2, n + m + 1):  # ascending: the last diagonal of each row, the last row of each column
+        a = max(sup_lo[d], lo_d[d])
+        b = min(sup_hi[d], lo_d[d] + cnt_d[d] - 1)
+        for i in range(a, b + 1):
+            p_last[i] = d
+        if symmetric:
+            for i in range(a, min(b, (d - 1) // 2) + 1):  # strictly upper cells (i, d − i), i < d − i
+                p_low_last[d - i] = i
+    for d in range(n + m, 1, -1):  # descending: the first ones
+        a = max(sup_lo[d], lo_d[d])
+        b = min(sup_hi[d], lo_d[d] + cnt_d[d] - 1)
+        for i in range(a, b + 1):
+            p_first[i] = d
+        if symmetric:
+            for i in range(a, min(b, (d - 1) // 2) + 1):
+                p_low_first[d - i] = i
+
+
+@njit(**_OPTS)
+def _strips_to_grad(strips, n, m, symmetric, grad, spans, first_d, last_d, low_first, low_last):
+    """grad[i − 1, j − 1] = E(i, j) from the strip-skewed E (both halves if symmetric), zero on padding; spans[i] =
+    [lo, hi): columns that hold every nonzero entry of row i (lo ≥ hi: none; rows ≥ n have none).
+
+    Only the cells `_row_support` says can be nonzero are read from the strips; the rest of each row is exactly
+    zero (E vanishes away from the alignment path: the weights underflow and subnormals are flushed) and is filled
+    as such. The spans let the caller's products with E skip those columns (`alignment_products`)."""
     dt = grad.dtype.type
-    for p in range((n + STRIP - 1) // STRIP):
-        src = strips[p]
-        i0 = p * STRIP + 1
-        for k in range(min(STRIP, n - p * STRIP)):
-            i = i0 + k
-            row = grad[i - 1]
-            for j in range(i if symmetric else 1, m + 1):
-                row[j - 1] = dt(src[j + k, k])
-        if symmetric:  # the lower triangle of this strip's columns: one contiguous run per row
-            for j in range(i0 + 1, m + 1):
-                row = grad[j - 1]
-                for k in range(min(STRIP, j - i0)):
-                    row[i0 + k - 1] = dt(src[j + k, k])
     zero = dt(0.0)
+    rows = strips.shape[1]
+    cols = grad.shape[1]
+    for i in range(spans.shape[0]):
+        spans[i, 0] = m
+        spans[i, 1] = 0
+    for i in range(1, n + 1):
+        start = i if symmetric else 1
+        lo = max(start, first_d[i] - i)  # 1-based columns of the row's nonzero diagonals
+        hi = min(m, last_d[i] - i)
+        row = grad[i - 1]
+        if symmetric:
+            row[: i - 1] = zero  # the lower half: its nonzero entries are copied below
+        if lo > hi:
+            row[start - 1 : m] = zero
+        else:
+            row[start - 1 : lo - 1] = zero
+            row[hi:m] = zero
+            k = (i - 1) % STRIP
+            src = _ptr(strips, ((i - 1) // STRIP) * rows * STRIP + k)  # src[(j + k)·STRIP] = E(i, j)
+            out = _ptr(grad, (i - 1) * cols - 1)  # out[j] = grad[i − 1, j − 1]
+            for j in range(lo, hi + 1):
+                out[j] = dt(src[(j + k) * STRIP])
+            spans[i - 1, 0] = lo - 1
+            spans[i - 1, 1] = hi
+        if symmetric and low_first[i] <= low_last[i]:
+            spans[i - 1, 0] = min(spans[i - 1, 0], low_first[i] - 1)
+            spans[i - 1, 1] = max(spans[i - 1, 1], low_last[i])
+    if symmetric:  # the lower half, E(j, i) = E(i, j): per strip of columns, one contiguous run per row j
+        for p in range((n + STRIP - 1) // STRIP):
+            i0 = p * STRIP + 1
+            j_lo = m + 1
+            j_hi = 0
+            for i in range(i0, min(i0 + STRIP, n + 1)):
+                if first_d[i] <= last_d[i]:
+                    j_lo = min(j_lo, max(i + 1, first_d[i] - i))
+                    j_hi = max(j_hi, min(m, last_d[i] - i))
+            for j in range(max(j_lo, i0 + 1), j_hi + 1):
+                out = _ptr(grad, (j - 1) * cols + i0 - 1)  # out[k] = grad[j − 1, i0 + k − 1]
+                run = _ptr(strips, (p * rows + j) * STRIP)  # run[k·(STRIP + 1)] = E(i0 + k, j)
+                for k in range(min(STRIP, j - i0)):
+                    out[k] = dt(run[k * (STRIP + 1)])
     for i in range(n):
         grad[i, m:] = zero
     grad[n:, :] = zero
@@ -438,14 +505,16 @@ def _forward_task(cost, n, m, symmetric, band_center, band_width, penalty, bande
 
 @njit(nogil=True, **_OPTS)
 def soft_dtw_forward(order, bounds, counter, tasks, costs0, costs1, costs2, band_center, band_width, penalty,
-                     band_group, gamma, poly32, weights, strips, values, grads0, grads1, grads2):  # fmt: skip
+                     band_group, gamma, poly32, weights, strips, values, grads0, grads1, grads2, spans0, spans1,
+                     spans2):  # fmt: skip
     """Forward (and, with a gradient, the E-recursion) of chunks of tasks without the GIL; every calling thread
     pulls the next chunk from `counter`.
 
     Task t reads costs{g}[b] (g, b = its group and sample; its top-left (n, m) block, only i ≤ j if symmetric) and
     writes values[t] = R(n, m) (float64). If `weights` has more than one element (a workspace of the largest task's
     weight count, one per thread), the task's softmin weights go there and the E-recursion runs right away, while
-    they are still in cache: grads{g}[b] = dR(n, m)/dC (zero on padding). `strips`: this thread's workspace of
+    they are still in cache: grads{g}[b] = dR(n, m)/dC (zero on padding) and spans{g}[b] (N_g, 2) int32 the
+    nonzero columns [lo, hi) of each of its rows. `strips`: this thread's workspace of
     `strip_shape` for the largest task (any finite content). The band applies to group `band_group` only.
     `poly32`: float32 buffers, polynomial 2^t and log2 (see the module docstring).
     """
@@ -477,7 +546,8 @@ def soft_dtw_forward(order, bounds, counter, tasks, costs0, costs1, costs2, band
             values[t] = r_end * (gamma * LN2)
             if store:
                 grad = grads0[b] if g == 0 else (grads1[b] if g == 1 else grads2[b])
-                _backward_task(n, m, symmetric, weights, grad, strips)
+                spans = spans0[b] if g == 0 else (spans1[b] if g == 1 else spans2[b])
+                _backward_task(n, m, symmetric, weights, grad, strips, spans)
     _set_fp_mode(fp_mode)
 
 
@@ -494,32 +564,129 @@ def _sweep_backward(e_down, w_up, e_right, w_left, e_diag, w_diag, e_out, count)
 
 
 @njit(**_OPTS)
-def _backward_task(n, m, symmetric, weights, grad, strips):
-    """E-recursion of one task from its weights; writes E = dR(n, m)/dC into grad (N, M), zero on padding."""
+def _backward_task(n, m, symmetric, weights, grad, strips, spans):
+    """E-recursion of one task from its weights; writes E = dR(n, m)/dC into grad (N, M), zero on padding, and each
+    row's span of nonzero columns into spans (N, 2).
+
+    Each diagonal only computes the rows its successors' nonzero rows can reach (E(i, j) is a combination of
+    E(i + 1, j), E(i, j + 1), E(i + 1, j + 1)), trimmed to its own first and last nonzero row; the rest of the
+    diagonal is exactly zero. Far from the alignment path E underflows to zero (at γ = 0.1 about 85–90 % of the
+    cells of B=8, N=M=256 sequences), so the recursion and the un-skewing only visit the band that is left."""
     lo_d, cnt_d, off_d = _layout(n, m, symmetric)
     width = n + 2 * VL + 3
     ring = np.zeros((3, width), dtype=weights.dtype)  # E of diagonals d, d + 1, d + 2 (rows index)
     flat = ring.reshape(-1)
+    zero = weights.dtype.type(0.0)
+    # rows [sup_lo[d], sup_hi[d]] of diagonal d hold all its nonzero E (sup_lo > sup_hi: none)
+    sup_lo = np.full(n + m + 3, n + 2, dtype=np.int64)
+    sup_hi = np.zeros(n + m + 3, dtype=np.int64)
     ring[(n + m) % 3, n] = 1.0  # E(n, m) = 1
+    sup_lo[n + m] = n
+    sup_hi[n + m] = n
     strips[(n - 1) // STRIP, m + (n - 1) % STRIP, (n - 1) % STRIP] = 1.0
     for d in range(n + m - 1, 1, -1):
         first = lo_d[d]
         count = cnt_d[d]
-        lanes = _padded(count)
-        # weight slot of row q on diagonal d + 1: base1 + plane·p + q (slot 0 is row lo − 1); same for d + 2
-        plane1 = _plane_size(cnt_d[d + 1])
-        base1 = off_d[d + 1] + 1 - lo_d[d + 1]
-        # diagonal n + m + 1 does not exist (E = 0 there): any written, finite weights of the block do
-        base2 = off_d[d + 2] + 1 - lo_d[d + 2] if d + 2 <= n + m else 0
+        last = first + count - 1
         e_out = (d % 3) * width  # ring rows: E of diagonals d, d + 1, d + 2
         e_next = ((d + 1) % 3) * width
         e_next2 = ((d + 2) % 3) * width
-        _sweep_backward(_ptr(ring, e_next + first + 1), _ptr(weights, base1 + plane1 + first + 1),
-                        _ptr(ring, e_next + first), _ptr(weights, base1 + 2 * plane1 + first),
-                        _ptr(ring, e_next2 + first + 1), _ptr(weights, base2 + first + 1),
-                        _ptr(ring, e_out + first), lanes)  # fmt: skip
-        last = first + count - 1
-        flat[e_out + first - 1] = 0.0  # rows outside [first, last] are the E = 0 boundary (or the mirrored cell)
-        flat[e_out + last + 1] = flat[e_out + last] if symmetric and d % 2 == 1 else 0.0
+        # row i reads row i + 1 and row i of diagonal d + 1 and row i + 1 of diagonal d + 2
+        r_lo = max(first, min(sup_lo[d + 1], sup_lo[d + 2]) - 1)
+        r_hi = min(last, max(sup_hi[d + 1], sup_hi[d + 2]))
+        if r_lo <= r_hi:
+            # weight slot of row q on diagonal d + 1: base1 + plane·p + q (slot 0 is row lo − 1); same for d + 2
+            plane1 = _plane_size(cnt_d[d + 1])
+            base1 = off_d[d + 1] + 1 - lo_d[d + 1]
+            # diagonal n + m + 1 does not exist (E = 0 there): any written, finite weights of the block do
+            base2 = off_d[d + 2] + 1 - lo_d[d + 2] if d + 2 <= n + m else 0
+            lanes = _padded(r_hi - r_lo + 1)
+            _sweep_backward(_ptr(ring, e_next + r_lo + 1), _ptr(weights, base1 + plane1 + r_lo + 1),
+                            _ptr(ring, e_next + r_lo), _ptr(weights, base1 + 2 * plane1 + r_lo),
+                            _ptr(ring, e_next2 + r_lo + 1), _ptr(weights, base2 + r_lo + 1),
+                            _ptr(ring, e_out + r_lo), lanes)  # fmt: skip
+            while r_lo <= r_hi and flat[e_out + r_lo] == zero:
+                r_lo += 1
+            while r_hi >= r_lo and flat[e_out + r_hi] == zero:
+                r_hi -= 1
+        # rows first − 1 … last + 1 outside [r_lo, r_hi] are zero: the E = 0 boundary, rows no successor reaches,
+        # the padded lanes' values past r_hi, and the slots the ring row kept from diagonal d + 3
+        e_row = _ptr(ring, e_out)  # raw pointer: the stores vectorise (no negative-index check)
+        for q in range(first - 1, min(r_lo, last + 2)):
+            e_row[q] = zero
+        for q in range(max(r_hi + 1, first - 1), last + 2):
+            e_row[q] = zero
+        if r_lo <= r_hi:
+            sup_lo[d] = r_lo
+            sup_hi[d] = r_hi
+        if symmetric and d % 2 == 1:  # the mirrored cell (last + 1, last) = (last, last + 1), read by diagonal d − 1
+            flat[e_out + last + 1] = flat[e_out + last]
+            if flat[e_out + last + 1] != zero:
+                sup_lo[d] = min(sup_lo[d], last + 1)
+                sup_hi[d] = last + 1
         _diagonal_to_strips(flat, e_out, d, first, last, strips)
-    _strips_to_grad(strips, n, m, symmetric, grad)
+    first_d = np.empty(n + 1, dtype=np.int64)
+    last_d = np.empty(n + 1, dtype=np.int64)
+    low_first = np.empty(m + 1, dtype=np.int64)
+    low_last = np.empty(m + 1, dtype=np.int64)
+    _row_support(n, m, symmetric, lo_d, cnt_d, sup_lo, sup_hi, first_d, last_d, low_first, low_last)
+    _strips_to_grad(strips, n, m, symmetric, grad, spans, first_d, last_d, low_first, low_last)
+
+@njit(inline="always", **_OPTS)
+def _axpy(scale, x, y, count):
+    """y[k] += scale·x[k] for k < count (raw pointers)."""
+    for k in range(count):
+        y[k] += scale * x[k]
+
+
+@njit(inline="always", **_OPTS)
+def _span_products(e, spans, row, u, coefficient, acc, dim):
+    """acc += coefficient·Σ_j E[row, j]·u[j] over the row's span of nonzero columns (e and u: one sample's arrays)."""
+    cols = e.shape[1]
+    e_row = _ptr(e, row * cols)
+    for j in range(spans[row, 0], spans[row, 1]):
+        _axpy(e_row[j] * coefficient, _ptr(u, j * dim), acc, dim)
+
+
+@njit(nogil=True, **_OPTS)
+def alignment_products(counter, e_xy, s_xy, e_xx, s_xx, e_yy, s_yy, ux, uy, c_xy, c_xx, c_yy, gx, gy):
+    """The divergence's gradient w.r.t. its unit vectors from the expected alignments, samples pulled from `counter`:
+
+        gx[b] = c_xy[b]·E_xy[b]·uy[b] + c_xx[b]·E_xx[b]·ux[b],   gy[b] = c_xy[b]·E_xy[b]ᵀ·ux[b] + c_yy[b]·E_yy[b]·uy[b]
+
+    with E (B, N, M) / (B, N, N) / (B, M, M) and the unit vectors ux (B, N, D), uy (B, M, D), all C-contiguous.
+    Only each row's span of nonzero columns `s_*` (B, rows, 2) is visited (see `_strips_to_grad`): at a small γ E
+    is zero far from the alignment path, and the products cost in proportion to its nonzero band instead of N·M·D.
+    E_xx and E_yy must be symmetric (a self term's E is), so a row's products stand for its column's.
+    """
+    fp_mode = _get_fp_mode()
+    _set_fp_mode(np.uint32(fp_mode | _FTZ_DAZ))  # E·u products of far-off cells would be subnormal (see above)
+    dim = ux.shape[2]
+    acc_buffer = np.zeros(dim + VL, dtype=ux.dtype)
+    acc = _ptr(acc_buffer, 0)
+    zero = ux.dtype.type(0.0)
+    while True:
+        b = _fetch_add(counter, 0)
+        if b >= e_xy.shape[0]:
+            break
+        ux_b, uy_b, gy_b = ux[b], uy[b], gy[b]
+        e_xx_b, s_xx_b, e_yy_b, s_yy_b = e_xx[b], s_xx[b], e_yy[b], s_yy[b]
+        gy_b[:] = zero
+        for i in range(ux.shape[1]):
+            acc_buffer[:] = zero
+            # cross term: row i of E_xy feeds gx[i] (gather) and, transposed, the gy rows of its span (scatter)
+            e_row = _ptr(e_xy, (b * e_xy.shape[1] + i) * e_xy.shape[2])
+            u_i = _ptr(ux_b, i * dim)
+            for j in range(s_xy[b, i, 0], s_xy[b, i, 1]):
+                scale = e_row[j] * c_xy[b]
+                _axpy(scale, _ptr(uy_b, j * dim), acc, dim)
+                _axpy(scale, u_i, _ptr(gy_b, j * dim), dim)
+            _span_products(e_xx_b, s_xx_b, i, ux_b, c_xx[b], acc, dim)
+            out = _ptr(gx, (b * ux.shape[1] + i) * dim)
+            for k in range(dim):
+                out[k] = acc[k]
+        for i in range(uy.shape[1]):
+            acc_buffer[:] = zero
+            _span_products(e_yy_b, s_yy_b, i, uy_b, c_yy[b], acc, dim)
+            _axpy(ux.dtype.type(1.0), acc, _ptr(gy_b, i * dim), dim)
+    _set_fp_mode(fp_mode)

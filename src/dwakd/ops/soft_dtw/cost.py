@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 
-def _unit(x: torch.Tensor, eps: float) -> torch.Tensor:
+def unit_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Rows scaled to unit norm; zero rows stay zero with finite gradient (rsqrt of a clamped squared norm)."""
     sq = x.pow(2).sum(dim=-1, keepdim=True)
     return x * torch.rsqrt(sq.clamp_min(eps * eps))
@@ -27,7 +27,7 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
 def cosine_cost(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """C(i, j) = 1 − cos(x_i, y_j): (batch, N, D) × (batch, M, D) → (batch, N, M); a zero vector costs 1."""
     _check_pair(x, y, "cosine_cost")
-    return 1.0 - torch.bmm(_unit(x, eps), _unit(y, eps).transpose(1, 2))
+    return 1.0 - torch.bmm(unit_rows(x, eps), unit_rows(y, eps).transpose(1, 2))
 
 
 class _SelfCost(torch.autograd.Function):
@@ -45,7 +45,7 @@ class _SelfCost(torch.autograd.Function):
         ctx.input_dtype = u.dtype
         ctx.symmetric_grad = symmetric_grad
         with torch.autocast(device, enabled=False):
-            return _one_minus_gram(mm, mm)
+            return one_minus_gram(mm, mm)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
@@ -56,16 +56,18 @@ class _SelfCost(torch.autograd.Function):
         return torch.bmm(grad + grad.transpose(1, 2), mm).neg_().to(ctx.input_dtype), None
 
 
-def _one_minus_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """1 − a·bᵀ per batch, (batch, N, M), as one baddbmm (no separate subtraction pass)."""
+def one_minus_gram(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """1 − a·bᵀ per batch, (batch, N, M), as one baddbmm (no separate subtraction pass), into `out` if given."""
     ones = a.new_ones(()).expand(a.shape[0], a.shape[1], b.shape[1])
-    return torch.baddbmm(ones, a, b.transpose(1, 2), alpha=-1.0)
+    if out is None:
+        return torch.baddbmm(ones, a, b.transpose(1, 2), alpha=-1.0)
+    return torch.baddbmm(ones, a, b.transpose(1, 2), alpha=-1.0, out=out)
 
 
 def self_cosine_cost(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """cosine_cost(x, x) with a one-matmul backward: (batch, N, D) → (batch, N, N)."""
     _check_pair(x, x, "self_cosine_cost")
-    return _SelfCost.apply(_unit(x, eps), False)
+    return _SelfCost.apply(unit_rows(x, eps), False)
 
 
 def divergence_costs(
@@ -75,6 +77,6 @@ def divergence_costs(
     and the self terms through `_SelfCost`; `symmetric_self_grad`: the self terms' upstream gradients will be
     symmetric (a self term's Soft-DTW gradient), so their backward is −2·G·u."""
     _check_pair(x, y, "divergence_costs")
-    ux, uy = _unit(x, eps), _unit(y, eps)
-    return (_one_minus_gram(ux, uy), _SelfCost.apply(ux, symmetric_self_grad),
+    ux, uy = unit_rows(x, eps), unit_rows(y, eps)
+    return (one_minus_gram(ux, uy), _SelfCost.apply(ux, symmetric_self_grad),
             _SelfCost.apply(uy, symmetric_self_grad))

@@ -6,11 +6,12 @@ import torch
 
 from dwakd.ops._transfer import to_device
 from dwakd.ops.soft_dtw.band import SoftBand
-from dwakd.ops.soft_dtw.cost import divergence_costs
+from dwakd.ops.soft_dtw.cost import divergence_costs, unit_rows
 from dwakd.ops.soft_dtw.reference import soft_dtw_reference
 
 IMPLS = ("auto", "reference", "cpu", "cuda")
 MAX_GAMMA = 1e6  # the DP boundary is a finite 1e10 that must stay "infinitely" far in units of γ
+COSINE_EPS = 1e-8  # rows with a norm below this are scaled by 1/eps (a zero row stays zero: cost 1 to everything)
 
 
 def _check_lengths(
@@ -162,6 +163,15 @@ def soft_dtw(
     return _run_groups(path, [cost], [(lengths_x, lengths_y)], float(gamma), band)[0]
 
 
+def _fused_cpu_divergence(impl: str, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the divergence takes the fused CPU path (`cpu.cosine_divergence_cpu`: costs, DPs and the gradient
+    from E to the unit vectors in one autograd node): CPU float32 or float64 inputs outside autocast, the CPU path
+    asked for or chosen by "auto". Elsewhere the costs are formed by `divergence_costs` and differentiated as
+    tensors (under autocast they are formed in its dtype)."""
+    return (impl in ("auto", "cpu") and x.device.type == "cpu" and y.device.type == "cpu" and x.dtype == y.dtype
+            and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu"))
+
+
 def soft_dtw_divergence(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -182,8 +192,14 @@ def soft_dtw_divergence(
         band.validate(batch, n_rows)
     if batch == 0:
         return x.sum(dim=(1, 2)) + y.sum(dim=(1, 2))  # (0,), still attached to the graph
+    if _fused_cpu_divergence(impl, x, y):
+        from dwakd.ops.soft_dtw.cpu import cosine_divergence_cpu
+
+        ux, uy = unit_rows(x, COSINE_EPS), unit_rows(y, COSINE_EPS)
+        cross, self_x, self_y = cosine_divergence_cpu(ux, uy, lengths_x, lengths_y, float(gamma), band)
+        return cross - 0.5 * (self_x + self_y)
     # (batch, N, M), (batch, N, N), (batch, M, M); the self terms' E is symmetric (R(Cᵀ) = R(C), equal lengths)
-    cost_xy, cost_xx, cost_yy = divergence_costs(x, y, symmetric_self_grad=True)
+    cost_xy, cost_xx, cost_yy = divergence_costs(x, y, COSINE_EPS, symmetric_self_grad=True)
     path = _resolve_impl(impl, x.device, cost_xy.dtype)
     # the three DPs run as one batch of 3·batch tasks on the fast paths; the self terms are symmetric
     cross, self_x, self_y = _run_groups(
