@@ -187,3 +187,18 @@ def test_soft_dtw_gradient_with_sparse_e_matches_loops() -> None:
     assert (grad == 0).float().mean() > 0.5
     _, want = naive_batch(cost.double(), 0.02, lx, ly)
     torch.testing.assert_close(grad.double(), want, rtol=0, atol=2e-5)
+
+
+def test_cpu_paths_refuse_a_second_derivative() -> None:
+    # the CPU backward runs outside autograd: with create_graph=True the Soft-DTW part of a second derivative would be
+    # silently missing (the normalisation's part alone came back before), so it raises; the reference path supports it
+    x, y = smooth_pair(2, 12, 10, 4, seed=6, dtype=torch.float64)
+    xl = x.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.autograd.grad(soft_dtw_divergence(xl, y, 0.1, impl="cpu").sum(), xl, create_graph=True)
+    cost = cosine_cost(x, y).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.autograd.grad(soft_dtw(cost, 0.1, impl="cpu").sum(), cost, create_graph=True)
+    (g,) = torch.autograd.grad(soft_dtw_divergence(xl, y, 0.1, impl="reference").sum(), xl, create_graph=True)
+    g.sum().backward()
+    assert torch.isfinite(xl.grad).all()

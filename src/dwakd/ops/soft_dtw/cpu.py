@@ -243,6 +243,7 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_values: torch.Tensor):  # type: ignore[override]
+        _no_double_backward()
         if ctx.expected_alignments is None:
             raise RuntimeError("Soft-DTW CPU: no expected alignments to back-propagate (the forward ran without a "
                                "gradient, or its graph was already freed by a backward without retain_graph)")
@@ -261,6 +262,14 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
         if in_place:
             ctx.expected_alignments = None
         return (None, None, None, None, *grads)
+
+
+def _no_double_backward() -> None:
+    """The CPU backward is NumPy/numba code outside autograd: with create_graph=True its result would carry no graph
+    and a second derivative would silently miss the Soft-DTW part. Refuse instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("the CPU Soft-DTW path has no second derivative (backward with create_graph=True); use "
+                           "impl='reference' for higher-order gradients")
 
 
 def _keeps_graph() -> bool:
@@ -346,7 +355,7 @@ def _alignment_products(
         gy = torch.bmm(t_xy.transpose(1, 2), ux).mul_(c_xy).add_(torch.bmm(t_yy, uy).mul_(c_yy))
         return gx, gy
     gx, gy = torch.empty_like(ux), torch.empty_like(uy)
-    arrays = (ux.numpy(), uy.numpy(), *(c.numpy() for c in coefficients), gx.numpy(), gy.numpy())
+    arrays = (ux.detach().numpy(), uy.detach().numpy(), *(c.numpy() for c in coefficients), gx.numpy(), gy.numpy())
     counter = np.zeros(1, dtype=np.int64)
     kernel = _kernels().alignment_products
     workers = max(1, min(torch.get_num_threads(), e_xy.shape[0], visited * ux.shape[2] // (1 << 20)))
@@ -388,6 +397,7 @@ class _CosineDivergenceCPUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_xy: torch.Tensor, g_xx: torch.Tensor, g_yy: torch.Tensor):  # type: ignore[override]
+        _no_double_backward()
         if ctx.alignments is None:
             raise RuntimeError("Soft-DTW divergence CPU: no expected alignments to back-propagate (the forward ran "
                                "without a gradient, or its graph was already freed by a backward without "
