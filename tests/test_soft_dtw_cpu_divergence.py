@@ -202,3 +202,31 @@ def test_cpu_paths_refuse_a_second_derivative() -> None:
     (g,) = torch.autograd.grad(soft_dtw_divergence(xl, y, 0.1, impl="reference").sum(), xl, create_graph=True)
     g.sum().backward()
     assert torch.isfinite(xl.grad).all()
+
+
+def test_unit_rows_gradient_matches_autograd_of_the_formula() -> None:
+    # unit_rows' backward is one hand-written expression: gradcheck (float64), and against autograd of the plain
+    # formula x·rsqrt(max(|x|², eps²)), rows above, at and below the clamp included, with create_graph too
+    from dwakd.ops.soft_dtw.cost import unit_rows
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64)
+    x[0, 1] = 0.0  # a zero row
+    x[1, 2] *= 1e-9  # clamped (norm < eps)
+    x[1, 3] = torch.tensor([1e-4, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # |x|² = eps² exactly: not clamped
+    eps = 1e-4
+    leaf = x.clone().requires_grad_(True)
+    # finite differences only away from the clamp's kink (eps ≪ every row's norm)
+    smooth = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: unit_rows(t, 1e-6), (smooth,))
+    weights = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((unit_rows(leaf, eps) * weights).sum(), leaf, create_graph=True)[0]
+    plain = leaf * torch.rsqrt(leaf.pow(2).sum(-1, keepdim=True).clamp_min(eps * eps))
+    want = torch.autograd.grad((plain * weights).sum(), leaf, create_graph=True)[0]
+    torch.testing.assert_close(unit_rows(leaf, eps), plain, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    fast = torch.autograd.grad((unit_rows(leaf, eps) * weights).sum(), leaf)[0]  # the path without create_graph
+    torch.testing.assert_close(fast, want.detach(), rtol=1e-12, atol=1e-12)
+    second = torch.autograd.grad(got.pow(2).sum(), leaf)[0]
+    second_want = torch.autograd.grad(want.pow(2).sum(), leaf)[0]
+    torch.testing.assert_close(second, second_want, rtol=1e-9, atol=1e-9)
