@@ -206,15 +206,16 @@ def test_cpu_paths_refuse_a_second_derivative() -> None:
 
 def test_unit_rows_gradient_matches_autograd_of_the_formula() -> None:
     # unit_rows' backward is one hand-written expression: gradcheck (float64), and against autograd of the plain
-    # formula x·rsqrt(max(|x|², eps²)), rows above, at and below the clamp included, with create_graph too
+    # formula x·rsqrt(max(|x|², eps²)), rows just above and below the clamp included, with create_graph too
     from dwakd.ops.soft_dtw.cost import unit_rows
 
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64)
     x[0, 1] = 0.0  # a zero row
     x[1, 2] *= 1e-9  # clamped (norm < eps)
-    x[1, 3] = torch.tensor([1e-4, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # |x|² = eps² exactly: not clamped
-    eps = 1e-4
+    x[1, 3] = torch.tensor([1.0001e-4, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # just above the clamp
+    x[1, 4] = torch.tensor([0.9999e-4, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # just below it
+    eps = 1e-4  # (exactly at it the gradient is a convention: torch 2.13 passes clamp_min's, 2.14 does not)
     leaf = x.clone().requires_grad_(True)
     # finite differences only away from the clamp's kink (eps ≪ every row's norm)
     smooth = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64).requires_grad_(True)

@@ -25,7 +25,7 @@ class _UnitRows(torch.autograd.Function):
         sq = x.pow(2).sum(dim=-1, keepdim=True)
         inv = torch.rsqrt(sq.clamp_min(eps * eps))
         u = x * inv
-        ctx.save_for_backward(x, u, inv, sq >= eps * eps)  # clamp_min passes its gradient at equality, as here
+        ctx.save_for_backward(x, u, inv, sq >= eps * eps)  # exactly at eps a convention (torch versions differ)
         ctx.eps = eps
         return u
 
