@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+COSINE_EPS = 1e-8  # rows with a norm below this are scaled by 1/eps (a zero row stays zero: cost 1 to everything)
+
 
 class _UnitRows(torch.autograd.Function):
     """u = x·rsqrt(max(|x|², eps²)) per row, with the normalisation's Jacobian as one expression in backward:
@@ -50,7 +52,7 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} expects (B, N, D) and (B, M, D), got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
-def cosine_cost(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def cosine_cost(x: torch.Tensor, y: torch.Tensor, eps: float = COSINE_EPS) -> torch.Tensor:
     """C(i, j) = 1 − cos(x_i, y_j): (batch, N, D) × (batch, M, D) → (batch, N, M); a zero vector costs 1."""
     _check_pair(x, y, "cosine_cost")
     return 1.0 - torch.bmm(unit_rows(x, eps), unit_rows(y, eps).transpose(1, 2))
@@ -85,19 +87,17 @@ class _SelfCost(torch.autograd.Function):
 def one_minus_gram(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """1 − a·bᵀ per batch, (batch, N, M), as one baddbmm (no separate subtraction pass), into `out` if given."""
     ones = a.new_ones(()).expand(a.shape[0], a.shape[1], b.shape[1])
-    if out is None:
-        return torch.baddbmm(ones, a, b.transpose(1, 2), alpha=-1.0)
     return torch.baddbmm(ones, a, b.transpose(1, 2), alpha=-1.0, out=out)
 
 
-def self_cosine_cost(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def self_cosine_cost(x: torch.Tensor, eps: float = COSINE_EPS) -> torch.Tensor:
     """cosine_cost(x, x) with a one-matmul backward: (batch, N, D) → (batch, N, N)."""
     _check_pair(x, x, "self_cosine_cost")
     return _SelfCost.apply(unit_rows(x, eps), False)
 
 
 def divergence_costs(
-    x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8, symmetric_self_grad: bool = False
+    x: torch.Tensor, y: torch.Tensor, eps: float = COSINE_EPS, symmetric_self_grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(C_xy, C_xx, C_yy) = (cosine_cost(x, y), cosine_cost(x, x), cosine_cost(y, y)), each side normalised once
     and the self terms through `_SelfCost`; `symmetric_self_grad`: the self terms' upstream gradients will be

@@ -243,10 +243,7 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_values: torch.Tensor):  # type: ignore[override]
-        _no_double_backward()
-        if ctx.expected_alignments is None:
-            raise RuntimeError("Soft-DTW CPU: no expected alignments to back-propagate (the forward ran without a "
-                               "gradient, or its graph was already freed by a backward without retain_graph)")
+        _check_backward(ctx.expected_alignments)
         # Without retain_graph nothing reads E again: scale it in place and hand it out as the gradient instead of
         # allocating (and page-faulting in) a second B × N × M array
         in_place = not _keeps_graph()
@@ -264,12 +261,16 @@ class _SoftDTWCPUFunction(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
-def _no_double_backward() -> None:
-    """The CPU backward is NumPy/numba code outside autograd: with create_graph=True its result would carry no graph
-    and a second derivative would silently miss the Soft-DTW part. Refuse instead."""
+def _check_backward(saved_alignments: object) -> None:
+    """Refuse a backward the CPU path cannot do: without the E saved by the forward, or with create_graph=True (the
+    backward is NumPy/numba code outside autograd: its result would carry no graph, and a second derivative would
+    silently miss the Soft-DTW part)."""
     if torch.is_grad_enabled():
         raise RuntimeError("the CPU Soft-DTW path has no second derivative (backward with create_graph=True); use "
                            "impl='reference' for higher-order gradients")
+    if saved_alignments is None:
+        raise RuntimeError("Soft-DTW CPU: no expected alignments to back-propagate (the forward ran without a "
+                           "gradient, or its graph was already freed by a backward without retain_graph)")
 
 
 def _keeps_graph() -> bool:
@@ -378,12 +379,11 @@ class _CosineDivergenceCPUFunction(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # the costs live only during the sweep: pooled buffers (three fresh (B, N, M) tensors page-fault their
         # memory in on every call, as long as the products that fill them)
-        buffers = [_BUFFERS.take((ux.shape[0], a.shape[1], b.shape[1]), _NUMPY_DTYPES[ux.dtype])
-                   for a, b in ((ux, uy), (ux, ux), (uy, uy))]  # fmt: skip
+        pairs = ((ux, uy), (ux, ux), (uy, uy))
+        buffers = [_BUFFERS.take((ux.shape[0], a.shape[1], b.shape[1]), _NUMPY_DTYPES[ux.dtype]) for a, b in pairs]
         costs: list[torch.Tensor] = []
         try:
-            costs = [one_minus_gram(a, b, out=torch.from_numpy(buffer))
-                     for buffer, (a, b) in zip(buffers, ((ux, uy), (ux, ux), (uy, uy)))]  # fmt: skip
+            costs = [one_minus_gram(a, b, out=torch.from_numpy(buffer)) for buffer, (a, b) in zip(buffers, pairs)]
             values, alignments, spans = _sweep(gamma, plan, band, store, costs)
         finally:
             del costs
@@ -397,11 +397,7 @@ class _CosineDivergenceCPUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_xy: torch.Tensor, g_xx: torch.Tensor, g_yy: torch.Tensor):  # type: ignore[override]
-        _no_double_backward()
-        if ctx.alignments is None:
-            raise RuntimeError("Soft-DTW divergence CPU: no expected alignments to back-propagate (the forward ran "
-                               "without a gradient, or its graph was already freed by a backward without "
-                               "retain_graph)")
+        _check_backward(ctx.alignments)
         ux, uy = ctx.saved_tensors
         alignments, spans = ctx.alignments
         if not _keeps_graph():

@@ -6,12 +6,11 @@ import torch
 
 from dwakd.ops._transfer import to_device
 from dwakd.ops.soft_dtw.band import SoftBand
-from dwakd.ops.soft_dtw.cost import divergence_costs, unit_rows
+from dwakd.ops.soft_dtw.cost import COSINE_EPS, divergence_costs, unit_rows
 from dwakd.ops.soft_dtw.reference import soft_dtw_reference
 
 IMPLS = ("auto", "reference", "cpu", "cuda")
 MAX_GAMMA = 1e6  # the DP boundary is a finite 1e10 that must stay "infinitely" far in units of γ
-COSINE_EPS = 1e-8  # rows with a norm below this are scaled by 1/eps (a zero row stays zero: cost 1 to everything)
 
 
 def _check_lengths(
@@ -197,17 +196,17 @@ def soft_dtw_divergence(
 
         ux, uy = unit_rows(x, COSINE_EPS), unit_rows(y, COSINE_EPS)
         cross, self_x, self_y = cosine_divergence_cpu(ux, uy, lengths_x, lengths_y, float(gamma), band)
-        return cross - 0.5 * (self_x + self_y)
-    # (batch, N, M), (batch, N, N), (batch, M, M); the self terms' E is symmetric (R(Cᵀ) = R(C), equal lengths)
-    cost_xy, cost_xx, cost_yy = divergence_costs(x, y, COSINE_EPS, symmetric_self_grad=True)
-    path = _resolve_impl(impl, x.device, cost_xy.dtype)
-    # the three DPs run as one batch of 3·batch tasks on the fast paths; the self terms are symmetric
-    cross, self_x, self_y = _run_groups(
-        path,
-        [cost_xy, cost_xx, cost_yy],
-        [(lengths_x, lengths_y), (lengths_x, lengths_x), (lengths_y, lengths_y)],
-        float(gamma),
-        band,
-        symmetric=(False, True, True),
-    )
+    else:
+        # (batch, N, M), (batch, N, N), (batch, M, M); the self terms' E is symmetric (R(Cᵀ) = R(C), equal lengths)
+        cost_xy, cost_xx, cost_yy = divergence_costs(x, y, COSINE_EPS, symmetric_self_grad=True)
+        path = _resolve_impl(impl, x.device, cost_xy.dtype)
+        # the three DPs run as one batch of 3·batch tasks on the fast paths; the self terms are symmetric
+        cross, self_x, self_y = _run_groups(
+            path,
+            [cost_xy, cost_xx, cost_yy],
+            [(lengths_x, lengths_y), (lengths_x, lengths_x), (lengths_y, lengths_y)],
+            float(gamma),
+            band,
+            symmetric=(False, True, True),
+        )
     return cross - 0.5 * (self_x + self_y)
