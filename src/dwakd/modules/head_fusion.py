@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from dwakd.ops.fused_kd.functional import autocast_dtype
+from dwakd.ops.autocast import autocast_dtype
 
 HEAD_FUSIONS = ("auto", "fused", "dense")
 

@@ -60,6 +60,7 @@ from dataclasses import dataclass
 import torch
 
 from dwakd.modules.divergences import log_probs
+from dwakd.ops.autocast import matmul_dtype
 from dwakd.ops.fused_kd.chunk_math import (
     DIVERGENCES,
     DivergenceSpec,
@@ -112,28 +113,6 @@ class _Plan:
     pred_mm: torch.dtype  # matmul dtypes of the two heads
     target_mm: torch.dtype | None
     compute: torch.dtype  # dtype of logits once promoted: fp32 or float64
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The active autocast dtype on `device_type`, or None when autocast is off there."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: per-device functions
-        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-    if not enabled:
-        return None
-    try:
-        return torch.get_autocast_dtype(device_type)
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
-
-
-def matmul_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Dtype `F.linear(hidden.to(weight.dtype), weight)` computes in here: autocast's if on (not for float64)."""
-    cast = autocast_dtype(weight.device.type)
-    if cast is not None and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return cast
-    return weight.dtype
 
 
 def _no_autocast(x: torch.Tensor) -> torch.autocast:

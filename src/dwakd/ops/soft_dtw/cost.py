@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from dwakd.ops.autocast import matmul_dtype
+
 COSINE_EPS = 1e-8  # rows with a norm below this are scaled by 1/eps (a zero row stays zero: cost 1 to everything)
 
 
@@ -67,8 +69,7 @@ class _SelfCost(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: torch.Tensor, symmetric_grad: bool) -> torch.Tensor:  # type: ignore[override]
         device = u.device.type
-        cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        mm = u.to(cast) if cast is not None and u.dtype in (torch.float32, torch.float16, torch.bfloat16) else u
+        mm = u.to(matmul_dtype(u))
         ctx.save_for_backward(mm)
         ctx.input_dtype = u.dtype
         ctx.symmetric_grad = symmetric_grad
