@@ -392,7 +392,8 @@ def _two_processes_equal_one(tiny_yaml, tmp_path, engine: list[str], keys=("loss
         x, y = losses(single, key), losses(multi, key)
         assert [s for s, _ in x] == [s for s, _ in y] == [1, 2]
         for (_, u), (_, v) in zip(x, y):
-            assert v == pytest.approx(u, rel=1e-4), key
+            # the parts are logged rounded to 6 decimals (trainer.py): at s2t_kd ≈ 0.006 that step is 1.6e-4
+            assert v == pytest.approx(u, rel=1e-4, abs=1e-6), key
 
 
 def test_ddp_on_policy_equals_single_process(tiny_yaml, tmp_path):

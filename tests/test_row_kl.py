@@ -20,6 +20,11 @@ def _value_and_grad(student: torch.Tensor, teacher: torch.Tensor, tau: float, **
     return values.detach(), leaf.grad
 
 
+def _max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest |got − want| / |want| (want in float64)."""
+    return float(((got.double() - want).abs() / want.abs()).max())
+
+
 def _plain(monkeypatch, *args, **kwargs) -> tuple:
     with monkeypatch.context() as patch:
         patch.setattr(row_kl, "fkl_rows_applies", lambda *a: False)
@@ -28,7 +33,10 @@ def _plain(monkeypatch, *args, **kwargs) -> tuple:
 
 @pytest.mark.parametrize(("vocab", "tau"), [(50257, 2.0), (9001, 1.0), (37, 0.5)])
 @pytest.mark.parametrize("selected", [False, True])
-def test_fast_rows_match_float64(vocab: int, tau: float, selected: bool) -> None:
+def test_fast_rows_match_float64(vocab: int, tau: float, selected: bool, monkeypatch) -> None:
+    """Values within 2e-6 (relative) of float64 or no further from it than the plain float32 path they replace
+    (on AVX2 the kernel's 8-lane sums reach 5.9e-6 at V = 9,001, where the plain path is 2.3e-5 off); gradients
+    likewise, relative to their largest entry (5.3e-6 there, for both paths)."""
     g = torch.Generator().manual_seed(vocab)
     student = torch.randn(24, vocab, generator=g) * 3
     teacher = torch.randn(24, vocab, generator=g) * 4
@@ -39,8 +47,13 @@ def test_fast_rows_match_float64(vocab: int, tau: float, selected: bool) -> None
     got, got_grad = _value_and_grad(student, teacher, tau, **rows)
     want, want_grad = _value_and_grad(student.double(), teacher.double(), tau, **rows)  # float64: the plain path
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-6)
-    torch.testing.assert_close(got_grad.double(), want_grad, rtol=0, atol=2e-6 * float(want_grad.abs().max()))
+    plain, plain_grad = _plain(monkeypatch, student, teacher, tau, **rows)
+    assert _max_rel_err(got, want) <= max(2e-6, _max_rel_err(plain, want))
+
+    def grad_err(grad: torch.Tensor) -> float:  # relative to the largest entry
+        return float((grad.double() - want_grad).abs().max() / want_grad.abs().max())
+
+    assert grad_err(got_grad) <= max(2e-6, grad_err(plain_grad))
     if selected:  # rows not selected get no gradient
         untouched = torch.ones(24, dtype=torch.bool)
         untouched[rows["student_rows"]] = False
@@ -112,7 +125,9 @@ def test_other_dtypes_and_kinds_keep_the_plain_path() -> None:
 @pytest.mark.parametrize("tau", [2.0, 1.0, 0.5])
 def test_statistics_in_the_same_pass_match_float64(tau: float) -> None:
     """τ = 1 entropies and peaks of either side, from the KL's own pass, against float64 (`ops.row_stats`'s
-    reference on float64 rows); a side not asked for is not returned; a non-finite row gets the plain statistics."""
+    reference on float64 rows); a side not asked for is not returned; a non-finite row gets the plain statistics.
+    A peak is within 2e-6 (relative) of float64 or no further from it than torch's float32 softmax (on AVX2 both
+    are 2.25e-6 off at a teacher row whose log-normaliser is ≈ 25, where one float32 ulp is 1.9e-6)."""
     from dwakd.ops.row_stats import row_entropy_peak
 
     g = torch.Generator().manual_seed(11)
@@ -126,7 +141,8 @@ def test_statistics_in_the_same_pass_match_float64(tau: float) -> None:
     for side, (x, picked) in sides:
         entropy, peak = row_entropy_peak(x.double(), picked)
         torch.testing.assert_close(stats[f"{side}_entropy"].double(), entropy, rtol=2e-6, atol=2e-6)
-        torch.testing.assert_close(stats[f"{side}_peak"].double(), peak, rtol=2e-6, atol=1e-9)
+        plain_peak = torch.softmax(x[picked], dim=-1).amax(dim=-1)  # float32
+        assert _max_rel_err(stats[f"{side}_peak"], peak) <= max(2e-6, _max_rel_err(plain_peak, peak))
     only, named = divergences.divergence_and_statistics(student, teacher, "fkl", tau, ("teacher_entropy",), **rows)
     assert set(named) == {"teacher_entropy"}
     torch.testing.assert_close(named["teacher_entropy"], stats["teacher_entropy"], rtol=0, atol=0)
