@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from test_robustness import LOGGED_UNIT
 
 from dwakd.demo import suite as S
 from dwakd.demo.tokenizers import (
@@ -158,11 +159,6 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys):
     assert all(again.cached[stage] for stage in ("suite", "tokenizers", "teacher", "teacher cache", "sft-seed0",
                                                  "dskd-seed1", "dwakd-seed1"))
     assert again.evaluation.to_json()["scores"] == results["evaluation"]["scores"]
-
-
-# loss parts and statistics are logged rounded to 6 decimals (DistillationTrainer.log): two runs whose values differ
-# in the 7th digit can log values one unit apart, so a comparison of logs cannot be finer than one unit
-LOGGED_UNIT = 1.5e-6
 
 
 def _step_losses(folder: Path) -> list[dict]:

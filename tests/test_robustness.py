@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dwakd.cli import main
+from dwakd.trainer import LOG_DECIMALS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +39,12 @@ def env() -> dict:
     e["PYTHONPATH"] = src + os.pathsep + e.get("PYTHONPATH", "")
     e["OMP_NUM_THREADS"] = "1"
     return e
+
+
+# Loss parts and statistics are logged rounded to LOG_DECIMALS: two runs whose values differ past that digit can log
+# values one unit apart, and two such decimals differ in float by a hair over one unit (0.006234 - 0.006233 is
+# 1.0000000000001327e-06), so a comparison of logged parts cannot be finer than this.
+LOGGED_UNIT = 1.5 * 10.0**-LOG_DECIMALS
 
 
 def losses(output_dir: Path, key: str = "loss") -> list[tuple[int, float]]:

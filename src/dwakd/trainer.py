@@ -37,6 +37,8 @@ from dwakd.teacher_cache.view import CachedTeacher
 
 logger = logging.getLogger(__name__)
 
+# decimals of the logged loss parts and statistics (the JSON logs stay readable; tests comparing logs use it)
+LOG_DECIMALS = 6
 _VIEW_KEYS = ("input_ids", "attention_mask", "labels", "input_offsets", "label_offsets")
 # Config fields of models whose logits are not just head(final hidden state) (soft-capping, scaling)
 _LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -403,8 +405,8 @@ class DistillationTrainer(Trainer):
             parts, stats, micro = self._reduce_logged()
             if micro:
                 steps = max(1, self.state.global_step - (self._last_logged_step or 0))
-                logs.update({name: round(total / steps, 6) for name, total in parts.items()})
-                logs.update({name: round(total / micro, 6) for name, total in stats.items()})
+                logs.update({name: round(total / steps, LOG_DECIMALS) for name, total in parts.items()})
+                logs.update({name: round(total / micro, LOG_DECIMALS) for name, total in stats.items()})
             if self.on_policy is not None:  # this process's time sampling, and its share of the wall time
                 now = time.perf_counter()
                 elapsed = now - (self._log_clock or now)
