@@ -10,6 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
+def method_extra(method: str, request) -> list[str]:
+    """Per-method config overrides for tests: MTA's chunker is the small pipeline of the `spacy_pipeline_dir` fixture
+    (tests/conftest.py; no download needed)."""
+    if method == "mta":
+        return [f"method.options.spacy_pipeline={request.getfixturevalue('spacy_pipeline_dir')}"]
+    return []
+
 # (words, POS tags, heads (index of each word's head), dependency labels)
 SENTENCES = [
     (["The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "."],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from _spacy_helpers import method_extra
 
 from dwakd.config import load_config
 from dwakd.methods import method_names
@@ -17,13 +18,6 @@ from dwakd.run import build_training
 METHODS = [name for name in method_names() if not name.endswith("-test")]
 FAST = ["data.max_length=64", "data.max_prompt_length=32", "data.eval=null", "training.logging_steps=1",
         "training.per_device_train_batch_size=4"]
-
-
-def method_extra(method: str, request) -> list[str]:
-    """Per-method overrides: MTA's chunker is a small spaCy pipeline trained offline (no download needed)."""
-    if method == "mta":
-        return [f"method.options.spacy_pipeline={request.getfixturevalue('spacy_pipeline_dir')}"]
-    return []
 
 
 def run_steps(tiny_yaml, tmp_path, method: str, steps: int, extra: list[str] = ()):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _spacy_helpers import method_extra
 from _toy_method import ToyProjectorKD  # noqa: F401  (registers "toy-projector-test")
 from test_robustness import LOGGED_UNIT, SMALL, cli, env, free_port, losses
 
@@ -348,9 +349,7 @@ TEACHER_METHODS = [m for m in method_names() if not m.endswith("-test") and get_
 
 @pytest.mark.parametrize("method", TEACHER_METHODS)
 def test_every_teacher_method_trains_on_policy(tiny_yaml, tmp_path, method, request):
-    # MTA's chunker is a small spaCy pipeline trained offline (tests/conftest.py): its units are found on the samples
-    extra = ([f"method.options.spacy_pipeline={request.getfixturevalue('spacy_pipeline_dir')}"]
-             if method == "mta" else [])
+    extra = method_extra(method, request)  # MTA's chunker: its units are found on the samples
     config = load_config(tiny_yaml, [f"method={method}", f"output_dir={tmp_path / method}", "training.max_steps=2",
                                      "data.max_length=64", "data.max_prompt_length=32", "data.eval=null",
                                      "training.logging_steps=1", "training.per_device_train_batch_size=2",

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 
 import pytest
 import torch
+from _spacy_helpers import method_extra
 
 from dwakd.config import load_config
 from dwakd.methods import method_names
@@ -24,13 +24,11 @@ FAST = ["data.max_length=64", "data.max_prompt_length=32", "data.eval=null", "tr
         "training.per_device_train_batch_size=4"]
 
 
-def _build(tiny_yaml, tmp_path, method: str, spacy_pipeline: Path | None = None):
+def _build(tiny_yaml, tmp_path, method: str, extra: list[str] = ()):
     """`method`, or `method:fused` for a dual-space method with `head_fusion: fused` (the CPU default is dense);
-    `spacy_pipeline`: MTA's chunker."""
+    `extra`: further overrides (`method_extra`)."""
     name, _, fusion = method.partition(":")
-    extra = [f"method.options.head_fusion={fusion}"] if fusion else []
-    if spacy_pipeline is not None:
-        extra.append(f"method.options.spacy_pipeline={spacy_pipeline}")
+    extra = [*extra, *([f"method.options.head_fusion={fusion}"] if fusion else [])]
     config = load_config(tiny_yaml, [f"method={name}", f"output_dir={tmp_path / name}", *FAST, *extra])
     run = build_training(config, show_progress=False)
     batch = next(iter(run.trainer.get_train_dataloader()))
@@ -57,9 +55,9 @@ def _count_head_rows(module: torch.nn.Module, counter: list[int]):
     return module.register_forward_hook(lambda mod, args, out: counter.append(args[0][..., 0].numel()))
 
 
-def _check_method(tiny_yaml, tmp_path, method: str, spacy_pipeline: Path | None = None) -> None:
+def _check_method(tiny_yaml, tmp_path, method: str, extra: list[str] = ()) -> None:
     """Rows path == dense path (loss, parts, gradients), and no head ever runs at prompt or padding rows."""
-    model, batch = _build(tiny_yaml, tmp_path, method, spacy_pipeline)
+    model, batch = _build(tiny_yaml, tmp_path, method, extra)
     dense_values, dense_grads = _loss_and_grads(model, batch, row_logits=False)
     _loss_and_grads(model, batch, row_logits=True)  # the first pass also checks the head at the last position
     assert model._head_checked.get("student") is True  # the deferred head was used (and verified)
@@ -100,9 +98,7 @@ def test_rows_equal_dense_and_skip_prompts(tiny_yaml, tmp_path, method):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(set(METHODS) - CLASSES))
 def test_presets_rows_equal_dense_and_skip_prompts(tiny_yaml, tmp_path, request, method):
-    # MTA's chunker is a small spaCy pipeline trained offline (tests/conftest.py)
-    spacy_pipeline = request.getfixturevalue("spacy_pipeline_dir") if method == "mta" else None
-    _check_method(tiny_yaml, tmp_path, method, spacy_pipeline)
+    _check_method(tiny_yaml, tmp_path, method, method_extra(method, request))
 
 
 def test_head_that_does_not_reproduce_logits_falls_back_to_dense(tiny_yaml, tmp_path, caplog):
