@@ -118,8 +118,9 @@ def _accuracy_one(runs: dict, cache_dir: Path, batches: list[list], vocab: int) 
             out["loss_rel_err"][name].append(float((cache_loss - live_loss).abs() / live_loss.abs()))
             if name != "dskd":
                 continue
-            live_terms = run.model.method.dual_space_terms(live_in)
-            cache_terms = run.model.method.dual_space_terms(cache_in)
+            method = run.model.method
+            live_terms = method.dual_space_terms(live_in, method.align_spaces(live_in))
+            cache_terms = method.dual_space_terms(cache_in, method.align_spaces(cache_in))
             out["s2t_div_abs_err"] += (cache_terms.s2t_div - live_terms.s2t_div).abs().tolist()
             out["s2t_div_live"] += live_terms.s2t_div.tolist()
             mask = live_terms.teacher_mask

@@ -164,14 +164,17 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_soft_dtw_terms_read_the_lengths_to_the_host_once(models, monkeypatch) -> None:
+@pytest.mark.parametrize("recomputed", [False, True], ids=["built-after", "recomputed"])
+def test_soft_dtw_terms_read_the_lengths_to_the_host_once(models, monkeypatch, recomputed: bool) -> None:
     """DWA-KD's two Soft-DTW terms add one host read to DSKD's step (the per-sample lengths of both sides, for both
-    layers), not one per compaction, kept-sequence selection and length check (18 before)."""
+    layers), not one per compaction, kept-sequence selection and length check (18 before), whether they are built
+    after the vocabulary terms (fp32 projectors on float64 models) or recomputed in backward (all float64)."""
     student, teacher = models
     batch = make_batch()
     reads = {}
     for name in ("dskd", "dwakd"):
         method = build(name, student, teacher)
+        method = method.double() if recomputed else method
         inputs = run_models(student, teacher, batch)
         with _HostReads(monkeypatch) as counter:
             method(inputs).loss.backward()
@@ -252,6 +255,59 @@ def test_embedding_table_gradient_is_formed_after_the_vocabulary_terms(models) -
     first_table_grad = names.index("embedding_dense_backward")
     last_vocab_op = max(i for i, (_, vocab) in enumerate(log.ops) if vocab)
     assert first_table_grad > last_vocab_op, (first_table_grad, last_vocab_op, len(names))
+
+
+def _late_soft_dtw(method) -> None:
+    """Make `method` build its Soft-DTW terms after the vocabulary terms, as before the recomputed region."""
+    method.recomputed_dtw_sums = lambda *args: None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", [{}, {"dtw": "plain"}, {"dtw_layers": ["hidden"]}, {"dtw_layers": ["embedding"]}],
+                         ids=["banded", "plain", "hidden", "embedding"])
+def test_recomputed_soft_dtw_terms_equal_the_terms_built_after(dtype, options) -> None:
+    """The Soft-DTW terms built right after the CMA and recomputed in backward (teacher states recovered from the
+    t2s value input) give the loss, parts and gradients of the terms built after the vocabulary terms, to rounding."""
+    student, teacher = tiny_student(dtype=dtype), tiny_teacher(dtype=dtype)
+    batch = make_batch()
+    early = build("dwakd", student, teacher, **options).to(dtype)
+    late = build("dwakd", student, teacher, **options).to(dtype)
+    _late_soft_dtw(late)
+    out_early = early(run_models(student, teacher, batch))
+    out_late = late(run_models(student, teacher, batch))
+    assert {name for name in out_early.parts if name.startswith("dtw_")} == {
+        f"dtw_{layer}" for layer in options.get("dtw_layers", ["hidden", "embedding"])}
+    rel = 1e-5 if dtype == torch.float32 else 1e-12
+    for name, value in out_late.parts.items():
+        assert out_early.parts[name].item() == pytest.approx(value.item(), rel=rel, abs=rel * 1e-2), name
+    grads_early = grads_of(out_early.loss, trainable(early, student))
+    grads_late = grads_of(out_late.loss, trainable(late, student))
+    assert grads_early["method.projectors.t2s.weight"].abs().sum() > 0 or "dtw_layers" in options
+    for name, value in grads_late.items():
+        torch.testing.assert_close(grads_early[name], value, rtol=10 * rel, atol=rel * 1e-2, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_soft_dtw_terms_add_no_tensor_memory_at_the_peak(dtype) -> None:
+    """DWA-KD with its token weights off (the Soft-DTW terms alone over DSKD) peaks at DSKD's peak tensor memory
+    within a few scalars: the terms' backward runs after the vocabulary terms' and keeps nothing through it (built
+    after them, their gradients lived through that peak: +16–18 KiB here)."""
+    from dwakd.evaluation.memory import peak_bytes
+
+    student, teacher = tiny_student(dtype=dtype), tiny_teacher(dtype=dtype)
+    batch = make_batch()
+    peaks = {}
+    for name, options in (("dskd", {}), ("dwakd", {"token_weights": False})):
+        method = build(name, student, teacher, **options).to(dtype)
+
+        def step(method=method) -> None:
+            method(run_models(student, teacher, batch)).loss.backward()
+
+        step()  # warm: lazily built state and the Soft-DTW buffer pool
+        for param in [*method.parameters(), *student.parameters()]:
+            param.grad = None
+        peaks[name] = peak_bytes(step)[1]
+    assert 0 < peaks["dskd"] and peaks["dwakd"] - peaks["dskd"] <= 64, peaks
 
 
 def test_presets_and_option_checks(models) -> None:

@@ -27,7 +27,12 @@ import torch.nn.functional as F
 from dwakd.methods.base import DistillationInputs, MethodContext, MethodOptions, check_choice, check_range
 from dwakd.methods.dual_space_base import DualSpaceMethod
 from dwakd.methods.registry import register_method
-from dwakd.modules.cross_attention import CrossModelAttention, cross_model_attention, project
+from dwakd.modules.cross_attention import (
+    CrossModelAttention,
+    cross_model_attention,
+    project,
+    teacher_hidden_from_values_input,
+)
 from dwakd.modules.divergences import (
     check_divergence,
     compute_dtype,
@@ -85,16 +90,20 @@ class DSKD(DualSpaceMethod):
         self.kd_objective = resolve_divergence(options.kd_objective)
         self.projectors = DualSpaceProjectors(model_dims(context.student_config), model_dims(context.teacher_config))
 
-    def dual_space_terms(self, inputs: DistillationInputs) -> CMATerms:
-        """CE, t2s_ce and the per-row divergences at every valid position of each side."""
+    def align_spaces(self, inputs: DistillationInputs) -> CrossModelAttention:
+        """The cross-model attention between the response positions of both sides."""
+        if inputs.teacher is None or inputs.teacher_out is None:
+            raise ValueError(f"method {self.name!r} needs the teacher's view and outputs in the batch")
+        return cross_model_attention(self.projectors, inputs.student, inputs.teacher, inputs.student_out,
+                                     inputs.teacher_out)
+
+    def dual_space_terms(self, inputs: DistillationInputs, alignment: CrossModelAttention) -> CMATerms:
+        """CE, t2s_ce and the per-row divergences at every valid position of each side (`alignment`: the CMA)."""
         opts: DSKDOptions = self.options
         student, teacher = inputs.student, inputs.teacher
         s_out, t_out = inputs.student_out, inputs.teacher_out
-        if teacher is None or t_out is None:
-            raise ValueError(f"method {self.name!r} needs the teacher's view and outputs in the batch")
         v_s, v_t = s_out.vocab_size, t_out.vocab_size
-
-        cma = cross_model_attention(self.projectors, student, teacher, s_out, t_out)
+        cma = alignment
 
         # student space: teacher information read at each valid student position (= every label position)
         s_rows = valid_rows(cma.student_mask)  # (P,)
@@ -158,6 +167,32 @@ class DSKD(DualSpaceMethod):
             student_logits=student_logits, teacher_logits=teacher_logits, student_vocab=v_s, teacher_vocab=v_t,
             stats=stats, cma=cma, student_entropy=student_entropy, t2s_peak=t2s_peak, teacher_entropy=teacher_entropy,
         )
+
+    def recomputed_dtw_sums(self, inputs: DistillationInputs, alignment: CrossModelAttention, gamma: float
+                            ) -> dict[str, torch.Tensor] | None:
+        """DWA-KD's Soft-DTW sums right after the CMA, recomputed in backward, fed only tensors this graph saves.
+
+        Those are the student's last hidden state (saved by the s2t projector), the t2s projector's value input
+        Ĥ_t + E_t(y)/std (from which the hidden term's Ĥ_t is recovered, `teacher_hidden_from_values_input`) and
+        the attention a (saved by a·V_t). Each is the saved tensor itself only with the projectors in the states'
+        dtype and autocast off; otherwise (and for `dtw_hidden_input: raw`, whose raw teacher states nothing saves)
+        None: the terms are built after the vocabulary terms.
+        """
+        dwa = self.dwa
+        hidden = inputs.student_out.last_hidden
+        value_in = alignment.teacher_value_in
+        if (dwa.options.dtw_hidden_input != "normalized" or torch.is_autocast_enabled(hidden.device.type)
+                or hidden.dtype != self.projectors.s2t.weight.dtype
+                or value_in.dtype != self.projectors.t2s.weight.dtype):
+            return None
+        t2s, table, teacher = self.projectors.t2s, inputs.teacher_out.input_embeddings(), inputs.teacher
+        target_std = alignment.teacher_target_std
+
+        def teacher_hidden(source: torch.Tensor) -> torch.Tensor:  # t2s(Ĥ_t), (batch, m, d_s)
+            return project(t2s, teacher_hidden_from_values_input(source, target_std, table, teacher))
+
+        attention = alignment.t2s_attn.detach() if dwa.options.dtw == "banded" else None
+        return dwa.recomputed_dtw_sums(inputs, value_in, teacher_hidden, [t2s], attention, gamma)
 
     def dtw_teacher_hidden(self, inputs: DistillationInputs, terms: CMATerms) -> torch.Tensor:
         """t2s(h_t / std(h_t)) — the projector shared with the attention values — or t2s(h_t) (`raw`, reference)."""

@@ -248,8 +248,8 @@ class DSKDv2(DualSpaceMethod):
         part_s = student_head.index_select(0, self.shared_student_ids).T  # (d_s, K)
         return part_s.to(self.teacher_head_pinv.dtype) @ self.teacher_head_pinv
 
-    def dual_space_terms(self, inputs: DistillationInputs) -> V2Terms:
-        """CE, t2s_ce and the per-pair divergences at the kept aligned pairs."""
+    def dual_space_terms(self, inputs: DistillationInputs, alignment: None = None) -> V2Terms:
+        """CE, t2s_ce and the per-pair divergences at the kept aligned pairs (aligned here: `alignment` is None)."""
         opts: DSKDv2Options = self.options
         s_out, t_out = inputs.student_out, inputs.teacher_out
         if inputs.teacher is None or t_out is None:

@@ -15,6 +15,8 @@ See docs/methods.md#4-dskd-cma and #5-dwa-kd.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodContext, MethodOptions
@@ -51,9 +53,22 @@ class DualSpaceMethod(DistillationMethod):
         return self.dwa is not None and bool(self.dwa.options.token_weights)
 
     # ---- hooks -------------------------------------------------------------------------------------------------
-    def dual_space_terms(self, inputs: DistillationInputs) -> DualSpaceTerms:
-        """One dual-space pass: sums and per-row divergences before scaling and normalisation."""
+    def align_spaces(self, inputs: DistillationInputs) -> Any:
+        """The host's alignment of the two sequences, made before its vocabulary-sized terms and handed to
+        `dual_space_terms` (DSKD-CMA: the cross-model attention); None where the host aligns inside that hook."""
+        return None
+
+    def dual_space_terms(self, inputs: DistillationInputs, alignment: Any) -> DualSpaceTerms:
+        """One dual-space pass on `align_spaces`' result: sums and per-row divergences before scaling and
+        normalisation."""
         raise NotImplementedError
+
+    def recomputed_dtw_sums(self, inputs: DistillationInputs, alignment: Any, gamma: float
+                            ) -> dict[str, torch.Tensor] | None:
+        """DWA-KD's Soft-DTW sums built from the alignment before the vocabulary terms and recomputed in backward
+        (`DWAComponent.recomputed_dtw_sums`: no memory at the step's peak), where the host can feed them only
+        tensors its own graph keeps; None: `compute_loss` builds them after the vocabulary terms instead."""
+        return None
 
     def extra_losses(self, inputs: DistillationInputs, terms: DualSpaceTerms) -> dict[str, tuple[torch.Tensor, float]]:
         """Further loss terms of a method built on a host: name -> (value already normalised, weight in the loss).
@@ -96,8 +111,13 @@ class DualSpaceMethod(DistillationMethod):
     def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
         """w_ce·CE + w_kd·(t2s_ce + t2s_kd + s2t_kd) [+ λ_dtw·ΣD], every sum divided by num_items."""
         dtw_on = self.dwa is not None and bool(self.dwa.dtw_layers())
-        student_seqs = self.dwa.student_sequences(inputs) if dtw_on else None  # before the vocabulary terms: see there
-        terms = self.dual_space_terms(inputs)
+        alignment = self.align_spaces(inputs)
+        gamma = self.dwa.gamma_at(inputs.progress, inputs.step) if dtw_on else None
+        dtw_sums = self.recomputed_dtw_sums(inputs, alignment, gamma) if dtw_on else None
+        student_seqs = None
+        if dtw_on and dtw_sums is None:  # before the vocabulary terms: see `DWAComponent.student_sequences`
+            student_seqs = self.dwa.student_sequences(inputs)
+        terms = self.dual_space_terms(inputs, alignment)
         t2s_scale, s2t_scale = self.kd_scales(inputs, terms)
         t2s_kd = (terms.t2s_div * t2s_scale).sum()
         s2t_kd = terms.s2t_div.sum() if s2t_scale is None else (terms.s2t_div * s2t_scale).sum()
@@ -113,11 +133,11 @@ class DualSpaceMethod(DistillationMethod):
             parts[name] = value
         stats = terms.stats
         if dtw_on:
-            gamma = self.dwa.gamma_at(inputs.progress, inputs.step)
-            attention = self.dtw_band_attention(inputs, terms) if self.dwa.options.dtw == "banded" else None
-            sums = self.dwa.dtw_sums(inputs, student_seqs, lambda: self.dtw_teacher_hidden(inputs, terms), attention,
-                                     gamma)
-            dtw = {name: value / n for name, value in sums.items()}
+            if dtw_sums is None:
+                attention = self.dtw_band_attention(inputs, terms) if self.dwa.options.dtw == "banded" else None
+                dtw_sums = self.dwa.dtw_sums(inputs, student_seqs, lambda: self.dtw_teacher_hidden(inputs, terms),
+                                             attention, gamma)
+            dtw = {name: value / n for name, value in dtw_sums.items()}
             loss = loss + self.dwa.options.dtw_weight * sum(dtw.values())
             parts.update(dtw)
             stats["dtw_gamma"] = torch.tensor(gamma)

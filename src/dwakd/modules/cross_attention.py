@@ -44,6 +44,20 @@ def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x.to(linear.weight.dtype))
 
 
+def teacher_hidden_from_values_input(
+    value_in: torch.Tensor, target_std: torch.Tensor, table: nn.Module, teacher: TokenView
+) -> torch.Tensor:
+    """Ĥ_t recovered from the value input Ĥ_t + E_t(y_t)/std (`CrossModelAttention.teacher_value_in`, with
+    `teacher_target_std`), no grad: the target part is formed again exactly as `cross_model_attention` forms it.
+
+    Exact up to one rounding of the sum (|error| ≤ half an ulp of the value input per entry). Lets a later term read
+    Ĥ_t from a tensor the t2s projector saves for its backward anyway, instead of keeping Ĥ_t itself.
+    """
+    with torch.no_grad():
+        target = lookup(table, teacher.labels, teacher.label_mask)
+        return value_in - (target.to(compute_dtype(target)) / target_std).to(value_in.dtype)
+
+
 def masked_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """ids with every position where mask is False replaced by 0; -100 never reaches a table.
 
@@ -67,6 +81,8 @@ class CrossModelAttention:
     t2s_hidden: torch.Tensor  # (batch, n, d_s) teacher information in student space (a·V_t)
     s2t_hidden: torch.Tensor  # (batch, m, d_t) student information in teacher space (a'·V_s)
     teacher_hidden_norm: torch.Tensor  # (batch, m, d_t) at least fp32: Ĥ_t = h_t / std(h_t), no grad
+    teacher_value_in: torch.Tensor  # (batch, m, d_t) the t2s input of V_t: Ĥ_t + E_t(y_t) / std, no grad
+    teacher_target_std: torch.Tensor  # scalar: that std of the teacher's target embeddings
     student_mask: torch.Tensor  # (batch, n) bool m_s
     teacher_mask: torch.Tensor  # (batch, m) bool m_t
     queries: torch.Tensor | None = None  # (batch, n, 2·e_t) Q = query(S), dtype of the projector, with grad
@@ -98,7 +114,8 @@ def cross_model_attention(
         teacher_hidden = teacher_out.last_hidden.detach()
         teacher_hidden = teacher_hidden.to(compute_dtype(teacher_hidden))  # (batch, m, d_t)
         teacher_hidden_norm = teacher_hidden / masked_global_std(teacher_hidden, m_t)
-        teacher_value_in = teacher_hidden_norm + teacher_target / masked_global_std(teacher_target, m_t)
+        target_std = masked_global_std(teacher_target, m_t)
+        teacher_value_in = teacher_hidden_norm + teacher_target / target_std
 
     student_hidden = student_out.last_hidden  # (batch, n, d_s)
     queries = project(projectors.query, student_index.detach())  # (batch, n, 2·e_t)
@@ -121,6 +138,8 @@ def cross_model_attention(
         t2s_hidden=t2s_hidden.to(student_hidden.dtype),
         s2t_hidden=s2t_hidden.to(student_hidden.dtype),
         teacher_hidden_norm=teacher_hidden_norm,
+        teacher_value_in=teacher_value_in,
+        teacher_target_std=target_std,
         student_mask=m_s,
         teacher_mask=m_t,
         queries=queries,

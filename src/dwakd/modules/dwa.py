@@ -38,11 +38,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dwakd.interface import DistillationInputs
+from dwakd.interface import DistillationInputs, TokenView
 from dwakd.modules.cross_attention import lookup, project
 from dwakd.modules.dtw import response_dtw_divergence, response_lengths
 from dwakd.modules.dual_space import DualSpaceTerms
 from dwakd.modules.projectors import ModelDims
+from dwakd.modules.recompute import recompute_in_backward
 from dwakd.modules.rows import valid_rows
 from dwakd.modules.token_weights import (
     peak_probability,
@@ -195,13 +196,17 @@ class DWAComponent(nn.Module):
         terms, the step's memory peak; made after them, that gradient is allocated first and lives through the
         peak (+12.3 MiB on the tiny recipe, 1.0 % of the step's peak).
         """
+        return self._student_sequences(inputs.student_out.last_hidden, inputs.student_out.input_embeddings(),
+                                       inputs.student)
+
+    def _student_sequences(self, last_hidden: torch.Tensor, table: nn.Module, student: TokenView
+                           ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for layer in self.dtw_layers():
             if layer == "hidden":
-                out[layer] = inputs.student_out.last_hidden  # (batch, n, d_s)
+                out[layer] = last_hidden  # (batch, n, d_s)
             else:  # target embeddings keep their gradient: the embedding table learns from this term
-                out[layer] = lookup(inputs.student_out.input_embeddings(), inputs.student.labels,
-                                    inputs.student.label_mask)  # (batch, n, e_s)
+                out[layer] = lookup(table, student.labels, student.label_mask)  # (batch, n, e_s)
         return out
 
     def dtw_sums(
@@ -218,20 +223,77 @@ class DWAComponent(nn.Module):
         `teacher_hidden()` gives the host's (batch, m, d_s) teacher sequence in student space (called only when the
         hidden term is on); `attention` (batch, n, m) is the band source, None for an unbanded cross term.
         """
-        opts = self.options
+        return self._dtw_sums(inputs.student, inputs.teacher, inputs.teacher_out.input_embeddings(), student_seqs,
+                              teacher_hidden, attention, gamma, response_lengths(inputs.student.label_mask,
+                                                                                 inputs.teacher.label_mask))
+
+    def recomputed_dtw_sums(
+        self,
+        inputs: DistillationInputs,
+        teacher_source: torch.Tensor,
+        teacher_hidden: Callable[[torch.Tensor], torch.Tensor],
+        teacher_modules: Sequence[nn.Module],
+        attention: torch.Tensor | None,
+        gamma: float,
+    ) -> dict[str, torch.Tensor]:
+        """`dtw_sums`, built by a host *before* its vocabulary-sized terms and recomputed in backward.
+
+        Autograd runs backward nodes newest first. Built after the vocabulary terms (`dtw_sums`), the Soft-DTW
+        terms' backward runs first and its gradients (w.r.t. the student sequences and the projector weights) live
+        through the backward of those terms, the step's memory peak; built before them with their graph, their
+        saved tensors (and the kernels' alignment matrices) would. Here they run once without a graph (values only)
+        and again in backward (`dwakd.modules.recompute`), which then comes after the vocabulary terms': all they
+        keep is the region's inputs — the student's last hidden state, `teacher_source` and `attention` — which a
+        host passes only where its own graph saves those very tensors (DSKD-CMA: the s2t projector saves the
+        student states, the t2s projector its value input, the attention product the attention), so the terms add
+        no memory at the peak; the price is their forward once more, without the alignment matrices.
+        `teacher_hidden(teacher_source)` gives the (batch, m, d_s) teacher sequence in student space from the
+        parameters of `teacher_modules`; the embedding tables, label tensors and P_emb are read from `inputs`.
+        """
         student, teacher = inputs.student, inputs.teacher
+        s_table, t_table = inputs.student_out.input_embeddings(), inputs.teacher_out.input_embeddings()
+        lengths = response_lengths(student.label_mask, teacher.label_mask)
+        layers = self.dtw_layers()
+        modules = [*(teacher_modules if "hidden" in layers else ()),
+                   *((self.embedding, s_table) if "embedding" in layers else ())]
+
+        def region(hidden: torch.Tensor, source: torch.Tensor, attn: torch.Tensor | None) -> list[torch.Tensor]:
+            seqs = self._student_sequences(hidden, s_table, student)
+            sums = self._dtw_sums(student, teacher, t_table, seqs, lambda: teacher_hidden(source), attn, gamma,
+                                  lengths)
+            return [sums[f"dtw_{layer}"] for layer in layers]
+
+        def params() -> list[torch.Tensor]:
+            return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+        values = recompute_in_backward(region, (inputs.student_out.last_hidden, teacher_source, attention), params)
+        return {f"dtw_{layer}": value for layer, value in zip(layers, values, strict=True)}
+
+    def _dtw_sums(
+        self,
+        student: TokenView,
+        teacher: TokenView,
+        teacher_table: nn.Module,
+        student_seqs: dict[str, torch.Tensor],
+        teacher_hidden: Callable[[], torch.Tensor],
+        attention: torch.Tensor | None,
+        gamma: float,
+        lengths: tuple[list[int], list[int]],
+    ) -> dict[str, torch.Tensor]:
+        """`dtw_sums` on explicit pieces; `lengths` = `response_lengths(m_s, m_t)`, the one device-to-host read of
+        the Soft-DTW terms (made once per step by the callers, and reused by a recompute)."""
+        opts = self.options
         m_s, m_t = student.label_mask, teacher.label_mask  # whole responses
         band = dict(band_base=opts.band_base, band_sensitivity=opts.band_sensitivity, band_blend=opts.band_blend,
                     band_penalty=opts.band_penalty, impl=opts.dtw_impl)
         out: dict[str, torch.Tensor] = {}
-        lengths = response_lengths(m_s, m_t)  # the one device-to-host read of the Soft-DTW terms
         for layer in self.dtw_layers():
             student_seq = student_seqs[layer]
             if layer == "hidden":
                 teacher_seq = teacher_hidden()  # (batch, m, d_s)
             else:
                 with torch.no_grad():
-                    teacher_emb = lookup(inputs.teacher_out.input_embeddings(), teacher.labels, m_t)
+                    teacher_emb = lookup(teacher_table, teacher.labels, m_t)
                 teacher_seq = project(self.embedding, teacher_emb.detach())  # (batch, m, e_s)
             per_sequence = response_dtw_divergence(student_seq, teacher_seq, m_s, m_t, gamma, attention,
                                                    lengths=lengths, **band)
