@@ -54,8 +54,7 @@ def teacher_hidden_from_values_input(
     Ĥ_t from a tensor the t2s projector saves for its backward anyway, instead of keeping Ĥ_t itself.
     """
     with torch.no_grad():
-        target = lookup(table, teacher.labels, teacher.label_mask)
-        return value_in - (target.to(compute_dtype(target)) / target_std).to(value_in.dtype)
+        return value_in - (teacher_target_embeddings(table, teacher) / target_std).to(value_in.dtype)
 
 
 def masked_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -69,6 +68,13 @@ def masked_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def lookup(table: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Embedding rows of `ids` (batch, length) -> (batch, length, dim), ids at invalid positions replaced by 0."""
     return table(masked_ids(ids, mask))
+
+
+def teacher_target_embeddings(table: nn.Module, teacher: TokenView) -> torch.Tensor:
+    """E_t(y_t): (batch, m, e_t) embeddings of the teacher's targets (0 where invalid), at least fp32, as the value
+    input's target part is formed (`cross_model_attention`, and again in `teacher_hidden_from_values_input`)."""
+    target = lookup(table, teacher.labels, teacher.label_mask)
+    return target.to(compute_dtype(target))
 
 
 @dataclass
@@ -106,8 +112,7 @@ def cross_model_attention(
         s_table, t_table = student_out.input_embeddings(), teacher_out.input_embeddings()
         # (batch, n, 2·e_s) and (batch, m, 2·e_t): [embedding of the input token; embedding of its target]
         student_index = torch.cat([lookup(s_table, student.input_ids, m_s), lookup(s_table, student.labels, m_s)], -1)
-        teacher_target = lookup(t_table, teacher.labels, m_t)  # (batch, m, e_t)
-        teacher_target = teacher_target.to(compute_dtype(teacher_target))
+        teacher_target = teacher_target_embeddings(t_table, teacher)  # (batch, m, e_t)
         teacher_input = lookup(t_table, teacher.input_ids, m_t).to(teacher_target.dtype)  # (batch, m, e_t)
         teacher_index = torch.cat([teacher_input, teacher_target], -1)
         keys = teacher_index / masked_global_std(teacher_index, m_t)  # (batch, m, 2·e_t)
