@@ -163,3 +163,29 @@ def test_statistics_on_the_plain_path_and_unknown_names(monkeypatch) -> None:
         torch.testing.assert_close(srkl[name], plain[name], rtol=0, atol=0)
     with pytest.raises(ValueError, match="unknown statistics"):
         divergences.divergence_and_statistics(student, teacher, "fkl", 2.0, ("entropy",))
+
+
+def test_token_weighted_rows_add_no_temporary_at_the_backward_peak() -> None:
+    """Σ_k u_k·KL_k (DWA-KD's teacher-space term) peaks no higher than DSKD's plain Σ_k KL_k: the kernel scales by
+    dL/dKL_k as it comes, where a (K,) coefficient dL/dKL / τ formed next to the weighted sum's own per-row gradient
+    made the weighted backward K floats more (1 KiB here) at the (rows, V) gradient's peak."""
+    from dwakd.evaluation.memory import peak_bytes
+
+    rows, vocab = 256, 3000
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(rows, vocab, generator=g, requires_grad=True)
+    teacher = torch.randn(rows, vocab, generator=g)
+    weights = torch.rand(rows, generator=g)
+    assert row_kl.fkl_rows_applies(student, teacher)
+
+    def peak(weighted: bool) -> int:
+        def run():
+            values = divergences.divergence(student, teacher, "fkl", 2.0)
+            (values * weights if weighted else values).sum().backward()
+            student.grad = None
+
+        return peak_bytes(run)[1]
+
+    plain, weighted = peak(False), peak(True)
+    assert plain >= rows * vocab * 4
+    assert weighted <= plain, (weighted, plain)

@@ -257,8 +257,7 @@ class _KLFamily(torch.autograd.Function):
         if ctx.fast is None:
             _KLFamily._plain_grads(grad, student, teacher, student_rows, teacher_rows, grad_out, spec)
             return grad, None, None, None, None, None
-        coef = grad_out.to(torch.float32) / spec.temperature
-        row_kl.fkl_rows_backward(student, teacher, student_rows, teacher_rows, spec.temperature, coef, ctx.fast,
+        row_kl.fkl_rows_backward(student, teacher, student_rows, teacher_rows, spec.temperature, grad_out, ctx.fast,
                                  grad)
         slow = ctx.slow
         if slow.numel():  # rows with a non-finite entry: the plain path's gradient replaces the kernel's

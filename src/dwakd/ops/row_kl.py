@@ -10,7 +10,7 @@ the gradient tensor.
 
 With a_v = (t_v − m_t)·log2(e)/τ and b_v = (s_v − m_s)·log2(e)/τ (both ≤ 0, m the row maxima),
     Z_t = Σ 2^a,  Z_s = Σ 2^b,  W = Σ 2^a·(a − b),   KL = ln 2 · (W / Z_t − log2 Z_t + log2 Z_s),
-and the gradient w.r.t. s/τ is q − p = 2^(b − log2 Z_s) − 2^(a − log2 Z_t) (the caller scales by dL/dKL / τ).
+and the gradient w.r.t. s/τ is q − p = 2^(b − log2 Z_s) − 2^(a − log2 Z_t) (scaled by dL/dKL / τ in the kernel).
 Sums are float32 with reassociation allowed (vector partial sums); 2^x and log2 are the polynomials of
 `ops/_numba_math.py`, whose 2^x counts arguments below −125 as −125 (a probability below 2^−125 of the row's
 largest).
@@ -121,13 +121,13 @@ def _kernels():
         forwards = {(ss, st): make_forward(ss, st) for ss in (False, True) for st in (False, True)}
 
         @njit(**opts)
-        def backward(s, t, s_rows, t_rows, vocab, scale, start, end, coef, m_s, m_t, log2_zs, log2_zt, grad,
-                     g_rows):  # pragma: no cover - compiled
+        def backward(s, t, s_rows, t_rows, vocab, scale, inv_tau, start, end, grad_out, m_s, m_t, log2_zs, log2_zt,
+                     grad, g_rows):  # pragma: no cover - compiled
             for k in range(start, end):
                 s_row = s[s_rows[k]]
                 t_row = t[t_rows[k]]
                 out = grad[g_rows[k]]
-                c = coef[k]
+                c = grad_out[k] * inv_tau
                 ms, mt, ls, lt = m_s[k], m_t[k], log2_zs[k], log2_zt[k]
                 for v in range(vocab):
                     b = (s_row[v] - ms) * scale - ls
@@ -181,18 +181,23 @@ def fkl_rows_forward(
 
 def fkl_rows_backward(
     student: torch.Tensor, teacher: torch.Tensor, student_rows: torch.Tensor | None,
-    teacher_rows: torch.Tensor | None, temperature: float, coef: torch.Tensor, stats: tuple[torch.Tensor, ...],
+    teacher_rows: torch.Tensor | None, temperature: float, grad_out: torch.Tensor, stats: tuple[torch.Tensor, ...],
     grad: torch.Tensor,
 ) -> None:
-    """Write coef_k · (q − p) of each selected row k into its row of `grad` (float32, the student's shape): the row
-    `student_rows[k]` (row k without indices). `coef` (K,) is dL/dKL_k / τ; rows flagged by the forward must be
-    overwritten by the caller."""
-    total = coef.numel()
+    """Write grad_out_k / τ · (q − p) of each selected row k into its row of `grad` (float32, the student's shape):
+    the row `student_rows[k]` (row k without indices). `grad_out` (K,) is dL/dKL_k, read as it is when it is
+    contiguous float32: no (K,) coefficient temporary next to the (rows, V) gradient (a weighted sum's per-row
+    gradient is all a token-weighted loss adds there). Rows flagged by the forward must be overwritten by the
+    caller."""
+    total = grad_out.numel()
     if not total:
         return
     vocab = student.shape[1]
     s_idx, t_idx = _indices(student_rows, total), _indices(teacher_rows, total)
     _, backward = _kernels()
     scale = np.float32(math.log2(math.e) / temperature)
-    _run(backward, total, vocab, (student.detach().numpy(), teacher.detach().numpy(), s_idx, t_idx, vocab, scale),
-         (coef.detach().to(torch.float32).contiguous().numpy(), *(x.numpy() for x in stats), grad.numpy(), s_idx))
+    inv_tau = np.float32(1.0 / temperature)
+    _run(backward, total, vocab,
+         (student.detach().numpy(), teacher.detach().numpy(), s_idx, t_idx, vocab, scale, inv_tau),
+         (grad_out.detach().to(torch.float32).contiguous().numpy(), *(x.numpy() for x in stats), grad.numpy(),
+          s_idx))
