@@ -149,6 +149,23 @@ def test_statistics_in_the_same_pass_match_float64(tau: float) -> None:
     torch.testing.assert_close(only, values, rtol=0, atol=0)  # the statistics do not touch the value
 
 
+@pytest.mark.parametrize("tau", [2.0, 1.0, 3.0])
+def test_statistics_of_rows_with_far_tails(tau: float) -> None:
+    """At τ = 2 the τ = 1 exponentials are the KL's own squared, floored at 2^−124 so no subnormal is formed; rows
+    whose entries reach 10^−300 of their largest (logits spread over ±180) still give float64's entropy and peak."""
+    from dwakd.ops.row_stats import row_entropy_peak
+
+    g = torch.Generator().manual_seed(13)
+    student, teacher = torch.randn(8, 5000, generator=g) * 60, torch.randn(8, 5000, generator=g) * 60
+    teacher[:, :5] += 200.0  # a few dominant entries, the rest far below 2^−62 of them
+    names = ("student_entropy", "student_peak", "teacher_entropy", "teacher_peak")
+    _, stats = divergences.divergence_and_statistics(student, teacher, "fkl", tau, names)
+    for side, x in (("student", student), ("teacher", teacher)):
+        entropy, peak = row_entropy_peak(x.double())
+        torch.testing.assert_close(stats[f"{side}_entropy"].double(), entropy, rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(stats[f"{side}_peak"].double(), peak, rtol=2e-6, atol=0)
+
+
 def test_statistics_on_the_plain_path_and_unknown_names(monkeypatch) -> None:
     g = torch.Generator().manual_seed(12)
     student, teacher = torch.randn(5, 700, generator=g), torch.randn(5, 700, generator=g) * 3

@@ -21,7 +21,9 @@ torch's own OpenMP team where torch uses libgomp).
 On request the same summing pass also gives either side's τ = 1 entropy and peak probability (DWA-KD's token
 weights and gate read them from the very logits of the KD terms): with a¹ = (z − m)·log2(e), Z¹ = Σ 2^a¹ and
 W¹ = Σ 2^a¹·a¹, H = ln 2 · (log2 Z¹ − W¹/Z¹) and peak = 1/Z¹ — one more 2^x per entry instead of a separate max
-pass and exp pass over the row (`ops.row_stats`). The kernel is compiled once per combination of sides asked for.
+pass and exp pass over the row (`ops.row_stats`); at τ = 1 the KL's own 2^a, at τ = 2 its square (floored at 2^−124:
+an entry below 2^−124 of the row's largest counts as that, as 2^x's floor does below 2^−125). The kernel is compiled
+once per combination of sides asked for and of τ ∈ {1, 2, other}.
 
 `fkl_rows_applies` says when the fast path is taken: float32 CPU tensors whose last axis is contiguous. The plain
 PyTorch reference is `dwakd.modules.divergences` itself (`_value` / `_grad`), which the tests compare against.
@@ -54,10 +56,24 @@ def _kernels():
         opts = dict(nogil=True, cache=True, error_model="numpy", fastmath={"contract", "reassoc"})
 
         log2e = np.float32(math.log2(math.e))
+        two = np.float32(2.0)
+        floor_half = np.float32(2.0**-62)  # squares stay normal floats (≥ 2^−124): no subnormal arithmetic
 
-        def make_forward(stats_s: bool, stats_t: bool):
+        @njit(inline="always", **opts)
+        def _unit_temperature(x, m, a, e, power):  # pragma: no cover - compiled
+            """(a¹, 2^a¹) with a¹ = (x − m)·log2(e), the τ = 1 exponent of an entry, given its τ one a and 2^a."""
+            if power == 1:
+                return a, e
+            if power == 2:
+                e_c = e if e > floor_half else floor_half  # a vector max, as in `_exp2_nonpos_f32`
+                return a * two, e_c * e_c
+            a1 = (x - m) * log2e
+            return a1, _exp2_nonpos_f32(a1)
+
+        def make_forward(stats_s: bool, stats_t: bool, power: int):
             """The value kernel; with `stats_s` / `stats_t` (compile-time constants) also that side's τ = 1
-            entropy and peak."""
+            entropy and peak. `power` τ when it is 1 or 2, the τ = 1 exponentials being then the τ ones or their
+            squares (a multiply instead of a 2^x per entry and side); 0 for any other τ."""
 
             @njit(**opts)
             def forward(s, t, s_rows, t_rows, vocab, scale, start, end, value, m_s, m_t, log2_zs, log2_zt, bad,
@@ -90,13 +106,11 @@ def _kernels():
                         zt += e_t
                         w += e_t * (a - b)
                         if stats_s:
-                            b1 = (x - ms) * log2e
-                            e1 = _exp2_nonpos_f32(b1)
+                            b1, e1 = _unit_temperature(x, ms, b, e_s, power)
                             zs1 += e1
                             ws1 += e1 * b1
                         if stats_t:
-                            a1 = (y - mt) * log2e
-                            e1 = _exp2_nonpos_f32(a1)
+                            a1, e1 = _unit_temperature(y, mt, a, e_t, power)
                             zt1 += e1
                             wt1 += e1 * a1
                     if nonfinite:
@@ -118,7 +132,8 @@ def _kernels():
 
             return forward
 
-        forwards = {(ss, st): make_forward(ss, st) for ss in (False, True) for st in (False, True)}
+        forwards = {(ss, st, power): make_forward(ss, st, power)
+                    for ss in (False, True) for st in (False, True) for power in (0, 1, 2)}
 
         @njit(**opts)
         def backward(s, t, s_rows, t_rows, vocab, scale, inv_tau, start, end, grad_out, m_s, m_t, log2_zs, log2_zt,
@@ -173,7 +188,8 @@ def fkl_rows_forward(
     if total:
         forwards, _ = _kernels()
         scale = np.float32(math.log2(math.e) / temperature)
-        _run(forwards[bool(student_stats), bool(teacher_stats)], total, vocab,
+        power = int(temperature) if temperature in (1.0, 2.0) else 0
+        _run(forwards[bool(student_stats), bool(teacher_stats), power], total, vocab,
              (student.detach().numpy(), teacher.detach().numpy(), s_idx, t_idx, vocab, scale),
              (value.numpy(), *(x.numpy() for x in saved), bad.numpy(), stats.numpy()))
     return value, bad.bool(), saved, stats
