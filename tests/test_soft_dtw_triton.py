@@ -319,6 +319,22 @@ def _compile(fn, types: dict[str, str], constexprs: dict, arch: int, num_warps: 
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def test_batch_lengths_share_one_compiled_variant() -> None:
+    """What Triton specialises the sweeps on — the constexprs and whether each integer argument is divisible by 16 —
+    is the same for every batch whose widest task falls in one power-of-two bucket: the scratch strides are rounded
+    to multiples of 16 (unrounded, these lengths gave two variants of each sweep kernel, and up to four in general)."""
+    from dwakd.ops.soft_dtw.cuda import _plan
+
+    keys = set()
+    for n in range(65, 129):
+        m = 193 - n  # both sides vary, the widest side stays in (64, 128]
+        lengths = (torch.tensor([n, n - 1]), torch.tensor([m, m - 2]))
+        plan = _plan([(2, n, m), (2, n, n), (2, m, m)], [lengths] * 3, torch.device("cpu"))
+        assert plan.ring_row >= n + 2 and plan.delta_stride >= n + m + 3
+        keys.add((plan.block, plan.single, plan.num_warps, plan.ring_row % 16 == 0, plan.delta_stride % 16 == 0))
+    assert keys == {(128, True, 1, True, True)}, keys
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1", reason="compiles the real kernels")
 def test_kernels_compile_for_sm80_and_sm90() -> None:

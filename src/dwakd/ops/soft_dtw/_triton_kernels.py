@@ -37,6 +37,12 @@ for the whole sweep: the left/right neighbour and the two-step-old diagonal neig
 everything that does not depend on the recursion (C̃, S, Δ) is prefetched one diagonal ahead, and each step does a
 single dependent global round trip (the shifted neighbour from the ring). Otherwise rows of a diagonal are processed
 in BLOCK-sized chunks in a loop (any length) with all neighbours loaded from a 3-row ring.
+
+Compiled variants. Triton compiles a kernel per combination of constexpr values and of its integer arguments being
+1, divisible by 16, or neither. BLOCK, SINGLE and BLOCK_J are powers of two of the batch's widest task, and the
+per-task strides of the scratch (`ring_row`, `delta_stride`) are rounded up to multiples of 16 by `cuda.py`, so
+varying batch lengths (dynamic padding) reuse a few variants instead of compiling up to four per sweep kernel; the
+band's row stride (the student width) only addresses float64 scalars and is `do_not_specialize`.
 """
 
 from __future__ import annotations
@@ -99,7 +105,7 @@ def _shifted(r_p, dl1, dl2):
     return r_p - dl1, r_p - dl2 - dl1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["band_stride"])
 def skew_cost_kernel(c0, c1, c2, geom, group, sample, len_n, len_m, s_off,
                      center, width, band_stride, penalty, band_group, out,
                      BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BANDED: tl.constexpr):  # fmt: skip

@@ -120,8 +120,14 @@ def _plan(shapes: list[tuple[int, int, int]], lengths: list[tuple[torch.Tensor, 
     max_rows = max(s[1] for s in shapes)
     max_cols = max(s[2] for s in shapes)
     block, single, num_warps = _launch_config(max_rows)
-    return _Plan(group, sample, len_n, len_m, s_off, shapes, cells, max_rows, max_rows + 2,
-                 max_rows + max_cols + 3, block, single, num_warps)  # fmt: skip
+    # strides rounded to multiples of 16: one Triton specialisation for every batch shape (see _triton_kernels)
+    return _Plan(group, sample, len_n, len_m, s_off, shapes, cells, max_rows, _round16(max_rows + 2),
+                 _round16(max_rows + max_cols + 3), block, single, num_warps)  # fmt: skip
+
+
+def _round16(value: int) -> int:
+    """Smallest multiple of 16 ≥ value."""
+    return -(-value // 16) * 16
 
 
 def _three(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
