@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from _soft_dtw_helpers import naive_batch, random_band, random_batch, torch_threads
+from _triton_helpers import compile_kernel, skip_unless_aot_compile
 
 from dwakd.ops.soft_dtw import SoftBand, cosine_cost, soft_dtw, soft_dtw_divergence
 from dwakd.ops.soft_dtw.cuda import triton_available
@@ -307,18 +308,6 @@ def test_auto_distrusts_a_kernel_that_fails_its_self_check(monkeypatch) -> None:
     functional._VERIFIED.pop("cuda", None)
 
 
-def _compile(fn, types: dict[str, str], constexprs: dict, arch: int, num_warps: int):
-    """Compile one kernel ahead of time for sm_<arch> (no GPU needed); returns the CompiledKernel."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    options = {"num_warps": num_warps, "num_stages": 1, "enable_fp_fusion": True}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-
-
 def test_batch_lengths_share_one_compiled_variant() -> None:
     """What Triton specialises the sweeps on — the constexprs and whether each integer argument is divisible by 16 —
     is the same for every batch whose widest task falls in one power-of-two bucket: the scratch strides are rounded
@@ -335,18 +324,12 @@ def test_batch_lengths_share_one_compiled_variant() -> None:
     assert keys == {(128, True, 1, True, True)}, keys
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1", reason="compiles the real kernels")
 def test_kernels_compile_for_sm80_and_sm90() -> None:
     import re
 
+    skip_unless_aot_compile()
     from dwakd.ops.soft_dtw import _triton_kernels as k
 
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as exc:  # the ahead-of-time API moved between Triton releases
-        pytest.skip(f"no ASTSource/GPUTarget in this Triton: {exc}")
     sweep = {"len_n": "*i32", "len_m": "*i32", "s_off": "*i64", "buf": "*fp32", "sbuf": "*fp32", "cbuf": "*fp32",
              "ring": "*fp32", "ring_row": "i32", "delta": "*fp32", "delta_stride": "i32", "values": "*fp64",
              "scale_ptr": "*fp32", "gamma": "fp32", "k": "fp32"}  # fmt: skip
@@ -358,11 +341,11 @@ def test_kernels_compile_for_sm80_and_sm90() -> None:
     for arch in (80, 90):
         for single, block, warps in ((True, 512, 4), (False, 1024, 8)):
             for kernel in (k.soft_dtw_fwd_kernel, k.soft_dtw_bwd_kernel):
-                ptx = _compile(kernel, sweep, {"BLOCK": block, "SINGLE": single}, arch, warps).asm["ptx"]
+                ptx = compile_kernel(kernel, sweep, {"BLOCK": block, "SINGLE": single}, arch, warps).asm["ptx"]
                 assert len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx)) == 1  # one barrier per diagonal
                 assert "ld.global.nc" not in ptx  # ring reads must see other lanes' writes (no read-only path)
-        _compile(k.skew_cost_kernel, skew, {"BLOCK_R": 8, "BLOCK_J": 128, "BANDED": True}, arch, 4)
-        _compile(k.unskew_grad_kernel, unskew, {"BLOCK_R": 8, "BLOCK_J": 128}, arch, 4)
+        compile_kernel(k.skew_cost_kernel, skew, {"BLOCK_R": 8, "BLOCK_J": 128, "BANDED": True}, arch, 4)
+        compile_kernel(k.unskew_grad_kernel, unskew, {"BLOCK_R": 8, "BLOCK_J": 128}, arch, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
