@@ -17,12 +17,15 @@ entropy error 1.3e−4 nats against the reference's 1.2e−3 (both vs float64). 
 thread of an AVX-512 Xeon: 39 ms; 47 ms while the NaN count was an int64, which held the vectorised loop to 4
 float32 lanes (xmm) instead of 8 (ymm).
 
-`row_entropy_peak` picks the fast path for float32 CPU tensors (other dtypes and devices: the reference).
+`row_entropy_peak` picks the fast path for float32 CPU tensors, the Triton kernel of `ops._row_stats_triton` (one
+read of each row, one launch) for 16/32-bit CUDA tensors when Triton is installed (CUDA builds of torch ship it),
+and the reference otherwise (float64, other devices, or a Triton that fails to compile: one warning).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -101,18 +104,51 @@ def _fast_path_applies(flat: torch.Tensor) -> bool:
     return flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.stride(-1) == 1
 
 
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TRITON_STATE: dict[str, bool] = {}  # "usable": whether the Triton kernel imported and ran (decided once)
+
+
+def _triton_applies(flat: torch.Tensor) -> bool:
+    """CUDA tensors of a 16/32-bit float dtype, last axis contiguous, when Triton is usable."""
+    if flat.device.type != "cuda" or flat.dtype not in _TRITON_DTYPES or flat.stride(-1) != 1:
+        return False
+    return _TRITON_STATE.get("usable", True)
+
+
+def _row_entropy_peak_triton(flat: torch.Tensor, rows: torch.Tensor | None, vocab: int):
+    """The Triton kernel's result, or None (and the reference from then on) if Triton cannot be imported or fails
+    to compile here, with one warning saying so."""
+    try:
+        from dwakd.ops._row_stats_triton import row_entropy_peak_triton
+
+        result = row_entropy_peak_triton(flat, rows, vocab)
+    except Exception as exc:  # noqa: BLE001 - any import or compile failure: the reference serves
+        if "usable" not in _TRITON_STATE:
+            warnings.warn(f"row statistics: the Triton kernel is unavailable here ({type(exc).__name__}: {exc}); "
+                          "using the PyTorch reference", RuntimeWarning, stacklevel=3)
+        _TRITON_STATE["usable"] = False
+        return None
+    _TRITON_STATE["usable"] = True
+    return result
+
+
 @torch.no_grad()
 def row_entropy_peak(
     flat: torch.Tensor, rows: torch.Tensor | None = None, vocab: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(entropy in nats, peak probability) of softmax over the first `vocab` columns of the selected rows
-    (all rows when `rows` is None) of a 2-D tensor; (K,) each, no gradient."""
+    (all rows when `rows` is None) of a 2-D tensor; (K,) each, no gradient. `rows` are bounds-checked on CPU; on
+    CUDA they are not (a check would synchronise the device), so they must index the tensor's rows."""
     if flat.dim() != 2:
         raise ValueError(f"row_entropy_peak needs a 2-D (rows, vocab) tensor, got shape {tuple(flat.shape)}")
     flat = flat.detach()
     vocab = flat.shape[1] if vocab is None else vocab
     if not 1 <= vocab <= flat.shape[1]:
         raise ValueError(f"vocab must be in [1, {flat.shape[1]}], got {vocab}")
+    if _triton_applies(flat):
+        result = _row_entropy_peak_triton(flat, rows, vocab)
+        if result is not None:
+            return result
     if not _fast_path_applies(flat):
         return row_entropy_peak_reference(flat, rows, vocab)
     index = torch.arange(flat.shape[0]) if rows is None else rows.to("cpu", torch.int64)

@@ -39,9 +39,9 @@ Design (what and why):
   computed there with autocast off. Gradients w.r.t. hidden states are matmuls in that same dtype; the head
   gradient is accumulated in the head weight's dtype.
 - **τ = 1 statistics at τ ≠ 1.** Entropies (and a peak asked for with them) are read from the raw logits by
-  `dwakd.ops.row_stats.row_entropy_peak`: on CPU a numba pass that forms no (rows, V) temporary, elsewhere the
-  same chunked log-softmax, exp and row dot product as before (at τ = 1 they come from the divergence's own
-  log-probabilities).
+  `dwakd.ops.row_stats.row_entropy_peak`: on CPU a numba pass that forms no (rows, V) temporary, on CUDA one
+  Triton launch per block reading each row once, elsewhere the same chunked log-softmax, exp and row dot product
+  as before (at τ = 1 they come from the divergence's own log-probabilities).
 - **Heads with padding rows.** Only the first `vocab_size` rows of each head enter (views, no copy); the head
   gradient has the full head's shape with zeros on the padding rows. `target_bias` adds a constant per
   vocabulary entry to the target logits (MinED's −1e5 on unmapped student tokens).
@@ -234,7 +234,7 @@ def _side_forward(z: torch.Tensor, prefix: str, labels: torch.Tensor | None, tau
     ce_at_1 = want_ce and not ce_after and tau_ce == 1.0  # a CE that needs τ = 1 log-probabilities anyway
     if not share and f"{prefix}_entropy" in stats and not ce_at_1:
         # entropy (and peak) straight from the logits: on CPU a numba pass with no (rows, V) temporary
-        # (`ops.row_stats`), elsewhere the same log-softmax, exp and row dot product as below, chunked
+        # (`ops.row_stats`), on CUDA one Triton launch, elsewhere the log-softmax, exp and row dot product below
         entropy, peak = row_entropy_peak(z, None, plan.vocab)
         out[f"{prefix}_entropy"] = entropy.to(z.device, z.dtype)
         if f"{prefix}_peak" in stats:
