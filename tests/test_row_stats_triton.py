@@ -73,7 +73,7 @@ def test_triton_row_stats_under_the_interpreter() -> None:
 
 
 def test_a_failing_triton_falls_back_to_the_reference_with_one_warning(monkeypatch) -> None:
-    """An import or compile failure of the kernel warns once and leaves the PyTorch reference in charge."""
+    """An import or compile failure at the kernel's first use warns once and leaves the PyTorch reference in charge."""
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler for this GPU")
@@ -86,6 +86,11 @@ def test_a_failing_triton_falls_back_to_the_reference_with_one_warning(monkeypat
         assert row_stats._row_entropy_peak_triton(z, None, 40) is None
     assert row_stats._TRITON_STATE == {"usable": False}
     assert not row_stats._triton_applies(z)  # a CPU tensor never takes it; a CUDA one no longer would either
+    # once the kernel has run, a later error is an error, not a silent switch to the reference
+    monkeypatch.setattr(row_stats, "_TRITON_STATE", {"usable": True})
+    with pytest.raises(RuntimeError, match="no compiler"):
+        row_stats._row_entropy_peak_triton(z, None, 40)
+    assert row_stats._TRITON_STATE == {"usable": True}
 
 
 def test_triton_row_stats_compile_for_sm80_and_sm90() -> None:
