@@ -168,9 +168,9 @@ class DSKD(DualSpaceMethod):
             stats=stats, cma=cma, student_entropy=student_entropy, t2s_peak=t2s_peak, teacher_entropy=teacher_entropy,
         )
 
-    def recomputed_dtw_sums(self, inputs: DistillationInputs, alignment: CrossModelAttention, gamma: float
-                            ) -> dict[str, torch.Tensor] | None:
-        """DWA-KD's Soft-DTW sums right after the CMA, recomputed in backward, fed only tensors this graph saves.
+    def recomputed_dtw_loss(self, inputs: DistillationInputs, alignment: CrossModelAttention, gamma: float
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """DWA-KD's Soft-DTW term right after the CMA, recomputed in backward, fed only tensors this graph saves.
 
         Those are the student's last hidden state (saved by the s2t projector), the t2s projector's value input
         Ĥ_t + E_t(y)/std (from which the hidden term's Ĥ_t is recovered, `teacher_hidden_from_values_input`) and
@@ -186,13 +186,12 @@ class DSKD(DualSpaceMethod):
                 or value_in.dtype != self.projectors.t2s.weight.dtype):
             return None
         t2s, table, teacher = self.projectors.t2s, inputs.teacher_out.input_embeddings(), inputs.teacher
-        target_std = alignment.teacher_target_std
 
         def teacher_hidden(source: torch.Tensor) -> torch.Tensor:  # t2s(Ĥ_t), (batch, m, d_s)
-            return project(t2s, teacher_hidden_from_values_input(source, target_std, table, teacher))
+            return project(t2s, teacher_hidden_from_values_input(source, table, teacher))
 
         attention = alignment.t2s_attn.detach() if dwa.options.dtw == "banded" else None
-        return dwa.recomputed_dtw_sums(inputs, value_in, teacher_hidden, [t2s], attention, gamma)
+        return dwa.recomputed_dtw_loss(inputs, value_in, teacher_hidden, [t2s], attention, gamma)
 
     def dtw_teacher_hidden(self, inputs: DistillationInputs, terms: CMATerms) -> torch.Tensor:
         """t2s(h_t / std(h_t)) — the projector shared with the attention values — or t2s(h_t) (`raw`, reference)."""

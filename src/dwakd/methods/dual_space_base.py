@@ -63,11 +63,12 @@ class DualSpaceMethod(DistillationMethod):
         normalisation."""
         raise NotImplementedError
 
-    def recomputed_dtw_sums(self, inputs: DistillationInputs, alignment: Any, gamma: float
-                            ) -> dict[str, torch.Tensor] | None:
-        """DWA-KD's Soft-DTW sums built from the alignment before the vocabulary terms and recomputed in backward
-        (`DWAComponent.recomputed_dtw_sums`: no memory at the step's peak), where the host can feed them only
-        tensors its own graph keeps; None: `compute_loss` builds them after the vocabulary terms instead."""
+    def recomputed_dtw_loss(self, inputs: DistillationInputs, alignment: Any, gamma: float
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """DWA-KD's weighted Soft-DTW term and its parts, built from the alignment before the vocabulary terms and
+        recomputed in backward (`DWAComponent.recomputed_dtw_loss`: no memory at the step's peak), where the host
+        can feed them only tensors its own graph keeps; None: `compute_loss` builds them after the vocabulary terms
+        instead."""
         return None
 
     def extra_losses(self, inputs: DistillationInputs, terms: DualSpaceTerms) -> dict[str, tuple[torch.Tensor, float]]:
@@ -113,9 +114,9 @@ class DualSpaceMethod(DistillationMethod):
         dtw_on = self.dwa is not None and bool(self.dwa.dtw_layers())
         alignment = self.align_spaces(inputs)
         gamma = self.dwa.gamma_at(inputs.progress, inputs.step) if dtw_on else None
-        dtw_sums = self.recomputed_dtw_sums(inputs, alignment, gamma) if dtw_on else None
+        dtw_loss = self.recomputed_dtw_loss(inputs, alignment, gamma) if dtw_on else None
         student_seqs = None
-        if dtw_on and dtw_sums is None:  # before the vocabulary terms: see `DWAComponent.student_sequences`
+        if dtw_on and dtw_loss is None:  # before the vocabulary terms: see `DWAComponent.student_sequences`
             student_seqs = self.dwa.student_sequences(inputs)
         terms = self.dual_space_terms(inputs, alignment)
         t2s_scale, s2t_scale = self.kd_scales(inputs, terms)
@@ -132,13 +133,13 @@ class DualSpaceMethod(DistillationMethod):
                 loss = loss + weight * value
             parts[name] = value
         stats = terms.stats
-        if dtw_on:
-            if dtw_sums is None:
+        if dtw_on:  # added last: see `DWAComponent.recomputed_dtw_loss`
+            if dtw_loss is None:
                 attention = self.dtw_band_attention(inputs, terms) if self.dwa.options.dtw == "banded" else None
-                dtw_sums = self.dwa.dtw_sums(inputs, student_seqs, lambda: self.dtw_teacher_hidden(inputs, terms),
-                                             attention, gamma)
-            dtw = {name: value / n for name, value in dtw_sums.items()}
-            loss = loss + self.dwa.options.dtw_weight * sum(dtw.values())
-            parts.update(dtw)
+                dtw_loss = self.dwa.dtw_loss(self.dwa.dtw_sums(
+                    inputs, student_seqs, lambda: self.dtw_teacher_hidden(inputs, terms), attention, gamma), n)
+            dtw_term, dtw_parts = dtw_loss
+            loss = loss + dtw_term
+            parts.update(dtw_parts)
             stats["dtw_gamma"] = torch.tensor(gamma)
         return LossOutput(loss, {k: v.detach() for k, v in parts.items()}, stats)

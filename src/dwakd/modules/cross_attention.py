@@ -32,11 +32,21 @@ MASK_VALUE = -1e5  # added to scores of pairs with an invalid side (DSKD's const
 
 
 def masked_global_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased std (scalar, at least fp32) over every entry of x (batch, length, dim) where mask is True."""
-    values = x.detach().to(compute_dtype(x))[mask]  # (valid, dim)
-    if values.numel() < 2:
-        return torch.ones((), dtype=values.dtype, device=x.device)
-    return values.std().clamp_min(torch.finfo(values.dtype).tiny)
+    """Unbiased std (scalar, at least fp32) over every entry of x (batch, length, dim) where mask is True; 1 for
+    fewer than two entries.
+
+    Two passes of masked sums, with the count kept on the device: no host sync (selecting x[mask] waits for the
+    device to know its size, one sync per call — three per CMA step, and more where a term recomputes a std).
+    """
+    x = x.detach()
+    x = x.to(compute_dtype(x))
+    keep = mask.to(x.dtype)  # (batch, length)
+    count = mask.sum() * x.shape[-1]  # entries, on the device
+    mean = (x.sum(-1) * keep).sum() / count.clamp_min(1)
+    squares = (x - mean).square_().sum(-1)  # (batch, length); one temporary of x's size
+    var = (squares * keep).sum() / (count - 1).clamp_min(1)
+    std = var.sqrt().clamp_min(torch.finfo(x.dtype).tiny)
+    return torch.where(count >= 2, std, torch.ones_like(std))
 
 
 def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -44,17 +54,17 @@ def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x.to(linear.weight.dtype))
 
 
-def teacher_hidden_from_values_input(
-    value_in: torch.Tensor, target_std: torch.Tensor, table: nn.Module, teacher: TokenView
-) -> torch.Tensor:
-    """Ĥ_t recovered from the value input Ĥ_t + E_t(y_t)/std (`CrossModelAttention.teacher_value_in`, with
-    `teacher_target_std`), no grad: the target part is formed again exactly as `cross_model_attention` forms it.
+def teacher_hidden_from_values_input(value_in: torch.Tensor, table: nn.Module, teacher: TokenView) -> torch.Tensor:
+    """Ĥ_t recovered from the value input Ĥ_t + E_t(y_t)/std (`CrossModelAttention.teacher_value_in`), no grad:
+    the target part and its std are formed again exactly as `cross_model_attention` forms them.
 
     Exact up to one rounding of the sum (|error| ≤ half an ulp of the value input per entry). Lets a later term read
-    Ĥ_t from a tensor the t2s projector saves for its backward anyway, instead of keeping Ĥ_t itself.
+    Ĥ_t from a tensor the t2s projector saves for its backward anyway, instead of keeping Ĥ_t itself (or even the
+    std: a term recomputed in backward then keeps no tensor of its own through the step's peak).
     """
     with torch.no_grad():
-        return value_in - (teacher_target_embeddings(table, teacher) / target_std).to(value_in.dtype)
+        target = teacher_target_embeddings(table, teacher)
+        return value_in - (target / masked_global_std(target, teacher.label_mask)).to(value_in.dtype)
 
 
 def masked_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -88,7 +98,6 @@ class CrossModelAttention:
     s2t_hidden: torch.Tensor  # (batch, m, d_t) student information in teacher space (a'·V_s)
     teacher_hidden_norm: torch.Tensor  # (batch, m, d_t) at least fp32: Ĥ_t = h_t / std(h_t), no grad
     teacher_value_in: torch.Tensor  # (batch, m, d_t) the t2s input of V_t: Ĥ_t + E_t(y_t) / std, no grad
-    teacher_target_std: torch.Tensor  # scalar: that std of the teacher's target embeddings
     student_mask: torch.Tensor  # (batch, n) bool m_s
     teacher_mask: torch.Tensor  # (batch, m) bool m_t
     queries: torch.Tensor | None = None  # (batch, n, 2·e_t) Q = query(S), dtype of the projector, with grad
@@ -144,7 +153,6 @@ def cross_model_attention(
         s2t_hidden=s2t_hidden.to(student_hidden.dtype),
         teacher_hidden_norm=teacher_hidden_norm,
         teacher_value_in=teacher_value_in,
-        teacher_target_std=target_std,
         student_mask=m_s,
         teacher_mask=m_t,
         queries=queries,

@@ -40,6 +40,7 @@ from torch import nn
 
 from dwakd.interface import DistillationInputs, TokenView
 from dwakd.modules.cross_attention import lookup, project
+from dwakd.modules.divergences import compute_dtype
 from dwakd.modules.dtw import response_dtw_divergence, response_lengths
 from dwakd.modules.dual_space import DualSpaceTerms
 from dwakd.modules.projectors import ModelDims
@@ -227,7 +228,13 @@ class DWAComponent(nn.Module):
                               teacher_hidden, attention, gamma, response_lengths(inputs.student.label_mask,
                                                                                  inputs.teacher.label_mask))
 
-    def recomputed_dtw_sums(
+    def dtw_loss(self, sums: dict[str, torch.Tensor], num_items: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(λ_dtw · Σ_layers D_layer / num_items, {"dtw_<layer>": D_layer / num_items}) from `dtw_sums`' sums."""
+        parts = {name: value / num_items for name, value in sums.items()}
+        return self.options.dtw_weight * sum(parts.values()), parts
+
+    def recomputed_dtw_loss(
         self,
         inputs: DistillationInputs,
         teacher_source: torch.Tensor,
@@ -235,8 +242,9 @@ class DWAComponent(nn.Module):
         teacher_modules: Sequence[nn.Module],
         attention: torch.Tensor | None,
         gamma: float,
-    ) -> dict[str, torch.Tensor]:
-        """`dtw_sums`, built by a host *before* its vocabulary-sized terms and recomputed in backward.
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`dtw_loss(dtw_sums(...))` (to rounding), built by a host *before* its vocabulary-sized terms and recomputed
+        in backward.
 
         Autograd runs backward nodes newest first. Built after the vocabulary terms (`dtw_sums`), the Soft-DTW
         terms' backward runs first and its gradients (w.r.t. the student sequences and the projector weights) live
@@ -247,27 +255,41 @@ class DWAComponent(nn.Module):
         host passes only where its own graph saves those very tensors (DSKD-CMA: the s2t projector saves the
         student states, the t2s projector its value input, the attention product the attention), so the terms add
         no memory at the peak; the price is their forward once more, without the alignment matrices.
+
+        The loss weight and 1/`num_items` scale the sums inside the region (one scalar of the sums' dtype kept),
+        so its one output is the term the host adds last to its loss: the gradient waiting at the region through
+        the vocabulary terms' backward is then the loss's own incoming gradient, not a scalar made for it; the
+        parts are the values-only run's sums over `num_items`, without a graph.
         `teacher_hidden(teacher_source)` gives the (batch, m, d_s) teacher sequence in student space from the
-        parameters of `teacher_modules`; the embedding tables, label tensors and P_emb are read from `inputs`.
+        parameters of `teacher_modules` (it may keep nothing but modules and label tensors in its closure); the
+        embedding tables, label tensors and P_emb are read from `inputs`.
         """
+        # what the region's closure keeps until backward: never `inputs` itself (it holds both models' outputs)
         student, teacher = inputs.student, inputs.teacher
         s_table, t_table = inputs.student_out.input_embeddings(), inputs.teacher_out.input_embeddings()
         lengths = response_lengths(student.label_mask, teacher.label_mask)
         layers = self.dtw_layers()
         modules = [*(teacher_modules if "hidden" in layers else ()),
                    *((self.embedding, s_table) if "embedding" in layers else ())]
+        num_items = inputs.num_items
+        scale = self.options.dtw_weight / num_items.to(compute_dtype(inputs.student_out.last_hidden))
+        sums: dict[str, torch.Tensor] = {}
 
         def region(hidden: torch.Tensor, source: torch.Tensor, attn: torch.Tensor | None) -> list[torch.Tensor]:
             seqs = self._student_sequences(hidden, s_table, student)
-            sums = self._dtw_sums(student, teacher, t_table, seqs, lambda: teacher_hidden(source), attn, gamma,
+            made = self._dtw_sums(student, teacher, t_table, seqs, lambda: teacher_hidden(source), attn, gamma,
                                   lengths)
-            return [sums[f"dtw_{layer}"] for layer in layers]
+            if not torch.is_grad_enabled():  # the values-only run: its sums are logged
+                sums.update({name: value.detach() for name, value in made.items()})
+            return [scale * sum(made.values())]
 
         def params() -> list[torch.Tensor]:
             return [p for module in modules for p in module.parameters() if p.requires_grad]
 
-        values = recompute_in_backward(region, (inputs.student_out.last_hidden, teacher_source, attention), params)
-        return {f"dtw_{layer}": value for layer, value in zip(layers, values, strict=True)}
+        (term,) = recompute_in_backward(region, (inputs.student_out.last_hidden, teacher_source, attention), params)
+        parts = {name: value / num_items for name, value in sums.items()}
+        sums.clear()  # the closure lives until the region's backward: it keeps no tensor of the forward
+        return term, parts
 
     def _dtw_sums(
         self,
