@@ -125,6 +125,25 @@ def test_masked_global_std_matches_loop() -> None:
     assert masked_global_std(x, mask).item() == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_masked_global_std_edge_counts_and_dtype(dtype) -> None:
+    """Fewer than two entries: 1 (no NaN from n − 1 = 0); a bf16 input gives an fp32 std of its values."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 3, generator=gen).to(dtype)
+    none = torch.zeros(2, 4, dtype=torch.bool)
+    assert masked_global_std(x, none).item() == 1.0
+    one = none.clone()
+    one[1, 2] = True
+    x1 = x[..., :1]  # a single valid entry
+    assert masked_global_std(x1, one).item() == 1.0
+    two = one.clone()
+    two[0, 0] = True
+    want = naive_std([x1[0, 0].double(), x1[1, 2].double()])
+    got = masked_global_std(x1, two)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got.item() == pytest.approx(want, rel=1e-6)
+
+
 def test_model_dims_and_projector_shapes() -> None:
     assert model_dims(GPT2Config(n_embd=32)) == ModelDims(32, 32)
     assert model_dims(LlamaConfig(hidden_size=48, num_attention_heads=4)) == ModelDims(48, 48)

@@ -167,6 +167,16 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def test_cross_model_attention_reads_nothing_to_the_host(models, monkeypatch) -> None:
+    """The CMA's three masked global stds keep their counts on the device: no host read (x[mask] made one each)."""
+    student, teacher = models
+    method = build("dskd", student, teacher)
+    inputs = run_models(student, teacher, make_batch())
+    with _HostReads(monkeypatch) as counter:
+        alignment = method.align_spaces(inputs)
+    assert counter.count == 0 and torch.isfinite(alignment.t2s_hidden).all()
+
+
 @pytest.mark.parametrize("recomputed", [False, True], ids=["built-after", "recomputed"])
 def test_soft_dtw_terms_read_the_lengths_to_the_host_once(models, monkeypatch, recomputed: bool) -> None:
     """DWA-KD's two Soft-DTW terms add one host read to DSKD's step (the per-sample lengths of both sides, for both

@@ -11,8 +11,7 @@ with autograd on and returns the gradients w.r.t. its inputs and parameters thro
 parameter receives a single accumulation in the outer backward.
 
 The parameters are read by a callable at forward and again at backward (sharding wrappers may swap a module's
-parameter objects in between); the gradients are returned by position. Outputs past the first `differentiable` are
-values only (logged parts of a loss): autograd gives them no gradient slot to fill, so no zeros are formed for them.
+parameter objects in between); the gradients are returned by position.
 """
 
 from __future__ import annotations
@@ -26,19 +25,15 @@ class _Recompute(torch.autograd.Function):
     """forward: fn(*inputs) without a graph; backward: fn again with one, gradients w.r.t. inputs and parameters."""
 
     @staticmethod
-    def forward(ctx, fn, params, n_inputs: int, differentiable: int | None, *tensors):  # type: ignore[override]
+    def forward(ctx, fn, params, n_inputs: int, *tensors):  # type: ignore[override]
         ctx.fn, ctx.params, ctx.n_inputs = fn, params, n_inputs
         inputs = tensors[:n_inputs]
         ctx.save_for_backward(*inputs)  # the inputs only: the parameters are read again in backward
-        outputs = tuple(fn(*inputs))
-        ctx.differentiable = len(outputs) if differentiable is None else differentiable
-        ctx.mark_non_differentiable(*outputs[ctx.differentiable:])
-        ctx.set_materialize_grads(False)
-        return outputs
+        return tuple(fn(*inputs))
 
     @staticmethod
     def backward(ctx, *grad_outputs):  # type: ignore[override]
-        needs = ctx.needs_input_grad[4:]
+        needs = ctx.needs_input_grad[3:]
         inputs = [None if t is None else t.detach().requires_grad_(need)
                   for t, need in zip(ctx.saved_tensors, needs[: ctx.n_inputs], strict=True)]
         params = list(ctx.params())
@@ -46,27 +41,24 @@ class _Recompute(torch.autograd.Function):
             outputs = tuple(ctx.fn(*inputs))
         wanted = [t for t in inputs if t is not None and t.requires_grad]
         wanted += [p for p, need in zip(params, needs[ctx.n_inputs:], strict=True) if need]
-        pairs = [(o, g) for o, g in zip(outputs[: ctx.differentiable], grad_outputs[: ctx.differentiable], strict=True)
-                 if o.requires_grad and g is not None]
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
         found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
                      if wanted and pairs else [None] * len(wanted))
         grads = [next(found) if t is not None and t.requires_grad else None for t in inputs]
         grads += [next(found) if need else None for need in needs[ctx.n_inputs:]]
-        return (None, None, None, None, *grads)
+        return (None, None, None, *grads)
 
 
 def recompute_in_backward(
     fn: Callable[..., Sequence[torch.Tensor]],
     inputs: Sequence[torch.Tensor | None],
     params: Callable[[], Sequence[torch.Tensor]],
-    differentiable: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """fn(*inputs) -> tensors, differentiable w.r.t. `inputs` and the tensors `params()` returns (the parameters fn
     reads from its closure, in a fixed order), with nothing of the region kept between forward and backward but
     `inputs` (pass only tensors the surrounding graph keeps anyway) and fn's closure.
 
-    Only the first `differentiable` outputs (default: all) carry gradients; the rest come back as values without
-    a graph. fn must be deterministic: it runs twice. Without autograd (no-grad mode, or nothing requires a gradient) it
+    fn must be deterministic: it runs twice. Without autograd (no-grad mode, or nothing requires a gradient) it
     simply runs once.
     """
     param_list = list(params())
@@ -74,4 +66,4 @@ def recompute_in_backward(
         t is not None and t.requires_grad for t in [*inputs, *param_list]
     ):
         return tuple(fn(*inputs))
-    return _Recompute.apply(fn, params, len(inputs), differentiable, *inputs, *param_list)
+    return _Recompute.apply(fn, params, len(inputs), *inputs, *param_list)
