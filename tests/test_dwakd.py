@@ -300,6 +300,26 @@ def test_recomputed_soft_dtw_terms_equal_the_terms_built_after(dtype, options) -
         torch.testing.assert_close(grads_early[name], value, rtol=10 * rel, atol=rel * 1e-2, msg=name)
 
 
+@pytest.mark.parametrize("mode", ["no-grad", "nothing-trainable"])
+def test_recomputed_region_logs_its_parts_when_it_runs_once(mode: str) -> None:
+    """Without a graph (no-grad mode, or grad mode with every parameter frozen) the region runs once: its parts are
+    still logged, and equal the trained run's."""
+    student, teacher = tiny_student(dtype=torch.float32), tiny_teacher(dtype=torch.float32)
+    method = build("dwakd", student, teacher).float()
+    batch = make_batch()
+    want = method(run_models(student, teacher, batch)).parts
+    if mode == "no-grad":
+        with torch.no_grad():
+            got = method(run_models(student, teacher, batch)).parts
+    else:
+        for param in [*student.parameters(), *method.parameters()]:
+            param.requires_grad_(False)
+        got = method(run_models(student, teacher, batch)).parts
+    assert {"dtw_hidden", "dtw_embedding"} <= set(got)
+    for name in ("dtw_hidden", "dtw_embedding"):
+        assert got[name].item() == pytest.approx(want[name].item(), rel=1e-6), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_soft_dtw_terms_add_no_tensor_memory_at_the_peak(dtype) -> None:
     """DWA-KD with its token weights off (the Soft-DTW terms alone over DSKD) peaks at DSKD's peak tensor memory

@@ -274,12 +274,13 @@ class DWAComponent(nn.Module):
         num_items = inputs.num_items
         scale = self.options.dtw_weight / num_items.to(compute_dtype(inputs.student_out.last_hidden))
         sums: dict[str, torch.Tensor] = {}
+        forward = True  # the first run (values only, or the only run when nothing needs a gradient) logs its sums
 
         def region(hidden: torch.Tensor, source: torch.Tensor, attn: torch.Tensor | None) -> list[torch.Tensor]:
             seqs = self._student_sequences(hidden, s_table, student)
             made = self._dtw_sums(student, teacher, t_table, seqs, lambda: teacher_hidden(source), attn, gamma,
                                   lengths)
-            if not torch.is_grad_enabled():  # the values-only run: its sums are logged
+            if forward:
                 sums.update({name: value.detach() for name, value in made.items()})
             return [scale * sum(made.values())]
 
@@ -287,6 +288,7 @@ class DWAComponent(nn.Module):
             return [p for module in modules for p in module.parameters() if p.requires_grad]
 
         (term,) = recompute_in_backward(region, (inputs.student_out.last_hidden, teacher_source, attention), params)
+        forward = False
         parts = {name: value / num_items for name, value in sums.items()}
         sums.clear()  # the closure lives until the region's backward: it keeps no tensor of the forward
         return term, parts
