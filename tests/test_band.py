@@ -86,6 +86,42 @@ def test_compaction_keeps_response_order() -> None:
     assert got[0].tolist() == [[pairs[0, r, c].item() for c in (1, 3, 4)] for r in (1, 3, 4)]
 
 
+def test_compaction_matches_a_loop_in_value_and_gradient() -> None:
+    """`compact` / `compact_pairs` (one flat index_select, then a gather over columns) against a loop over rows:
+    holes in the masks, empty rows, widths wider than the longest row; the gradient lands on the gathered
+    positions only. A sequence whose length does not fit the mask is an error, not a silent misread."""
+    gen = torch.Generator().manual_seed(4)
+    mask_rows = torch.rand(3, 7, generator=gen) < 0.6
+    mask_rows[1] = False  # an empty row
+    mask_rows[:, 0] = False  # every row shorter than the width, 7
+    mask_cols = torch.rand(3, 6, generator=gen) < 0.5
+    x = torch.randn(3, 7, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    pairs = torch.randn(3, 7, 6, generator=gen, dtype=torch.float64)
+    width = 7
+    out, lengths = compact(x, mask_rows, width)
+    expected = torch.zeros(3, width, 2, dtype=torch.float64)
+    grid = torch.zeros(3, width, int(mask_cols.sum(-1).max()), dtype=torch.float64)
+    for b in range(3):
+        rows = [i for i in range(7) if mask_rows[b, i]]
+        cols = [j for j in range(6) if mask_cols[b, j]]
+        for k, i in enumerate(rows):
+            expected[b, k] = x[b, i].detach()
+            for c, j in enumerate(cols):
+                grid[b, k, c] = pairs[b, i, j]
+        assert lengths[b].item() == len(rows)
+    assert torch.equal(out, expected)
+    assert torch.equal(compact_pairs(pairs, mask_rows, mask_cols, (width, grid.shape[2])), grid)
+    weights = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    (out * weights).sum().backward()
+    expected_grad = torch.zeros_like(x)
+    for b in range(3):
+        for k, i in enumerate(i for i in range(7) if mask_rows[b, i]):
+            expected_grad[b, i] = weights[b, k]
+    assert torch.equal(x.grad, expected_grad)
+    with pytest.raises(ValueError, match=r"does not fit a mask of shape \(3, 7\)"):
+        compact(x[:, :6], mask_rows)
+
+
 def test_divergence_zero_for_identical_and_symmetric_unbanded() -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 6, 4, generator=gen, dtype=torch.float64)

@@ -196,6 +196,36 @@ def test_soft_dtw_terms_read_the_lengths_to_the_host_once(models, monkeypatch, r
     assert reads["dwakd"] - reads["dskd"] == 1, reads
 
 
+@pytest.mark.parametrize("recomputed", [False, True], ids=["built-after", "recomputed"])
+def test_soft_dtw_terms_share_one_band_and_one_sort_per_mask_per_run(models, monkeypatch, recomputed: bool) -> None:
+    """Both layers' Soft-DTW terms read one compaction plan and one band per run of the terms (the recomputed
+    region runs twice: values only, then in backward): 2 sorts and 1 band per run, not 8 and 2 (each term compacted
+    its two sequences and the attention's rows and columns, and built the band again). Same loss either way."""
+    import dwakd.modules.dtw as dtw_module
+
+    student, teacher = models
+    batch = make_batch()
+    counts = {"band": 0, "sort": 0}
+    real_band, real_sort = dtw_module.attention_band, dtw_module.front_order
+
+    def band(*args, **kwargs):
+        counts["band"] += 1
+        return real_band(*args, **kwargs)
+
+    def sort(*args, **kwargs):
+        counts["sort"] += 1
+        return real_sort(*args, **kwargs)
+
+    monkeypatch.setattr(dtw_module, "attention_band", band)
+    monkeypatch.setattr(dtw_module, "front_order", sort)
+    method = build("dwakd", student, teacher)
+    method = method.double() if recomputed else method
+    inputs = run_models(student, teacher, batch)
+    method(inputs).loss.backward()
+    runs = 2 if recomputed else 1
+    assert counts == {"band": runs, "sort": 2 * runs}
+
+
 def test_band_changes_the_dtw_term_and_weights_change_the_kd_terms(models) -> None:
     student, teacher = models
     batch = make_batch()

@@ -41,7 +41,7 @@ from torch import nn
 from dwakd.interface import DistillationInputs, TokenView
 from dwakd.modules.cross_attention import lookup, project
 from dwakd.modules.divergences import compute_dtype
-from dwakd.modules.dtw import response_dtw_divergence, response_lengths
+from dwakd.modules.dtw import grid_dtw_divergence, response_grid, response_lengths
 from dwakd.modules.dual_space import DualSpaceTerms
 from dwakd.modules.projectors import ModelDims
 from dwakd.modules.recompute import recompute_in_backward
@@ -307,9 +307,10 @@ class DWAComponent(nn.Module):
         """`dtw_sums` on explicit pieces; `lengths` = `response_lengths(m_s, m_t)`, the one device-to-host read of
         the Soft-DTW terms (made once per step by the callers, and reused by a recompute)."""
         opts = self.options
-        m_s, m_t = student.label_mask, teacher.label_mask  # whole responses
-        band = dict(band_base=opts.band_base, band_sensitivity=opts.band_sensitivity, band_blend=opts.band_blend,
-                    band_penalty=opts.band_penalty, impl=opts.dtw_impl)
+        m_t = teacher.label_mask  # whole responses
+        # one compaction plan and one band for both layers (same masks, same attention)
+        grid = response_grid(student.label_mask, m_t, lengths, attention, opts.band_base, opts.band_sensitivity,
+                             opts.band_blend, opts.band_penalty)
         out: dict[str, torch.Tensor] = {}
         for layer in self.dtw_layers():
             student_seq = student_seqs[layer]
@@ -319,7 +320,6 @@ class DWAComponent(nn.Module):
                 with torch.no_grad():
                     teacher_emb = lookup(teacher_table, teacher.labels, m_t)
                 teacher_seq = project(self.embedding, teacher_emb.detach())  # (batch, m, e_s)
-            per_sequence = response_dtw_divergence(student_seq, teacher_seq, m_s, m_t, gamma, attention,
-                                                   lengths=lengths, **band)
+            per_sequence = grid_dtw_divergence(student_seq, teacher_seq, grid, gamma, opts.dtw_impl)
             out[f"dtw_{layer}"] = per_sequence.sum()
         return out
