@@ -49,6 +49,12 @@ def masked_global_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(count >= 2, std, torch.ones_like(std))
 
 
+def unit_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x / `masked_global_std`(x, mask): the CMA's normalisation, one expression for every use, so the value input's
+    target part (`cross_model_attention`) and its recovery (`teacher_hidden_from_values_input`) agree to the bit."""
+    return x / masked_global_std(x, mask)
+
+
 def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """linear(x) with x cast to the projector's dtype (a bf16 model may feed an fp32 projector without autocast)."""
     return linear(x.to(linear.weight.dtype))
@@ -64,7 +70,7 @@ def teacher_hidden_from_values_input(value_in: torch.Tensor, table: nn.Module, t
     """
     with torch.no_grad():
         target = teacher_target_embeddings(table, teacher)
-        return value_in - (target / masked_global_std(target, teacher.label_mask)).to(value_in.dtype)
+        return value_in - unit_std(target, teacher.label_mask).to(value_in.dtype)
 
 
 def masked_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -124,12 +130,11 @@ def cross_model_attention(
         teacher_target = teacher_target_embeddings(t_table, teacher)  # (batch, m, e_t)
         teacher_input = lookup(t_table, teacher.input_ids, m_t).to(teacher_target.dtype)  # (batch, m, e_t)
         teacher_index = torch.cat([teacher_input, teacher_target], -1)
-        keys = teacher_index / masked_global_std(teacher_index, m_t)  # (batch, m, 2·e_t)
+        keys = unit_std(teacher_index, m_t)  # (batch, m, 2·e_t)
         teacher_hidden = teacher_out.last_hidden.detach()
         teacher_hidden = teacher_hidden.to(compute_dtype(teacher_hidden))  # (batch, m, d_t)
-        teacher_hidden_norm = teacher_hidden / masked_global_std(teacher_hidden, m_t)
-        target_std = masked_global_std(teacher_target, m_t)
-        teacher_value_in = teacher_hidden_norm + teacher_target / target_std
+        teacher_hidden_norm = unit_std(teacher_hidden, m_t)
+        teacher_value_in = teacher_hidden_norm + unit_std(teacher_target, m_t)
 
     student_hidden = student_out.last_hidden  # (batch, n, d_s)
     queries = project(projectors.query, student_index.detach())  # (batch, n, 2·e_t)
