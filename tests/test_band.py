@@ -120,6 +120,8 @@ def test_compaction_matches_a_loop_in_value_and_gradient() -> None:
     assert torch.equal(x.grad, expected_grad)
     with pytest.raises(ValueError, match=r"does not fit a mask of shape \(3, 7\)"):
         compact(x[:, :6], mask_rows)
+    with pytest.raises(ValueError, match="does not fit a column mask of length 6"):
+        compact_pairs(pairs[:, :, :5], mask_rows, mask_cols)
 
 
 def test_divergence_zero_for_identical_and_symmetric_unbanded() -> None:

@@ -97,6 +97,8 @@ def compact(x: torch.Tensor, mask: torch.Tensor, width: int | None = None) -> tu
 
 def gather_pair_slots(pairs: torch.Tensor, rows: Slots, cols: Slots) -> torch.Tensor:
     """A (batch, n, m) matrix over valid rows and valid columns: (batch, L_n, L_m), zeros past lengths."""
+    if pairs.dim() != 3 or pairs.shape[2] != cols.length:
+        raise ValueError(f"a {tuple(pairs.shape)} matrix does not fit a column mask of length {cols.length}")
     picked = gather_slots(pairs, rows)  # (batch, L_n, m)
     batch, width_rows = picked.shape[:2]
     index = cols.order.view(batch, 1, cols.width).expand(batch, width_rows, cols.width)
@@ -124,8 +126,8 @@ class ResponseGrid:
     on both sides (`kept`, and as a device index, None when all are), their lengths as host tensors (validated on
     the host by `soft_dtw_divergence`: no device sync), and the band read from the attention (None: unbanded).
 
-    DWA-KD's two terms (hidden states, embeddings) use the same masks and attention: built once, one sort per
-    mask and one band per step instead of two of each."""
+    DWA-KD's two terms (hidden states, embeddings) use the same masks and attention: built once per run of the
+    terms, one sort per mask and one band (each term sorted each mask twice and built its own band before)."""
 
     student: Slots
     teacher: Slots
