@@ -200,7 +200,7 @@ def test_soft_dtw_terms_read_the_lengths_to_the_host_once(models, monkeypatch, r
 def test_soft_dtw_terms_share_one_band_and_one_sort_per_mask_per_run(models, monkeypatch, recomputed: bool) -> None:
     """Both layers' Soft-DTW terms read one compaction plan and one band per run of the terms (the recomputed
     region runs twice: values only, then in backward): 2 sorts and 1 band per run, not 8 and 2 (each term compacted
-    its two sequences and the attention's rows and columns, and built the band again). Same loss either way."""
+    its two sequences and the attention's rows and columns, and built the band again)."""
     import dwakd.modules.dtw as dtw_module
 
     student, teacher = models
