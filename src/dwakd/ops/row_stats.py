@@ -118,15 +118,14 @@ def _triton_applies(flat: torch.Tensor) -> bool:
 def _row_entropy_peak_triton(flat: torch.Tensor, rows: torch.Tensor | None, vocab: int):
     """The Triton kernel's result. Its first call decides whether Triton serves here: if it cannot be imported or
     fails to compile, one warning, None, and the reference from then on. Once it has run, errors propagate."""
-    if _TRITON_STATE.get("usable"):
-        from dwakd.ops._row_stats_triton import row_entropy_peak_triton
-
-        return row_entropy_peak_triton(flat, rows, vocab)
+    first = "usable" not in _TRITON_STATE
     try:
         from dwakd.ops._row_stats_triton import row_entropy_peak_triton
 
         result = row_entropy_peak_triton(flat, rows, vocab)
-    except Exception as exc:  # noqa: BLE001 - any import or compile failure: the reference serves
+    except Exception as exc:  # noqa: BLE001 - any import or compile failure at the first call: the reference serves
+        if not first:
+            raise
         warnings.warn(f"row statistics: the Triton kernel is unavailable here ({type(exc).__name__}: {exc}); "
                       "using the PyTorch reference", RuntimeWarning, stacklevel=3)
         _TRITON_STATE["usable"] = False
