@@ -69,6 +69,37 @@ def test_random_attention_matches_loops_and_ignores_padding() -> None:
     assert band.penalty == 2.5
 
 
+def test_float32_band_matches_a_float64_loop_on_peaked_flat_and_empty_rows() -> None:
+    """float32 attention at the demo's size (rows from near one-hot to flat, rows that sum to 0.9 or 1.2, a valid row
+    with no attention at all) against the float64 loop: centres and widths to float32 rounding, and the penalised
+    cells the same. The empty row has c̃ = 0 and H = 0: its centre is the linear one, its width the base."""
+    gen = torch.Generator().manual_seed(7)
+    lengths_s, lengths_t = torch.tensor([60, 128, 1, 97]), torch.tensor([66, 141, 9, 100])
+    batch, n, m = 4, 128, 141
+    scale = torch.logspace(-1, 2, n).view(1, n, 1)  # flat → near one-hot
+    attn = torch.zeros(batch, n, m)
+    for b in range(batch):
+        rows, cols = int(lengths_s[b]), int(lengths_t[b])
+        attn[b, :rows, :cols] = torch.softmax(torch.randn(rows, cols, generator=gen) * scale[0, :rows], -1)
+    attn[0, 5] *= 0.9
+    attn[0, 6] *= 1.2
+    attn[3, 10] = 0.0
+    band = attention_band(attn, lengths_s, lengths_t, base=5.0, sensitivity=2.0, blend=0.7)
+    for b in range(batch):
+        rows, cols = int(lengths_s[b]), int(lengths_t[b])
+        block = attn[b, :rows, :cols].double().tolist()
+        if b == 3:  # the loop divides by the row's sum: a stand-in for the empty row, its expectation by hand below
+            block[10] = [1.0] + [0.0] * (cols - 1)
+        centres, widths = naive_band(block, 5.0, 2.0, 0.7)
+        if b == 3:
+            centres[10], widths[10] = 0.3 * 10 * (cols - 1) / (rows - 1), 5.0
+        torch.testing.assert_close(band.center[b, :rows].double(), torch.tensor(centres, dtype=torch.float64),
+                                   rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(band.width[b, :rows].double(), torch.tensor(widths, dtype=torch.float64),
+                                   rtol=1e-6, atol=1e-5)
+    assert band.width[3, 10].item() == 5.0
+
+
 def test_band_carries_no_gradient() -> None:
     attn = torch.softmax(torch.randn(1, 3, 4), -1).requires_grad_()
     band = attention_band(attn, torch.tensor([3]), torch.tensor([4]))
