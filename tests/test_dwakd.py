@@ -196,11 +196,14 @@ def test_soft_dtw_terms_read_the_lengths_to_the_host_once(models, monkeypatch, r
     assert reads["dwakd"] - reads["dskd"] == 1, reads
 
 
-@pytest.mark.parametrize("recomputed", [False, True], ids=["built-after", "recomputed"])
-def test_soft_dtw_terms_share_one_band_and_one_sort_per_mask_per_run(models, monkeypatch, recomputed: bool) -> None:
+@pytest.mark.parametrize(("recomputed", "options"), [(False, {}), (True, {}), (True, {"dtw_recompute": False})],
+                         ids=["built-after", "recomputed", "dtw_recompute-false"])
+def test_soft_dtw_terms_share_one_band_and_one_sort_per_mask_per_run(models, monkeypatch, recomputed: bool,
+                                                                      options: dict) -> None:
     """Both layers' Soft-DTW terms read one compaction plan and one band per run of the terms (the recomputed
     region runs twice: values only, then in backward): 2 sorts and 1 band per run, not 8 and 2 (each term compacted
-    its two sequences and the attention's rows and columns, and built the band again)."""
+    its two sequences and the attention's rows and columns, and built the band again). `dtw_recompute: false`
+    builds them once, after the vocabulary terms, where the region could be recomputed (all float64)."""
     import dwakd.modules.dtw as dtw_module
 
     student, teacher = models
@@ -218,11 +221,11 @@ def test_soft_dtw_terms_share_one_band_and_one_sort_per_mask_per_run(models, mon
 
     monkeypatch.setattr(dtw_module, "attention_band", band)
     monkeypatch.setattr(dtw_module, "front_order", sort)
-    method = build("dwakd", student, teacher)
+    method = build("dwakd", student, teacher, **options)
     method = method.double() if recomputed else method
     inputs = run_models(student, teacher, batch)
     method(inputs).loss.backward()
-    runs = 2 if recomputed else 1
+    runs = 2 if recomputed and options.get("dtw_recompute", True) else 1
     assert counts == {"band": runs, "sort": 2 * runs}
 
 
@@ -300,22 +303,17 @@ def test_embedding_table_gradient_is_formed_after_the_vocabulary_terms(models) -
     assert first_table_grad > last_vocab_op, (first_table_grad, last_vocab_op, len(names))
 
 
-def _late_soft_dtw(method) -> None:
-    """Make `method` build its Soft-DTW terms after the vocabulary terms, as before the recomputed region."""
-    method.recomputed_dtw_loss = lambda *args: None
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("options", [{}, {"dtw": "plain"}, {"dtw_layers": ["hidden"]}, {"dtw_layers": ["embedding"]}],
                          ids=["banded", "plain", "hidden", "embedding"])
 def test_recomputed_soft_dtw_terms_equal_the_terms_built_after(dtype, options) -> None:
     """The Soft-DTW terms built right after the CMA and recomputed in backward (teacher states recovered from the
-    t2s value input) give the loss, parts and gradients of the terms built after the vocabulary terms, to rounding."""
+    t2s value input) give the loss, parts and gradients of the terms built after the vocabulary terms
+    (`dtw_recompute: false`), to rounding."""
     student, teacher = tiny_student(dtype=dtype), tiny_teacher(dtype=dtype)
     batch = make_batch()
     early = build("dwakd", student, teacher, **options).to(dtype)
-    late = build("dwakd", student, teacher, **options).to(dtype)
-    _late_soft_dtw(late)
+    late = build("dwakd", student, teacher, dtw_recompute=False, **options).to(dtype)
     out_early = early(run_models(student, teacher, batch))
     out_late = late(run_models(student, teacher, batch))
     assert {name for name in out_early.parts if name.startswith("dtw_")} == {
@@ -420,7 +418,8 @@ def test_presets_and_option_checks(models) -> None:
             assert getattr(options, key) == value, (name, key)
     student, teacher = models
     assert build("dwakd-ew", student, teacher).dwa.embedding is None
-    for bad in ({"dtw": "soft"}, {"dtw_layers": ["logits"]}, {"gamma_schedule": "cosine"}, {"gamma": 0.0}):
+    for bad in ({"dtw": "soft"}, {"dtw_layers": ["logits"]}, {"gamma_schedule": "cosine"}, {"gamma": 0.0},
+                {"dtw_recompute": "no"}):
         with pytest.raises(OptionError, match=f"method.options.{next(iter(bad))}"):
             build("dwakd", student, teacher, **bad)
 

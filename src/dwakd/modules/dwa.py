@@ -71,6 +71,7 @@ class DWAOptions:
     dtw: str = "banded"  # off | plain | banded
     dtw_layers: Sequence[str] = ("hidden", "embedding")  # which sequences get a Soft-DTW term
     dtw_hidden_input: str = "normalized"  # teacher states of the hidden term: h_t / std(h_t), or raw (reference)
+    dtw_recompute: bool = True  # where the host can: terms before the vocabulary ones, recomputed in backward
     band_base: float = 5.0  # base band half-width, in tokens
     band_sensitivity: float = 2.0  # κ: width grows by κ·(attention entropy)
     band_blend: float = 0.7  # β: centre = β·soft centre + (1 − β)·linear diagonal
@@ -97,7 +98,7 @@ def validate_dwa_options(options: DWAOptions) -> None:
     check_choice("dtw_hidden_input", options.dtw_hidden_input, DTW_HIDDEN_INPUTS)
     check_choice("gamma_schedule", options.gamma_schedule, GAMMA_SCHEDULES)
     check_choice("dtw_impl", options.dtw_impl, IMPLS)
-    for name in ("token_weights", "gate", "gate_after_rescale"):
+    for name in ("token_weights", "gate", "gate_after_rescale", "dtw_recompute"):
         if not isinstance(getattr(options, name), bool):
             raise OptionError(name, f"must be true or false; got {getattr(options, name)!r}")
     check_positive("gamma", options.gamma)
