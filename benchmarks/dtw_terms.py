@@ -3,7 +3,8 @@ the backward, at the demo's size by default.
 
 Two ways side by side, round after round: `shared` builds one `response_grid` (each mask sorted once, the band read
 from the attention once) and runs both layers' `grid_dtw_divergence` on it, as DWA-KD does; `per-term` calls
-`response_dtw_divergence` once per layer, each building its own grid. `--src` runs the same measurement on another
+`response_dtw_divergence` once per layer, each building its own grid. `grid` times the shared set-up alone
+(`response_grid`: both masks' slots and the band). `--src` runs the same measurement on another
 checkout's `src` (one that predates `response_grid` runs `per-term` only), e.g. the code before the shared grid:
 
     PYTHONPATH=src python benchmarks/dtw_terms.py
@@ -79,10 +80,18 @@ def main() -> None:
         for x in students:
             x.grad = None
 
-    samples: dict[str, dict[str, list[float]]] = {name: {"values": [], "backward": []} for name in ways}
+    def grid_only(_way) -> None:
+        with torch.no_grad():
+            dtw.response_grid(mask_s, mask_t, lengths, attention)
+
+    kinds = {"values": values_only, "backward": with_backward}
+    samples: dict[str, dict[str, list[float]]] = {name: {kind: [] for kind in kinds} for name in ways}
+    if "shared" in ways:
+        samples["shared"]["grid"] = []  # the set-up alone: both masks' slots and the band
     for round_ in range(args.rounds + 1):  # the first round warms up (numba compilation, caches)
         for name, way in ways.items():
-            for kind, run in (("values", values_only), ("backward", with_backward)):
+            for kind in samples[name]:
+                run = kinds.get(kind, grid_only)
                 start = time.perf_counter()
                 run(way)
                 if round_:
