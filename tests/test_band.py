@@ -97,6 +97,8 @@ def test_float32_band_matches_a_float64_loop_on_peaked_flat_and_empty_rows() -> 
                                    rtol=1e-6, atol=1e-4)
         torch.testing.assert_close(band.width[b, :rows].double(), torch.tensor(widths, dtype=torch.float64),
                                    rtol=1e-6, atol=1e-5)
+        outside = [[abs(j - c) > w for j in range(m)] for c, w in zip(centres, widths, strict=True)]
+        assert band.outside(m)[b, :rows].tolist() == outside
     assert band.width[3, 10].item() == 5.0
 
 
