@@ -176,13 +176,12 @@ class DSKD(DualSpaceMethod):
         Ĥ_t + E_t(y)/std (from which the hidden term's Ĥ_t is recovered, `teacher_hidden_from_values_input`) and
         the attention a (saved by a·V_t). Each is the saved tensor itself only with the projectors in the states'
         dtype and autocast off; otherwise (and for `dtw_hidden_input: raw`, whose raw teacher states nothing saves)
-        None: the terms are built after the vocabulary terms, as they are with `dtw_recompute: false`.
+        None: the terms are built after the vocabulary terms.
         """
         dwa = self.dwa
         hidden = inputs.student_out.last_hidden
         value_in = alignment.teacher_value_in
-        if (not dwa.options.dtw_recompute or dwa.options.dtw_hidden_input != "normalized"
-                or torch.is_autocast_enabled(hidden.device.type)
+        if (dwa.options.dtw_hidden_input != "normalized" or torch.is_autocast_enabled(hidden.device.type)
                 or hidden.dtype != self.projectors.s2t.weight.dtype
                 or value_in.dtype != self.projectors.t2s.weight.dtype):
             return None

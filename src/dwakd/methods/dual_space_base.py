@@ -68,7 +68,7 @@ class DualSpaceMethod(DistillationMethod):
         """DWA-KD's weighted Soft-DTW term and its parts, built from the alignment before the vocabulary terms and
         recomputed in backward (`DWAComponent.recomputed_dtw_loss`: no memory at the step's peak), where the host
         can feed them only tensors its own graph keeps; None: `compute_loss` builds them after the vocabulary terms
-        instead."""
+        instead (as it does without asking with `dtw_recompute: false`)."""
         return None
 
     def extra_losses(self, inputs: DistillationInputs, terms: DualSpaceTerms) -> dict[str, tuple[torch.Tensor, float]]:
@@ -114,7 +114,8 @@ class DualSpaceMethod(DistillationMethod):
         dtw_on = self.dwa is not None and bool(self.dwa.dtw_layers())
         alignment = self.align_spaces(inputs)
         gamma = self.dwa.gamma_at(inputs.progress, inputs.step) if dtw_on else None
-        dtw_loss = self.recomputed_dtw_loss(inputs, alignment, gamma) if dtw_on else None
+        recompute = dtw_on and self.dwa.options.dtw_recompute  # false: the terms once, after the vocabulary terms
+        dtw_loss = self.recomputed_dtw_loss(inputs, alignment, gamma) if recompute else None
         student_seqs = None
         if dtw_on and dtw_loss is None:  # before the vocabulary terms: see `DWAComponent.student_sequences`
             student_seqs = self.dwa.student_sequences(inputs)
