@@ -84,14 +84,13 @@ def main() -> None:
         with torch.no_grad():
             dtw.response_grid(mask_s, mask_t, lengths, attention)
 
-    kinds = {"values": values_only, "backward": with_backward}
-    samples: dict[str, dict[str, list[float]]] = {name: {kind: [] for kind in kinds} for name in ways}
-    if "shared" in ways:
-        samples["shared"]["grid"] = []  # the set-up alone: both masks' slots and the band
+    kinds = {"values": values_only, "backward": with_backward, "grid": grid_only}  # grid: the set-up alone
+    samples: dict[str, dict[str, list[float]]] = {
+        name: {kind: [] for kind in kinds if kind != "grid" or name == "shared"} for name in ways}
     for round_ in range(args.rounds + 1):  # the first round warms up (numba compilation, caches)
         for name, way in ways.items():
             for kind in samples[name]:
-                run = kinds.get(kind, grid_only)
+                run = kinds[kind]
                 start = time.perf_counter()
                 run(way)
                 if round_:
