@@ -138,6 +138,28 @@ class Setup:
         return DistillationInputs(self.s_view, self.t_view, student, teacher, num_items, progress)
 
 
+def deferred(view: ModelView) -> ModelView:
+    """The trainer's deferred-head view of the same outputs: hidden states, attentions and the head, no logits (what
+    lets a method's fused ops read hidden states and head weights)."""
+    return ModelView(None, view.hidden_states, view.model, view.vocab_size, head=view.model.get_output_embeddings(),
+                     last_hidden=view.hidden_states[-1], attentions=view.attentions)
+
+
+def run_deferred(setup: Setup, cache_dir, name: str, options: dict, defer: tuple[bool, bool] = (True, True)):
+    """(loss, parts, {name: gradient} of the student's trainable parameters) of one pass of method `name` on
+    `setup`, with the student / teacher views deferred as `defer` says (else dense logits)."""
+    from dwakd.methods import build_method
+
+    method = build_method(name, setup.context(cache_dir), options)
+    inputs = setup.inputs(hidden=True)
+    s_out = deferred(inputs.student_out) if defer[0] else inputs.student_out
+    t_out = deferred(inputs.teacher_out) if defer[1] else inputs.teacher_out
+    result = method(DistillationInputs(inputs.student, inputs.teacher, s_out, t_out, inputs.num_items))
+    params = [(n, p) for n, p in setup.student.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(result.loss, [p for _, p in params], allow_unused=True)
+    return result.loss.detach(), result.parts, {n: g for (n, _), g in zip(params, grads) if g is not None}
+
+
 def params_with_grad(*modules: torch.nn.Module) -> set[str]:
     """Names (prefixed by module index) of parameters whose .grad is set and non-zero."""
     names = set()

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _baseline_helpers import EXAMPLES, MORE_EXAMPLES, Setup
+from _baseline_helpers import EXAMPLES, MORE_EXAMPLES, Setup, deferred
 from _kd_helpers import one_thread, record_fused_calls
 from _repr_helpers import ModelPair
 
 import dwakd.modules.cross_entropy as cross_entropy
 from dwakd.methods import build_method
-from dwakd.methods.base import DistillationInputs, ModelView, OptionError
+from dwakd.methods.base import DistillationInputs, OptionError
 from dwakd.modules.cross_entropy import student_cross_entropy_sum
 
 
@@ -26,12 +26,6 @@ def _single_thread():
 def fused_calls(monkeypatch) -> list:
     """Counts the fused op's calls from the CE helper (proves which path ran)."""
     return record_fused_calls(monkeypatch, cross_entropy)
-
-
-def deferred(view: ModelView) -> ModelView:
-    """The same outputs as the trainer's deferred-head view: hidden states, attentions and the head, no logits."""
-    return ModelView(None, view.hidden_states, view.model, view.vocab_size, head=view.model.get_output_embeddings(),
-                     last_hidden=view.hidden_states[-1], attentions=view.attentions)
 
 
 def student_grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:

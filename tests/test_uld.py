@@ -73,7 +73,7 @@ def test_chunking_does_not_change_value_or_gradient(setup):
 
 def test_torch_sort_path_matches_numpy_path(setup, monkeypatch):
     """CUDA tensors sort with torch, CPU tensors with NumPy: both give the same value and gradient."""
-    import dwakd.methods.uld as uld
+    import dwakd.ops.fused_kd.sorted_l1 as sorted_l1
     from dwakd.methods.uld import paired_rows
 
     inputs = setup.inputs()
@@ -81,7 +81,7 @@ def test_torch_sort_path_matches_numpy_path(setup, monkeypatch):
     s_rows, t_rows = paired_rows(setup.s_view.label_mask, setup.t_view.label_mask)
     results = []
     for use_numpy in (True, False):
-        monkeypatch.setattr(uld, "NUMPY_SORT_ON_CPU", use_numpy)
+        monkeypatch.setattr(sorted_l1, "NUMPY_SORT_ON_CPU", use_numpy)
         s = inputs.student_out.logits.detach().clone().requires_grad_(True)
         value = uld_distance_sum(s, t, s_rows, t_rows, inputs.student_out.vocab_size, inputs.teacher_out.vocab_size)
         results.append((value, torch.autograd.grad(value, s)[0]))

@@ -9,45 +9,33 @@ Differences from the reference code (DSKD's `universal_logit_distillation.py`), 
 - the sum over positions is divided by the global student token count (docs/methods.md §2.1), like every term here;
 - head rows beyond the tokenizer's vocabulary are dropped before the softmax (the reference keeps them);
 - `kd_temperature` is not used (the reference has no temperature in ULD either).
-Speed and memory: the gradient is formed during forward, chunk by chunk (`_SortedL1`), so sorted copies and
-sort indices exist for one chunk at a time and only the (positions, V_s) gradient is kept for backward. On CPU
-the sorts run in NumPy, several times faster than torch.sort on 50k–150k-wide rows.
+Speed and memory: `head_fusion: dense` forms both sides' logits at the label rows and the gradient during forward,
+chunk by chunk (`_SortedL1`), so sorted copies and sort indices exist for one chunk at a time and only the
+(positions, V_s) gradient is kept for backward. `fused` (`auto` on a GPU or under 16-bit autocast) reads hidden
+states and head weights instead (`dwakd.ops.fused_kd.fused_head_sorted_l1`; the CE through the fused CE op): no
+(rows × V) logits or logit gradient for the whole batch. On CPU the sorts run in NumPy, several times faster than
+torch.sort on 50k–150k-wide rows.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+
 import torch
 
-from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodOptions
+from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodOptions, check_choice
 from dwakd.methods.registry import register_method
-from dwakd.modules.cross_entropy import label_cross_entropy_sum
+from dwakd.modules.cross_entropy import label_cross_entropy_sum, student_cross_entropy_sum
+from dwakd.modules.head_fusion import HEAD_FUSIONS, use_fused_heads
 from dwakd.modules.rows import paired_rows
+from dwakd.ops.fused_kd.sorted_l1 import fused_head_sorted_l1, sorted_l1_rows
 
 CHUNK_ELEMENTS = 1 << 24  # (rows × vocab) elements per chunk
-NUMPY_SORT_ON_CPU = True  # sort CPU tensors with NumPy (the torch path is what CUDA tensors use)
-
-
-def _descending(p: torch.Tensor, with_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows of p (rows, V) sorted in decreasing order, and the permutation when asked.
-
-    On CPU, NumPy's sort is several times faster than torch.sort for 50k–150k-wide rows, so it is used there.
-    """
-    if p.device.type != "cpu" or not NUMPY_SORT_ON_CPU:
-        values, order = p.sort(-1, descending=True)
-        return values, (order if with_order else None)
-    array = p.detach().numpy()
-    if with_order:
-        order = np.argsort(-array, axis=-1)
-        return torch.from_numpy(np.take_along_axis(array, order, axis=-1)), torch.from_numpy(order)
-    return torch.from_numpy(np.ascontiguousarray(np.sort(array, axis=-1)[:, ::-1])), None
 
 
 class _SortedL1(torch.autograd.Function):
-    """Per-row ‖sort↓(softmax z_s) − sort↓(softmax z_t)‖₁ (zero-padded); the gradient is formed in forward, by chunk.
+    """Per-row sorted-probability L1 (`sorted_l1_rows`) from dense logits; the gradient is formed in forward, by chunk.
 
-    d/dp_s of the distance is sign(s_(k) − t_(k)) at the rank k of each entry (+1 on a student tail that meets
-    the teacher's zero padding), scattered back through the sort, then through the softmax: p ⊙ (g − ⟨p, g⟩).
     Only that gradient, (pairs, V_s), is kept for backward; sorted copies and indices live for one chunk.
     """
 
@@ -58,20 +46,12 @@ class _SortedL1(torch.autograd.Function):
         values = torch.empty(total, dtype=dtype, device=student.device)  # (pairs,)
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty(total, student_vocab, dtype=dtype, device=student.device) if want_grad else None
-        k = min(student_vocab, teacher_vocab)
         for lo in range(0, total, chunk):
             hi = min(total, lo + chunk)
-            p_s = torch.softmax(student[s_rows[lo:hi], :student_vocab].to(dtype), -1)  # (rows, V_s)
-            p_t = torch.softmax(teacher[t_rows[lo:hi], :teacher_vocab].to(dtype), -1)  # (rows, V_t)
-            t_sorted, _ = _descending(p_t, with_order=False)  # (rows, V_t)
-            s_sorted, order = _descending(p_s, with_order=want_grad)  # (rows, V_s)
-            diff = s_sorted[:, :k] - t_sorted[:, :k]
-            values[lo:hi] = diff.abs().sum(-1) + s_sorted[:, k:].sum(-1) + t_sorted[:, k:].sum(-1)
+            values[lo:hi], g = sorted_l1_rows(student[s_rows[lo:hi], :student_vocab].to(dtype),
+                                              teacher[t_rows[lo:hi], :teacher_vocab].to(dtype), want_grad)
             if want_grad:
-                g_sorted = torch.ones_like(s_sorted)  # a student tail beyond V_t meets zero padding: +1
-                g_sorted[:, :k] = torch.sign(diff)
-                g_p = torch.empty_like(g_sorted).scatter_(1, order.to(g_sorted.device), g_sorted)  # vocab order
-                grad[lo:hi] = p_s * (g_p - (p_s * g_p).sum(-1, keepdim=True))  # through the softmax
+                grad[lo:hi] = g
         ctx.save_for_backward(grad, s_rows)
         ctx.grid_shape = student.shape
         ctx.student_vocab = student_vocab
@@ -97,13 +77,26 @@ def uld_distance_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return _SortedL1.apply(student, teacher, s_rows, t_rows, student_vocab, teacher_vocab, chunk).sum()
 
 
+@dataclass
+class ULDOptions(MethodOptions):
+    """ULD reads `kd_rate` and `head_fusion` (`kd_temperature` is unused: ULD has no temperature)."""
+
+    # fused: LM heads + sorted L1 (and the CE) in chunked ops, no (rows × V) logits | dense: logits at the label rows
+    # | auto: fused on a GPU or under bf16 autocast, else dense
+    head_fusion: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)
+
+
 @register_method
 class ULD(DistillationMethod):
     """Sorted-probability L1 between student and teacher at index-aligned response positions."""
 
     name = "uld"
     title = "ULD"
-    Options = MethodOptions
+    Options = ULDOptions
 
     @classmethod
     def teacher_temperature(cls, options: MethodOptions) -> float:
@@ -111,12 +104,23 @@ class ULD(DistillationMethod):
 
     def compute_loss(self, inputs: DistillationInputs) -> LossOutput:
         s_out, t_out = inputs.student_out, inputs.teacher_out
-        s_logits, s_index = s_out.label_logits(inputs.student)  # heads run at the label rows only
-        t_logits, t_index = t_out.label_logits(inputs.teacher)
-        ce = label_cross_entropy_sum(s_logits, inputs.student, s_out.vocab_size) / inputs.num_items
         s_rows, t_rows = paired_rows(inputs.student.label_mask, inputs.teacher.label_mask)
-        uld = uld_distance_sum(s_logits, t_logits, s_index.index_select(0, s_rows), t_index.index_select(0, t_rows),
-                               s_out.vocab_size, t_out.vocab_size)
+        s_weight = None
+        if use_fused_heads(self.options.head_fusion, inputs.student.labels.device):
+            s_weight = s_out.linear_head_weight()
+        if s_weight is not None:  # no (rows × V) logits: the heads run inside the fused ops
+            ce = student_cross_entropy_sum(s_out, inputs.student, "fused") / inputs.num_items
+            t_weight = t_out.linear_head_weight()
+            teacher = ({"t_hidden": t_out.hidden_at(t_rows).detach(), "t_weight": t_weight.detach()}
+                       if t_weight is not None else {"t_logits": t_out.logits_at(t_rows).detach()})
+            uld = fused_head_sorted_l1(s_out.hidden_at(s_rows), s_weight, s_out.vocab_size, t_out.vocab_size,
+                                       **teacher)
+        else:
+            s_logits, s_index = s_out.label_logits(inputs.student)  # heads run at the label rows only
+            t_logits, t_index = t_out.label_logits(inputs.teacher)
+            ce = label_cross_entropy_sum(s_logits, inputs.student, s_out.vocab_size) / inputs.num_items
+            uld = uld_distance_sum(s_logits, t_logits, s_index.index_select(0, s_rows),
+                                   t_index.index_select(0, t_rows), s_out.vocab_size, t_out.vocab_size)
         kd = uld / inputs.num_items
         rate = self.options.kd_rate
         loss = (1.0 - rate) * ce + rate * kd

@@ -188,6 +188,28 @@ def _put(dest: torch.Tensor, value: torch.Tensor) -> None:
         dest.copy_(value)
 
 
+def add_head_grad_(head_grad: torch.Tensor, g_mm: torch.Tensor, hidden: torch.Tensor) -> None:
+    """head_grad (V, d) += g_mmᵀ·hidden for a chunk's logit gradients g_mm (rows, V) and hidden rows (rows, d), both
+    in the matmul dtype: in place when that is the gradient's dtype; a 16-bit product (autocast) into an fp32 head
+    gradient vocabulary slice by slice (whole, the (V, d) 16-bit product and its fp32 promotion were 1.5 head
+    gradients more at the peak)."""
+    if head_grad.dtype == g_mm.dtype:
+        head_grad.addmm_(g_mm.t(), hidden)  # Σ_rows g_iᵀ h_i into the one (V, d) buffer
+        return
+    for cols in _vocab_slices(head_grad.shape[0]):
+        head_grad[cols].add_(torch.mm(g_mm[:, cols].t(), hidden))
+
+
+def add_chunk_grads_(g_mm: torch.Tensor, head: torch.Tensor, hidden: torch.Tensor, rows: slice,
+                     grad_hidden: torch.Tensor | None, grad_head: torch.Tensor | None) -> None:
+    """From a chunk's logit gradients g_mm (rows, V) in the head's matmul dtype: grad_hidden[rows] = g·W and
+    grad_head[:V] += gᵀ·hidden[rows] (`add_head_grad_`); either output may be None."""
+    if grad_hidden is not None:
+        grad_hidden[rows] = torch.mm(g_mm, head).to(grad_hidden.dtype)
+    if grad_head is not None:
+        add_head_grad_(grad_head[: head.shape[0]], g_mm, hidden[rows].to(head.dtype))
+
+
 GradSink = Callable[[str, torch.Tensor], None]
 
 
@@ -427,7 +449,6 @@ def _recompute_backward(ctx, a_div, a_pce, a_tce) -> tuple:
             target_head = pred_head if same else _head_rows(target_weight, plan.vocab, plan.target_mm)
         bias = None if target_bias is None else target_bias[: plan.vocab].to(compute)
         head_grad = grad_pw[: plan.vocab] if grad_pw is not None else None  # (V, d_p) view
-        in_place = head_grad is not None and head_grad.dtype == pred_head.dtype
 
         def part(x, chunk, block):
             return None if x is None else x[chunk][block]
@@ -454,13 +475,8 @@ def _recompute_backward(ctx, a_div, a_pce, a_tce) -> tuple:
             if a_tce is not None and not done_th:
                 grad_th[chunk] = torch.mm(t.to(target_head.dtype), target_head).to(grad_th.dtype)
             if pred_active and head_grad is not None:
-                g_mm, h = s.to(pred_head.dtype), pred_hidden[chunk].to(pred_head.dtype)
-                if in_place:
-                    head_grad.addmm_(g_mm.t(), h)  # Σ_rows g_iᵀ h_i into the one (V, d_p) buffer
-                else:  # a 16-bit product (autocast) into an fp32 head gradient, vocabulary slice by slice: whole,
-                    # the (V, d) 16-bit product and its fp32 promotion were 1.5 head gradients more at the peak
-                    for cols in _vocab_slices(head_grad.shape[0]):
-                        head_grad[cols].add_(torch.mm(g_mm[:, cols].t(), h))
+                g_mm = s.to(pred_head.dtype)
+                add_head_grad_(head_grad, g_mm, pred_hidden[chunk].to(pred_head.dtype))
                 del g_mm
             del s, t, both
     return grad_ph, grad_pw, grad_th, None, None, None, None, None

@@ -109,3 +109,16 @@ def head_kd_reference(
             out.divergence = reference_divergence(s, t.detach(), divergence, temperature, skew_lambda, akl_alpha)
     return out
 
+
+
+def sorted_l1_reference(z_s: torch.Tensor, z_t: torch.Tensor, s_vocab: int, t_vocab: int) -> torch.Tensor:
+    """ULD's distance per row from its definition: softmax over the real vocabularies (at least fp32), `torch.sort`
+    in decreasing order, zero-padding to the larger vocabulary, L1; autograd differentiates through the sort's
+    values w.r.t. z_s (z_t is a fixed target). The ground truth of `dwakd.ops.fused_kd.sorted_l1`."""
+    dtype = torch.promote_types(z_s.dtype, torch.float32)
+    p = torch.softmax(z_s[:, :s_vocab].to(dtype), -1).sort(-1, descending=True).values
+    q = torch.softmax(z_t[:, :t_vocab].detach().to(dtype), -1).sort(-1, descending=True).values
+    width = max(s_vocab, t_vocab)
+    p = F.pad(p, (0, width - s_vocab))
+    q = F.pad(q, (0, width - t_vocab))
+    return (p - q).abs().sum(-1)
