@@ -25,6 +25,9 @@ Differences from the reference (2018cx/Multi-Level-OT, `models/distillation_mode
   paper (teacher as target). `log_loss_reference_order: true` restores the reference's argument order.
 - head padding rows are sliced off before the softmax. `kd_rate` / `kd_temperature` are not used: the
   method's own weights (`ce_weight`, `distill_weight`) and temperatures apply.
+Memory: with `head_fusion: fused` (`auto` on a GPU or under 16-bit autocast) steps 1–2 of each side with a plain
+linear head run in `dwakd.ops.fused_kd.fused_head_top_columns` and the CE in the fused CE op, so no (rows × V)
+logits exist for the whole batch; `dense` forms the logits at the response rows.
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ from dataclasses import dataclass
 
 import torch
 
-from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodOptions
+from dwakd.interface import ModelView
+from dwakd.methods.base import DistillationInputs, DistillationMethod, LossOutput, MethodOptions, check_choice
 from dwakd.methods.registry import register_method
-from dwakd.modules.cross_entropy import label_cross_entropy_sum
+from dwakd.modules.cross_entropy import label_cross_entropy_sum, student_cross_entropy_sum
+from dwakd.modules.head_fusion import HEAD_FUSIONS, use_fused_heads
 from dwakd.modules.rows import paired_rows
+from dwakd.ops.fused_kd.top_columns import fused_head_top_columns
 
 
 @dataclass
@@ -54,6 +60,13 @@ class MultiLevelOTOptions(MethodOptions):
     sinkhorn_epsilon: float = 0.1
     sinkhorn_iterations: int = 10
     log_loss_reference_order: bool = False  # True: student distribution as the target of CE_log (reference call)
+    # fused: LM heads + top-k columns (and the CE) in chunked ops, no (rows × V) logits | dense: logits at the
+    # response rows | auto: fused on a GPU or under bf16 autocast, else dense
+    head_fusion: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)
 
 
 def std_normalised_probs(logits: torch.Tensor, rows: torch.Tensor | None, vocab: int,
@@ -101,18 +114,20 @@ class MultiLevelOT(DistillationMethod):
         o = self.options
         s_out, t_out = inputs.student_out, inputs.teacher_out
         s_mask, t_mask = inputs.student.label_mask, inputs.teacher.label_mask  # (batch, n), (batch, m)
-        s_logits, _ = s_out.label_logits(inputs.student)  # (rows_s, R_s): heads run at the label rows only
-        ce = label_cross_entropy_sum(s_logits, inputs.student, s_out.vocab_size) / inputs.num_items
-
         s_rows = s_mask.reshape(-1).nonzero().squeeze(1)  # every response position, row-major
         t_rows = t_mask.reshape(-1).nonzero().squeeze(1)
         k = o.top_k
-        p_s = pad_columns(top_columns(std_normalised_probs(s_logits, None, s_out.vocab_size,
-                                                           o.student_temperature), k), k)  # (rows_s, k)
+        fused = use_fused_heads(o.head_fusion, s_mask.device)
+        if fused and s_out.linear_head_weight() is not None:  # no (rows × V) logits: the heads run in the ops
+            ce = student_cross_entropy_sum(s_out, inputs.student, "fused") / inputs.num_items
+            p_s = self.top_probs(s_out, s_rows, o.student_temperature, True)  # (rows_s, k)
+        else:
+            s_logits, _ = s_out.label_logits(inputs.student)  # (rows_s, R_s): heads run at the label rows only
+            ce = label_cross_entropy_sum(s_logits, inputs.student, s_out.vocab_size) / inputs.num_items
+            p_s = pad_columns(top_columns(std_normalised_probs(s_logits, None, s_out.vocab_size,
+                                                               o.student_temperature), k), k)  # (rows_s, k)
         with torch.no_grad():
-            t_logits = t_out.logits_at(t_rows).detach()  # (rows_t, R_t)
-            p_t = pad_columns(top_columns(std_normalised_probs(t_logits, None, t_out.vocab_size,
-                                                               o.teacher_temperature), k), k)  # (rows_t, k)
+            p_t = self.top_probs(t_out, t_rows, o.teacher_temperature, fused)  # (rows_t, k)
 
         # token level: the k-th response position of one side against the k-th of the other
         s_pair, t_pair = paired_rows(s_mask, t_mask)
@@ -143,3 +158,14 @@ class MultiLevelOT(DistillationMethod):
         parts = {"ce": ce.detach(), "token_l1": (l1 / n).detach(), "log_loss": (log_loss / n).detach(),
                  "sinkhorn": (sinkhorn / n).detach(), "distill": distill.detach()}
         return LossOutput(loss, parts)
+
+    def top_probs(self, out: ModelView, rows: torch.Tensor, temperature: float, fused: bool) -> torch.Tensor:
+        """(rows, top_k) probabilities of one side at its top columns (steps 1–2), zero-padded to top_k: through the
+        fused op where asked and the view has a plain linear head, else from the logits at `rows`."""
+        k = self.options.top_k
+        weight = out.linear_head_weight() if fused else None
+        if weight is not None:
+            probs = fused_head_top_columns(out.hidden_at(rows), weight, out.vocab_size, temperature, k)
+        else:
+            probs = top_columns(std_normalised_probs(out.logits_at(rows), None, out.vocab_size, temperature), k)
+        return pad_columns(probs, k)
