@@ -13,7 +13,7 @@
 set -u
 RESULTS=${RESULTS:-runs/gpu-checks}
 BUDGET=${BUDGET:-1800}
-STEPS=${STEPS:-"env triton_tests soft_dtw bench kd_loss_bf16 dskd_authors kd_loss_fp32 row_logits soft_dtw_ddtw"}
+STEPS=${STEPS:-"env triton_tests soft_dtw bench kd_loss_bf16 dskd_authors kd_loss_fp32 row_logits soft_dtw_ddtw fused_baselines"}
 mkdir -p "$RESULTS"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 T0=$(date +%s)
@@ -68,6 +68,8 @@ for s in $STEPS; do
             else echo "=== dskd_authors: skipped (DWAKD_DSKD_REPO unset)"; fi ;;
         row_logits) run_step row_logits 90 python3 benchmarks/row_logits.py --config "$REAL" --device cuda \
             --methods dskd,dwakd --out "$RESULTS/row_logits_cuda.json" ;;
+        fused_baselines) run_step fused_baselines 90 python3 benchmarks/fused_baselines.py --device cuda --rounds 5 \
+            --out "$RESULTS/fused_baselines_cuda.json" ;;
         *) echo "=== $s: unknown step" ;;
     esac
 done
