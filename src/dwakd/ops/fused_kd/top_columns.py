@@ -35,6 +35,9 @@ def _normalised(z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torc
 
 
 class _FusedHeadTopColumns(torch.autograd.Function):
+    """p̂ (rows, k) of h·Wᵀ: column sums and per-row std / log-sum-exp in one chunked forward pass; backward
+    recomputes each chunk's logits (see the module docstring)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, vocab, temperature, k, chunk):  # type: ignore[override]
         mm = matmul_dtype(weight)
@@ -90,7 +93,6 @@ class _FusedHeadTopColumns(torch.autograd.Function):
                 add_chunk_grads_(g_mm, head, hidden, part, grad_h, grad_w)
                 del g_mm
         return grad_h, grad_w, None, None, None, None
-
 
 
 def fused_head_top_columns(hidden: torch.Tensor, weight: torch.Tensor, vocab: int, temperature: float, k: int,
