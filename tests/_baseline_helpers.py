@@ -155,9 +155,14 @@ def run_deferred(setup: Setup, cache_dir, name: str, options: dict, defer: tuple
     s_out = deferred(inputs.student_out) if defer[0] else inputs.student_out
     t_out = deferred(inputs.teacher_out) if defer[1] else inputs.teacher_out
     result = method(DistillationInputs(inputs.student, inputs.teacher, s_out, t_out, inputs.num_items))
-    params = [(n, p) for n, p in setup.student.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(result.loss, [p for _, p in params], allow_unused=True)
-    return result.loss.detach(), result.parts, {n: g for (n, _), g in zip(params, grads) if g is not None}
+    return result.loss.detach(), result.parts, student_grads(setup.student, result.loss)
+
+
+def student_grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{name: gradient of `loss`} over `model`'s trainable parameters that `loss` reaches."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    return {n: g for (n, _), g in zip(named, grads) if g is not None}
 
 
 def params_with_grad(*modules: torch.nn.Module) -> set[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _baseline_helpers import EXAMPLES, MORE_EXAMPLES, Setup, deferred
+from _baseline_helpers import EXAMPLES, MORE_EXAMPLES, Setup, deferred, student_grads
 from _kd_helpers import one_thread, record_fused_calls
 from _repr_helpers import ModelPair
 
@@ -26,12 +26,6 @@ def _single_thread():
 def fused_calls(monkeypatch) -> list:
     """Counts the fused op's calls from the CE helper (proves which path ran)."""
     return record_fused_calls(monkeypatch, cross_entropy)
-
-
-def student_grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [p for n, p in model.named_parameters() if p.requires_grad], allow_unused=True)
-    return {n: g for n, g in zip(names, grads) if g is not None}
 
 
 def assert_grads_close(got: dict, want: dict, rtol: float) -> None:
