@@ -68,8 +68,11 @@ def make_inputs(shapes: dict, device: torch.device, seed: int = 0) -> dict:
 
 
 def term(name: str, variant: str, x: dict, shapes: dict) -> torch.Tensor:
-    if name == "top_columns":
-        return top_columns_term(variant, x, shapes)
+    return (top_columns_term if name == "top_columns" else uld_term)(variant, x, shapes)
+
+
+def uld_term(variant: str, x: dict, shapes: dict) -> torch.Tensor:
+    """Σ over the row pairs of ULD's sorted-probability L1."""
     if variant == "fused":
         return fused_head_sorted_l1(x["s_hidden"], x["s_weight"], shapes["v_s"], shapes["v_t"],
                                     t_hidden=x["t_hidden"], t_weight=x["t_weight"])
@@ -161,7 +164,7 @@ def bench_term(name: str, x: dict, shapes: dict, autocast: torch.dtype | None, d
     peaks = {}
     for v in variants:
         for t in (x["s_hidden"], x["s_weight"]):
-            t.grad = None
+            t.grad = None  # outside the profiled pass: freed there, they would lower its baseline
         peaks[v] = peak_bytes(lambda v=v: one_pass(name, v, x, shapes, autocast, device), device)[1]
     summary = {v: {"median_s": statistics.median(s), "best_s": min(s), "peak_mib": peaks[v] / 2**20}
                for v, s in samples.items()}
