@@ -3,6 +3,7 @@ any tokenizer, data or model is loaded; training defaults live with the config."
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import pytest
@@ -117,6 +118,38 @@ def test_bf16_without_gpu_names_the_key_and_the_fix(tiny_yaml, capsys, no_loadin
     err = capsys.readouterr().err
     assert "training.bf16: bf16 needs a GPU" in err and "set training.bf16=false" in err.lower()
     assert no_loading == []
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_before_loading(tiny_yaml, no_loading, caplog, monkeypatch,
+                                                                     native):
+    import dwakd.run
+
+    monkeypatch.setattr(dwakd.run, "emulated_on_cpu", lambda dtype: not native and dtype == torch.bfloat16)
+    caplog.set_level(logging.WARNING, logger="dwakd.run")
+    with pytest.raises(_Loaded):
+        main(["train", str(tiny_yaml), "training.use_cpu=true", "training.bf16=true", "--no-progress"])
+    assert no_loading == ["load_side_tokenizer"]  # warned before anything loads
+    warned = [r.getMessage() for r in caplog.records if "instructions" in r.getMessage()]
+    if native:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and warned[0].startswith("training.bf16: true computes in torch.bfloat16")
+        assert "set training.bf16=false" in warned[0]
+
+
+def test_a_model_loaded_in_an_emulated_dtype_is_named_by_its_key(tiny_yaml, tmp_path, caplog, monkeypatch):
+    import dwakd.run
+
+    monkeypatch.setattr(dwakd.run, "emulated_on_cpu", lambda dtype: dtype == torch.bfloat16)
+    caplog.set_level(logging.WARNING, logger="dwakd.run")
+    config = load_config(tiny_yaml, ["method=dskd", "teacher.dtype=bfloat16", "data.eval=null",
+                                     f"output_dir={tmp_path / 'run'}"])
+    run = dwakd.run.build_training(config, show_progress=False)
+    assert next(run.model.teacher.parameters()).dtype == torch.bfloat16
+    warned = [r.getMessage() for r in caplog.records if "instructions" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("teacher.dtype: bfloat16 computes in torch.bfloat16")
+    assert "set teacher.dtype=float32" in warned[0]
 
 
 def test_training_defaults_live_with_the_config(tiny_yaml):
