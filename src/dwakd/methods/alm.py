@@ -81,6 +81,8 @@ from dwakd.methods.base import (
 from dwakd.methods.registry import register_method
 from dwakd.modules.divergences import compute_dtype, no_autocast
 from dwakd.modules.projectors import model_dims
+from dwakd.ops.fused_kd.label_log_probs import label_log_probs
+from dwakd.ops.fused_kd.reference import label_log_probs_reference  # noqa: F401 - re-exported for callers, tests
 
 DIVERGENCES = ("binary_ce", "binary_kl", "reverse_binary_kl", "binary_kl_temp_limit", "abs", "abs_exp")
 CHUNK_KINDS = ("unconstrained", "space")
@@ -88,7 +90,6 @@ CHUNK_WEIGHTS = ("chunk", "teacher_tokens")
 SPACE_PARTS = ("space", "tab", "newline", "special")
 EPSILON = 1e-6  # keeps binarised log-likelihoods strictly below 0 (the reference's epsilon)
 LATENT_EPSILON = 1e-8  # added to the channel normaliser (the reference's epsilon)
-CHUNK_ELEMENTS = 1 << 24  # fp32 (rows × vocab) elements per chunk of `label_log_probs`
 
 
 @dataclass
@@ -147,80 +148,6 @@ def word_initial_tokens(tokenizer, table: TokenTable) -> np.ndarray | None:
     prefix = getattr(decoder, "prefix", "##") or "##"
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(table))))
     return np.array([bool(t) and not t.startswith(prefix) for t in tokens], dtype=bool)
-
-
-# ------------------------------------------------------------------------- log p(label) and the space log-mass
-class _LabelLogProbs(torch.autograd.Function):
-    """Per row: log softmax(z)[label] and log Σ_{v∈S} softmax(z)_v, computed in fp32 row chunks.
-
-    Backward recomputes each chunk's softmax p (and the space-restricted softmax q) from the saved logits:
-    ∂/∂z = g_label·(onehot − p) + g_space·(q − p). Nothing of size (rows, vocab) is kept between the passes.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels, vocab, space_mask, chunk):  # type: ignore[override]
-        dtype = compute_dtype(logits)
-        rows = logits.shape[0]
-        label_lp = torch.empty(rows, dtype=dtype, device=logits.device)  # (rows,)
-        lse = torch.empty(rows, dtype=dtype, device=logits.device)
-        space_lse = torch.empty(rows, dtype=dtype, device=logits.device) if space_mask is not None else None
-        with no_autocast(logits):
-            for lo in range(0, rows, chunk):
-                hi = min(rows, lo + chunk)
-                z = logits[lo:hi, :vocab].to(dtype)  # (r, V)
-                lse[lo:hi] = torch.logsumexp(z, -1)
-                label_lp[lo:hi] = z.gather(1, labels[lo:hi, None]).squeeze(1) - lse[lo:hi]
-                if space_mask is not None:
-                    space_lse[lo:hi] = torch.logsumexp(z.masked_fill(~space_mask, -math.inf), -1)  # z may be a view
-        ctx.save_for_backward(logits, labels, space_mask, lse, space_lse)
-        ctx.vocab, ctx.chunk = vocab, chunk
-        space_lp = space_lse - lse if space_mask is not None else torch.zeros_like(label_lp)
-        return label_lp, space_lp
-
-    @staticmethod
-    def backward(ctx, grad_label, grad_space):  # type: ignore[override]
-        logits, labels, space_mask, lse, space_lse = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        vocab, chunk = ctx.vocab, ctx.chunk
-        dtype = lse.dtype
-        grad = torch.zeros_like(logits)  # (rows, R): head padding rows get no gradient
-        g_label = grad_label.to(dtype) if grad_label is not None else torch.zeros_like(lse)
-        g_space = grad_space.to(dtype) if grad_space is not None and space_mask is not None else None
-        with no_autocast(logits):
-            for lo in range(0, logits.shape[0], chunk):
-                hi = min(logits.shape[0], lo + chunk)
-                z = logits[lo:hi, :vocab].to(dtype)  # (r, V)
-                total = g_label[lo:hi] + (g_space[lo:hi] if g_space is not None else 0.0)
-                g = torch.exp(z - lse[lo:hi, None]).mul_(-total[:, None])  # −(g_label + g_space)·p
-                g.scatter_add_(1, labels[lo:hi, None], g_label[lo:hi, None])
-                if g_space is not None:
-                    q = torch.exp(z - space_lse[lo:hi, None]).masked_fill_(~space_mask, 0.0)
-                    g.add_(q.mul_(g_space[lo:hi, None]))
-                grad[lo:hi, :vocab] = g.to(grad.dtype)
-        return grad, None, None, None, None
-
-
-def label_log_probs(logits: torch.Tensor, labels: torch.Tensor, vocab: int, space_mask: torch.Tensor | None = None,
-                    chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows,) log p(label) and (rows,) log P(next token ∈ space set) (zeros without `space_mask`), at least fp32.
-
-    `logits` (rows, R ≥ vocab) are label-row logits (`ModelView.label_logits`); head rows ≥ vocab are ignored.
-    """
-    if space_mask is not None and space_mask.shape[0] != vocab:
-        raise ValueError(f"space_mask has {space_mask.shape[0]} entries for a vocabulary of {vocab}")
-    chunk = max(1, chunk_elements // max(1, vocab))
-    return _LabelLogProbs.apply(logits, labels, vocab, space_mask, chunk)
-
-
-def label_log_probs_reference(logits: torch.Tensor, labels: torch.Tensor, vocab: int,
-                              space_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch `label_log_probs` (keeps a (rows, vocab) log-softmax for backward)."""
-    log_p = torch.log_softmax(logits[:, :vocab].to(compute_dtype(logits)), -1)
-    label_lp = log_p.gather(1, labels[:, None]).squeeze(1)
-    if space_mask is None:
-        return label_lp, torch.zeros_like(label_lp)
-    return label_lp, torch.logsumexp(log_p.masked_fill(~space_mask, -math.inf), -1)
 
 
 # ------------------------------------------------------------------------------- binarised divergences

@@ -4,10 +4,13 @@ The ground truth for the fused op in tests and the "plain" side of `benchmarks/k
 logits in full with `F.linear` (so autocast behaves as in the methods: bf16 logits under bf16 autocast), promotes
 them to fp32 (float64 stays float64) and writes each divergence from its definition on probabilities; autograd
 derives every gradient. Memory is several (rows, V) tensors per side: use it for checking, not for training.
+`sorted_l1_reference` and `label_log_probs_reference` / `head_label_log_probs_reference` are the same for ULD's
+sorted L1 and ALM's label log-probabilities.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 
 import torch
@@ -110,7 +113,6 @@ def head_kd_reference(
     return out
 
 
-
 def sorted_l1_reference(z_s: torch.Tensor, z_t: torch.Tensor, s_vocab: int, t_vocab: int) -> torch.Tensor:
     """ULD's distance per row from its definition: softmax over the real vocabularies (at least fp32), `torch.sort`
     in decreasing order, zero-padding to the larger vocabulary, L1; autograd differentiates through the sort's
@@ -122,3 +124,20 @@ def sorted_l1_reference(z_s: torch.Tensor, z_t: torch.Tensor, s_vocab: int, t_vo
     p = F.pad(p, (0, width - s_vocab))
     q = F.pad(q, (0, width - t_vocab))
     return (p - q).abs().sum(-1)
+
+
+def label_log_probs_reference(logits: torch.Tensor, labels: torch.Tensor, vocab: int,
+                              space_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch `label_log_probs`: per row log softmax(z)[label] and log Σ_{v∈S} softmax(z)_v (zeros without
+    a space set) over the first `vocab` columns, at least fp32; keeps a (rows, vocab) log-softmax for backward."""
+    log_p = torch.log_softmax(logits[:, :vocab].to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    label_lp = log_p.gather(1, labels[:, None]).squeeze(1)
+    if space_mask is None:
+        return label_lp, torch.zeros_like(label_lp)
+    return label_lp, torch.logsumexp(log_p.masked_fill(~space_mask, -math.inf), -1)
+
+
+def head_label_log_probs_reference(hidden: torch.Tensor, weight: torch.Tensor, vocab: int, labels: torch.Tensor,
+                                   space_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`label_log_probs_reference` of `F.linear` logits: the ground truth of `fused_head_label_log_probs`."""
+    return label_log_probs_reference(_head_logits(hidden, weight, vocab), labels, vocab, space_mask)
