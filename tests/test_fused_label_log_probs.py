@@ -1,15 +1,19 @@
 """ALM's fused LM head + label log-probabilities (`fused_head_label_log_probs`) against its plain reference (F.linear
-logits, log-softmax, autograd): values and gradients of the hidden rows and the head (with padding rows), with and
-without a space set, chunking, incoming gradients on both outputs, fp32 and bf16 autocast, the op's peak memory and
-input errors."""
+logits, log-softmax, autograd), and `alm` with `head_fusion: fused` against `dense`: values and gradients of the
+hidden rows and the head (with padding rows), with and without a space set, chunking, incoming gradients on both
+outputs, fp32 and bf16 autocast, the op's peak memory, input errors and the option."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from _baseline_helpers import Setup, run_deferred
 from _kd_helpers import one_thread
 
+import dwakd.methods.alm as alm_module
 from dwakd.evaluation.memory import peak_bytes
+from dwakd.methods import build_method
+from dwakd.methods.base import OptionError
 from dwakd.ops.fused_kd import fused_head_label_log_probs, head_label_log_probs_reference
 
 
@@ -126,3 +130,66 @@ def test_bad_inputs_are_named():
         fused_head_label_log_probs(h, w, 10, labels, space[:7])
     with pytest.raises(ValueError, match="space_mask must be"):
         fused_head_label_log_probs(h, w, 10, labels, space.long())
+
+
+# ---- the method -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list:
+    """Records each call of the fused op from `alm`: "grad" for the student side, "no_grad" for the teacher."""
+    calls: list = []
+    original = alm_module.fused_head_label_log_probs
+
+    def counted(*args, **kwargs):
+        calls.append("grad" if torch.is_grad_enabled() else "no_grad")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(alm_module, "fused_head_label_log_probs", counted)
+    return calls
+
+
+def run_alm(setup: Setup, tmp_path, mode: str, defer: tuple[bool, bool] = (True, True), **options):
+    """(loss, parts, student parameter gradients) of one `alm` pass with `head_fusion: mode`."""
+    torch.manual_seed(0)  # the same initial latent projector on every call
+    return run_deferred(setup, tmp_path, "alm", {"head_fusion": mode, "kd_rate": 0.4, **options}, defer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("teacher_deferred,latents", [(True, False), (False, False), (True, True)])
+def test_alm_fused_equals_dense(dtype, teacher_deferred, latents, tmp_path, fused_calls):
+    setup = Setup()
+    setup.student.to(dtype)
+    setup.teacher.to(dtype)
+    assert setup.student.get_output_embeddings().weight.shape[0] > len(setup.s_tok)  # padding rows in the head
+    options = {"latents": latents, "chunk_weight": "teacher_tokens"}
+    dense = run_alm(setup, tmp_path, "dense", (True, teacher_deferred), **options)
+    assert fused_calls == []
+    fused = run_alm(setup, tmp_path, "fused", (True, teacher_deferred), **options)
+    assert fused_calls == (["grad", "no_grad"] if teacher_deferred else ["grad"])  # a teacher with logits: dense
+    assert fused[1].keys() == dense[1].keys() == {"ce", "alm"} | ({"latents"} if latents else set())
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    for name, value in dense[1].items():
+        torch.testing.assert_close(fused[1][name], value, rtol=rtol, atol=0)
+    torch.testing.assert_close(fused[0], dense[0], rtol=rtol, atol=0)
+    assert fused[2].keys() == dense[2].keys() and dense[2]
+    for name, grad in dense[2].items():
+        assert float((fused[2][name] - grad).abs().max()) <= (1e-9 if dtype == torch.float64 else 1e-4) \
+            * float(grad.abs().max()), name
+
+
+def test_alm_dense_logit_views_and_auto_in_fp32_keep_the_dense_path(tmp_path, fused_calls):
+    setup = Setup()
+    run_alm(setup, tmp_path, "fused", (False, False))  # views with dense logits: nothing to fuse
+    run_alm(setup, tmp_path, "auto")  # auto on a CPU in fp32/float64: dense
+    assert fused_calls == []
+    setup.student.float()
+    setup.teacher.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, grads = run_alm(setup, tmp_path, "auto")
+    assert fused_calls == ["grad", "no_grad"] and torch.isfinite(loss) and grads
+
+
+def test_alm_head_fusion_is_validated(tmp_path):
+    with pytest.raises(OptionError, match="head_fusion"):
+        build_method("alm", Setup().context(tmp_path), {"head_fusion": "chunked"})

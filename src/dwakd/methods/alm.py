@@ -66,6 +66,7 @@ from torch import nn
 
 from dwakd.alignment.chunks import ChunkPlan, common_chunks
 from dwakd.alignment.token_strings import TokenTable, token_table
+from dwakd.interface import ModelView, label_rows
 from dwakd.methods.base import (
     DistillationInputs,
     DistillationMethod,
@@ -80,8 +81,9 @@ from dwakd.methods.base import (
 )
 from dwakd.methods.registry import register_method
 from dwakd.modules.divergences import compute_dtype, no_autocast
+from dwakd.modules.head_fusion import HEAD_FUSIONS, use_fused_heads
 from dwakd.modules.projectors import model_dims
-from dwakd.ops.fused_kd.label_log_probs import label_log_probs
+from dwakd.ops.fused_kd.label_log_probs import fused_head_label_log_probs, label_log_probs
 from dwakd.ops.fused_kd.reference import label_log_probs_reference  # noqa: F401 - re-exported for callers, tests
 
 DIVERGENCES = ("binary_ce", "binary_kl", "reverse_binary_kl", "binary_kl_temp_limit", "abs", "abs_exp")
@@ -107,6 +109,9 @@ class ALMOptions(MethodOptions):
     alm_weight: float = 1.0  # [loss_weights] of the ALM term inside the KD part
     latents: bool = False  # [alm_latents] the hidden-state term at chunk ends
     latents_weight: float = 1.0  # [loss_weights] of the hidden-state term
+    # fused: log p(label) and the space log-mass from hidden states and head weights, no (rows × V) logits |
+    # dense: logits at the label rows | auto: fused on a GPU or under bf16 autocast, else dense
+    head_fusion: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -121,6 +126,7 @@ class ALMOptions(MethodOptions):
         check_choice("chunk_weight", self.chunk_weight, CHUNK_WEIGHTS)
         check_positive("alm_weight", self.alm_weight, allow_zero=True)
         check_positive("latents_weight", self.latents_weight, allow_zero=True)
+        check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)
 
 
 def space_token_mask(table: TokenTable, mode: str, word_initial: np.ndarray | None = None) -> np.ndarray:
@@ -192,6 +198,20 @@ def _scatter_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.
     """Σ of values per index, (size,); entries with index −1 are skipped. Differentiable w.r.t. values."""
     keep = index >= 0
     return values.new_zeros(size).index_add(0, index[keep], values[keep])
+
+
+def side_label_log_probs(out: ModelView, view: TokenView, space: torch.Tensor | None, fused: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One side's (K,) log p(label) and space log-mass at its label rows, and the (batch·length,) map from flat
+    positions to those rows (−1 off the labels). With `fused` and a plain linear head, from hidden states and head
+    weights (`fused_head_label_log_probs`, no (K × V) logits); otherwise from the label-row logits."""
+    labels = view.labels[view.label_mask]  # (K,) row-major, the order of `label_rows`
+    weight = out.linear_head_weight() if fused else None
+    if weight is None:
+        logits, index = out.label_logits(view)  # (K, R): the head runs at label rows only
+        return *label_log_probs(logits, labels, out.vocab_size, space), index
+    rows, index = label_rows(view)
+    return *fused_head_label_log_probs(out.hidden_at(rows), weight, out.vocab_size, labels, space), index
 
 
 @register_method
@@ -301,14 +321,11 @@ class ALM(DistillationMethod):
         s_out, t_out = inputs.student_out, inputs.teacher_out
         s_space = self.student_space if self.need_space else None
         t_space = self.teacher_space if self.need_space else None
-        s_logits, s_index = s_out.label_logits(student)  # (K_s, R_s): the head runs at label rows only
-        s_label_lp, s_space_lp = label_log_probs(s_logits, student.labels[student.label_mask], s_out.vocab_size,
-                                                 s_space)
+        fused = use_fused_heads(opts.head_fusion, student.labels.device)
+        s_label_lp, s_space_lp, s_index = side_label_log_probs(s_out, student, s_space, fused)
         ce = -s_label_lp.sum() / inputs.num_items
         with torch.no_grad():
-            t_logits, t_index = t_out.label_logits(teacher)  # (K_t, R_t)
-            t_label_lp, t_space_lp = label_log_probs(t_logits, teacher.labels[teacher.label_mask],
-                                                     t_out.vocab_size, t_space)
+            t_label_lp, t_space_lp, t_index = side_label_log_probs(t_out, teacher, t_space, fused)
         plan = self.chunk_plan(student, teacher)
         scores = self.chunk_scores(plan, student, teacher, s_label_lp, s_space_lp, s_index,
                                    t_label_lp, t_space_lp, t_index)
