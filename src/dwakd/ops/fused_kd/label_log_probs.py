@@ -10,8 +10,8 @@ g_label, g_space: ∂/∂z = g_label·(onehot(y) − p) + g_space·(q − p), p 
 - `fused_head_label_log_probs` takes hidden rows and the head weight instead: forward forms the logits h·Wᵀ a chunk
   of rows at a time and keeps only its inputs and per-row lse / space lse; backward recomputes each chunk's logits,
   forms ∂/∂z and turns it into the hidden rows' and the head's gradients (the outputs are per row, so their
-  gradients are only known in backward). Alive at a time: one chunk's logits and one same-sized temporary (two
-  with a space set); no (rows × V) tensor for all rows.
+  gradients are only known in backward). Alive at a time: one chunk's logits and one same-sized temporary (the
+  space-masked logits, or q); no (rows × V) tensor for all rows.
 
 Both return fp32 values (float64 stays float64). The plain references are
 `dwakd.ops.fused_kd.reference.label_log_probs_reference` and `head_label_log_probs_reference` (autograd).
@@ -48,7 +48,7 @@ def label_logit_grad_(z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, 
     (z is consumed); the space term is skipped when `g_space` is None."""
     q = None
     if g_space is not None:
-        q = torch.exp(z - space_lse[:, None]).masked_fill_(~space_mask, 0.0).mul_(g_space[:, None])
+        q = (z - space_lse[:, None]).exp_().masked_fill_(~space_mask, 0.0).mul_(g_space[:, None])
     total = g_label if g_space is None else g_label + g_space
     g = z.sub_(lse[:, None]).exp_().mul_(-total[:, None])  # −(g_label + g_space)·p
     g.scatter_add_(1, labels[:, None], g_label[:, None])
