@@ -49,9 +49,13 @@ Choices and differences from the reference (tokenkit `losses.compute_alm_loss`, 
   divergences are not implemented; `kd_temperature` is not used (τ is `binarization_temperature`);
 - the latent term uses response chunks only (the reference's latents also cover the prompt), the final hidden
   states only, and always projects (cross-tokenizer pairs do not share a hidden space).
-Memory and speed: log p(label) and the space log-mass come from one chunked fp32 pass over the label rows whose
-backward recomputes the softmax (`label_log_probs`), so no (rows, vocab) copy is kept for backward; heads run only
-at the label rows of both models (`ModelView.label_logits`).
+Memory and speed (`head_fusion`): with `dense`, heads run only at the label rows of both models
+(`ModelView.label_logits`) and log p(label) and the space log-mass come from one chunked fp32 pass over those logits
+whose backward recomputes the softmax (`label_log_probs`), so no (rows, vocab) copy is kept for backward. With
+`fused` (`auto` on a GPU or under bf16 autocast) each side with a plain linear head reads its hidden states at the
+label rows and its head weight instead (`dwakd.ops.fused_kd.fused_head_label_log_probs`): the logits are formed a
+chunk of rows at a time, in forward and again in the student's backward, so no (rows × vocab) logits exist for the
+batch; a side without one (a teacher cache, a LoRA-wrapped head) keeps the dense path. Same loss to rounding.
 """
 
 from __future__ import annotations
