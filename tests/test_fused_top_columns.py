@@ -67,10 +67,12 @@ def test_fp32_and_bf16_autocast_follow_the_dense_path():
             want = dense(hidden, weight, 400, 1.0, 50)
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        # backward outside autocast, as a training step runs it: the op must recompute as its forward did
         g_got = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
         g_want = torch.autograd.grad((want * upstream).sum(), (hidden, weight))
-        tol = 1e-2 if autocast else 1e-5  # bf16 gradient products round differently
-        for a, b in zip(g_got, g_want, strict=True):
+        # relative to the dense path under bf16 autocast, measured: 0 on the rows, 2.5e-3 on the head (autograd rounds
+        # its head gradient to bf16, the op accumulates it in fp32); a backward recomputing in fp32 was 5-6e-3 off both
+        for a, b, tol in zip(g_got, g_want, (1e-3, 4e-3) if autocast else (1e-5, 1e-5), strict=True):
             assert a.dtype == torch.float32 and float((a - b).norm()) <= tol * float(b.norm())
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the bf16 product is really used
         bf16 = fused_head_top_columns(hidden, weight, 400, 1.0, 50).detach()

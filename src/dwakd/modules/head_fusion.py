@@ -7,8 +7,9 @@ kernels, and the fused op's chunked elementwise passes cost 1.1-1.4x its step, w
 is what GPUs need. Under bf16 autocast the dense logits are bf16 and those kernels do not apply: on the tiny CPU
 recipe the fused op then took 0.40-0.94x the dense step time and 0.45-0.69x its peak memory (sft, dskd, dwakd,
 mined; benchmarks/README.md) — on a CPU with bf16 instructions; on an AVX2-only CPU, which emulates them, both
-paths run 9x slower than fp32 and `dwakd train` warns (benchmarks/README.md, "16-bit on a CPU"). Either way a model view without a plain linear head (dense logits from a teacher
-cache, a LoRA-wrapped or ZeRO-3-partitioned head) keeps the dense path.
+paths run 9x slower than fp32 and `dwakd train` warns (benchmarks/README.md, "16-bit on a CPU"). Either way a
+model view without a plain linear head (dense logits from a teacher cache, a LoRA-wrapped or ZeRO-3-partitioned
+head) keeps the dense path.
 """
 
 from __future__ import annotations

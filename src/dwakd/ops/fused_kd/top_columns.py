@@ -59,6 +59,7 @@ class _FusedHeadTopColumns(torch.autograd.Function):
             out = z_cols.div_(sigma).div_(temperature).sub_(lse).exp_()
         ctx.save_for_backward(hidden, weight, cols)
         ctx.vocab, ctx.temperature, ctx.chunk = vocab, temperature, chunk
+        ctx.mm = mm  # the matmul dtype: backward may run outside the forward's autocast
         return out
 
     @staticmethod
@@ -69,8 +70,7 @@ class _FusedHeadTopColumns(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if want_w else None  # the full head: padding rows stay 0
         if grad_out is None or not (want_h or want_w):
             return grad_h, grad_w, None, None, None, None
-        vocab, temperature = ctx.vocab, ctx.temperature
-        mm = matmul_dtype(weight)
+        vocab, temperature, mm = ctx.vocab, ctx.temperature, ctx.mm  # recompute as the forward did
         compute = torch.promote_types(mm, torch.float32)
         with _no_autocast(hidden), torch.no_grad():
             head = _head_rows(weight, vocab, mm)
