@@ -141,3 +141,20 @@ def head_label_log_probs_reference(hidden: torch.Tensor, weight: torch.Tensor, v
                                    space_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`label_log_probs_reference` of `F.linear` logits: the ground truth of `fused_head_label_log_probs`."""
     return label_log_probs_reference(_head_logits(hidden, weight, vocab), labels, vocab, space_mask)
+
+
+def head_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(rows,) −Σ p log p of softmax over dense `F.linear` logits: the ground truth of `head_columns.head_entropy`."""
+    return _statistics(_head_logits(hidden, weight, vocab), "head", frozenset({"head_entropy"}))["head_entropy"]
+
+
+def head_topk_reference(hidden: torch.Tensor, weight: torch.Tensor, vocab: int, k: int) -> torch.Tensor:
+    """(rows, min(k, vocab)) `torch.topk` indices of dense logits: the ground truth of `head_columns.head_topk`."""
+    return _head_logits(hidden, weight, vocab).detach().topk(min(k, vocab), dim=-1).indices
+
+
+def gathered_head_logits_reference(hidden: torch.Tensor, weight: torch.Tensor, vocab: int,
+                                   cols: torch.Tensor) -> torch.Tensor:
+    """(rows, C) dense logits gathered at `cols`, autograd for the gradients: the ground truth of
+    `head_columns.gathered_head_logits`."""
+    return _head_logits(hidden, weight, vocab).gather(1, cols)
