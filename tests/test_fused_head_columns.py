@@ -1,14 +1,19 @@
 """CDM's fused head ops (`head_entropy`, `head_topk`, `gathered_head_logits`) against their dense references
-(`F.linear` logits, autograd): values, gradients of the hidden rows and the head, heads with padding rows, repeated
-columns, chunking, bf16 autocast, the peak memory of the fused path and input errors."""
+(`F.linear` logits, autograd), and `cdm` with `head_fusion: fused` against `dense`: values, gradients of the hidden
+rows, head and student parameters, heads with padding rows, repeated columns, chunking, bf16 autocast, the peak
+memory of the fused path, input errors and option validation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from _baseline_helpers import Setup, run_deferred
 from _kd_helpers import one_thread
 
+import dwakd.methods.cdm as cdm
 from dwakd.evaluation.memory import peak_bytes
+from dwakd.methods import build_method
+from dwakd.methods.base import OptionError
 from dwakd.ops.fused_kd.head_columns import gathered_head_logits, head_entropy, head_topk
 from dwakd.ops.fused_kd.reference import (
     gathered_head_logits_reference,
@@ -126,3 +131,77 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="cols must be int64"):
         gathered_head_logits(hidden, weight, 10, cols[:2])
 
+
+# ---- the method -------------------------------------------------------------------------------------------------
+
+
+SIDE_BY_WIDTH = {16: "student", 24: "teacher"}  # `Setup`'s hidden sizes
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list:
+    """Records each fused top-k call from the method (one per side that took the fused path)."""
+    calls: list = []
+    original = cdm.head_topk
+
+    def counted(hidden, weight, *args, **kwargs):
+        calls.append(SIDE_BY_WIDTH[hidden.shape[1]])
+        return original(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(cdm, "head_topk", counted)
+    return calls
+
+
+def run(setup: Setup, tmp_path, mode: str, defer: tuple[bool, bool] = (True, True), **options):
+    return run_deferred(setup, tmp_path, "cdm", {"head_fusion": mode, **options}, defer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("defer", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("entropy_weights", [True, False])
+def test_cdm_fused_equals_dense(dtype, defer, entropy_weights, tmp_path, fused_calls):
+    setup = Setup()
+    setup.student.to(dtype)
+    setup.teacher.to(dtype)
+    options = {"top_k": 20, "kd_temperature": 1.5, "entropy_weights": entropy_weights}
+    want = run(setup, tmp_path, "dense", defer, **options)
+    assert fused_calls == []
+    got = run(setup, tmp_path, "fused", defer, **options)
+    assert fused_calls == [side for side, on in zip(("student", "teacher"), defer) if on]
+    tight = dtype == torch.float64
+    torch.testing.assert_close(got[1]["kd"], want[1]["kd"], rtol=1e-10 if tight else 2e-5, atol=1e-12)
+    rtol = 1e-6 if tight else 2e-5  # the dense CE runs in fp32, the fused one in the input's dtype
+    torch.testing.assert_close(got[1]["ce"], want[1]["ce"].to(got[1]["ce"].dtype), rtol=rtol, atol=1e-12)
+    torch.testing.assert_close(got[0], want[0].to(got[0].dtype), rtol=rtol, atol=0)
+    assert got[2].keys() == want[2].keys() and want[2]
+    for name, grad in want[2].items():
+        assert float((got[2][name] - grad).abs().max()) <= 1e-4 * float(grad.abs().max()), name
+
+
+def test_cdm_kd_gradients_fused_equal_dense_float64(tmp_path):
+    """The KD term alone (kd_rate 1: no CE, whose dense path runs in fp32), so its student gradients compare at
+    float64 precision."""
+    setup = Setup()
+    options = {"top_k": 20, "kd_rate": 1.0}
+    want = run(setup, tmp_path, "dense", **options)
+    got = run(setup, tmp_path, "fused", **options)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    assert got[2].keys() == want[2].keys() and want[2]
+    for name, grad in want[2].items():
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-8, atol=1e-10 * float(grad.abs().max()), msg=name)
+
+
+def test_auto_in_fp32_is_dense_and_fused_under_bf16_autocast(tmp_path, fused_calls):
+    setup = Setup()
+    run(setup, tmp_path, "auto")
+    assert fused_calls == []
+    setup.student.float()
+    setup.teacher.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = run(setup, tmp_path, "auto")
+    assert fused_calls == ["student", "teacher"] and torch.isfinite(loss)
+
+
+def test_head_fusion_is_validated(tmp_path):
+    with pytest.raises(OptionError, match="head_fusion"):
+        build_method("cdm", Setup().context(tmp_path), {"head_fusion": "chunked"})

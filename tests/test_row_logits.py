@@ -25,7 +25,7 @@ FAST = ["data.max_length=64", "data.max_prompt_length=32", "data.eval=null", "tr
 
 
 def _build(tiny_yaml, tmp_path, method: str, extra: list[str] = ()):
-    """`method`, or `method:fused` for a dual-space method with `head_fusion: fused` (the CPU default is dense);
+    """`method`, or `method:fused` for a method with `head_fusion: fused` (the CPU default is dense);
     `extra`: further overrides (`method_extra`)."""
     name, _, fusion = method.partition(":")
     extra = [*extra, *([f"method.options.head_fusion={fusion}"] if fusion else [])]
@@ -90,7 +90,7 @@ def _check_method(tiny_yaml, tmp_path, method: str, extra: list[str] = ()) -> No
             assert rows[side] == [batch_size]
 
 
-@pytest.mark.parametrize("method", [*sorted(CLASSES), "dskd:fused", "dwakd:fused"])
+@pytest.mark.parametrize("method", [*sorted(CLASSES), "dskd:fused", "dwakd:fused", "cdm:fused"])
 def test_rows_equal_dense_and_skip_prompts(tiny_yaml, tmp_path, method):
     _check_method(tiny_yaml, tmp_path, method)
 

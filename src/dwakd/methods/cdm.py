@@ -50,6 +50,13 @@ Speed: the reference loops in Python over every DTW cell (an edit distance per c
 position and scans up to k² pairs in Python, one sequence at a time (why the DWA-KD paper ran it at batch 1). Here
 the edit-distance matrix is one rapidfuzz call per sequence, DTW, pooling and mapping are numba-compiled, heads
 run at label rows only, and pooling, top-k and the divergence run batched on the models' device; batch > 1 works.
+Memory: `head_fusion: fused` (`auto` on a GPU or under 16-bit autocast) never forms (rows × V) logits for the
+batch on a side whose view has a plain linear head (`LabelRows`): everything up to the column gather is linear in
+the logits, so the hidden rows are pooled first (P·H, then (P·H)·Wᵀ = P·(H·Wᵀ)); the entropies and the pooled
+rows' top-k come from forward-only chunked passes over the head, and the 2k KD columns per pooled row from a small
+differentiable gather op (`dwakd.ops.fused_kd.head_columns`); the CE runs through the fused CE op. Same loss up to
+rounding (pooling before the head rounds differently; top-k candidates that tie within rounding may be ordered or
+chosen differently). A side with dense logits (teacher cache, LoRA-wrapped head) keeps the dense path.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ from dwakd.alignment.dtw import dtw_path, edit_distance_matrix
 from dwakd.alignment.dynamic_map import byte_arrays, dynamic_vocab_map, pooling_plan
 from dwakd.alignment.token_strings import token_table
 from dwakd.alignment.vocab_map import exact_text_map
+from dwakd.interface import ModelView, label_rows
 from dwakd.methods.base import (
     DistillationInputs,
     DistillationMethod,
@@ -71,11 +79,14 @@ from dwakd.methods.base import (
     MethodOptions,
     OptionError,
     TokenView,
+    check_choice,
     check_range,
 )
 from dwakd.methods.registry import register_method
-from dwakd.modules.cross_entropy import label_cross_entropy_sum
+from dwakd.modules.cross_entropy import label_cross_entropy_sum, student_cross_entropy_sum
 from dwakd.modules.divergences import check_divergence, compute_dtype, divergence, no_autocast
+from dwakd.modules.head_fusion import HEAD_FUSIONS, use_fused_heads
+from dwakd.ops.fused_kd.head_columns import gathered_head_logits, head_entropy, head_topk, logit_entropy
 
 UNMAPPED_LOGIT = -1e4  # logit of dropped columns on both sides (the reference's constant)
 CHUNK_ELEMENTS = 1 << 24  # fp32 elements per chunk when computing entropies
@@ -90,9 +101,13 @@ class CDMOptions(MethodOptions):
     similarity_threshold: float = 0.3  # [simi_threadshold] max normalised edit distance of a dynamic match
     temperature_on_teacher: bool = True  # false: the reference's unscaled teacher distribution
     entropy_weights: bool = True  # false: DTW on the plain edit distance (ablation)
+    # fused: entropies, pooling, top-k and the KD columns from hidden rows and head weights (and the CE through the
+    # fused CE), no (rows × V) logits | dense: logits at the label rows | auto: fused on a GPU or under bf16 autocast
+    head_fusion: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)
         check_divergence("kd_objective", self.kd_objective)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise OptionError("top_k", f"must be a positive integer; got {self.top_k!r}")
@@ -121,21 +136,56 @@ def entropy_factors(entropy: torch.Tensor, segment: torch.Tensor, segments: int)
 
 
 def row_entropy(logits: torch.Tensor, vocab: int, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """(rows,) entropy of softmax(logits[:, :vocab]) in at least fp32, chunked, without gradient.
-
-    With u = z − max z (−∞ clamped to the lowest finite value) and e = exp(u): H = log Σ e − ⟨e, u⟩ / Σ e.
-    """
+    """(rows,) entropy of softmax(logits[:, :vocab]) in at least fp32, chunked, without gradient (`logit_entropy`)."""
     dtype = compute_dtype(logits)
     out = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
     chunk = max(1, chunk_elements // max(1, vocab))
     with torch.no_grad(), no_autocast(logits):
         for lo in range(0, logits.shape[0], chunk):
-            z = logits[lo:lo + chunk, :vocab].to(dtype)  # (r, V), may be a view of the logits
-            shifted = (z - z.amax(-1, keepdim=True)).clamp_(min=torch.finfo(dtype).min)  # (r, V) ≤ 0
-            e = shifted.exp()
-            total = e.sum(-1)
-            out[lo:lo + chunk] = total.log() - torch.einsum("rv,rv->r", e, shifted) / total
+            out[lo:lo + chunk] = logit_entropy(logits[lo:lo + chunk, :vocab].to(dtype))
     return out
+
+
+@dataclass
+class LabelRows:
+    """One side's label rows (or pooled rows of them) as CDM reads them: dense logits (rows, head rows), or, for a
+    view with a plain linear head under `head_fusion: fused`, hidden states (rows, d) and the head's weight, whose
+    logits h·Wᵀ the `dwakd.ops.fused_kd.head_columns` ops form chunk by chunk."""
+
+    values: torch.Tensor  # logits, or hidden states when `weight` is set
+    weight: torch.Tensor | None
+    vocab: int
+
+    @classmethod
+    def of(cls, out: ModelView, view: TokenView, fused: bool) -> LabelRows:
+        """The label rows of `view` (row-major), fused where asked and the view has a plain linear head."""
+        weight = out.linear_head_weight() if fused else None
+        if weight is None:
+            return cls(out.label_logits(view)[0], None, out.vocab_size)
+        return cls(out.hidden_at(label_rows(view)[0]), weight, out.vocab_size)
+
+    def entropy(self) -> torch.Tensor:
+        """(rows,) entropy of each row's distribution over the real vocabulary, without gradient."""
+        if self.weight is None:
+            return row_entropy(self.values.detach(), self.vocab)
+        return head_entropy(self.values.detach(), self.weight.detach(), self.vocab)
+
+    def pooled(self, plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor], groups: int) -> LabelRows:
+        """The rows pooled by `plan` (`CDM.pool`); for hidden rows P·H, whose logits (P·H)·Wᵀ are P·(H·Wᵀ)."""
+        width = self.vocab if self.weight is None else self.values.shape[1]
+        return LabelRows(CDM.pool(self.values, plan, groups, width), self.weight, self.vocab)
+
+    def top(self, k: int) -> torch.Tensor:
+        """(rows, min(k, vocab)) indices of each row's largest logits, in decreasing order, without gradient."""
+        if self.weight is None:
+            return self.values.detach().topk(min(k, self.vocab), dim=-1).indices
+        return head_topk(self.values.detach(), self.weight.detach(), self.vocab, k)
+
+    def columns(self, cols: torch.Tensor) -> torch.Tensor:
+        """(rows, C) logits at columns `cols` (int64 < vocab) of each row, differentiable as the rows are."""
+        if self.weight is None:
+            return self.values.gather(1, cols)
+        return gathered_head_logits(self.values, self.weight, self.vocab, cols)
 
 
 @register_method
@@ -209,34 +259,34 @@ class CDM(DistillationMethod):
         return strings[token_id] if 0 <= token_id < len(strings) else ""
 
     @staticmethod
-    def pool(logits: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor], groups: int,
-             vocab: int) -> torch.Tensor:
-        """(groups, vocab) weighted sums of label-row logits (a sparse averaging matrix times the rows), ≥ fp32."""
+    def pool(rows: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor], groups: int,
+             width: int) -> torch.Tensor:
+        """(groups, width) weighted sums of the first `width` columns of label rows — logits (width = vocab) or
+        hidden states (width = d) — a sparse averaging matrix times the rows, ≥ fp32, differentiable."""
         group, row, weight = plan
-        dtype = compute_dtype(logits)
-        with no_autocast(logits):
-            dense = logits[:, :vocab].to(dtype)  # (K, V)
-            matrix = torch.sparse_coo_tensor(torch.stack([group, row]), weight.to(dtype), (groups, logits.shape[0]),
+        dtype = compute_dtype(rows)
+        with no_autocast(rows):
+            dense = rows[:, :width].to(dtype)  # (K, width)
+            matrix = torch.sparse_coo_tensor(torch.stack([group, row]), weight.to(dtype), (groups, rows.shape[0]),
                                              check_invariants=False)
             return torch.sparse.mm(matrix, dense)
 
-    def mapped_columns(self, pooled_student: torch.Tensor, pooled_teacher: torch.Tensor):
+    def mapped_columns(self, pooled_student: LabelRows, pooled_teacher: LabelRows):
         """(student columns, teacher columns, mapped mask), each (groups, 2k): both directions of the dynamic map."""
-        k_s = min(self.options.top_k, pooled_student.shape[1])
-        k_t = min(self.options.top_k, pooled_teacher.shape[1])
-        s_top = pooled_student.detach().topk(k_s, dim=-1).indices  # (G, k_s)
-        t_top = pooled_teacher.topk(k_t, dim=-1).indices  # (G, k_t)
+        s_top = pooled_student.top(self.options.top_k)  # (G, k_s)
+        t_top = pooled_teacher.top(self.options.top_k)  # (G, k_t)
         s_top_np, t_top_np = s_top.cpu().numpy(), t_top.cpu().numpy()
         theta = self.options.similarity_threshold
         t2s = dynamic_vocab_map(t_top_np, s_top_np, self.teacher_to_student, self.teacher_bytes, self.student_bytes,
                                 theta)  # (G, k_t) student id per teacher candidate
         s2t = dynamic_vocab_map(s_top_np, t_top_np, self.student_to_teacher, self.student_bytes, self.teacher_bytes,
                                 theta)  # (G, k_s) teacher id per student candidate
-        t2s = torch.as_tensor(t2s, device=pooled_student.device)
-        s2t = torch.as_tensor(s2t, device=pooled_student.device)
+        t2s = torch.as_tensor(t2s, device=s_top.device)
+        s2t = torch.as_tensor(s2t, device=s_top.device)
         mask = torch.cat([t2s >= 0, s2t >= 0], dim=1)  # (G, k_t + k_s)
-        student_cols = torch.cat([pooled_student.gather(1, t2s.clamp_min(0)), pooled_student.gather(1, s_top)], 1)
-        teacher_cols = torch.cat([pooled_teacher.gather(1, t_top), pooled_teacher.gather(1, s2t.clamp_min(0))], 1)
+        student_cols = pooled_student.columns(torch.cat([t2s.clamp_min(0), s_top], 1))
+        with torch.no_grad():
+            teacher_cols = pooled_teacher.columns(torch.cat([t_top, s2t.clamp_min(0)], 1))
         student_cols = student_cols.masked_fill(~mask, UNMAPPED_LOGIT)
         teacher_cols = teacher_cols.masked_fill(~mask, UNMAPPED_LOGIT)
         return student_cols, teacher_cols, mask
@@ -246,24 +296,28 @@ class CDM(DistillationMethod):
         opts = self.options
         student, teacher = inputs.student, inputs.teacher
         s_out, t_out = inputs.student_out, inputs.teacher_out
-        s_logits, _ = s_out.label_logits(student)  # (K_s, R_s): heads run at label rows only
-        ce = label_cross_entropy_sum(s_logits, student, s_out.vocab_size) / inputs.num_items
+        fused = use_fused_heads(opts.head_fusion, student.labels.device)
+        s_rows = LabelRows.of(s_out, student, fused)  # (K_s, R_s) logits or (K_s, d_s) hidden rows
+        if s_rows.weight is None:
+            ce = label_cross_entropy_sum(s_rows.values, student, s_out.vocab_size) / inputs.num_items
+        else:  # no (K × V) logits: the head and the CE in one chunked op
+            ce = student_cross_entropy_sum(s_out, student, "fused") / inputs.num_items
         with torch.no_grad():
-            t_logits, _ = t_out.label_logits(teacher)  # (K_t, R_t)
+            t_rows = LabelRows.of(t_out, teacher, fused)  # (K_t, ·)
         s_factor = t_factor = None
         if opts.entropy_weights:
             s_seq = student.label_mask.nonzero()[:, 0]  # (K_s,) sequence of each label row
             t_seq = teacher.label_mask.nonzero()[:, 0]
             batch = student.labels.shape[0]
-            s_factor = entropy_factors(row_entropy(s_logits.detach(), s_out.vocab_size), s_seq, batch)
-            t_factor = entropy_factors(row_entropy(t_logits, t_out.vocab_size), t_seq, batch)
+            s_factor = entropy_factors(s_rows.entropy(), s_seq, batch)
+            t_factor = entropy_factors(t_rows.entropy(), t_seq, batch)
         alignment = self.align(student, teacher, s_factor, t_factor)
-        kd_sum = s_logits.new_zeros((), dtype=compute_dtype(s_logits))
+        kd_sum = s_rows.values.new_zeros((), dtype=compute_dtype(s_rows.values))
         mapped = 0.0
         if alignment.groups:
-            pooled_s = self.pool(s_logits, alignment.student, alignment.groups, s_out.vocab_size)  # (G, V_s)
+            pooled_s = s_rows.pooled(alignment.student, alignment.groups)  # (G, ·)
             with torch.no_grad():
-                pooled_t = self.pool(t_logits, alignment.teacher, alignment.groups, t_out.vocab_size)  # (G, V_t)
+                pooled_t = t_rows.pooled(alignment.teacher, alignment.groups)
             student_cols, teacher_cols, mask = self.mapped_columns(pooled_s, pooled_t)
             tau = opts.kd_temperature
             if not opts.temperature_on_teacher:
