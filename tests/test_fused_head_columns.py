@@ -88,6 +88,23 @@ def test_fp32_and_bf16_autocast_follow_the_dense_path():
         assert float((a - b).abs().max()) > 1e-6
 
 
+def test_bf16_head_gradient_is_summed_before_rounding():
+    """A bf16 head (no autocast): bf16 products, fp32 logits, and a column gathered 2000 times gets the exact sum of
+    its products to one bf16 rounding, not 2000 bf16 additions (which stall once the sum dwarfs each term; CPU's
+    2-D `index_add_` happens to sum first anyway, CUDA's atomic adds do not)."""
+    hidden, weight, _, _ = leaves(100, 50, dtype=torch.float32, seed=2)
+    hidden = hidden.detach().abs().bfloat16().requires_grad_(True)  # positive products: the sum only grows
+    weight = weight.detach().bfloat16().requires_grad_(True)
+    cols = torch.zeros(100, 20, dtype=torch.long)
+    got = gathered_head_logits(hidden, weight, 50, cols)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, gathered_head_logits_reference(hidden, weight, 50, cols), rtol=0, atol=0)
+    (grad_w,) = torch.autograd.grad(got.sum(), weight)
+    exact = hidden.detach().double().sum(0) * 20  # d/dW[0] of Σ ⟨h_g, W[0]⟩ over 20 columns per row
+    torch.testing.assert_close(grad_w[0].double(), exact, rtol=2 ** -8, atol=0)
+    assert grad_w[1:].abs().sum() == 0
+
+
 def test_peak_memory_is_one_chunk_not_the_whole_batch():
     """CDM's head terms of one side: entropies of all rows, top-k of the pooled rows and the gathered columns with
     their gradients, against the dense logits of the rows the reference forms."""

@@ -7,7 +7,9 @@ rows and a few gathered columns of those pooled rows; pooling is linear, so pool
 - `gathered_head_logits`: z[g, c] = ⟨h_g, W[cols[g, c]]⟩ for (rows, C) given columns, differentiable w.r.t. h and
   W; forward gathers the head rows of a chunk of rows at a time (no (rows, C, d) tensor for all rows), backward
   recomputes that gather: dL/dh_g = Σ_c G[g, c]·W[cols[g, c]], and G[g, c]·h_g is added into the head gradient's
-  row cols[g, c] (`index_add_`: repeated columns add up; padding rows, and every column not gathered, get 0).
+  row cols[g, c] (`index_add_`: repeated columns add up; padding rows, and every column not gathered, get 0). Those
+  products are summed per head row over a chunk in the compute dtype first, so a 16-bit head gradient is rounded
+  once per row and chunk (as `add_head_grad_` rounds a chunk's product), not once per gathered entry.
 Precision as `F.linear`'s: the products run in autocast's dtype when it is on (`matmul_dtype`), else in the head's;
 the logits are then promoted to fp32 (float64 stays float64) for the entropy and the output. The plain references
 (dense `F.linear` logits, autograd) are `head_entropy_reference`, `head_topk_reference` and
@@ -101,7 +103,7 @@ class _GatheredHeadLogits(torch.autograd.Function):
                 rows = _gathered_head(weight, cols[part], mm)  # (r, C, d)
                 out[part] = torch.bmm(rows, hidden[part].to(mm).unsqueeze(-1)).squeeze(-1).to(compute)
         ctx.save_for_backward(hidden, weight, cols)
-        ctx.chunk, ctx.mm = chunk, mm
+        ctx.chunk, ctx.mm, ctx.compute = chunk, mm, compute
         return out
 
     @staticmethod
@@ -112,7 +114,7 @@ class _GatheredHeadLogits(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if want_w else None  # the full head: rows never gathered stay 0
         if grad_out is None or not (want_h or want_w):
             return grad_h, grad_w, None, None
-        mm = ctx.mm
+        mm, compute = ctx.mm, ctx.compute
         with _no_autocast(hidden), torch.no_grad():
             for part in _row_blocks(cols.shape[0], ctx.chunk):
                 g = grad_out[part].to(mm)  # (r, C)
@@ -120,10 +122,14 @@ class _GatheredHeadLogits(torch.autograd.Function):
                     rows = _gathered_head(weight, cols[part], mm)  # (r, C, d)
                     grad_h[part] = torch.bmm(g.unsqueeze(1), rows).squeeze(1).to(grad_h.dtype)
                     del rows
-                if want_w:
-                    outer = g.unsqueeze(-1) * hidden[part].to(mm).unsqueeze(1)  # (r, C, d): G[g, c]·h_g
-                    grad_w.index_add_(0, cols[part].reshape(-1), outer.reshape(-1, weight.shape[1]).to(grad_w.dtype))
+                if want_w:  # G[g, c]·h_g of the matmul-dtype operands, summed per head row in the compute dtype
+                    outer = g.to(compute).unsqueeze(-1) * hidden[part].to(mm).to(compute).unsqueeze(1)  # (r, C, d)
+                    used, slot = torch.unique(cols[part], return_inverse=True)  # head rows of the chunk, (r, C)
+                    sums = outer.new_zeros(used.numel(), weight.shape[1])
+                    sums.index_add_(0, slot.reshape(-1), outer.reshape(-1, weight.shape[1]))
                     del outer
+                    grad_w.index_add_(0, used, sums.to(grad_w.dtype))  # one rounding per row and chunk (16-bit heads)
+                    del sums
         return grad_h, grad_w, None, None
 
 
