@@ -1,4 +1,5 @@
-"""Benchmark: the vocabulary-sized terms of ULD and MultiLevelOT at paper shapes, fused heads vs dense logits.
+"""Benchmark: the vocabulary-sized terms of ULD, MultiLevelOT, ALM and CDM at paper shapes, fused heads vs dense
+logits.
 
 Random hidden states and heads, no models (so it runs on CPU): 1,024 rows (batch 4 × 256 response tokens), student
 hidden 768 with GPT-2's 50,257-token head (trained: gradient to the rows and the head), teacher hidden 2048 with a
@@ -11,6 +12,16 @@ Qwen-sized 151,936-row head of which 151,646 are real tokens (frozen). The CE ev
   sums), the student's (rows, 50) output weighted by a fixed random tensor (what the method's L1, CE_log and
   Sinkhorn then see is (rows, 50) either way). `fused`: `dwakd.ops.fused_kd.fused_head_top_columns` on both sides;
   `dense`: `F.linear` logits and `std_normalised_probs` + `top_columns`, as `head_fusion: dense`.
+- `alm`: ALM's per-row log p(label) and space log-mass on both sides (random labels; a fixed random space set of
+  about a third of each vocabulary), the student's two (rows,) outputs weighted by fixed random tensors (what the
+  chunk scores then see is (rows,) either way). `fused`: `dwakd.ops.fused_kd.fused_head_label_log_probs` on both
+  sides; `dense`: `F.linear` logits and `label_log_probs`, as `head_fusion: dense`.
+- `cdm`: CDM's head terms on both sides (`dwakd.methods.cdm.LabelRows`, what `compute_loss` calls): each label
+  row's entropy, rows pooled by a plan that averages consecutive pairs (512 pooled rows), each pooled row's top-100
+  columns, and 200 gathered columns per pooled row (the side's own top-100 and 100 fixed random ids standing in for
+  the mapped candidates of the other side; the candidate mapping itself is CPU string work, not a head term), the
+  student's (G, 200) columns weighted by a fixed random weight per vocabulary column. `fused`: hidden rows and head
+  weights (`head_entropy`, `head_topk`, `gathered_head_logits`); `dense`: `F.linear` logits, as `head_fusion: dense`.
 
 Measured per variant: seconds of forward + backward, rounds interleaved (the order alternating every round); peak
 tensor memory from a separate profiled pass (`dwakd.evaluation.memory.peak_bytes`, bytes above those live before:
@@ -43,12 +54,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from dwakd.evaluation.memory import peak_bytes  # noqa: E402
+from dwakd.methods.cdm import LabelRows  # noqa: E402
 from dwakd.methods.multilevel_ot import std_normalised_probs, top_columns  # noqa: E402
 from dwakd.methods.uld import uld_distance_sum  # noqa: E402
 from dwakd.ops.fused_kd import fused_head_sorted_l1  # noqa: E402
+from dwakd.ops.fused_kd.label_log_probs import fused_head_label_log_probs, label_log_probs  # noqa: E402
 from dwakd.ops.fused_kd.top_columns import fused_head_top_columns  # noqa: E402
 
-TERMS = ("uld", "top_columns")
+TERMS = ("uld", "top_columns", "alm", "cdm")
+CDM_TOP_K = 100
 TOP_K = 50
 PAPER = {"rows": 1024, "d_s": 768, "v_s": 50257, "d_t": 2048, "v_t": 151646, "head_t": 151936}
 QUICK = {"rows": 64, "d_s": 32, "v_s": 3000, "d_t": 48, "v_t": 5000, "head_t": 5100}
@@ -64,11 +78,19 @@ def make_inputs(shapes: dict, device: torch.device, seed: int = 0) -> dict:
             "s_weight": randn(shapes["v_s"], shapes["d_s"], scale=shapes["d_s"] ** -0.5 * 2).requires_grad_(True),
             "t_hidden": randn(shapes["rows"], shapes["d_t"], scale=1.0),
             "t_weight": randn(shapes["head_t"], shapes["d_t"], scale=shapes["d_t"] ** -0.5 * 3),
-            "upstream": randn(shapes["rows"], TOP_K, scale=1.0)}
+            "upstream": randn(shapes["rows"], TOP_K, scale=1.0),
+            "s_labels": torch.randint(shapes["v_s"], (shapes["rows"],), generator=gen).to(device),
+            "t_labels": torch.randint(shapes["v_t"], (shapes["rows"],), generator=gen).to(device),
+            "s_space": (torch.rand(shapes["v_s"], generator=gen) < 1 / 3).to(device),
+            "t_space": (torch.rand(shapes["v_t"], generator=gen) < 1 / 3).to(device),
+            "s_others": torch.randint(shapes["v_s"], (shapes["rows"] // 2, CDM_TOP_K), generator=gen).to(device),
+            "t_others": torch.randint(shapes["v_t"], (shapes["rows"] // 2, CDM_TOP_K), generator=gen).to(device),
+            "column_weights": randn(shapes["v_s"], scale=1.0)}
 
 
 def term(name: str, variant: str, x: dict, shapes: dict) -> torch.Tensor:
-    return (top_columns_term if name == "top_columns" else uld_term)(variant, x, shapes)
+    functions = {"uld": uld_term, "top_columns": top_columns_term, "alm": alm_term, "cdm": cdm_term}
+    return functions[name](variant, x, shapes)
 
 
 def uld_term(variant: str, x: dict, shapes: dict) -> torch.Tensor:
@@ -96,6 +118,41 @@ def top_columns_term(variant: str, x: dict, shapes: dict) -> torch.Tensor:
             p_t = top_columns(std_normalised_probs(F.linear(x["t_hidden"], x["t_weight"]), None, shapes["v_t"], 1.0),
                               TOP_K)
     return (p_s * x["upstream"]).sum() + p_t.sum()
+
+
+def alm_term(variant: str, x: dict, shapes: dict) -> torch.Tensor:
+    """Σ a·log p_s(label) + b·space log-mass of the student plus the teacher's two sums (formed without gradient)."""
+    def side(hidden: torch.Tensor, weight: torch.Tensor, vocab: int, labels: torch.Tensor, space: torch.Tensor):
+        if variant == "fused":
+            return fused_head_label_log_probs(hidden, weight, vocab, labels, space)
+        return label_log_probs(F.linear(hidden, weight), labels, vocab, space)  # `head_fusion: dense`
+
+    label_s, space_s = side(x["s_hidden"], x["s_weight"], shapes["v_s"], x["s_labels"], x["s_space"])
+    with torch.no_grad():
+        label_t, space_t = side(x["t_hidden"], x["t_weight"], shapes["v_t"], x["t_labels"], x["t_space"])
+    return (label_s * x["upstream"][:, 0]).sum() + (space_s * x["upstream"][:, 1]).sum() + label_t.sum() + space_t.sum()
+
+
+def cdm_term(variant: str, x: dict, shapes: dict) -> torch.Tensor:
+    """Σ w[col]·(student's gathered pooled logit at col), plus the entropies' and the teacher's columns' sums. The
+    weight is per vocabulary column, not per position, so two top-k candidates that tie within rounding and come out
+    in either order (the fused path pools before the head) weigh the same, as they do in CDM's KL."""
+    rows = shapes["rows"]
+    device = x["s_hidden"].device
+    plan = (torch.arange(rows, device=device) // 2, torch.arange(rows, device=device),
+            torch.full((rows,), 0.5, dtype=torch.float64, device=device))  # consecutive pairs averaged
+
+    def side(hidden: torch.Tensor, weight: torch.Tensor, vocab: int, others: torch.Tensor) -> tuple:
+        label_rows = (LabelRows(hidden, weight, vocab) if variant == "fused"
+                      else LabelRows(F.linear(hidden, weight), None, vocab))  # `head_fusion: dense`
+        pooled = label_rows.pooled(plan, rows // 2)
+        cols = torch.cat([pooled.top(CDM_TOP_K), others], 1)  # (G, 2k)
+        return label_rows.entropy(), pooled.columns(cols), cols
+
+    entropy_s, values_s, cols_s = side(x["s_hidden"], x["s_weight"], shapes["v_s"], x["s_others"])
+    with torch.no_grad():
+        entropy_t, values_t, _ = side(x["t_hidden"], x["t_weight"], shapes["v_t"], x["t_others"])
+    return (values_s * x["column_weights"][cols_s]).sum() + values_t.sum() + entropy_s.sum() + entropy_t.sum()
 
 
 def one_pass(name: str, variant: str, x: dict, shapes: dict, autocast: torch.dtype | None, device: torch.device):
