@@ -158,6 +158,22 @@ def run_deferred(setup: Setup, cache_dir, name: str, options: dict, defer: tuple
     return result.loss.detach(), result.parts, student_grads(setup.student, result.loss)
 
 
+def check_auto_choice(run, tmp_path, fused_calls: list[str]) -> None:
+    """`head_fusion: auto` takes the dense path in fp32 on a CPU and the fused ops of both sides under bf16 autocast.
+
+    `run(setup, tmp_path, head_fusion)` runs a method's loss on `setup` and returns (loss, ...); `fused_calls`
+    records each side that reached a fused op (each test file patches its method's ops to append to it).
+    """
+    setup = Setup()
+    run(setup, tmp_path, "auto")
+    assert fused_calls == []
+    setup.student.float()
+    setup.teacher.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = run(setup, tmp_path, "auto")[0]
+    assert fused_calls == ["student", "teacher"] and torch.isfinite(loss)
+
+
 def student_grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     """{name: gradient of `loss`} over `model`'s trainable parameters that `loss` reaches."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _baseline_helpers import Setup, run_deferred
+from _baseline_helpers import Setup, check_auto_choice, run_deferred
 from _kd_helpers import one_thread
 
 import dwakd.methods.cdm as cdm
@@ -209,14 +209,7 @@ def test_cdm_kd_gradients_fused_equal_dense_float64(tmp_path):
 
 
 def test_auto_in_fp32_is_dense_and_fused_under_bf16_autocast(tmp_path, fused_calls):
-    setup = Setup()
-    run(setup, tmp_path, "auto")
-    assert fused_calls == []
-    setup.student.float()
-    setup.teacher.float()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _, _ = run(setup, tmp_path, "auto")
-    assert fused_calls == ["student", "teacher"] and torch.isfinite(loss)
+    check_auto_choice(run, tmp_path, fused_calls)
 
 
 def test_head_fusion_is_validated(tmp_path):

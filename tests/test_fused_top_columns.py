@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _baseline_helpers import Setup, run_deferred
+from _baseline_helpers import Setup, check_auto_choice, run_deferred
 from _kd_helpers import one_thread
 
 import dwakd.methods.multilevel_ot as mlot
@@ -147,14 +147,7 @@ def test_multilevel_ot_fused_equals_dense(dtype, defer, tmp_path, fused_calls):
 
 
 def test_auto_in_fp32_is_dense_and_fused_under_bf16_autocast(tmp_path, fused_calls):
-    setup = Setup()
-    run(setup, tmp_path, "auto")
-    assert fused_calls == []
-    setup.student.float()
-    setup.teacher.float()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _, _ = run(setup, tmp_path, "auto")
-    assert fused_calls == ["student", "teacher"] and torch.isfinite(loss)
+    check_auto_choice(run, tmp_path, fused_calls)
 
 
 def test_head_fusion_is_validated(tmp_path):
