@@ -4,6 +4,7 @@ any tokenizer, data or model is loaded; training defaults live with the config."
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -150,6 +151,20 @@ def test_a_model_loaded_in_an_emulated_dtype_is_named_by_its_key(tiny_yaml, tmp_
     warned = [r.getMessage() for r in caplog.records if "instructions" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("teacher.dtype: bfloat16 computes in torch.bfloat16")
     assert "set teacher.dtype=float32" in warned[0]
+
+
+@pytest.mark.parametrize("launched_with", [None, "fp16"])
+def test_an_earlier_runs_bf16_does_not_carry_over(tiny_yaml, monkeypatch, launched_with):
+    """transformers 4.x leaves `training.bf16` in ACCELERATE_MIXED_PRECISION, which its Trainer reads: a later run in
+    the same process must start from the launch-time value (here a stale "bf16" stands for the earlier run)."""
+    import dwakd.config
+
+    monkeypatch.setattr(dwakd.config, "_LAUNCH_MIXED_PRECISION", launched_with)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    args = training_arguments(load_config(tiny_yaml, []))  # use_cpu, no bf16
+    assert not args.bf16
+    assert os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == (launched_with or "no")
+    assert getattr(args, "mixed_precision", launched_with or "no") == (launched_with or "no")  # transformers 5
 
 
 def test_training_defaults_live_with_the_config(tiny_yaml):

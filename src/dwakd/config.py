@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import re
 import sys
 import types
@@ -424,11 +425,30 @@ def _training_error(exc: Exception, kwargs: dict[str, Any]) -> str:
     return f"{where}: {message}"
 
 
+# What `accelerate launch --mixed_precision` (or nothing) put in the environment when this process started.
+# transformers 4.x writes `training.bf16`/`fp16` into ACCELERATE_MIXED_PRECISION when it builds TrainingArguments and
+# never takes it back, and its Trainer reads the variable: after one bf16 run, every later run in the same process
+# (a notebook, a test session, several configs in one script) would train under bf16 autocast too.
+_LAUNCH_MIXED_PRECISION = os.environ.get("ACCELERATE_MIXED_PRECISION")
+
+
+def _restore_launch_mixed_precision() -> None:
+    """Put ACCELERATE_MIXED_PRECISION back to its value at process start (unset if it had none)."""
+    if _LAUNCH_MIXED_PRECISION is None:
+        os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+    else:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = _LAUNCH_MIXED_PRECISION
+
+
 def training_arguments(config: RunConfig) -> TrainingArguments:
-    """The run's `transformers.TrainingArguments`; a value they reject is a ConfigError naming its key and the fix."""
+    """The run's `transformers.TrainingArguments`; a value they reject is a ConfigError naming its key and the fix.
+
+    Each call starts from the launch-time mixed precision, so no earlier run's `training.bf16` carries over.
+    """
     from transformers import TrainingArguments
 
     kwargs = config.training_kwargs()
+    _restore_launch_mixed_precision()
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as exc:
