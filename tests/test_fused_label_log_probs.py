@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _baseline_helpers import Setup, run_deferred
+from _baseline_helpers import Setup, check_bf16_fused_follows_dense, run_deferred
 from _kd_helpers import one_thread
 
 import dwakd.methods.alm as alm_module
@@ -149,10 +149,11 @@ def fused_calls(monkeypatch) -> list:
     return calls
 
 
-def run_alm(setup: Setup, tmp_path, mode: str, defer: tuple[bool, bool] = (True, True), **options):
+def run_alm(setup: Setup, tmp_path, mode: str, defer: tuple[bool, bool] = (True, True), bf16_autocast: bool = False,
+            **options):
     """(loss, parts, student parameter gradients) of one `alm` pass with `head_fusion: mode`."""
     torch.manual_seed(0)  # the same initial latent projector on every call
-    return run_deferred(setup, tmp_path, "alm", {"head_fusion": mode, "kd_rate": 0.4, **options}, defer)
+    return run_deferred(setup, tmp_path, "alm", {"head_fusion": mode, "kd_rate": 0.4, **options}, defer, bf16_autocast)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -176,6 +177,10 @@ def test_alm_fused_equals_dense(dtype, teacher_deferred, latents, tmp_path, fuse
     for name, grad in dense[2].items():
         assert float((fused[2][name] - grad).abs().max()) <= (1e-9 if dtype == torch.float64 else 1e-4) \
             * float(grad.abs().max()), name
+
+
+def test_alm_bf16_autocast_fused_follows_dense(tmp_path, fused_calls):
+    check_bf16_fused_follows_dense(run_alm, tmp_path, fused_calls, ["grad", "no_grad"])
 
 
 def test_alm_dense_logit_views_and_auto_in_fp32_keep_the_dense_path(tmp_path, fused_calls):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _baseline_helpers import Setup, run_deferred
+from _baseline_helpers import Setup, check_bf16_fused_follows_dense, run_deferred
 from _kd_helpers import one_thread
 
 import dwakd.methods.uld as uld_module
@@ -148,9 +148,9 @@ def fused_calls(monkeypatch) -> list:
     return calls
 
 
-def run_uld(setup: Setup, tmp_path, mode: str, defer: tuple[bool, bool] = (True, True)):
+def run_uld(setup: Setup, tmp_path, mode: str, defer: tuple[bool, bool] = (True, True), bf16_autocast: bool = False):
     """(loss, parts, student parameter gradients) of one `uld` pass with `head_fusion: mode`."""
-    return run_deferred(setup, tmp_path, "uld", {"head_fusion": mode, "kd_rate": 0.4}, defer)
+    return run_deferred(setup, tmp_path, "uld", {"head_fusion": mode, "kd_rate": 0.4}, defer, bf16_autocast)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -172,6 +172,10 @@ def test_uld_fused_equals_dense(dtype, teacher_deferred, tmp_path, fused_calls):
     assert fused[2].keys() == dense[2].keys() and dense[2]
     for name, grad in dense[2].items():
         assert float((fused[2][name] - grad).abs().max()) <= 1e-4 * float(grad.abs().max()), name
+
+
+def test_uld_bf16_autocast_fused_follows_dense(tmp_path, fused_calls):
+    check_bf16_fused_follows_dense(run_uld, tmp_path, fused_calls, ["head"])
 
 
 def test_uld_dense_logit_views_and_auto_in_fp32_keep_the_dense_path(tmp_path, fused_calls):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _baseline_helpers import Setup, check_auto_choice, run_deferred
+from _baseline_helpers import Setup, check_auto_choice, check_bf16_fused_follows_dense, run_deferred
 from _kd_helpers import one_thread
 
 import dwakd.methods.multilevel_ot as mlot
@@ -121,8 +121,9 @@ def fused_calls(monkeypatch) -> list:
     return calls
 
 
-def run(setup: Setup, tmp_path, mode: str, defer: tuple[bool, bool] = (True, True), **options):
-    return run_deferred(setup, tmp_path, "multilevel_ot", {"head_fusion": mode, **options}, defer)
+def run(setup: Setup, tmp_path, mode: str, defer: tuple[bool, bool] = (True, True), bf16_autocast: bool = False,
+        **options):
+    return run_deferred(setup, tmp_path, "multilevel_ot", {"head_fusion": mode, **options}, defer, bf16_autocast)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -144,6 +145,10 @@ def test_multilevel_ot_fused_equals_dense(dtype, defer, tmp_path, fused_calls):
     assert got[2].keys() == want[2].keys() and want[2]
     for name, grad in want[2].items():
         assert float((got[2][name] - grad).abs().max()) <= 1e-4 * float(grad.abs().max()), name
+
+
+def test_bf16_autocast_fused_follows_dense(tmp_path, fused_calls):
+    check_bf16_fused_follows_dense(run, tmp_path, fused_calls, ["student", "teacher"])
 
 
 def test_auto_in_fp32_is_dense_and_fused_under_bf16_autocast(tmp_path, fused_calls):
