@@ -9,6 +9,7 @@ The naive references used by the tests live in the test files and share no code 
 
 from __future__ import annotations
 
+import contextlib
 from functools import cache
 
 import torch
@@ -153,7 +154,8 @@ def run_deferred(setup: Setup, cache_dir, name: str, options: dict, defer: tuple
     from dwakd.methods import build_method
 
     method = build_method(name, setup.context(cache_dir), options)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+    # no autocast context of its own without bf16_autocast: `enabled=False` would switch off a caller's autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16_autocast else contextlib.nullcontext():
         inputs = setup.inputs(hidden=True)
         s_out = deferred(inputs.student_out) if defer[0] else inputs.student_out
         t_out = deferred(inputs.teacher_out) if defer[1] else inputs.teacher_out
