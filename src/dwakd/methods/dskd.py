@@ -44,6 +44,7 @@ from dwakd.modules.head_fusion import HEAD_FUSIONS
 from dwakd.modules.projectors import DualSpaceProjectors, model_dims
 from dwakd.modules.rows import valid_rows
 from dwakd.ops.fused_kd import fused_head_kd
+from dwakd.ops.row_ce import label_ce_rows
 from dwakd.options import check_steps
 
 
@@ -125,12 +126,13 @@ class DSKD(DualSpaceMethod):
             student_logits = t2s_logits = None
         else:
             student_logits = s_out.logits_at(s_rows)[:, :v_s]  # (P, V_s): the head runs at these rows only
-            ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
+            ce = label_ce_rows(student_logits, targets)[0].sum()  # fp32 (`dwakd.ops.row_ce`)
             head_s = s_out.output_head_weight()[:v_s].detach()  # (V_s, d_s)
             t2s_logits = F.linear(t2s_hidden.to(head_s.dtype), head_s)  # (P, V_s)
-            t2s_ce = F.cross_entropy(t2s_logits.to(compute_dtype(t2s_logits)), targets, reduction="sum")
-            with torch.no_grad():
-                t2s_correct = t2s_logits.argmax(-1).eq(targets)  # (P,)
+            t2s_ce_rows, t2s_argmax = label_ce_rows(t2s_logits.to(compute_dtype(t2s_logits)), targets,
+                                                     with_argmax=True)
+            t2s_ce = t2s_ce_rows.sum()
+            t2s_correct = t2s_argmax.eq(targets)  # (P,): the argmax comes from the CE's own pass
             t2s_div, s_stats = divergence_and_statistics(
                 student_logits, t2s_logits.detach(), self.kd_objective, opts.kd_temperature,
                 ("student_entropy", "teacher_peak") if want_stats else (),

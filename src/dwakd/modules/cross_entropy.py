@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dwakd.interface import ModelView, TokenView, label_rows
 from dwakd.modules.head_fusion import use_fused_heads
 from dwakd.ops.fused_kd import fused_head_kd
+from dwakd.ops.row_ce import label_ce_rows
 
 
 def label_cross_entropy_sum(label_logits: torch.Tensor, view: TokenView, vocab_size: int) -> torch.Tensor:
-    """Σ −log p(label) from logits already gathered at the label rows (`ModelView.label_logits`), in fp32."""
+    """Σ −log p(label) from logits already gathered at the label rows (`ModelView.label_logits`), in fp32
+    (`dwakd.ops.row_ce`: one numba pass each way on fp32 CPU logits, `F.cross_entropy` elsewhere)."""
     targets = view.labels[view.label_mask]  # (K,) row-major, the order of the gathered rows
-    return F.cross_entropy(label_logits[:, :vocab_size].float(), targets, reduction="sum")
+    return label_ce_rows(label_logits[:, :vocab_size], targets)[0].sum()
 
 
 def student_cross_entropy_sum(out: ModelView, view: TokenView, head_fusion: str = "dense") -> torch.Tensor:
