@@ -20,7 +20,13 @@
 #   SMOKE=1 DWAKD_DSKD_REPO=/path/to/DSKD bash benchmarks/gpu_checks.sh
 #
 # Needs: CUDA, triton, the project's dependencies (PYTHONPATH=src is set here); optional peers for soft_dtw
-# (pysdtw, dtw-loss-functions, ddtw). ZeRO-2 (deepspeed) is not part of it.
+# (pysdtw, dtw-loss-functions, ddtw). ZeRO-2 (deepspeed) is not part of it. On a machine without network, first
+# fetch the missing wheels and the authors' code where PyPI is reachable (`benchmarks/gpu_wheelhouse.sh`, into the
+# git-ignored .gpu/), send .gpu along (it is ignored: name it in what is carried), and name the wheels:
+# WHEELS=.gpu/wheels installs them before the steps (in the Python the steps run, python3).
+# One call of such a machine, the results packed into one file (RESULTS is relative to the repository root):
+#   WHEELS=.gpu/wheels DWAKD_DSKD_REPO=.gpu/DSKD STEPS="env triton_tests dskd_authors_bf16 bench kd_loss_bf16" \
+#       BUDGET=540 bash benchmarks/gpu_checks.sh; tar czf "$OUT/gpu-checks-1.tgz" runs/gpu-checks
 set -u
 SMOKE=${SMOKE:-0}
 if [[ $SMOKE == 1 ]]; then
@@ -33,6 +39,14 @@ fi
 BUDGET=${BUDGET:-$(( 1800 * SCALE ))}
 STEPS=${STEPS:-"env triton_tests dskd_authors_bf16 bench kd_loss_bf16 soft_dtw dskd_authors kd_loss_fp32 row_logits soft_dtw_ddtw fused_baselines"}
 mkdir -p "$RESULTS"
+if [[ -n ${WHEELS:-} ]]; then  # a machine without network: the wheels benchmarks/gpu_wheelhouse.sh fetched
+    echo "=== wheels from $WHEELS"
+    python3 -m pip install -q --no-index --find-links "$WHEELS" "$WHEELS"/*.whl \
+        || python3 -m pip install -q --no-index --no-deps "$WHEELS"/*.whl \
+        || echo "=== wheels: install failed (the steps that import them will fail)"
+    python3 -m pip check | grep -iE "datasets|rouge|nltk|rapidfuzz|qwen|dill|multiprocess" || true
+fi
+DWAKD_DSKD_COMMIT=${DWAKD_DSKD_COMMIT:-$(cat "${DWAKD_DSKD_REPO:-.}/COMMIT" 2>/dev/null || echo unknown)}
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 T0=$(date +%s)
 
@@ -85,7 +99,7 @@ for s in $STEPS; do
             if [[ -n ${DWAKD_DSKD_REPO:-} ]]; then
                 precision=fp32; [[ $s == *_bf16 ]] && precision=bf16
                 run_step "$s" 100 python3 benchmarks/dskd_authors.py --device $DEV --precision "$precision" $QUICK \
-                    --dskd-repo "$DWAKD_DSKD_REPO" --dskd-commit "${DWAKD_DSKD_COMMIT:-unknown}" \
+                    --dskd-repo "$DWAKD_DSKD_REPO" --dskd-commit "$DWAKD_DSKD_COMMIT" \
                     --out "$RESULTS/${s/dskd_authors/dskd_authors_$DEV}.json"
             else echo "=== $s: skipped (DWAKD_DSKD_REPO unset)"; fi ;;
         row_logits) run_step row_logits 90 python3 benchmarks/row_logits.py --config "$REAL" --device $DEV \
