@@ -46,7 +46,6 @@ if [[ -n ${WHEELS:-} ]]; then  # a machine without network: the wheels benchmark
         || echo "=== wheels: install failed (the steps that import them will fail)"
     python3 -m pip check | grep -iE "datasets|rouge|nltk|rapidfuzz|qwen|dill|multiprocess" || true
 fi
-DWAKD_DSKD_COMMIT=${DWAKD_DSKD_COMMIT:-$(cat "${DWAKD_DSKD_REPO:-.}/COMMIT" 2>/dev/null || echo unknown)}
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 T0=$(date +%s)
 
@@ -98,8 +97,10 @@ for s in $STEPS; do
         dskd_authors | dskd_authors_bf16)  # fp32, or bf16 autocast with the teacher in bf16 (the authors' precision)
             if [[ -n ${DWAKD_DSKD_REPO:-} ]]; then
                 precision=fp32; [[ $s == *_bf16 ]] && precision=bf16
+                # an archive (gpu_wheelhouse.sh's .gpu/DSKD) records its commit in COMMIT; a git checkout is read
+                commit=${DWAKD_DSKD_COMMIT:-$(cat "$DWAKD_DSKD_REPO/COMMIT" 2>/dev/null || echo unknown)}
                 run_step "$s" 100 python3 benchmarks/dskd_authors.py --device $DEV --precision "$precision" $QUICK \
-                    --dskd-repo "$DWAKD_DSKD_REPO" --dskd-commit "$DWAKD_DSKD_COMMIT" \
+                    --dskd-repo "$DWAKD_DSKD_REPO" --dskd-commit "$commit" \
                     --out "$RESULTS/${s/dskd_authors/dskd_authors_$DEV}.json"
             else echo "=== $s: skipped (DWAKD_DSKD_REPO unset)"; fi ;;
         row_logits) run_step row_logits 90 python3 benchmarks/row_logits.py --config "$REAL" --device $DEV \

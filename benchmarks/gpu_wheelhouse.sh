@@ -7,6 +7,7 @@
 #   PYVER=3.11 bash benchmarks/gpu_wheelhouse.sh                   # another Python on the GPU machine
 #   DSKD=/path/to/DSKD bash benchmarks/gpu_wheelhouse.sh           # also .gpu/DSKD/code from a checkout ...
 #   DSKD_GIT=/path/to/DSKD.git bash benchmarks/gpu_wheelhouse.sh   # ... or from a (bare) git repository's HEAD
+#   OUT_DIR=/elsewhere bash benchmarks/gpu_wheelhouse.sh           # another folder than .gpu
 #
 # PACKAGES lists what to fetch (default: what a CUDA image with torch, transformers, accelerate, peft, numba, scipy,
 # pandas, pyarrow, tiktoken and tokenizers lacks: datasets and its pinned helpers, rouge-score and nltk, rapidfuzz,
